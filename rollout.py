@@ -1,0 +1,124 @@
+"""
+Rollouts: a generation engine that owns its own, possibly stale, copy of the policy weights.
+
+The paper's knob s (§2.3) is the number of optimizer steps between syncs of this copy with
+the trained weights: `update_weights(policy.state_dict())` is the sync. Between syncs the
+engine keeps sampling from the old weights, so rollouts for the next s steps can be generated
+together in one call, which is what makes semi-online training cheaper than online.
+
+HFEngine uses Hugging Face `generate` (KV cache, left padding) and works everywhere. It
+returns, for every sampled token, the log-prob under the engine's own weights (πθ_old for
+GRPO's importance ratio, exact even when the rollouts are stale) and the entropy of the
+next-token distribution (the paper's rollout entropy, Fig. 3), both measured on the raw
+logits (temperature 1) before temperature / top-p are applied.
+"""
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+
+@dataclass
+class Sample:
+    """One response y to one prompt x, as token ids, with what sampling measured."""
+    prompt_ids: list            # x, chat template applied
+    completion_ids: list        # y, up to and including the end-of-turn token when it stopped
+    logps: list                 # log πθ_old(y_t | x, y_<t) per completion token
+    entropy: list               # H(πθ_old(· | x, y_<t)) per completion token
+    text: str                   # y decoded, special tokens removed
+    finish_reason: str          # "stop" (end token) or "length" (hit max_new_tokens)
+    reward: float = 0.0
+    info: dict = field(default_factory=dict)
+
+
+def chat_prompt_ids(tokenizer, user_text, system=None):
+    """The token ids of x: the tokenizer's chat template with the generation prompt added."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_text}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):   # transformers 5 returns a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+class _RecordLogps(LogitsProcessor):
+    """Placed first among the processors, it sees the raw logits of each step. It keeps only
+    the current step's log-softmax [B, V] and, one step later, gathers the sampled token's
+    log-prob from it, so no [B, T, V] tensor is ever stored."""
+
+    def __init__(self):
+        self.prev, self.logps, self.entropy = None, [], []
+
+    def take(self, sampled):
+        self.logps.append(self.prev.gather(-1, sampled[:, None]).squeeze(-1))
+
+    def __call__(self, input_ids, scores):
+        if self.prev is not None:
+            self.take(input_ids[:, -1])
+        self.prev = torch.log_softmax(scores.float(), dim=-1)
+        self.entropy.append(-(self.prev.exp() * self.prev).sum(-1))
+        return scores
+
+
+class HFEngine:
+    """Hugging Face `generate` on a private copy of the weights."""
+
+    def __init__(self, model, tokenizer, max_batch=64):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch   # sequences per generate call; bounds KV-cache memory
+        extra = getattr(model.generation_config, "eos_token_id", None)   # e.g. Llama-3's <|eot_id|>
+        self.stop_ids = {tokenizer.eos_token_id} | set(extra if isinstance(extra, list) else [extra] if extra is not None else [])
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    @torch.no_grad()
+    def update_weights(self, state_dict):
+        """The sync of §2.3: copy the trained weights into the rollout model, in place."""
+        self.model.load_state_dict(state_dict)
+
+    @torch.inference_mode()
+    def generate(self, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=128, greedy=False):
+        """prompts: list of token-id lists. Returns one list of n Samples per prompt.
+
+        Sequences are ordered prompt-major, sorted by prompt length to cut padding, and
+        generated at most `max_batch` at a time.
+        """
+        flat = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
+        flat.sort(key=lambda ip: len(ip[1]))
+        out = [[] for _ in prompts]
+        for start in range(0, len(flat), self.max_batch):
+            chunk = flat[start:start + self.max_batch]
+            for (i, _), s in zip(chunk, self._generate_batch([p for _, p in chunk], temperature,
+                                                             top_p, max_new_tokens, greedy)):
+                out[i].append(s)
+        return out
+
+    def _generate_batch(self, prompts, temperature, top_p, max_new_tokens, greedy):
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts])
+        attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        dev = next(self.model.parameters()).device
+        rec = _RecordLogps()
+        procs = [rec]
+        if not greedy:   # our own warpers, after the recorder, so it sees raw logits
+            procs += [TemperatureLogitsWarper(temperature)] + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
+        seqs = self.model.generate(
+            input_ids=ids.to(dev), attention_mask=attn.to(dev), logits_processor=LogitsProcessorList(procs),
+            do_sample=not greedy, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens,
+            pad_token_id=self.pad_id, eos_token_id=sorted(self.stop_ids), repetition_penalty=None,
+        )
+        completion = seqs[:, width:].cpu()
+        rec.take(seqs[:, -1])
+        logps = torch.stack(rec.logps, 1).cpu()
+        entropy = torch.stack(rec.entropy, 1).cpu()
+        samples = []
+        for b, p in enumerate(prompts):
+            toks = completion[b].tolist()
+            stop = next((t for t, tok in enumerate(toks) if tok in self.stop_ids), None)
+            L = len(toks) if stop is None else stop + 1
+            samples.append(Sample(
+                prompt_ids=p, completion_ids=toks[:L], logps=logps[b, :L].tolist(),
+                entropy=entropy[b, :L].tolist(),
+                text=self.tokenizer.decode(toks[:L], skip_special_tokens=True),
+                finish_reason="length" if stop is None else "stop"))
+        return samples

