@@ -99,14 +99,14 @@ class HFEngine:
         attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         dev = next(self.model.parameters()).device
         rec = _RecordLogps()
-        procs = [rec]
-        if not greedy:   # our own warpers, after the recorder, so it sees raw logits
+        procs, sampling = [rec], {"do_sample": False}
+        if not greedy:   # our own warpers, after the recorder, so it sees raw logits; the model's
             procs += [TemperatureLogitsWarper(temperature)] + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
+            sampling = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0}   # defaults off
         seqs = self.model.generate(
             input_ids=ids.to(dev), attention_mask=attn.to(dev), logits_processor=LogitsProcessorList(procs),
-            do_sample=not greedy, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens,
-            pad_token_id=self.pad_id, eos_token_id=sorted(self.stop_ids), repetition_penalty=None,
-        )
+            max_new_tokens=max_new_tokens, pad_token_id=self.pad_id, eos_token_id=sorted(self.stop_ids),
+            repetition_penalty=None, **sampling)
         completion = seqs[:, width:].cpu()
         rec.take(seqs[:, -1])
         logps = torch.stack(rec.logps, 1).cpu()

@@ -63,15 +63,15 @@ def parse_args(argv=None):
     p.add_argument("--entropy-coef", type=float, default=0.0, help="weight of the negative-entropy regularizer")
     # Generation
     p.add_argument("--n", type=int, default=8, help="responses sampled per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="response length cap")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="response length cap")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
     p.add_argument("--gen-batch", type=int, default=64, help="sequences per generate call")
     # Optimization
     p.add_argument("--steps", type=int, default=24, help="optimizer steps")
     p.add_argument("--batch-prompts", type=int, default=4, help="prompts per optimizer step")
     p.add_argument("--micro-groups", type=int, default=4, help="prompt groups per forward/backward (gradient accumulation)")
-    p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate")
+    p.add_argument("--lr", type=float, default=3e-5, help="AdamW learning rate")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
     # Runtime and logging
@@ -269,7 +269,7 @@ def main(argv=None):
         print(f"held-out accuracy before training: {acc0[0]:.3f} ± {acc0[1]:.3f} (mean length {acc0[2]:.1f} tokens)")
         json.dump({"accuracy": acc0[0], "se": acc0[1]}, open(os.path.join(a.out, "heldout_before.json"), "w"))
 
-    log = open(os.path.join(a.out, "log.jsonl"), "a")
+    log, records = open(os.path.join(a.out, "log.jsonl"), "a"), []
     bar = tqdm(total=a.steps, initial=step, desc="train", dynamic_ncols=True)
     while step < a.steps:
         t0 = time.time()
@@ -359,6 +359,7 @@ def main(argv=None):
                "pairs_used" if a.loss in PAIRWISE else "groups_used": len(units), "skipped": skipped,
                "grad_norm": grad_norm, "staleness": staleness, "rollout_tok_s": gen_tok_s,
                "step_s": time.time() - t0, **metrics}
+        records.append(rec)
         log.write(json.dumps(rec) + "\n")
         log.flush()
         bar.set_postfix(reward=f"{rec['reward']:.3f}", len=f"{rec['length']:.0f}")
@@ -377,7 +378,12 @@ def main(argv=None):
         acc1 = heldout_accuracy(engine, tok, heldout, a.max_new_tokens)
         print(f"held-out accuracy after training:  {acc1[0]:.3f} ± {acc1[1]:.3f} (mean length {acc1[2]:.1f} tokens)")
         json.dump({"accuracy": acc1[0], "se": acc1[1]}, open(os.path.join(a.out, "heldout_after.json"), "w"))
+    if len(records) >= 8:
+        first, last = records[:len(records) // 4], records[-(len(records) // 4):]
+        print(f"rollout reward: first quarter {sum(r['reward'] for r in first) / len(first):.3f}"
+              f" -> last quarter {sum(r['reward'] for r in last) / len(last):.3f}")
     print(f"done in {time.time() - t_start:.0f}s; log: {os.path.join(a.out, 'log.jsonl')}")
+    return {"policy": policy, "ref": ref, "engine": engine, "records": records}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,66 @@
+"""Math-Verify reward and data loading.  Run: pytest tests/test_rewards.py"""
+import time
+
+import pytest
+
+import rewards
+from data import arithmetic_problems, load_jsonl
+from rewards import math_reward
+
+
+@pytest.mark.parametrize("response,answer,expect", [
+    ("so the answer is \\boxed{42}", "42", 1.0),
+    ("17 + 25 = 42", "42", 1.0),                        # no \boxed{}: Math-Verify takes the last expression
+    ("The answer is \\boxed{41}", "42", 0.0),
+    ("I have no idea", "42", 0.0),
+    ("\\boxed{\\frac{1}{2}}", "0.5", 1.0),
+    ("\\boxed{\\frac{\\pi}{2}}", "\\frac{\\pi}{2}", 1.0),
+    ("first 42, finally \\boxed{7}", "42", 0.0),        # the boxed answer wins over other numbers
+    ("", "3", 0.0),
+])
+def test_math_reward_known_cases(response, answer, expect):
+    assert math_reward(response, answer) == expect
+
+
+def test_adversarial_latex_finishes_within_time_limit():
+    evil = "\\boxed{" + "9^{" * 30 + "9" + "}" * 30 + "}"
+    t = time.time()
+    assert math_reward(evil, "9^{9^{9}}", time_limit=0.5) in (0.0, 1.0)
+    assert time.time() - t < 3.0
+
+
+def test_arithmetic_problems_reproducible_and_correct():
+    a, b = arithmetic_problems(50, 1, seed=3), arithmetic_problems(50, 1, seed=3)
+    assert a == b and a != arithmetic_problems(50, 1, seed=4)
+    for r in a:
+        nums = [int(t) for t in r["problem"].replace("?", " ").split() if t.isdigit()]
+        assert int(r["answer"]) == sum(nums) and max(nums) <= 10
+    assert all("\\boxed{}" in r["problem"] for r in a)
+
+
+@pytest.mark.parametrize("content,msg", [
+    (b'{"problem": "x", "answer": "1"}\n{"problem": "y"\n', "bad.jsonl:2: malformed JSON"),
+    (b'{"problem": "x"}\n', "bad.jsonl:1: missing field 'answer'"),
+    (b'{"problem": 3, "answer": "1"}\n', "bad.jsonl:1: field 'problem' must be a string"),
+    (b'\n\n', "bad.jsonl: empty file"),
+    (b'{"problem": "\xff", "answer": "1"}\n', "bad.jsonl:1: not UTF-8"),
+    (b'[1, 2]\n', "bad.jsonl:1: expected a JSON object"),
+    (b'{"id": 1, "problem": "a", "answer": "1"}\n{"id": 1, "problem": "b", "answer": "2"}\n', "bad.jsonl:2: duplicate id"),
+])
+def test_load_jsonl_errors_name_file_line_field(tmp_path, content, msg):
+    p = tmp_path / "bad.jsonl"
+    p.write_bytes(content)
+    with pytest.raises(ValueError) as e:
+        load_jsonl(str(p))
+    assert msg in str(e.value)
+
+
+def test_load_jsonl_accepts_numeric_answers(tmp_path):
+    p = tmp_path / "ok.jsonl"
+    p.write_text('{"problem": "1+1", "answer": 2}\n')
+    assert load_jsonl(str(p))[0]["answer"] == "2"
+
+
+def test_shipped_data_files_load():
+    for f in ["math500", "gsm8k_test", "gsm8k_train", "math_train", "amc23", "aime24"]:
+        assert len(load_jsonl(f"data/{f}.jsonl")) >= 30

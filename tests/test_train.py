@@ -1,0 +1,117 @@
+"""End-to-end tests of train.py on a tiny random Llama.  Run: pytest tests/test_train.py
+
+The tiny model cannot do arithmetic, so most tests swap in a toy reward (even response length
+scores 1) to exercise pairs, groups and updates; the math reward has its own tests.
+"""
+import json
+
+import pytest
+import torch
+
+import train
+from rollout import HFEngine, chat_prompt_ids
+
+
+def toy_reward(text, answer):
+    return float(len(text) % 2 == 0)
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    p = tmp_path / "train.jsonl"
+    p.write_text("".join(json.dumps({"problem": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(8)))
+    return str(p)
+
+
+def run(tiny_model_dir, data_file, tmp_path, *extra, name="run"):
+    argv = ["--model", tiny_model_dir, "--train-data", data_file, "--eval-problems", "2", "--batch-prompts", "2",
+            "--n", "4", "--max-new-tokens", "8", "--lr", "1e-3", "--out", str(tmp_path / name), *extra]
+    return train.main(argv)
+
+
+@pytest.mark.parametrize("loss", list(train.LOSSES))
+@pytest.mark.parametrize("s", ["1", "3", "inf"])
+def test_each_loss_and_regime_trains(tiny_model_dir, data_file, tmp_path, monkeypatch, loss, s):
+    monkeypatch.setattr(train, "math_reward", toy_reward)
+    before = {k: v.clone() for k, v in train.load_model(tiny_model_dir)[0].state_dict().items()}
+    out = run(tiny_model_dir, data_file, tmp_path, "--loss", loss, "--sync-every", s, "--steps", "3",
+              "--kl-coef", "0.1", "--nll-coef", "0.1", "--entropy-coef", "0.01")
+    recs = out["records"]
+    assert [r["step"] for r in recs] == [1, 2, 3]
+    assert all(r["loss"] is None or torch.isfinite(torch.tensor(r["loss"])) for r in recs)
+    assert any(r["loss"] is not None for r in recs), "no step had a pair/group to train on"
+    after = out["policy"].state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before), "weights did not change"
+    assert [r["staleness"] for r in recs] == {"1": [0, 0, 0], "3": [0, 1, 2], "inf": [0, 1, 2]}[s]
+
+
+def spy_generate(monkeypatch, holder):
+    """Record, at each generate call, whether the engine's weights equal the policy's."""
+    calls, orig_gen, orig_load = [], HFEngine.generate, train.load_model
+
+    def load(*a, **k):
+        m, t = orig_load(*a, **k)
+        holder.setdefault("policy", m)
+        return m, t
+
+    def gen(self, *a, **k):
+        p = holder["policy"].state_dict()
+        calls.append(all(torch.equal(v, p[k]) for k, v in self.model.state_dict().items()))
+        return orig_gen(self, *a, **k)
+    monkeypatch.setattr(train, "load_model", load)
+    monkeypatch.setattr(HFEngine, "generate", gen)
+    return calls
+
+
+@pytest.mark.parametrize("s,steps,n_calls", [("2", 5, 3), ("inf", 5, 1), ("epoch", 6, 2)])
+def test_sync_schedule(tiny_model_dir, data_file, tmp_path, monkeypatch, s, steps, n_calls):
+    monkeypatch.setattr(train, "math_reward", toy_reward)
+    holder = {}
+    calls = spy_generate(monkeypatch, holder)
+    # 8 training rows, 2 per step: 4 steps per epoch, so s=epoch generates at steps 0 and 4
+    out = run(tiny_model_dir, data_file, tmp_path, "--sync-every", s, "--steps", str(steps), "--eval-problems", "0")
+    # every rollout batch is generated right after a sync: the engine's weights equal the policy's ...
+    assert len(calls) == n_calls and all(calls)
+    # ... and between syncs the engine is stale: the policy has moved on since the last sync
+    p = out["policy"].state_dict()
+    assert any(not torch.equal(v, p[k]) for k, v in out["engine"].model.state_dict().items())
+
+
+def test_sampling_logps_match_policy_forward(tiny_model_dir):
+    """Left padding + positions: πθ_old log-probs from sampling equal a training forward pass."""
+    model, tok = train.load_model(tiny_model_dir)
+    engine = HFEngine(model, tok)
+    prompts = [chat_prompt_ids(tok, "hi"), chat_prompt_ids(tok, "What is 12 + 30? Explain it please.")]
+    groups = engine.generate(prompts, n=3, max_new_tokens=10)
+    samples = [x for g in groups for x in g]
+    assert len(samples) == 6 and all(len(x.logps) == len(x.completion_ids) > 0 for x in samples)
+    b = train.collate(samples, "cpu")
+    with torch.no_grad():
+        lp = train.response_logps(model, b)
+    assert torch.allclose(lp, b["old"], atol=1e-4)
+
+
+def test_all_tied_prompts_are_skipped_and_counted(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "math_reward", lambda text, answer: 1.0)
+    recs = run(tiny_model_dir, data_file, tmp_path, "--steps", "2")["records"]
+    assert all(r["skipped"] == 2 and r["pairs_used"] == 0 and r["loss"] is None for r in recs)
+
+
+def test_resume_matches_uninterrupted(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "math_reward", toy_reward)
+    common = ["--sync-every", "2", "--save-every", "2", "--eval-problems", "0"]
+    straight = run(tiny_model_dir, data_file, tmp_path, *common, "--steps", "4", name="a")
+    run(tiny_model_dir, data_file, tmp_path, *common, "--steps", "2", name="b")
+    resumed = run(tiny_model_dir, data_file, tmp_path, *common, "--steps", "4", "--resume", name="b")
+    assert [r["loss"] for r in straight["records"]] == pytest.approx(
+        [json.loads(l)["loss"] for l in open(tmp_path / "b" / "log.jsonl")], rel=1e-5)
+    for k, v in straight["policy"].state_dict().items():
+        assert torch.allclose(v, resumed["policy"].state_dict()[k], atol=1e-6), k
+
+
+def test_bad_flags_exit_with_message(tiny_model_dir, data_file, tmp_path):
+    for flags, msg in [(["--sync-every", "0"], "sync-every"), (["--n", "1"], "--n 1"), (["--loss", "ppo"], "--loss")]:
+        with pytest.raises(SystemExit):
+            run(tiny_model_dir, data_file, tmp_path, *flags)
+    with pytest.raises(SystemExit, match="no such directory"):
+        train.main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
