@@ -5,8 +5,10 @@ Every math row is {"problem": str, "answer": str} (extra fields such as "id" are
 rows are {"prompt": str}. A bad file fails with the file, line and field named.
 """
 import json
+import os
 import random
 
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 PROMPT_SUFFIX = " Put your final answer in \\boxed{}."
 
 _WORD = [
@@ -36,12 +38,46 @@ def arithmetic_problems(num, difficulty=2, seed=0):
         else:
             problem, answer = rng.choice(_WORD).format(name=rng.choice(_NAMES), a=a, b=b), a + b
         rows.append({"id": f"arith-d{difficulty}-s{seed}-{i}", "problem": problem + PROMPT_SUFFIX,
-                     "answer": str(answer)})
+                     "answer": str(answer), "task": "math"})
     return rows
 
 
+def math_prompt(problem):
+    """The prompt x for a math problem: the problem, asked to box its final answer."""
+    return problem if "\\boxed" in problem else problem + PROMPT_SUFFIX
+
+
+def row_prompt(row):
+    return row["prompt"] if row["task"] == "chat" else math_prompt(row["problem"])
+
+
+def split_task(task, train_data, difficulty, eval_problems, seed, data_dir=DATA_DIR):
+    """(train rows, held-out rows) for --task math | chat | mix. With --train-data the file's
+    rows (math and/or chat) are shuffled and the first `eval_problems` held out; otherwise math
+    is the built-in arithmetic (held-out problems excluded from training) and chat the shipped
+    chat_train.jsonl prompts; mix holds out `eval_problems` of each."""
+    if train_data:
+        rows = load_jsonl(train_data, fields=None)
+        random.Random(seed).shuffle(rows)
+        return rows[eval_problems:], rows[:eval_problems]
+    train, heldout = [], []
+    if task in ("math", "mix"):
+        held = arithmetic_problems(eval_problems, difficulty, seed=10_000 + seed)
+        seen = {r["problem"] for r in held}
+        train += [r for r in arithmetic_problems(4000, difficulty, seed=seed) if r["problem"] not in seen]
+        heldout += held
+    if task in ("chat", "mix"):
+        rows = load_jsonl(f"{data_dir}/chat_train.jsonl", fields=("prompt",))
+        random.Random(seed).shuffle(rows)
+        train += rows[eval_problems:]
+        heldout += rows[:eval_problems]
+    return train, heldout
+
+
 def load_jsonl(path, fields=("problem", "answer")):
-    """Rows of a JSON Lines file; each must be an object with string `fields`.
+    """Rows of a JSON Lines file; each must be an object with string `fields`. With
+    fields=None each row is a math row (problem, answer) or a chat row (prompt), by its keys.
+    Every row gets "task": "math" or "chat".
 
     Raises ValueError naming file, line and field on malformed JSON, a missing or non-string
     field, bytes that are not UTF-8, duplicate ids, or an empty file.
@@ -61,7 +97,9 @@ def load_jsonl(path, fields=("problem", "answer")):
                 raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            for k in fields:
+            need = fields or (("prompt",) if "prompt" in row else ("problem", "answer"))
+            row.setdefault("task", "chat" if "prompt" in need else "math")
+            for k in need:
                 if k not in row:
                     raise ValueError(f"{path}:{lineno}: missing field {k!r}")
                 if isinstance(row[k], (int, float)) and k == "answer":

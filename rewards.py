@@ -6,11 +6,16 @@ its defaults do: the last \\boxed{...} first, else the last LaTeX or plain expre
 Grading symbolic answers can explode (huge powers, nested radicals): every response gets a
 hard wall-clock budget, and one that runs out scores 0 and is counted, so no response can
 stall a step. We never eval or sympify raw text ourselves; all parsing goes through Math-Verify.
+
+The non-verifiable task scores (prompt, response) with a reward model: any Hugging Face
+sequence-classification RM (`reward_model`), or, on a CPU with nothing to download, a small
+local LLM judge (`llm_judge`), a weak stand-in. `make_scalar_reward` picks one.
 """
 import signal
 import threading
 from contextlib import contextmanager
 
+import torch
 from math_verify import parse, verify
 
 TIME_LIMIT_S = 2.0      # per response, parsing + verification together
@@ -56,3 +61,87 @@ def math_reward(response: str, answer: str, time_limit: float = TIME_LIMIT_S) ->
     except Exception:   # Math-Verify raising on odd input: scored incorrect, counted
         stats["errors"] += 1
     return 0.0
+
+
+# -----------------------------------------------------------------------------
+# Non-verifiable rewards (§3, WildChat + Athene-RM-8B): a scalar score per (prompt, response).
+
+JUDGE_TEMPLATE = ("Rate the response to the instruction below on a scale of 1 to 5 for helpfulness, "
+                  "correctness and clarity (1 = useless, 5 = excellent).\n\n### Instruction\n{prompt}\n\n"
+                  "### Response\n{response}\n\nAnswer with a single digit from 1 to 5.")
+
+
+def judge_score(digit_logits):
+    """Expected rating E[k] = Σ_k k · softmax(z)_k over the logits z of the tokens "1".."5"
+    (Self-Rewarding LMs read the rating off the judge's next-token distribution): [B, 5] -> [B]."""
+    p = torch.softmax(digit_logits.float(), dim=-1)
+    return (p * torch.arange(1, p.shape[-1] + 1, dtype=p.dtype, device=p.device)).sum(-1)
+
+
+def _batched(fn, items, batch_size):
+    out = []
+    for i in range(0, len(items), batch_size):
+        out.extend(fn(items[i:i + batch_size]))
+    return out
+
+
+def llm_judge(model, tok, batch_size=8, max_response_tokens=384):
+    """A weak stand-in for a reward model that needs no download: a local chat LM (by default
+    the policy's own seed model) asked to rate the response 1-5, scored from the log-probs of
+    the rating tokens. It is far noisier and more length-biased than a trained RM."""
+    digits = [tok.convert_tokens_to_ids(str(k)) for k in range(1, 6)]
+    if any(d is None or d == tok.unk_token_id for d in digits):
+        raise ValueError("judge tokenizer has no single tokens for the digits 1-5")
+    from rollout import chat_prompt_ids
+    dev = next(model.parameters()).device
+
+    @torch.inference_mode()
+    def score(pairs):
+        ids = []
+        for prompt, response in pairs:
+            cut = tok.decode(tok(response, add_special_tokens=False)["input_ids"][:max_response_tokens])
+            ids.append(chat_prompt_ids(tok, JUDGE_TEMPLATE.format(prompt=prompt[:2000], response=cut)))
+        width = max(map(len, ids))
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        x = torch.tensor([[pad] * (width - len(i)) + i for i in ids], device=dev)
+        attn = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=dev)
+        logits = model(input_ids=x, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
+        return judge_score(logits[:, digits]).tolist()
+
+    return lambda prompts, responses: _batched(score, list(zip(prompts, responses)), batch_size)
+
+
+def reward_model(name, device=None, batch_size=8, max_length=4096):
+    """Any Hugging Face sequence-classification reward model (e.g. Skywork-Reward-Llama-3.1-8B):
+    the conversation [user: prompt, assistant: response] through its chat template, logit 0 as
+    the reward. bf16 on GPU. (Athene-RM-8B, the paper's RM, ships custom modeling code: load it
+    with trust_remote_code and check its card for the score token it reads.)"""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    tok = AutoTokenizer.from_pretrained(name)
+    model = AutoModelForSequenceClassification.from_pretrained(name, dtype=dtype).to(device).eval()
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model.config.pad_token_id = tok.pad_token_id
+
+    @torch.inference_mode()
+    def score(pairs):
+        texts = [tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
+                                         tokenize=False) for p, r in pairs]
+        enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
+                  add_special_tokens=False).to(device)
+        return model(**enc).logits[:, 0].float().tolist()
+
+    return lambda prompts, responses: _batched(score, list(zip(prompts, responses)), batch_size)
+
+
+def make_scalar_reward(name=None, judge=None, device=None):
+    """prompts, responses -> list of float rewards: `name` an RM id/path, else an LLM judge
+    (`judge` = (model, tokenizer), by default the seed model SmolLM2-135M-Instruct)."""
+    if name:
+        return reward_model(name, device)
+    if judge is None:
+        from rollout import DEFAULT_MODEL, load_model
+        judge = load_model(DEFAULT_MODEL, device or "cpu")
+    return llm_judge(*judge)

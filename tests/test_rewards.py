@@ -3,7 +3,6 @@ import time
 
 import pytest
 
-import rewards
 from data import arithmetic_problems, load_jsonl
 from rewards import math_reward
 

@@ -1,0 +1,293 @@
+"""
+Evaluation the way the paper reports it (Tables 1-3, Figs 2-3).
+
+    python eval.py --model runs/default/ckpt-000024 --bench math500 --limit 50
+    python eval.py --model smollm2-135m runs/default/ckpt-000024 --bench math500,gsm8k,amc23
+    python eval.py --model runs/default/ckpt-000024 --bench alpaca_eval --limit 20   # win rate vs GPT-4 Turbo
+    python eval.py --select runs/default          # checkpoint selection by length-normalized reward
+    python eval.py --plot runs/a runs/b           # reward, accuracy, length, entropy, KL vs step
+
+Verifiable benchmarks (MATH500, AMC23, GSM8K, AIME24) are scored with the training reward
+(Math-Verify). With k samples per problem, a problem's score is its mean over the k samples
+(avg@k), accuracy is the mean over N problems and its standard error is
+    SE = sqrt( Σ_i (s_i - mean)² / (N - 1) ) / sqrt(N)
+(for k = 1 this is sqrt(p(1-p)/(N-1))). pass@k uses the unbiased estimator of Chen et al. 2021.
+
+Non-verifiable benchmarks (AlpacaEval 2.0, Arena-Hard) are judged by a local reward model
+(`--reward-model`, any HF sequence-classification RM; the CPU default is the weak LLM judge in
+rewards.py): a response wins when the RM scores it above the baseline's (ties count 1/2).
+The length-controlled win rate fits a logistic regression of the win on the standardized length
+difference and reports σ(intercept): the win rate the model would have at equal length, in the
+spirit of AlpacaEval-LC. GPT-4 judging, as in the paper, needs an API this project cannot reach.
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import sys
+
+import torch
+from tqdm import tqdm
+
+from rewards import math_reward
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BENCHES = {"math500": "math500.jsonl", "amc23": "amc23.jsonl", "gsm8k": "gsm8k_test.jsonl", "aime24": "aime24.jsonl",
+           "alpaca_eval": "alpaca_eval.jsonl", "arena_hard": "arena_hard.jsonl"}
+CHAT_BENCHES = {"alpaca_eval", "arena_hard"}
+MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+
+# -----------------------------------------------------------------------------
+# Statistics
+
+
+def mean_se(scores):
+    """(mean, standard error of the mean) with the N-1 sample variance; SE 0 for N < 2."""
+    n = len(scores)
+    m = sum(scores) / n
+    if n < 2:
+        return m, 0.0
+    return m, math.sqrt(sum((s - m) ** 2 for s in scores) / (n - 1) / n)
+
+
+def pass_at_k(n, c, k):
+    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k) (Chen et al. 2021)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def win_rate(model_scores, baseline_scores):
+    """Per-prompt wins (1 win, 0.5 tie, 0 loss) of model over baseline, and (mean, SE)."""
+    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(model_scores, baseline_scores)]
+    return wins, mean_se(wins)
+
+
+def lc_win_rate(wins, len_model, len_baseline, iters=50):
+    """Length-controlled win rate: fit P(win) = σ(w0 + w1·z), z = standardized length difference,
+    by Newton's method on the logistic log-likelihood (ties count as half a win and half a
+    loss), and return σ(w0), the win rate at equal length."""
+    d = torch.tensor([a - b for a, b in zip(len_model, len_baseline)], dtype=torch.float64)
+    z = (d / d.std()) if len(d) > 1 and d.std() > 0 else torch.zeros_like(d)
+    X = torch.stack([torch.ones_like(z), z], 1)
+    y = torch.tensor(wins, dtype=torch.float64)
+    w = torch.zeros(2, dtype=torch.float64)
+    for _ in range(iters):
+        p = torch.sigmoid(X @ w)
+        H = X.T @ (X * (p * (1 - p) + 1e-6)[:, None]) + 1e-6 * torch.eye(2, dtype=torch.float64)
+        w = w + torch.linalg.solve(H, X.T @ (y - p))
+    return torch.sigmoid(w[0]).item()
+
+
+def length_normalized(rewards_by_ckpt, lengths_by_ckpt):
+    """Checkpoint selection (§4.2, "selecting checkpoints by normalizing for length"): regress
+    reward on length over every response of every checkpoint, r ≈ a + b·len, and score each
+    checkpoint by its mean residual reward r - b·(len - mean len). A checkpoint whose reward
+    only grew with its length gains nothing."""
+    r = torch.tensor([x for rs in rewards_by_ckpt for x in rs], dtype=torch.float64)
+    L = torch.tensor([x for ls in lengths_by_ckpt for x in ls], dtype=torch.float64)
+    b = ((L - L.mean()) * (r - r.mean())).sum() / ((L - L.mean()) ** 2).sum().clamp(min=1e-9)
+    return [sum(x - b.item() * (l - L.mean().item()) for x, l in zip(rs, ls)) / len(rs)
+            for rs, ls in zip(rewards_by_ckpt, lengths_by_ckpt)]
+
+
+def render_table(results, benches):
+    """Markdown table like the paper's Table 3: rows = models, columns = benchmarks, "mean (SE)" in %."""
+    head = "| model | " + " | ".join(benches) + " |\n|---|" + "---|" * len(benches) + "\n"
+    rows = []
+    for model, res in results.items():
+        cells = [f"{100 * res[b]['mean']:.1f} ({100 * res[b]['se']:.1f})" if b in res else "" for b in benches]
+        rows.append(f"| {model} | " + " | ".join(cells) + " |")
+    return head + "\n".join(rows) + "\n"
+
+# -----------------------------------------------------------------------------
+# Generation with a cache: an interrupted eval continues where it stopped
+
+
+def generate_cached(engine, tok, rows, prompt_key, cache_path, k, temperature, max_new_tokens, chunk=32):
+    """{row id: [responses]} for rows; responses already in cache_path are reused, new ones
+    are appended after every chunk of prompts."""
+    from rollout import chat_prompt_ids
+    done = {}
+    if os.path.exists(cache_path):
+        for line in open(cache_path):
+            try:
+                rec = json.loads(line)
+                done[rec["id"]] = rec["responses"]
+            except (json.JSONDecodeError, KeyError):
+                continue   # a line cut by a kill: regenerate that row
+    todo = [r for r in rows if r["id"] not in done]
+    with open(cache_path, "a") as f:
+        for i in tqdm(range(0, len(todo), chunk), desc=os.path.basename(cache_path), disable=not todo):
+            part = todo[i:i + chunk]
+            prompts = [chat_prompt_ids(tok, r[prompt_key] + (MATH_SUFFIX if prompt_key == "problem" else "")) for r in part]
+            out = engine.generate(prompts, n=k, temperature=temperature, max_new_tokens=max_new_tokens,
+                                  greedy=temperature == 0)
+            for r, g in zip(part, out):
+                done[r["id"]] = [{"text": s.text, "length": len(s.completion_ids), "finish": s.finish_reason} for s in g]
+                f.write(json.dumps({"id": r["id"], "responses": done[r["id"]]}) + "\n")
+            f.flush()
+    return done
+
+
+def score_math(rows, gens, k):
+    """Per-problem results and the summary {mean, se, pass@k} (accuracy in [0, 1])."""
+    per = []
+    for r in rows:
+        c = [math_reward(g["text"], r["answer"]) for g in gens[r["id"]]]
+        per.append({"id": r["id"], "answer": r["answer"], "correct": c, "score": sum(c) / len(c),
+                    "length": sum(g["length"] for g in gens[r["id"]]) / len(c)})
+    m, se = mean_se([p["score"] for p in per])
+    pk = sum(pass_at_k(len(p["correct"]), int(sum(p["correct"])), k) for p in per) / len(per)
+    return per, {"mean": m, "se": se, f"pass@{k}": pk, "length": sum(p["length"] for p in per) / len(per)}
+
+
+def score_chat(rows, gens, baseline, scorer):
+    """Win rate (raw and length-controlled) of the model's first response over the baseline's."""
+    prompts = [r["prompt"] for r in rows]
+    ours = [gens[r["id"]][0]["text"] for r in rows]
+    ms, bs = scorer(prompts, ours), scorer(prompts, baseline)
+    wins, (m, se) = win_rate(ms, bs)
+    lm, lb = [len(t) for t in ours], [len(t) for t in baseline]
+    per = [{"id": r["id"], "reward": a, "baseline_reward": b, "win": w, "chars": x, "baseline_chars": y}
+           for r, a, b, w, x, y in zip(rows, ms, bs, wins, lm, lb)]
+    return per, {"mean": m, "se": se, "lc": lc_win_rate(wins, lm, lb), "chars": sum(lm) / len(lm),
+                 "baseline_chars": sum(lb) / len(lb)}
+
+# -----------------------------------------------------------------------------
+# Plots: the paper's Figs 2-3 shape
+
+
+def plot_runs(runs, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = ["reward", "accuracy", "length", "entropy", "kl"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
+    for run in runs:
+        recs = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
+        for ax, key in zip(axes, keys):
+            pts = [(r["step"], r[key]) for r in recs if r.get(key) is not None]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=os.path.basename(run.rstrip("/")))
+            ax.set_title(key)
+            ax.set_xlabel("step")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", nargs="+", default=["smollm2-135m"], help="checkpoints or HF ids; one table row each")
+    p.add_argument("--bench", default="math500", help=f"comma-separated, from: {', '.join(BENCHES)}")
+    p.add_argument("--data-dir", default=os.path.join(HERE, "data"), help="where the benchmark jsonl files are")
+    p.add_argument("--limit", type=int, default=0, help="first N problems of each benchmark (0: all)")
+    p.add_argument("--k", type=int, default=1, help="samples per problem (avg@k, pass@k)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="response length cap")
+    p.add_argument("--reward-model", default=None, help="HF sequence-classification RM for win rates (default: LLM judge)")
+    p.add_argument("--baseline-model", default=None, help="Arena-Hard / AlpacaEval baseline: a model to generate from "
+                                                           "(default: AlpacaEval's GPT-4 Turbo outputs; required for Arena-Hard)")
+    p.add_argument("--out", default="runs/eval", help="per-problem results and the generation cache")
+    p.add_argument("--select", default=None, metavar="RUN", help="pick the best checkpoint of a run by length-normalized reward")
+    p.add_argument("--select-problems", type=int, default=64, help="validation problems for --select")
+    p.add_argument("--plot", nargs="+", default=None, metavar="RUN", help="plot log.jsonl of these runs into --out")
+    a = p.parse_args(argv)
+    os.makedirs(a.out, exist_ok=True)
+    if a.plot:
+        print(plot_runs(a.plot, os.path.join(a.out, "dynamics.png")))
+        return
+    from rollout import HFEngine, load_model
+    if a.select:
+        return select(a)
+    benches = a.bench.split(",")
+    for b in benches:
+        if b not in BENCHES:
+            sys.exit(f"--bench {b}: unknown, choose from {', '.join(BENCHES)}")
+    from data import load_jsonl
+    results = {}
+    for name in a.model:
+        model, tok = load_model(name)
+        engine = HFEngine(model, tok)
+        tag = name.strip("/").replace("/", "_")
+        results[name] = {}
+        for b in benches:
+            chat = b in CHAT_BENCHES
+            rows = load_jsonl(os.path.join(a.data_dir, BENCHES[b]), fields=("prompt",) if chat else ("problem", "answer"))
+            rows = rows[:a.limit] if a.limit else rows
+            cache = os.path.join(a.out, f"{tag}.{b}.k{a.k}.t{a.temperature}.generations.jsonl")
+            gens = generate_cached(engine, tok, rows, "prompt" if chat else "problem", cache, a.k, a.temperature,
+                                   a.max_new_tokens)
+            if chat:
+                per, summary = score_chat(rows, gens, baseline_responses(a, b, rows), chat_scorer(a))
+            else:
+                per, summary = score_math(rows, gens, a.k)
+            with open(os.path.join(a.out, f"{tag}.{b}.results.jsonl"), "w") as f:
+                f.writelines(json.dumps(x) + "\n" for x in per)
+            results[name][b] = summary
+            print(f"{name} {b}: " + ", ".join(f"{k}={v:.4g}" for k, v in summary.items()))
+        del model, engine
+    table = render_table(results, benches)
+    print(table)
+    open(os.path.join(a.out, "table.md"), "w").write(table)
+    return results
+
+
+def baseline_responses(a, bench, rows):
+    if a.baseline_model is None:
+        if bench != "alpaca_eval":
+            sys.exit(f"--bench {bench} has no reference outputs: pass --baseline-model")
+        return [r["reference_output"] for r in rows]
+    from rollout import HFEngine, load_model
+    model, tok = load_model(a.baseline_model)
+    cache = os.path.join(a.out, f"baseline_{a.baseline_model.strip('/').replace('/', '_')}.{bench}.generations.jsonl")
+    gens = generate_cached(HFEngine(model, tok), tok, rows, "prompt", cache, 1, 0.0, a.max_new_tokens)
+    return [gens[r["id"]][0]["text"] for r in rows]
+
+
+def chat_scorer(a):
+    """prompts, responses -> rewards, from rewards.py: a real RM if given, else the LLM judge."""
+    import rewards
+    return rewards.make_scalar_reward(a.reward_model)
+
+
+def select(a):
+    """Score every checkpoint of a run on validation problems of its task; pick by length-normalized reward."""
+    from rollout import HFEngine, load_model
+    ckpts = sorted(glob.glob(os.path.join(a.select, "ckpt-??????")))
+    if not ckpts:
+        sys.exit(f"--select {a.select}: no ckpt-NNNNNN folders")
+    rows = validation_rows(a)
+    rewards_by, lengths_by = [], []
+    for c in ckpts:
+        model, tok = load_model(c)
+        gens = generate_cached(HFEngine(model, tok), tok, rows, "problem", os.path.join(a.out, f"select.{os.path.basename(c)}.jsonl"),
+                               1, a.temperature, a.max_new_tokens)
+        rewards_by.append([math_reward(gens[r["id"]][0]["text"], r["answer"]) for r in rows])
+        lengths_by.append([gens[r["id"]][0]["length"] for r in rows])
+    norm = length_normalized(rewards_by, lengths_by)
+    print("| checkpoint | reward | mean length | length-normalized reward |\n|---|---|---|---|")
+    for c, rs, ls, n in zip(ckpts, rewards_by, lengths_by, norm):
+        print(f"| {os.path.basename(c)} | {sum(rs) / len(rs):.3f} | {sum(ls) / len(ls):.1f} | {n:.3f} |")
+    best = ckpts[max(range(len(ckpts)), key=norm.__getitem__)]
+    print(f"selected: {best}")
+    return best
+
+
+def validation_rows(a):
+    """The run's own held-out problems: the built-in task's held-out split or a slice of its --train-data."""
+    args = torch.load(os.path.join(a.select, open(os.path.join(a.select, "latest")).read().strip(), "trainer_state.pt"),
+                      weights_only=False)["args"]
+    from data import arithmetic_problems, load_jsonl
+    if args.get("train_data"):
+        import random
+        rows = load_jsonl(args["train_data"])
+        random.Random(args["seed"]).shuffle(rows)
+        return rows[:min(a.select_problems, args["eval_problems"] or a.select_problems)]
+    return arithmetic_problems(a.select_problems, args["difficulty"], seed=10_000 + args["seed"])
+
+
+if __name__ == "__main__":
+    main()
