@@ -24,6 +24,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 
@@ -75,6 +76,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=3e-5, help="AdamW learning rate")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite losses/gradients in a row")
+    p.add_argument("--long-prompts", default="skip", choices=("skip", "truncate"),
+                   help="prompts that leave no room for --max-new-tokens in the model's context: skip (counted) or keep their tail")
     # Runtime and logging
     p.add_argument("--out", default="runs/default", help="run directory: log.jsonl and checkpoints")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every k steps (0: only at the end)")
@@ -167,7 +171,11 @@ def score(rows, samples, chat_reward, length_penalty=0.0):
             x.reward = math_reward(x.text, r["answer"])
     chat = [(r, x) for r, x in zip(rows, samples) if r["task"] == "chat"]
     if chat:
-        scores = chat_reward([r["prompt"] for r, _ in chat], [x.text for _, x in chat])
+        try:
+            scores = chat_reward([r["prompt"] for r, _ in chat], [x.text for _, x in chat])
+        except Exception as e:   # a failing reward model costs this batch's chat prompts, not the run
+            print(f"reward model raised {e.__class__.__name__}: {e}; {len(chat)} responses scored NaN (skipped)")
+            scores = [math.nan] * len(chat)
         for (_, x), v in zip(chat, scores):
             x.reward = float(v) - length_penalty * len(x.completion_ids) if math.isfinite(v) else math.nan
 
@@ -253,10 +261,11 @@ def main(argv=None):
     ref = load_model(start, a.device)[0] if ckpt else copy.deepcopy(policy)
     ref.eval().requires_grad_(False)
     needs_chat = any(r["task"] == "chat" for r in train + heldout)
-    chat_reward = make_scalar_reward(a.reward_model, judge=None if a.reward_model else (ref, tok)) if needs_chat else None
+    chat_reward = make_scalar_reward(a.reward_model, judge=None if a.reward_model else (copy.deepcopy(ref), tok)) \
+        if needs_chat else None
     engine = HFEngine(policy, tok, max_batch=a.gen_batch)
     opt = torch.optim.AdamW(policy.parameters(), lr=a.lr, weight_decay=a.weight_decay)
-    step, buffer, last_sync, stats = 0, [], 0, {"nan_skips": 0}
+    step, buffer, last_sync, stats = 0, [], 0, {"nan_skips": 0, "bad_in_a_row": 0, "long_prompts": 0, "bad_rewards": 0}
     if ckpt:
         st = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
         opt.load_state_dict(st["optimizer"])
@@ -265,10 +274,27 @@ def main(argv=None):
         if os.path.exists(os.path.join(ckpt, "ref.pt")):
             ref.load_state_dict(torch.load(os.path.join(ckpt, "ref.pt")))
         print(f"resumed from {ckpt} at step {step}")
+        keep = [line for line in open(os.path.join(a.out, "log.jsonl")) if json.loads(line)["step"] <= step]
+        with open(os.path.join(a.out, "log.jsonl"), "w") as f:   # drop steps the killed run logged after its checkpoint
+            f.writelines(keep)
+    elif a.resume:
+        print(f"--resume: no checkpoint in {a.out}, starting fresh")
     elif heldout:
         report("before", heldout_eval(engine, tok, heldout, chat_reward, a.max_new_tokens), a.out)
 
     log, records = open(os.path.join(a.out, "log.jsonl"), "a"), []
+    stop = []   # SIGTERM / Ctrl-C: finish the step, checkpoint, exit
+    handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum)) for sig in (signal.SIGTERM, signal.SIGINT)}
+    context = getattr(policy.config, "max_position_embeddings", None) or 1 << 30
+
+    def prompt_ids(row):
+        """x as token ids; None when it leaves no room for a response (and --long-prompts skip)."""
+        ids = chat_prompt_ids(tok, row_prompt(row))
+        room = context - a.max_new_tokens
+        if len(ids) <= room:
+            return ids
+        stats["long_prompts"] += 1
+        return ids[-room:] if a.long_prompts == "truncate" and room > 0 else None
     bar = tqdm(total=a.steps, initial=step, desc="train", dynamic_ncols=True)
     while step < a.steps:
         t0 = time.time()
@@ -280,16 +306,16 @@ def main(argv=None):
                 engine.update_weights(policy.state_dict())
             last_sync = step
             upto = min(a.steps, step + s) if s != math.inf else a.steps
-            rows = [r for k in range(step, upto) for r in batch_rows(k)]
+            plan = [[(r, ids) for r in batch_rows(k) if (ids := prompt_ids(r)) is not None] for k in range(step, upto)]
+            rows = [r for p in plan for r, _ in p]
             tg = time.time()
-            groups = engine.generate([chat_prompt_ids(tok, row_prompt(r)) for r in rows], a.n,
-                                     a.temperature, a.top_p, a.max_new_tokens)
+            groups = engine.generate([ids for p in plan for _, ids in p], a.n, a.temperature, a.top_p, a.max_new_tokens)
             gen_tok_s = sum(len(x.completion_ids) for g in groups for x in g) / (time.time() - tg)
             # ---------------------------------------------------------------------
             # Score: math 1/0 by Math-Verify; chat by the reward model (or the judge)
             score([r for r in rows for _ in range(a.n)], [x for g in groups for x in g], chat_reward, a.length_penalty)
-            buffer = [list(zip(rows[i:i + a.batch_prompts], groups[i:i + a.batch_prompts]))
-                      for i in range(0, len(rows), a.batch_prompts)]
+            it = iter(zip(rows, groups))
+            buffer = [[next(it) for _ in p] for p in plan]   # one list of (row, responses) per step
         batch = buffer.pop(0)
         staleness = step - last_sync
 
@@ -300,7 +326,7 @@ def main(argv=None):
         for r, g in batch:
             rw = [x.reward for x in g]
             if not all(map(math.isfinite, rw)):   # a reward model returned NaN/inf: skip, counted
-                stats["bad_rewards"] = stats.get("bad_rewards", 0) + 1
+                stats["bad_rewards"] += 1
             elif a.loss in PAIRWISE:
                 pair = select_pair(rw, verifiable=r["task"] == "math", rng=rng)
                 if pair:
@@ -338,9 +364,14 @@ def main(argv=None):
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), a.grad_clip or float("inf")).item()
             if math.isfinite(grad_norm) and math.isfinite(loss_sum):
                 opt.step()
+                stats["bad_in_a_row"] = 0
             else:
                 stats["nan_skips"] += 1
+                stats["bad_in_a_row"] += 1
                 print(f"step {step}: non-finite loss/gradient, update skipped ({stats['nan_skips']} so far)")
+                if stats["bad_in_a_row"] >= a.max_bad_steps:
+                    sys.exit(f"stopping: {a.max_bad_steps} non-finite losses/gradients in a row (lower --lr? "
+                             f"check the reward model); the last checkpoint in {a.out} is intact")
             opt.zero_grad(set_to_none=True)
         step += 1
         if a.ref_sync_every and step % a.ref_sync_every == 0:
@@ -349,10 +380,11 @@ def main(argv=None):
         # ---------------------------------------------------------------------
         # Log: one JSON line per step
         rollouts = [x for _, g in batch for x in g]
+        finite = [x.reward for x in rollouts if math.isfinite(x.reward)]
         n_tok = sum(len(x.completion_ids) for x in rollouts)
-        rec = {"step": step, "reward": sum(x.reward for x in rollouts) / len(rollouts),
-               "accuracy": sum(x.reward > 0.5 for x in rollouts) / len(rollouts),
-               "length": n_tok / len(rollouts),
+        rec = {"step": step, "reward": sum(finite) / max(1, len(finite)),
+               "accuracy": sum(v > 0.5 for v in finite) / max(1, len(finite)),
+               "length": n_tok / max(1, len(rollouts)),
                "entropy": sum(sum(x.entropy) for x in rollouts) / max(1, n_tok),
                "loss": loss_sum if units else None, "kl": kl_sum if units else None,
                "pairs_used" if a.loss in PAIRWISE else "groups_used": len(units), "skipped": skipped,
@@ -370,10 +402,17 @@ def main(argv=None):
 
         # ---------------------------------------------------------------------
         # Checkpoint (HF format + trainer state: optimizer, RNG, rollout buffer, staleness)
-        if (a.save_every and step % a.save_every == 0) or step == a.steps:
+        if (a.save_every and step % a.save_every == 0) or step == a.steps or stop:
             state = {"step": step, "optimizer": opt.state_dict(), "buffer": buffer, "last_sync": last_sync,
                      "stats": stats, "torch_rng": torch.get_rng_state(), "args": vars(a)}
             save_checkpoint(a.out, step, policy, tok, ref if a.ref_sync_every else None, state, a.keep)
+        if stop:
+            print(f"\nsignal {stop[0]}: checkpoint saved at step {step}; continue with --resume")
+            break
+    for sig, h in handlers.items():
+        signal.signal(sig, h)
+    if stop:
+        return {"policy": policy, "ref": ref, "engine": engine, "records": records, "stopped": True}
     bar.close()
 
     if heldout:

@@ -1,0 +1,117 @@
+"""eval.py: statistics against hand calculation, scoring, caching, tables, plots, selection.
+Run: pytest tests/test_eval.py"""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import eval as ev
+import train
+from rollout import HFEngine
+
+
+def test_mean_se_hand():
+    # [1, 0, 1, 1]: mean 0.75, sample variance (3·0.0625 + 0.5625)/3 = 0.25, SE = sqrt(0.25/4) = 0.25
+    assert ev.mean_se([1, 0, 1, 1]) == pytest.approx((0.75, 0.25))
+    assert ev.mean_se([0.5]) == (0.5, 0.0)
+
+
+def test_pass_at_k_hand():
+    assert ev.pass_at_k(5, 2, 1) == pytest.approx(0.4)
+    assert ev.pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)   # 1 - C(3,2)/C(5,2)
+    assert ev.pass_at_k(5, 0, 3) == 0.0 and ev.pass_at_k(5, 3, 3) == 1.0
+
+
+def test_win_rate_ties_count_half():
+    wins, (m, se) = ev.win_rate([1.0, 2.0, 3.0, 0.0], [0.0, 2.0, 5.0, -1.0])
+    assert wins == [1.0, 0.5, 0.0, 1.0] and m == pytest.approx(0.625)
+
+
+def test_lc_win_rate_recovers_known_intercept():
+    # wins drawn from P(win) = σ(0.5 + 2z) with the model ~1 std longer on average: raw win rate is
+    # inflated by length, the length-controlled one should be σ(0.5) = 0.622
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(4000, generator=g) + 1.0
+    z = d / d.std()
+    wins = (torch.rand(4000, generator=g) < torch.sigmoid(0.5 + 2 * z)).float().tolist()
+    lc = ev.lc_win_rate(wins, (d + 100).tolist(), [100.0] * 4000)
+    raw = sum(wins) / len(wins)
+    assert lc == pytest.approx(1 / (1 + math.exp(-0.5)), abs=0.03) and raw > lc + 0.1
+
+
+def test_length_normalized_selection_discounts_length():
+    # ckpt A: reward grows only with length (long responses); ckpt B: higher reward at equal length
+    Lb = [10, 50, 90, 130]
+    ra = [0.1 * l / 10 for l in [100, 140, 180, 220]]   # long and rewarded for it
+    rb = [0.1 * l / 10 + 0.5 for l in Lb]
+    norm = ev.length_normalized([ra, rb], [[100, 140, 180, 220], Lb])
+    assert sum(ra) / 4 > sum(rb) / 4 and norm[1] > norm[0]
+
+
+def test_render_table():
+    t = ev.render_table({"seed": {"math500": {"mean": 0.474, "se": 0.012}}, "ours": {}}, ["math500", "amc23"])
+    assert "| seed | 47.4 (1.2) |  |" in t and t.startswith("| model | math500 | amc23 |")
+
+
+def test_score_math_known_responses():
+    rows = [{"id": "a", "answer": "4"}, {"id": "b", "answer": "\\frac{1}{2}"}]
+    gens = {"a": [{"text": "\\boxed{4}", "length": 3}, {"text": "\\boxed{5}", "length": 3}],
+            "b": [{"text": "it is 0.5", "length": 4}, {"text": "no idea", "length": 2}]}
+    per, summary = ev.score_math(rows, gens, 2)
+    assert [p["correct"] for p in per] == [[1.0, 0.0], [1.0, 0.0]]
+    assert summary["mean"] == 0.5 and summary["se"] == 0.0 and summary["pass@2"] == 1.0
+
+
+def test_plot_writes_png(tmp_path):
+    for name in ("a", "b"):
+        os.makedirs(tmp_path / name)
+        with open(tmp_path / name / "log.jsonl", "w") as f:
+            for s in range(1, 4):
+                f.write(json.dumps({"step": s, "reward": s / 4, "accuracy": s / 4, "length": 10 + s,
+                                    "entropy": 1 / s, "kl": None if s == 1 else 0.1 * s}) + "\n")
+    path = ev.plot_runs([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "fig.png"))
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(path) > 5000
+
+
+def test_generation_cache_continues_interrupted_eval(tiny_model_dir, tmp_path, monkeypatch):
+    model, tok = train.load_model(tiny_model_dir)
+    engine = HFEngine(model, tok)
+    rows = [{"id": str(i), "problem": f"What is {i}+1?", "answer": str(i + 1)} for i in range(5)]
+    cache = str(tmp_path / "c.jsonl")
+    ev.generate_cached(engine, tok, rows[:2], "problem", cache, 1, 0.0, 4)
+    with open(cache, "a") as f:
+        f.write('{"id": "2", "respo')   # a line cut by a kill
+    asked = []
+    orig = HFEngine.generate
+    monkeypatch.setattr(HFEngine, "generate", lambda self, p, **k: asked.append(len(p)) or orig(self, p, **k))
+    gens = ev.generate_cached(engine, tok, rows, "problem", cache, 1, 0.0, 4)
+    assert asked == [3] and sorted(gens) == ["0", "1", "2", "3", "4"]
+
+
+def test_eval_main_prints_table(tiny_model_dir, tmp_path, capsys):
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "math500.jsonl").write_text("".join(json.dumps({"id": f"m{i}", "problem": f"{i}+{i}?", "answer": str(2 * i)}) + "\n"
+                                             for i in range(6)))
+    res = ev.main(["--model", tiny_model_dir, "--bench", "math500", "--limit", "4", "--data-dir", str(d),
+                   "--max-new-tokens", "4", "--k", "2", "--temperature", "1.0", "--out", str(tmp_path / "out")])
+    r = res[tiny_model_dir]["math500"]
+    assert 0 <= r["mean"] <= 1 and "pass@2" in r
+    assert "| model | math500 |" in capsys.readouterr().out
+    assert len(open(tmp_path / "out" / "table.md").read()) > 0
+    per = [json.loads(l) for l in open(next((tmp_path / "out").glob("*.results.jsonl")))]
+    assert len(per) == 4 and all(len(p["correct"]) == 2 for p in per)
+
+
+def test_select_picks_a_checkpoint(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps({"problem": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(8)))
+    monkeypatch.setattr(train, "math_reward", lambda text, answer: float(len(text) % 2 == 0))
+    run = tmp_path / "run"
+    train.main(["--model", tiny_model_dir, "--train-data", str(data), "--eval-problems", "2", "--batch-prompts", "2",
+                "--n", "4", "--max-new-tokens", "6", "--steps", "2", "--save-every", "1", "--out", str(run)])
+    best = ev.main(["--select", str(run), "--max-new-tokens", "6", "--out", str(tmp_path / "sel")])
+    out = capsys.readouterr().out
+    assert best.endswith(("ckpt-000001", "ckpt-000002")) and "length-normalized reward" in out
