@@ -30,13 +30,14 @@ import sys
 import torch
 from tqdm import tqdm
 
-from rewards import math_reward
+from data import load_jsonl, row_prompt, split_task
+from rewards import make_scalar_reward, math_reward, score
+from rollout import HFEngine, Sample, chat_prompt_ids, load_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCHES = {"math500": "math500.jsonl", "amc23": "amc23.jsonl", "gsm8k": "gsm8k_test.jsonl", "aime24": "aime24.jsonl",
            "alpaca_eval": "alpaca_eval.jsonl", "arena_hard": "arena_hard.jsonl"}
 CHAT_BENCHES = {"alpaca_eval", "arena_hard"}
-MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 
 # -----------------------------------------------------------------------------
 # Statistics
@@ -105,10 +106,9 @@ def render_table(results, benches):
 # Generation with a cache: an interrupted eval continues where it stopped
 
 
-def generate_cached(engine, tok, rows, prompt_key, cache_path, k, temperature, max_new_tokens, chunk=32):
-    """{row id: [responses]} for rows; responses already in cache_path are reused, new ones
-    are appended after every chunk of prompts."""
-    from rollout import chat_prompt_ids
+def generate_cached(engine, tok, rows, cache_path, k, temperature, max_new_tokens, chunk=32):
+    """{row id: [responses]} for rows, prompted exactly as in training (data.row_prompt);
+    responses already in cache_path are reused, new ones are appended after every chunk."""
     done = {}
     if os.path.exists(cache_path):
         for line in open(cache_path):
@@ -121,7 +121,7 @@ def generate_cached(engine, tok, rows, prompt_key, cache_path, k, temperature, m
     with open(cache_path, "a") as f:
         for i in tqdm(range(0, len(todo), chunk), desc=os.path.basename(cache_path), disable=not todo):
             part = todo[i:i + chunk]
-            prompts = [chat_prompt_ids(tok, r[prompt_key] + (MATH_SUFFIX if prompt_key == "problem" else "")) for r in part]
+            prompts = [chat_prompt_ids(tok, row_prompt(r)) for r in part]
             out = engine.generate(prompts, n=k, temperature=temperature, max_new_tokens=max_new_tokens,
                                   greedy=temperature == 0)
             for r, g in zip(part, out):
@@ -154,6 +154,26 @@ def score_chat(rows, gens, baseline, scorer):
            for r, a, b, w, x, y in zip(rows, ms, bs, wins, lm, lb)]
     return per, {"mean": m, "se": se, "lc": lc_win_rate(wins, lm, lb), "chars": sum(lm) / len(lm),
                  "baseline_chars": sum(lb) / len(lb)}
+
+def heldout_eval(engine, tok, rows, chat_reward, max_new_tokens):
+    """Greedy held-out score per task: {task: (mean, SE, mean length)}; math = accuracy."""
+    out = engine.generate([chat_prompt_ids(tok, row_prompt(r)) for r in rows], n=1, max_new_tokens=max_new_tokens, greedy=True)
+    samples = [g[0] for g in out]
+    score(rows, samples, chat_reward)
+    res = {}
+    for task in sorted({r["task"] for r in rows}):
+        xs = [x for r, x in zip(rows, samples) if r["task"] == task]
+        res[task] = (*mean_se([x.reward for x in xs]), sum(len(x.completion_ids) for x in xs) / len(xs))
+    return res
+
+
+def report(tag, res, out):
+    for task, (m, se, L) in res.items():
+        name = "accuracy" if task == "math" else "reward"
+        print(f"held-out {task} {name} {tag} training: {m:.3f} ± {se:.3f} (mean length {L:.1f} tokens)")
+    json.dump({t: {"mean": m, "se": se, "length": L} for t, (m, se, L) in res.items()},
+              open(os.path.join(out, f"heldout_{tag}.json"), "w"))
+
 
 # -----------------------------------------------------------------------------
 # Plots: the paper's Figs 2-3 shape
@@ -199,14 +219,12 @@ def main(argv=None):
     if a.plot:
         print(plot_runs(a.plot, os.path.join(a.out, "dynamics.png")))
         return
-    from rollout import HFEngine, load_model
     if a.select:
         return select(a)
     benches = a.bench.split(",")
     for b in benches:
         if b not in BENCHES:
             sys.exit(f"--bench {b}: unknown, choose from {', '.join(BENCHES)}")
-    from data import load_jsonl
     results = {}
     for name in a.model:
         model, tok = load_model(name)
@@ -218,8 +236,7 @@ def main(argv=None):
             rows = load_jsonl(os.path.join(a.data_dir, BENCHES[b]), fields=("prompt",) if chat else ("problem", "answer"))
             rows = rows[:a.limit] if a.limit else rows
             cache = os.path.join(a.out, f"{tag}.{b}.k{a.k}.t{a.temperature}.generations.jsonl")
-            gens = generate_cached(engine, tok, rows, "prompt" if chat else "problem", cache, a.k, a.temperature,
-                                   a.max_new_tokens)
+            gens = generate_cached(engine, tok, rows, cache, a.k, a.temperature, a.max_new_tokens)
             if chat:
                 per, summary = score_chat(rows, gens, baseline_responses(a, b, rows), chat_scorer(a))
             else:
@@ -240,33 +257,33 @@ def baseline_responses(a, bench, rows):
         if bench != "alpaca_eval":
             sys.exit(f"--bench {bench} has no reference outputs: pass --baseline-model")
         return [r["reference_output"] for r in rows]
-    from rollout import HFEngine, load_model
     model, tok = load_model(a.baseline_model)
     cache = os.path.join(a.out, f"baseline_{a.baseline_model.strip('/').replace('/', '_')}.{bench}.generations.jsonl")
-    gens = generate_cached(HFEngine(model, tok), tok, rows, "prompt", cache, 1, 0.0, a.max_new_tokens)
+    gens = generate_cached(HFEngine(model, tok), tok, rows, cache, 1, 0.0, a.max_new_tokens)
     return [gens[r["id"]][0]["text"] for r in rows]
 
 
 def chat_scorer(a):
     """prompts, responses -> rewards, from rewards.py: a real RM if given, else the LLM judge."""
-    import rewards
-    return rewards.make_scalar_reward(a.reward_model)
+    return make_scalar_reward(a.reward_model)
 
 
 def select(a):
     """Score every checkpoint of a run on validation problems of its task; pick by length-normalized reward."""
-    from rollout import HFEngine, load_model
     ckpts = sorted(glob.glob(os.path.join(a.select, "ckpt-??????")))
     if not ckpts:
         sys.exit(f"--select {a.select}: no ckpt-NNNNNN folders")
     rows = validation_rows(a)
+    chat_reward = chat_scorer(a) if any(r["task"] == "chat" for r in rows) else None
     rewards_by, lengths_by = [], []
     for c in ckpts:
         model, tok = load_model(c)
-        gens = generate_cached(HFEngine(model, tok), tok, rows, "problem", os.path.join(a.out, f"select.{os.path.basename(c)}.jsonl"),
+        gens = generate_cached(HFEngine(model, tok), tok, rows, os.path.join(a.out, f"select.{os.path.basename(c)}.jsonl"),
                                1, a.temperature, a.max_new_tokens)
-        rewards_by.append([math_reward(gens[r["id"]][0]["text"], r["answer"]) for r in rows])
-        lengths_by.append([gens[r["id"]][0]["length"] for r in rows])
+        samples = [Sample([], [0] * g["length"], [], [], g["text"], g["finish"]) for g in (gens[r["id"]][0] for r in rows)]
+        score(rows, samples, chat_reward)
+        rewards_by.append([x.reward for x in samples])
+        lengths_by.append([len(x.completion_ids) for x in samples])
     norm = length_normalized(rewards_by, lengths_by)
     print("| checkpoint | reward | mean length | length-normalized reward |\n|---|---|---|---|")
     for c, rs, ls, n in zip(ckpts, rewards_by, lengths_by, norm):
@@ -277,16 +294,11 @@ def select(a):
 
 
 def validation_rows(a):
-    """The run's own held-out problems: the built-in task's held-out split or a slice of its --train-data."""
-    args = torch.load(os.path.join(a.select, open(os.path.join(a.select, "latest")).read().strip(), "trainer_state.pt"),
-                      weights_only=False)["args"]
-    from data import arithmetic_problems, load_jsonl
-    if args.get("train_data"):
-        import random
-        rows = load_jsonl(args["train_data"])
-        random.Random(args["seed"]).shuffle(rows)
-        return rows[:min(a.select_problems, args["eval_problems"] or a.select_problems)]
-    return arithmetic_problems(a.select_problems, args["difficulty"], seed=10_000 + args["seed"])
+    """The run's own held-out prompts (the same split train.py scored before/after training)."""
+    ckpt = open(os.path.join(a.select, "latest")).read().strip()
+    args = torch.load(os.path.join(a.select, ckpt, "trainer_state.pt"), weights_only=False)["args"]
+    n = min(a.select_problems, args["eval_problems"]) if args["train_data"] else a.select_problems
+    return split_task(args.get("task", "math"), args["train_data"], args["difficulty"], n, args["seed"])[1]
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ The non-verifiable task scores (prompt, response) with a reward model: any Huggi
 sequence-classification RM (`reward_model`), or, on a CPU with nothing to download, a small
 local LLM judge (`llm_judge`), a weak stand-in. `make_scalar_reward` picks one.
 """
+import math
 import signal
 import threading
 from contextlib import contextmanager
@@ -61,6 +62,23 @@ def math_reward(response: str, answer: str, time_limit: float = TIME_LIMIT_S) ->
     except Exception:   # Math-Verify raising on odd input: scored incorrect, counted
         stats["errors"] += 1
     return 0.0
+
+
+def score(rows, samples, chat_reward, length_penalty=0.0):
+    """Rewards of responses, routed by each row's task: math -> Math-Verify 0/1, chat -> the
+    scalar reward (RM or judge) minus an optional length penalty. Sets sample.reward."""
+    for r, x in zip(rows, samples):
+        if r["task"] == "math":
+            x.reward = math_reward(x.text, r["answer"])
+    chat = [(r, x) for r, x in zip(rows, samples) if r["task"] == "chat"]
+    if chat:
+        try:
+            scores = chat_reward([r["prompt"] for r, _ in chat], [x.text for _, x in chat])
+        except Exception as e:   # a failing reward model costs this batch's chat prompts, not the run
+            print(f"reward model raised {e.__class__.__name__}: {e}; {len(chat)} responses scored NaN (skipped)")
+            scores = [math.nan] * len(chat)
+        for (_, x), v in zip(chat, scores):
+            x.reward = float(v) - length_penalty * len(x.completion_ids) if math.isfinite(v) else math.nan
 
 
 # -----------------------------------------------------------------------------

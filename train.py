@@ -35,8 +35,8 @@ from data import row_prompt, split_task
 from dpo import group_dpo_loss, implicit_reward, nll_loss, select_pair, dpo_loss, entropy_regularizer, \
     token_entropy, token_logps
 from grpo import combined_loss, grpo_advantages, grpo_loss, kl_k3, TOKEN_AVERAGES
-from eval import mean_se
-from rewards import make_scalar_reward, math_reward
+from eval import heldout_eval, report
+from rewards import make_scalar_reward, score
 from rollout import DEFAULT_MODEL, HFEngine, chat_prompt_ids, load_model
 
 def parse_args(argv=None):
@@ -161,43 +161,6 @@ def response_logps(model, batch, with_logits=False):
     logits = logits[:, P - 1:-1]   # position t predicts token t+1
     lp = token_logps(logits, batch["ids"][:, P:]) * batch["mask"]
     return (lp, logits) if with_logits else lp
-
-
-def score(rows, samples, chat_reward, length_penalty=0.0):
-    """Rewards of responses, routed by each row's task: math -> Math-Verify 0/1, chat -> the
-    scalar reward (RM or judge) minus an optional length penalty. Sets sample.reward."""
-    for r, x in zip(rows, samples):
-        if r["task"] == "math":
-            x.reward = math_reward(x.text, r["answer"])
-    chat = [(r, x) for r, x in zip(rows, samples) if r["task"] == "chat"]
-    if chat:
-        try:
-            scores = chat_reward([r["prompt"] for r, _ in chat], [x.text for _, x in chat])
-        except Exception as e:   # a failing reward model costs this batch's chat prompts, not the run
-            print(f"reward model raised {e.__class__.__name__}: {e}; {len(chat)} responses scored NaN (skipped)")
-            scores = [math.nan] * len(chat)
-        for (_, x), v in zip(chat, scores):
-            x.reward = float(v) - length_penalty * len(x.completion_ids) if math.isfinite(v) else math.nan
-
-
-def heldout_eval(engine, tok, rows, chat_reward, max_new_tokens):
-    """Greedy held-out score per task: {task: (mean, SE, mean length)}; math = accuracy."""
-    out = engine.generate([chat_prompt_ids(tok, row_prompt(r)) for r in rows], n=1, max_new_tokens=max_new_tokens, greedy=True)
-    samples = [g[0] for g in out]
-    score(rows, samples, chat_reward)
-    res = {}
-    for task in sorted({r["task"] for r in rows}):
-        xs = [x for r, x in zip(rows, samples) if r["task"] == task]
-        res[task] = (*mean_se([x.reward for x in xs]), sum(len(x.completion_ids) for x in xs) / len(xs))
-    return res
-
-
-def report(tag, res, out):
-    for task, (m, se, L) in res.items():
-        name = "accuracy" if task == "math" else "reward"
-        print(f"held-out {task} {name} {tag} training: {m:.3f} ± {se:.3f} (mean length {L:.1f} tokens)")
-    json.dump({t: {"mean": m, "se": se, "length": L} for t, (m, se, L) in res.items()},
-              open(os.path.join(out, f"heldout_{tag}.json"), "w"))
 
 
 def save_checkpoint(out, step, policy, tok, ref, state, keep):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
+import rewards
 import train
 from rewards import judge_score, llm_judge, make_scalar_reward
 from rollout import Sample
@@ -56,7 +57,7 @@ def test_routing_on_mixed_batch():
     def fake_rm(prompts, responses):
         seen.append((prompts, responses))
         return [10.0, float("nan")]
-    train.score(rows, samples, fake_rm, length_penalty=0.5)
+    rewards.score(rows, samples, fake_rm, length_penalty=0.5)
     assert seen == [(["p1", "p2"], ["aaa", "b"])]   # only chat rows reach the RM, in one batch
     assert samples[0].reward == 1.0 and samples[2].reward == 0.0   # math rows by Math-Verify
     assert samples[1].reward == 10.0 - 0.5 * 3 and math.isnan(samples[3].reward)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import eval as ev
+import rewards
 import train
 from rollout import HFEngine
 
@@ -78,15 +79,15 @@ def test_plot_writes_png(tmp_path):
 def test_generation_cache_continues_interrupted_eval(tiny_model_dir, tmp_path, monkeypatch):
     model, tok = train.load_model(tiny_model_dir)
     engine = HFEngine(model, tok)
-    rows = [{"id": str(i), "problem": f"What is {i}+1?", "answer": str(i + 1)} for i in range(5)]
+    rows = [{"id": str(i), "problem": f"What is {i}+1?", "answer": str(i + 1), "task": "math"} for i in range(5)]
     cache = str(tmp_path / "c.jsonl")
-    ev.generate_cached(engine, tok, rows[:2], "problem", cache, 1, 0.0, 4)
+    ev.generate_cached(engine, tok, rows[:2], cache, 1, 0.0, 4)
     with open(cache, "a") as f:
         f.write('{"id": "2", "respo')   # a line cut by a kill
     asked = []
     orig = HFEngine.generate
     monkeypatch.setattr(HFEngine, "generate", lambda self, p, **k: asked.append(len(p)) or orig(self, p, **k))
-    gens = ev.generate_cached(engine, tok, rows, "problem", cache, 1, 0.0, 4)
+    gens = ev.generate_cached(engine, tok, rows, cache, 1, 0.0, 4)
     assert asked == [3] and sorted(gens) == ["0", "1", "2", "3", "4"]
 
 
@@ -108,7 +109,7 @@ def test_eval_main_prints_table(tiny_model_dir, tmp_path, capsys):
 def test_select_picks_a_checkpoint(tiny_model_dir, tmp_path, monkeypatch, capsys):
     data = tmp_path / "t.jsonl"
     data.write_text("".join(json.dumps({"problem": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(8)))
-    monkeypatch.setattr(train, "math_reward", lambda text, answer: float(len(text) % 2 == 0))
+    monkeypatch.setattr(rewards, "math_reward", lambda text, answer: float(len(text) % 2 == 0))
     run = tmp_path / "run"
     train.main(["--model", tiny_model_dir, "--train-data", str(data), "--eval-problems", "2", "--batch-prompts", "2",
                 "--n", "4", "--max-new-tokens", "6", "--steps", "2", "--save-every", "1", "--out", str(run)])

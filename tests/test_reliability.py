@@ -11,11 +11,12 @@ import time
 import pytest
 import torch
 
+import rewards
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the tiny model cannot do arithmetic: train it on a toy reward (even response length scores 1)
-RUNNER = ("import sys, train; train.math_reward = lambda text, answer: float(len(text) % 2 == 0); "
+RUNNER = ("import sys, rewards, train; rewards.math_reward = lambda text, answer: float(len(text) % 2 == 0); "
           "train.main(sys.argv[1:])")
 
 
@@ -98,7 +99,7 @@ def test_sigterm_saves_and_exits_cleanly(tiny_model_dir, data_file, tmp_path):
 
 
 def test_half_written_checkpoint_is_ignored(tiny_model_dir, data_file, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "math_reward", lambda text, answer: float(len(text) % 2 == 0))
+    monkeypatch.setattr(rewards, "math_reward", lambda text, answer: float(len(text) % 2 == 0))
     out = tmp_path / "run"
     train.main(args(tiny_model_dir, data_file, str(out), steps=2))
     os.makedirs(out / "ckpt-000003.tmp")   # a save killed half-way
@@ -109,7 +110,7 @@ def test_half_written_checkpoint_is_ignored(tiny_model_dir, data_file, tmp_path,
 
 
 def test_nan_loss_skips_update_then_stops(tiny_model_dir, data_file, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "math_reward", lambda text, answer: float(len(text) % 2 == 0))
+    monkeypatch.setattr(rewards, "math_reward", lambda text, answer: float(len(text) % 2 == 0))
     monkeypatch.setitem(train.LOSSES, "dpo", lambda b, a: (b["pi"].sum() * float("nan"), {}))
     before = {k: v.clone() for k, v in train.load_model(tiny_model_dir)[0].state_dict().items()}
     argv = args(tiny_model_dir, data_file, str(tmp_path / "nan"), steps=6) + ["--max-bad-steps", "100"]
@@ -138,7 +139,7 @@ def test_failing_or_nan_reward_model_is_counted_not_fatal(tiny_model_dir, tmp_pa
 
 
 def test_long_prompts_skip_or_truncate(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "math_reward", lambda text, answer: float(len(text) % 2 == 0))
+    monkeypatch.setattr(rewards, "math_reward", lambda text, answer: float(len(text) % 2 == 0))
     data = tmp_path / "long.jsonl"
     rows = [{"problem": "What is 1 + 1?", "answer": "2"}, {"problem": "word " * 600, "answer": "1"}] * 2
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))

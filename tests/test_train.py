@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+import rewards
 import train
 from rollout import HFEngine, chat_prompt_ids
 
@@ -32,7 +33,7 @@ def run(tiny_model_dir, data_file, tmp_path, *extra, name="run"):
 @pytest.mark.parametrize("loss", list(train.LOSSES))
 @pytest.mark.parametrize("s", ["1", "3", "inf"])
 def test_each_loss_and_regime_trains(tiny_model_dir, data_file, tmp_path, monkeypatch, loss, s):
-    monkeypatch.setattr(train, "math_reward", toy_reward)
+    monkeypatch.setattr(rewards, "math_reward", toy_reward)
     before = {k: v.clone() for k, v in train.load_model(tiny_model_dir)[0].state_dict().items()}
     out = run(tiny_model_dir, data_file, tmp_path, "--loss", loss, "--sync-every", s, "--steps", "3",
               "--kl-coef", "0.1", "--nll-coef", "0.1", "--entropy-coef", "0.01")
@@ -65,7 +66,7 @@ def spy_generate(monkeypatch, holder):
 
 @pytest.mark.parametrize("s,steps,n_calls", [("2", 5, 3), ("inf", 5, 1), ("epoch", 6, 2)])
 def test_sync_schedule(tiny_model_dir, data_file, tmp_path, monkeypatch, s, steps, n_calls):
-    monkeypatch.setattr(train, "math_reward", toy_reward)
+    monkeypatch.setattr(rewards, "math_reward", toy_reward)
     holder = {}
     calls = spy_generate(monkeypatch, holder)
     # 8 training rows, 2 per step: 4 steps per epoch, so s=epoch generates at steps 0 and 4
@@ -92,13 +93,13 @@ def test_sampling_logps_match_policy_forward(tiny_model_dir):
 
 
 def test_all_tied_prompts_are_skipped_and_counted(tiny_model_dir, data_file, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "math_reward", lambda text, answer: 1.0)
+    monkeypatch.setattr(rewards, "math_reward", lambda text, answer: 1.0)
     recs = run(tiny_model_dir, data_file, tmp_path, "--steps", "2")["records"]
     assert all(r["skipped"] == 2 and r["pairs_used"] == 0 and r["loss"] is None for r in recs)
 
 
 def test_resume_matches_uninterrupted(tiny_model_dir, data_file, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "math_reward", toy_reward)
+    monkeypatch.setattr(rewards, "math_reward", toy_reward)
     common = ["--sync-every", "2", "--save-every", "2", "--eval-problems", "0"]
     straight = run(tiny_model_dir, data_file, tmp_path, *common, "--steps", "4", name="a")
     run(tiny_model_dir, data_file, tmp_path, *common, "--steps", "2", name="b")
