@@ -156,23 +156,30 @@ def score_chat(rows, gens, baseline, scorer):
                  "baseline_chars": sum(lb) / len(lb)}
 
 def heldout_eval(engine, tok, rows, chat_reward, max_new_tokens):
-    """Greedy held-out score per task: {task: (mean, SE, mean length)}; math = accuracy."""
+    """Greedy held-out responses scored as in training: {task: [(reward, length), ...]}."""
     out = engine.generate([chat_prompt_ids(tok, row_prompt(r)) for r in rows], n=1, max_new_tokens=max_new_tokens, greedy=True)
     samples = [g[0] for g in out]
     score(rows, samples, chat_reward)
     res = {}
-    for task in sorted({r["task"] for r in rows}):
-        xs = [x for r, x in zip(rows, samples) if r["task"] == task]
-        res[task] = (*mean_se([x.reward for x in xs]), sum(len(x.completion_ids) for x in xs) / len(xs))
+    for r, x in zip(rows, samples):
+        res.setdefault(r["task"], []).append((x.reward, len(x.completion_ids)))
     return res
 
 
-def report(tag, res, out):
-    for task, (m, se, L) in res.items():
+def report(tag, parts, out):
+    """Print and save held-out mean ± SE per task, merging the results of every rank."""
+    merged = {}
+    for part in parts:
+        for task, xs in part.items():
+            merged.setdefault(task, []).extend(xs)
+    summary = {}
+    for task, xs in sorted(merged.items()):
+        m, se = mean_se([r for r, _ in xs])
+        summary[task] = {"mean": m, "se": se, "length": sum(n for _, n in xs) / len(xs), "n": len(xs)}
         name = "accuracy" if task == "math" else "reward"
-        print(f"held-out {task} {name} {tag} training: {m:.3f} ± {se:.3f} (mean length {L:.1f} tokens)")
-    json.dump({t: {"mean": m, "se": se, "length": L} for t, (m, se, L) in res.items()},
-              open(os.path.join(out, f"heldout_{tag}.json"), "w"))
+        print(f"held-out {task} {name} {tag} training: {m:.3f} ± {se:.3f} (n={len(xs)}, mean length {summary[task]['length']:.1f} tokens)")
+    json.dump(summary, open(os.path.join(out, f"heldout_{tag}.json"), "w"))
+    return summary
 
 
 # -----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ The non-verifiable task scores (prompt, response) with a reward model: any Huggi
 sequence-classification RM (`reward_model`), or, on a CPU with nothing to download, a small
 local LLM judge (`llm_judge`), a weak stand-in. `make_scalar_reward` picks one.
 """
+import logging
 import math
 import signal
 import threading
@@ -19,6 +20,8 @@ from contextlib import contextmanager
 import torch
 from math_verify import parse, verify
 
+# our own alarm enforces the limit in the main thread; Math-Verify warns when its own is off
+logging.getLogger("math_verify").setLevel(logging.ERROR)
 TIME_LIMIT_S = 2.0      # per response, parsing + verification together
 stats = {"graded": 0, "timeouts": 0, "errors": 0}
 

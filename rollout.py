@@ -100,9 +100,16 @@ class HFEngine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     @torch.no_grad()
-    def update_weights(self, state_dict):
-        """The sync of §2.3: copy the trained weights into the rollout model, in place."""
-        self.model.load_state_dict(state_dict)
+    def update_weights(self, state):
+        """The sync of §2.3: copy the trained weights into the rollout model, in place. `state` is
+        a state dict, or an iterable of (parameter name, full tensor) that may gather one
+        parameter at a time from an FSDP-sharded policy (train.full_params)."""
+        if isinstance(state, dict):
+            self.model.load_state_dict(state)
+            return
+        params = dict(self.model.named_parameters())
+        for name, t in state:
+            params[name].copy_(t)
 
     @torch.inference_mode()
     def generate(self, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=128, greedy=False):

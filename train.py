@@ -29,6 +29,10 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from data import row_prompt, split_task
@@ -37,7 +41,7 @@ from dpo import group_dpo_loss, implicit_reward, nll_loss, select_pair, dpo_loss
 from grpo import combined_loss, grpo_advantages, grpo_loss, kl_k3, TOKEN_AVERAGES
 from eval import heldout_eval, report
 from rewards import make_scalar_reward, score
-from rollout import DEFAULT_MODEL, HFEngine, chat_prompt_ids, load_model
+from rollout import DEFAULT_MODEL, HFEngine, Sample, chat_prompt_ids, load_model
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,7 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--nll-coef", type=float, default=0.0, help="weight of the length-normalized NLL on chosen responses")
     p.add_argument("--entropy-coef", type=float, default=0.0, help="weight of the negative-entropy regularizer")
     # Generation
-    p.add_argument("--n", type=int, default=8, help="responses sampled per prompt")
+    p.add_argument("--n", "--group-size", dest="n", type=int, default=8,
+                   help="responses sampled per prompt (under torchrun write --group-size: torchrun rejects --n)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="response length cap")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
@@ -76,6 +81,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=3e-5, help="AdamW learning rate")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
     p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite losses/gradients in a row")
     p.add_argument("--long-prompts", default="skip", choices=("skip", "truncate"),
                    help="prompts that leave no room for --max-new-tokens in the model's context: skip (counted) or keep their tail")
@@ -163,16 +169,62 @@ def response_logps(model, batch, with_logits=False):
     return (lp, logits) if with_logits else lp
 
 
-def save_checkpoint(out, step, policy, tok, ref, state, keep):
+def setup_distributed(device):
+    """torchrun sets RANK, WORLD_SIZE, LOCAL_RANK: join the process group (nccl on CUDA, gloo
+    on CPU). A plain `python train.py` stays a single process with no group and no FSDP."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if device.startswith("cuda"):
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def shard(model, device):
+    """FSDP2: one shard group per decoder layer, then the root. On CUDA, bf16 compute with fp32
+    master weights and fp32 gradient reduction."""
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.startswith("cuda") \
+        else MixedPrecisionPolicy()
+    for layer in getattr(getattr(model, "model", None), "layers", []):
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+
+
+def full_params(model):
+    """(name, full tensor) per parameter, all-gathering one parameter at a time so the peak is
+    one unsharded parameter, never the whole model. Every rank must iterate it together."""
+    for name, p in model.named_parameters():
+        yield name, (p.full_tensor() if isinstance(p, DTensor) else p).detach()
+
+
+def all_sum(values, device, op="sum"):
+    """Sum (or max) a list of numbers over ranks; the identity on one process."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def gather(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def save_checkpoint(out, step, model, weights, tok, ref_params, state, keep):
     """Atomic: write into a temporary folder, rename it, then repoint `latest` by rename too.
     A kill at any moment leaves the previous checkpoint complete and `latest` pointing at it."""
     final = os.path.join(out, f"ckpt-{step:06d}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=weights)   # `model` lends its config and class; `weights` are πθ
     tok.save_pretrained(tmp)
-    if ref is not None:
-        torch.save(ref.state_dict(), os.path.join(tmp, "ref.pt"))
+    if ref_params is not None:
+        torch.save(ref_params, os.path.join(tmp, "ref.pt"))
     torch.save(state, os.path.join(tmp, "trainer_state.pt"))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -187,9 +239,13 @@ def save_checkpoint(out, step, policy, tok, ref, state, keep):
 def main(argv=None):
     a = parse_args(argv)
     t_start = time.time()
+    rank, world, a.device = setup_distributed(a.device)
+    master = rank == 0
+    say = print if master else (lambda *args, **kw: None)
+    if a.batch_prompts % world:
+        sys.exit(f"--batch-prompts {a.batch_prompts} must be a multiple of the number of processes ({world})")
     random.seed(a.seed)
-    torch.manual_seed(a.seed)
-    torch.use_deterministic_algorithms(False)
+    torch.manual_seed(a.seed + rank)   # ranks sample different responses
     try:
         os.makedirs(a.out, exist_ok=True)
         open(os.path.join(a.out, ".write_test"), "w").close()
@@ -204,48 +260,63 @@ def main(argv=None):
         sys.exit(str(e))
     if not train:
         sys.exit(f"--train-data {a.train_data}: every row went to the held-out set; lower --eval-problems")
+    tasks = sorted({r["task"] for r in train})
     steps_per_epoch = max(1, len(train) // a.batch_prompts)
     s = {"inf": math.inf, "epoch": steps_per_epoch}.get(a.sync_every) or int(a.sync_every)
 
     def batch_rows(step):
-        """The prompts of optimizer step `step`: a fresh shuffle of the data every epoch."""
+        """This rank's prompts of optimizer step `step`: a fresh shuffle of the data every epoch."""
         epoch, i = divmod(step, steps_per_epoch)
         order = list(range(len(train)))
         random.Random(f"{a.seed}-{epoch}").shuffle(order)
-        return [train[j] for j in order[i * a.batch_prompts:(i + 1) * a.batch_prompts]]
+        return [train[j] for j in order[i * a.batch_prompts:(i + 1) * a.batch_prompts]][rank::world]
 
     # -------------------------------------------------------------------------
-    # Models: trained policy πθ, frozen reference πref, rollout engine with stale πθ_old
+    # Models: trained policy πθ, frozen reference πref, rollout engine with stale πθ_old.
+    # The engine (and the judge) keep full copies; policy and reference are sharded with FSDP.
     ckpt = None
     if a.resume and os.path.exists(os.path.join(a.out, "latest")):
         ckpt = os.path.join(a.out, open(os.path.join(a.out, "latest")).read().strip())
     start = a.init_from or a.model
     policy, tok = load_model(ckpt or start, a.device)
     ref = load_model(start, a.device)[0] if ckpt else copy.deepcopy(policy)
+    if ckpt and os.path.exists(os.path.join(ckpt, "ref.pt")):
+        ref.load_state_dict(torch.load(os.path.join(ckpt, "ref.pt")), strict=False)
     ref.eval().requires_grad_(False)
     needs_chat = any(r["task"] == "chat" for r in train + heldout)
     chat_reward = make_scalar_reward(a.reward_model, judge=None if a.reward_model else (copy.deepcopy(ref), tok)) \
         if needs_chat else None
     engine = HFEngine(policy, tok, max_batch=a.gen_batch)
+    if a.grad_checkpointing:
+        policy.gradient_checkpointing_enable()
+    if dist.is_initialized():
+        shard(policy, a.device)
+        shard(ref, a.device)
     opt = torch.optim.AdamW(policy.parameters(), lr=a.lr, weight_decay=a.weight_decay)
     step, buffer, last_sync, stats = 0, [], 0, {"nan_skips": 0, "bad_in_a_row": 0, "long_prompts": 0, "bad_rewards": 0}
     if ckpt:
         st = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
-        opt.load_state_dict(st["optimizer"])
-        step, buffer, last_sync, stats = st["step"], st["buffer"], st["last_sync"], st["stats"]
-        torch.set_rng_state(st["torch_rng"])
-        if os.path.exists(os.path.join(ckpt, "ref.pt")):
-            ref.load_state_dict(torch.load(os.path.join(ckpt, "ref.pt")))
-        print(f"resumed from {ckpt} at step {step}")
-        keep = [line for line in open(os.path.join(a.out, "log.jsonl")) if json.loads(line)["step"] <= step]
-        with open(os.path.join(a.out, "log.jsonl"), "w") as f:   # drop steps the killed run logged after its checkpoint
-            f.writelines(keep)
+        set_optimizer_state_dict(policy, opt, st["optimizer"], options=StateDictOptions(full_state_dict=True))
+        step, last_sync, stats = st["step"], st["last_sync"], st["stats"]
+        if len(st["ranks"]) == world:   # same number of processes: each rank takes back its rollouts and RNG
+            buffer, rng_state = st["ranks"][rank]
+            torch.set_rng_state(rng_state)
+        else:   # a different world size: regenerate the rollout window from the current weights
+            torch.manual_seed(a.seed + rank + 7919 * step)
+            say(f"resuming on {world} processes from a {len(st['ranks'])}-process checkpoint: rollouts regenerated")
+        say(f"resumed from {ckpt} at step {step}")
+        if master:
+            keep = [line for line in open(os.path.join(a.out, "log.jsonl")) if json.loads(line)["step"] <= step]
+            with open(os.path.join(a.out, "log.jsonl"), "w") as f:   # drop what a killed run logged after its checkpoint
+                f.writelines(keep)
     elif a.resume:
-        print(f"--resume: no checkpoint in {a.out}, starting fresh")
+        say(f"--resume: no checkpoint in {a.out}, starting fresh")
     elif heldout:
-        report("before", heldout_eval(engine, tok, heldout, chat_reward, a.max_new_tokens), a.out)
+        res = gather(heldout_eval(engine, tok, heldout[rank::world], chat_reward, a.max_new_tokens))
+        if master:
+            report("before", res, a.out)
 
-    log, records = open(os.path.join(a.out, "log.jsonl"), "a"), []
+    log, records = open(os.path.join(a.out, "log.jsonl"), "a") if master else None, []
     stop = []   # SIGTERM / Ctrl-C: finish the step, checkpoint, exit
     handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum)) for sig in (signal.SIGTERM, signal.SIGINT)}
     context = getattr(policy.config, "max_position_embeddings", None) or 1 << 30
@@ -258,7 +329,7 @@ def main(argv=None):
             return ids
         stats["long_prompts"] += 1
         return ids[-room:] if a.long_prompts == "truncate" and room > 0 else None
-    bar = tqdm(total=a.steps, initial=step, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=a.steps, initial=step, desc="train", dynamic_ncols=True, disable=not master)
     while step < a.steps:
         t0 = time.time()
         # ---------------------------------------------------------------------
@@ -266,7 +337,7 @@ def main(argv=None):
         gen_tok_s = None
         if not buffer:
             if step > 0 and s != math.inf:
-                engine.update_weights(policy.state_dict())
+                engine.update_weights(full_params(policy))
             last_sync = step
             upto = min(a.steps, step + s) if s != math.inf else a.steps
             plan = [[(r, ids) for r in batch_rows(k) if (ids := prompt_ids(r)) is not None] for k in range(step, upto)]
@@ -284,9 +355,9 @@ def main(argv=None):
 
         # ---------------------------------------------------------------------
         # Build pairs (dpo) or groups (the rest); prompts whose responses all tie are skipped
-        rng = random.Random(f"{a.seed}-pairs-{step}")
         units = []
         for r, g in batch:
+            rng = random.Random(f"{a.seed}-pairs-{step}-{r['id']}")   # the same pair on any number of ranks
             rw = [x.reward for x in g]
             if not all(map(math.isfinite, rw)):   # a reward model returned NaN/inf: skip, counted
                 stats["bad_rewards"] += 1
@@ -296,97 +367,121 @@ def main(argv=None):
                     units.append([g[pair[0]], g[pair[1]]])
             elif max(rw) > min(rw):
                 units.append(g)
-        skipped = len(batch) - len(units)
 
         # ---------------------------------------------------------------------
-        # Loss and update: micro-batches of whole groups, each weighted by its share of groups
+        # Loss and update. Micro-batches of whole groups; each weighs its share of all ranks'
+        # groups (FSDP averages gradients over ranks, hence the factor `world`). Every rank runs
+        # the same number of micro-batches so FSDP's collectives line up: a rank out of groups
+        # runs a zero-weight pass.
         policy.train()
-        metrics, loss_sum, kl_sum = {}, 0.0, 0.0
-        for i in range(0, len(units), a.micro_groups):
-            mb = units[i:i + a.micro_groups]
-            samples = [x for u in mb for x in u]
-            b = collate(samples, a.device)
-            b["rewards"] = torch.tensor([[x.reward for x in u] for u in mb], device=a.device)
+        n_micro = all_sum([math.ceil(len(units) / a.micro_groups)], a.device, op="max")[0]
+        total_units = all_sum([len(units)], a.device)[0]
+        sums = {"loss": 0.0, "kl": 0.0}
+        for i in range(int(n_micro) if total_units else 0):
+            mb = units[i * a.micro_groups:(i + 1) * a.micro_groups]
+            spare = [x for _, g in batch for x in g][:1] or [Sample([tok.eos_token_id], [tok.eos_token_id], [0.0], [0.0], "", "stop")]
+            b = collate([x for u in mb for x in u] or spare, a.device)
             b["pi"], logits = response_logps(policy, b, with_logits=True)
             with torch.no_grad():
                 b["ref"] = response_logps(ref, b)
+            if not mb:
+                (b["pi"].sum() * 0).backward()
+                continue
+            b["rewards"] = torch.tensor([[x.reward for x in u] for u in mb], device=a.device)
             loss, m = LOSSES[a.loss](b, a)
             if a.nll_coef:   # NLL on chosen responses: the first of a pair, the correct ones of a group
                 chosen = (b["rewards"] == b["rewards"].max(-1, keepdim=True).values).flatten()
                 loss = loss + a.nll_coef * nll_loss(b["pi"][chosen], b["mask"][chosen])
-            ent = token_entropy(logits, b["mask"]) if a.entropy_coef else None
-            if ent is not None:
-                loss = loss + entropy_regularizer(ent, a.entropy_coef)
-            (loss * len(mb) / len(units)).backward()
+            if a.entropy_coef:
+                loss = loss + entropy_regularizer(token_entropy(logits, b["mask"]), a.entropy_coef)
+            (loss * len(mb) * world / total_units).backward()
+            m |= {"loss": loss.item(), "kl": ((kl_k3(b["pi"].detach(), b["ref"]) * b["mask"]).sum() / b["mask"].sum()).item()}
             for k, v in m.items():
-                metrics[k] = metrics.get(k, 0.0) + v * len(mb) / len(units)
-            loss_sum += loss.item() * len(mb) / len(units)
-            kl_sum += ((kl_k3(b["pi"].detach(), b["ref"]) * b["mask"]).sum() / b["mask"].sum()).item() * len(mb) / len(units)
+                sums[k] = sums.get(k, 0.0) + v * len(mb) / total_units
+        metrics = {"loss": None, "kl": None}
+        for part in gather(sums) if total_units else []:
+            metrics = {k: (metrics.get(k) or 0.0) + v for k, v in part.items()}
         grad_norm = None
-        if units:
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), a.grad_clip or float("inf")).item()
-            if math.isfinite(grad_norm) and math.isfinite(loss_sum):
+        if total_units:
+            gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), a.grad_clip or float("inf"))
+            grad_norm = (gn.full_tensor() if isinstance(gn, DTensor) else gn).item()
+            if math.isfinite(grad_norm) and math.isfinite(metrics["loss"]):
                 opt.step()
                 stats["bad_in_a_row"] = 0
             else:
                 stats["nan_skips"] += 1
                 stats["bad_in_a_row"] += 1
-                print(f"step {step}: non-finite loss/gradient, update skipped ({stats['nan_skips']} so far)")
+                say(f"step {step}: non-finite loss/gradient, update skipped ({stats['nan_skips']} so far)")
                 if stats["bad_in_a_row"] >= a.max_bad_steps:
                     sys.exit(f"stopping: {a.max_bad_steps} non-finite losses/gradients in a row (lower --lr? "
                              f"check the reward model); the last checkpoint in {a.out} is intact")
             opt.zero_grad(set_to_none=True)
         step += 1
         if a.ref_sync_every and step % a.ref_sync_every == 0:
-            ref.load_state_dict(policy.state_dict())
+            with torch.no_grad():
+                for p_ref, p in zip(ref.parameters(), policy.parameters()):
+                    p_ref.copy_(p)
 
         # ---------------------------------------------------------------------
-        # Log: one JSON line per step
-        rollouts = [x for _, g in batch for x in g]
-        finite = [x.reward for x in rollouts if math.isfinite(x.reward)]
-        n_tok = sum(len(x.completion_ids) for x in rollouts)
-        rec = {"step": step, "reward": sum(finite) / max(1, len(finite)),
-               "accuracy": sum(v > 0.5 for v in finite) / max(1, len(finite)),
-               "length": n_tok / max(1, len(rollouts)),
-               "entropy": sum(sum(x.entropy) for x in rollouts) / max(1, n_tok),
-               "loss": loss_sum if units else None, "kl": kl_sum if units else None,
-               "pairs_used" if a.loss in PAIRWISE else "groups_used": len(units), "skipped": skipped,
-               "grad_norm": grad_norm, "staleness": staleness, "rollout_tok_s": gen_tok_s,
-               "step_s": time.time() - t0, **metrics}
-        for task in sorted({r["task"] for r, _ in batch}) if len({r["task"] for r in train}) > 1 else []:
-            xs = [x for r, g in batch if r["task"] == task for x in g]
-            rec[f"reward_{task}"] = sum(x.reward for x in xs) / len(xs)
-            rec[f"length_{task}"] = sum(len(x.completion_ids) for x in xs) / len(xs)
+        # Log: one JSON line per step, summed over ranks
+        rollouts = [(r["task"], x) for r, g in batch for x in g]
+        keys = [f"{k}_{t}" for t in [""] + (tasks if len(tasks) > 1 else []) for k in ("rsum", "n", "correct", "tok", "ent")]
+        local = []
+        for t in [""] + (tasks if len(tasks) > 1 else []):
+            xs = [x for task, x in rollouts if t in ("", task)]
+            fin = [x.reward for x in xs if math.isfinite(x.reward)]
+            local += [sum(fin), len(fin), sum(v > 0.5 for v in fin), sum(len(x.completion_ids) for x in xs),
+                      sum(sum(x.entropy) for x in xs)]
+        g = dict(zip(keys + ["rollouts", "units", "skipped", "stop"],
+                     all_sum(local + [len(rollouts), len(units), len(batch) - len(units), len(stop)], a.device)))
+        rec = {"step": step, "reward": g["rsum_"] / max(1, g["n_"]), "accuracy": g["correct_"] / max(1, g["n_"]),
+               "length": g["tok_"] / max(1, g["rollouts"]), "entropy": g["ent_"] / max(1, g["tok_"]), **metrics,
+               "pairs_used" if a.loss in PAIRWISE else "groups_used": int(g["units"]), "skipped": int(g["skipped"]),
+               "grad_norm": grad_norm, "staleness": staleness, "rollout_tok_s": gen_tok_s and gen_tok_s * world,
+               "step_s": time.time() - t0}
+        for t in tasks if len(tasks) > 1 else []:
+            rec[f"reward_{t}"], rec[f"length_{t}"] = g[f"rsum_{t}"] / max(1, g[f"n_{t}"]), g[f"tok_{t}"] / max(1, g[f"n_{t}"])
         records.append(rec)
-        log.write(json.dumps(rec) + "\n")
-        log.flush()
+        if master:
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
         bar.set_postfix(reward=f"{rec['reward']:.3f}", len=f"{rec['length']:.0f}")
         bar.update(1)
 
         # ---------------------------------------------------------------------
-        # Checkpoint (HF format + trainer state: optimizer, RNG, rollout buffer, staleness)
-        if (a.save_every and step % a.save_every == 0) or step == a.steps or stop:
-            state = {"step": step, "optimizer": opt.state_dict(), "buffer": buffer, "last_sync": last_sync,
-                     "stats": stats, "torch_rng": torch.get_rng_state(), "args": vars(a)}
-            save_checkpoint(a.out, step, policy, tok, ref if a.ref_sync_every else None, state, a.keep)
-        if stop:
-            print(f"\nsignal {stop[0]}: checkpoint saved at step {step}; continue with --resume")
+        # Checkpoint: consolidated HF weights (gathered a parameter at a time onto rank 0's CPU),
+        # full optimizer state, each rank's rollouts and RNG
+        if (a.save_every and step % a.save_every == 0) or step == a.steps or g["stop"]:
+            weights = {n: t.cpu() for n, t in full_params(policy) if master}
+            ref_params = {n: t.cpu() for n, t in full_params(ref) if master} if a.ref_sync_every else None
+            optim = get_optimizer_state_dict(policy, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            ranks = gather((buffer, torch.get_rng_state()))
+            if master:
+                state = {"step": step, "optimizer": optim, "ranks": ranks, "last_sync": last_sync, "stats": stats,
+                         "args": vars(a)}
+                save_checkpoint(a.out, step, engine.model, weights, tok, ref_params, state, a.keep)
+            if dist.is_initialized():
+                dist.barrier()
+        if g["stop"]:
+            say(f"\nsignal received: checkpoint saved at step {step}; continue with --resume")
             break
     for sig, h in handlers.items():
         signal.signal(sig, h)
-    if stop:
-        return {"policy": policy, "ref": ref, "engine": engine, "records": records, "stopped": True}
     bar.close()
-
-    if heldout:
-        engine.update_weights(policy.state_dict())
-        report("after", heldout_eval(engine, tok, heldout, chat_reward, a.max_new_tokens), a.out)
+    result = {"policy": policy, "ref": ref, "engine": engine, "records": records, "stopped": bool(stop)}
+    if heldout and not stop:
+        engine.update_weights(full_params(policy))
+        res = gather(heldout_eval(engine, tok, heldout[rank::world], chat_reward, a.max_new_tokens))
+        if master:
+            report("after", res, a.out)
     if len(records) >= 8:
         first, last = records[:len(records) // 4], records[-(len(records) // 4):]
-        print(f"rollout reward: first quarter {sum(r['reward'] for r in first) / len(first):.3f}"
-              f" -> last quarter {sum(r['reward'] for r in last) / len(last):.3f}")
-    print(f"done in {time.time() - t_start:.0f}s; log: {os.path.join(a.out, 'log.jsonl')}")
-    return {"policy": policy, "ref": ref, "engine": engine, "records": records}
+        say(f"rollout reward: first quarter {sum(r['reward'] for r in first) / len(first):.3f}"
+            f" -> last quarter {sum(r['reward'] for r in last) / len(last):.3f}")
+    say(f"done in {time.time() - t_start:.0f}s; log: {os.path.join(a.out, 'log.jsonl')}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return result
 
 
 if __name__ == "__main__":
