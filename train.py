@@ -54,6 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--length-penalty", type=float, default=0.0, help="chat reward minus this times the response length in tokens")
     p.add_argument("--difficulty", type=int, default=1, help="built-in arithmetic: operands up to 10*difficulty")
     p.add_argument("--eval-problems", type=int, default=128, help="held-out prompts (per task) scored greedily before/after training (0: skip)")
+    p.add_argument("--no-eval-before", action="store_true", help="score the held-out set only after training")
     # Semi-online (§2.3)
     p.add_argument("--sync-every", default="4", help="s: optimizer steps between rollout-weight syncs; int, 'inf' (offline) or 'epoch' (iterative)")
     p.add_argument("--ref-sync-every", type=int, default=0, help="copy the policy into the reference model every k steps (0: never)")
@@ -311,7 +312,7 @@ def main(argv=None):
                 f.writelines(keep)
     elif a.resume:
         say(f"--resume: no checkpoint in {a.out}, starting fresh")
-    elif heldout:
+    elif heldout and not a.no_eval_before:
         res = gather(heldout_eval(engine, tok, heldout[rank::world], chat_reward, a.max_new_tokens))
         if master:
             report("before", res, a.out)
