@@ -7,7 +7,7 @@ with the trained weights. s=1 is online, s=inf offline (every response sampled f
 model), s=epoch is iterative DPO; at each sync the rollouts of the next s steps are generated
 together in one batch.
 
-Run (CPU, default SmolLM2-135M-Instruct on built-in arithmetic, ~10 min):
+Run (CPU, default SmolLM2-135M-Instruct on built-in arithmetic, ~8 min on 2 cores):
     python train.py
 Other regimes and losses:
     python train.py --loss grpo --sync-every 1
@@ -15,6 +15,9 @@ Other regimes and losses:
     python train.py --model Qwen/Qwen2.5-0.5B-Instruct --train-data data/math_train.jsonl
 Resume a killed run:
     python train.py --out runs/x --resume
+Several GPUs (or CPU processes), FSDP:
+    torchrun --standalone --nproc_per_node 8 train.py --model meta-llama/Llama-3.1-8B-Instruct \
+        --train-data data/math_train.jsonl --group-size 8 --batch-prompts 64
 """
 import argparse
 import copy
@@ -36,12 +39,13 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from data import row_prompt, split_task
-from dpo import group_dpo_loss, implicit_reward, nll_loss, select_pair, dpo_loss, entropy_regularizer, \
+from dpo import dpo_loss, entropy_regularizer, group_dpo_loss, implicit_reward, nll_loss, select_pair, \
     token_entropy, token_logps
-from grpo import combined_loss, grpo_advantages, grpo_loss, kl_k3, TOKEN_AVERAGES
 from eval import heldout_eval, report
+from grpo import TOKEN_AVERAGES, combined_loss, grpo_advantages, grpo_loss, kl_k3
 from rewards import make_scalar_reward, score
 from rollout import DEFAULT_MODEL, HFEngine, Sample, chat_prompt_ids, load_model
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -164,8 +168,10 @@ def collate(samples, device):
 def response_logps(model, batch, with_logits=False):
     """Per-token log π(y_t | x, y_<t) of the response tokens: one forward pass per sequence."""
     P = int(batch["P"])
-    logits = model(input_ids=batch["ids"], attention_mask=batch["attn"], position_ids=batch["pos"]).logits
-    logits = logits[:, P - 1:-1]   # position t predicts token t+1
+    T = batch["ids"].shape[1] - P
+    # only the positions that predict response tokens go through the LM head: t predicts t+1
+    logits = model(input_ids=batch["ids"], attention_mask=batch["attn"], position_ids=batch["pos"],
+                   logits_to_keep=T + 1).logits[:, :-1]
     lp = token_logps(logits, batch["ids"][:, P:]) * batch["mask"]
     return (lp, logits) if with_logits else lp
 
@@ -426,16 +432,17 @@ def main(argv=None):
         # ---------------------------------------------------------------------
         # Log: one JSON line per step, summed over ranks
         rollouts = [(r["task"], x) for r, g in batch for x in g]
-        keys = [f"{k}_{t}" for t in [""] + (tasks if len(tasks) > 1 else []) for k in ("rsum", "n", "correct", "tok", "ent")]
+        keys = [f"{k}_{t}" for t in [""] + (tasks if len(tasks) > 1 else []) for k in ("rsum", "n", "correct", "nmath", "tok", "ent")]
         local = []
         for t in [""] + (tasks if len(tasks) > 1 else []):
             xs = [x for task, x in rollouts if t in ("", task)]
             fin = [x.reward for x in xs if math.isfinite(x.reward)]
-            local += [sum(fin), len(fin), sum(v > 0.5 for v in fin), sum(len(x.completion_ids) for x in xs),
+            math_r = [x.reward for task, x in rollouts if t in ("", task) and task == "math"]   # accuracy: math only
+            local += [sum(fin), len(fin), sum(v > 0.5 for v in math_r), len(math_r), sum(len(x.completion_ids) for x in xs),
                       sum(sum(x.entropy) for x in xs)]
         g = dict(zip(keys + ["rollouts", "units", "skipped", "stop"],
                      all_sum(local + [len(rollouts), len(units), len(batch) - len(units), len(stop)], a.device)))
-        rec = {"step": step, "reward": g["rsum_"] / max(1, g["n_"]), "accuracy": g["correct_"] / max(1, g["n_"]),
+        rec = {"step": step, "reward": g["rsum_"] / max(1, g["n_"]), "accuracy": g["correct_"] / g["nmath_"] if g["nmath_"] else None,
                "length": g["tok_"] / max(1, g["rollouts"]), "entropy": g["ent_"] / max(1, g["tok_"]), **metrics,
                "pairs_used" if a.loss in PAIRWISE else "groups_used": int(g["units"]), "skipped": int(g["skipped"]),
                "grad_norm": grad_norm, "staleness": staleness, "rollout_tok_s": gen_tok_s and gen_tok_s * world,

@@ -110,3 +110,14 @@ def test_select_pair():
     picks = {select_pair([0, 1, 0, 1], True, rng)[0] for _ in range(50)}
     assert picks == {1, 3}   # random among correct ones, not always the first
     assert select_pair([0.2, 0.9, -0.5, 0.9], False, rng) == (1, 2)   # best vs worst, first of ties
+
+
+def test_token_logps_agrees_with_trl():
+    """Independent cross-check against TRL's selective_log_softmax (test-only dependency)."""
+    try:
+        from trl.trainer.utils import selective_log_softmax
+    except Exception as e:   # not installed, or its own dependencies missing
+        pytest.skip(f"TRL not importable ({e.__class__.__name__}: {e}); pip install trl to run this cross-check")
+    torch.manual_seed(3)
+    logits, labels = torch.randn(4, 9, 50), torch.randint(0, 50, (4, 9))
+    assert torch.allclose(token_logps(logits, labels), selective_log_softmax(logits, labels), atol=1e-6)
