@@ -236,7 +236,7 @@ def main(argv=None):
     for name in a.model:
         model, tok = load_model(name)
         engine = HFEngine(model, tok)
-        tag = name.strip("/").replace("/", "_")
+        tag = cache_tag(name)
         results[name] = {}
         for b in benches:
             chat = b in CHAT_BENCHES
@@ -259,13 +259,25 @@ def main(argv=None):
     return results
 
 
+def cache_tag(name):
+    """A file-name tag for a model's cached generations. A local checkpoint also gets the size
+    and modification time of its weights, so a retrained checkpoint at the same path is not
+    mistaken for the old one."""
+    tag = name.strip("/").replace("/", "_")
+    weights = sorted(glob.glob(os.path.join(name, "*.safetensors"))) if os.path.isdir(name) else []
+    if weights:
+        st = os.stat(weights[0])
+        tag += f"-{st.st_size:x}{int(st.st_mtime):x}"
+    return tag
+
+
 def baseline_responses(a, bench, rows):
     if a.baseline_model is None:
         if bench != "alpaca_eval":
             sys.exit(f"--bench {bench} has no reference outputs: pass --baseline-model")
         return [r["reference_output"] for r in rows]
     model, tok = load_model(a.baseline_model)
-    cache = os.path.join(a.out, f"baseline_{a.baseline_model.strip('/').replace('/', '_')}.{bench}.generations.jsonl")
+    cache = os.path.join(a.out, f"baseline_{cache_tag(a.baseline_model)}.{bench}.generations.jsonl")
     gens = generate_cached(HFEngine(model, tok), tok, rows, cache, 1, 0.0, a.max_new_tokens)
     return [gens[r["id"]][0]["text"] for r in rows]
 
@@ -285,7 +297,7 @@ def select(a):
     rewards_by, lengths_by = [], []
     for c in ckpts:
         model, tok = load_model(c)
-        gens = generate_cached(HFEngine(model, tok), tok, rows, os.path.join(a.out, f"select.{os.path.basename(c)}.jsonl"),
+        gens = generate_cached(HFEngine(model, tok), tok, rows, os.path.join(a.out, f"select.{cache_tag(c)}.jsonl"),
                                1, a.temperature, a.max_new_tokens)
         samples = [Sample([], [0] * g["length"], [], [], g["text"], g["finish"]) for g in (gens[r["id"]][0] for r in rows)]
         score(rows, samples, chat_reward)

@@ -116,3 +116,12 @@ def test_select_picks_a_checkpoint(tiny_model_dir, tmp_path, monkeypatch, capsys
     best = ev.main(["--select", str(run), "--max-new-tokens", "6", "--out", str(tmp_path / "sel")])
     out = capsys.readouterr().out
     assert best.endswith(("ckpt-000001", "ckpt-000002")) and "length-normalized reward" in out
+
+
+def test_cache_tag_changes_when_checkpoint_is_rewritten(tmp_path):
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes(b"a" * 10)
+    t1 = ev.cache_tag(str(d))
+    os.utime(d / "model.safetensors", (1, 1))
+    assert ev.cache_tag(str(d)) != t1 and ev.cache_tag("org/model") == "org_model"
