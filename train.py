@@ -448,7 +448,8 @@ def main(argv=None):
                "grad_norm": grad_norm, "staleness": staleness, "rollout_tok_s": gen_tok_s and gen_tok_s * world,
                "step_s": time.time() - t0}
         for t in tasks if len(tasks) > 1 else []:
-            rec[f"reward_{t}"], rec[f"length_{t}"] = g[f"rsum_{t}"] / max(1, g[f"n_{t}"]), g[f"tok_{t}"] / max(1, g[f"n_{t}"])
+            n = g[f"n_{t}"]   # None when this step had no rollouts of the task
+            rec[f"reward_{t}"], rec[f"length_{t}"] = (g[f"rsum_{t}"] / n, g[f"tok_{t}"] / n) if n else (None, None)
         records.append(rec)
         if master:
             log.write(json.dumps(rec) + "\n")
