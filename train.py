@@ -288,7 +288,13 @@ def main(argv=None):
     policy, tok = load_model(ckpt or start, a.device)
     ref = load_model(start, a.device)[0] if ckpt else copy.deepcopy(policy)
     if ckpt and os.path.exists(os.path.join(ckpt, "ref.pt")):
-        ref.load_state_dict(torch.load(os.path.join(ckpt, "ref.pt")), strict=False)
+        saved = torch.load(os.path.join(ckpt, "ref.pt"))   # parameters only (tied ones once)
+        params = dict(ref.named_parameters())
+        if set(saved) != set(params):
+            sys.exit(f"{ckpt}/ref.pt does not match the model's parameters")
+        with torch.no_grad():
+            for name, t in saved.items():
+                params[name].copy_(t)
     ref.eval().requires_grad_(False)
     needs_chat = any(r["task"] == "chat" for r in train + heldout)
     chat_reward = make_scalar_reward(a.reward_model, judge=None if a.reward_model else (copy.deepcopy(ref), tok)) \

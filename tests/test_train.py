@@ -116,3 +116,14 @@ def test_bad_flags_exit_with_message(tiny_model_dir, data_file, tmp_path):
             run(tiny_model_dir, data_file, tmp_path, *flags)
     with pytest.raises(SystemExit, match="no such directory"):
         train.main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
+
+
+def test_resume_with_reference_sync(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    """The synced reference πref is part of the checkpoint: resuming restores it exactly."""
+    monkeypatch.setattr(rewards, "math_reward", toy_reward)
+    common = ["--sync-every", "1", "--ref-sync-every", "1", "--save-every", "2", "--eval-problems", "0"]
+    straight = run(tiny_model_dir, data_file, tmp_path, *common, "--steps", "4", name="a")
+    run(tiny_model_dir, data_file, tmp_path, *common, "--steps", "2", name="b")
+    resumed = run(tiny_model_dir, data_file, tmp_path, *common, "--steps", "4", "--resume", name="b")
+    for k, v in straight["ref"].state_dict().items():
+        assert torch.allclose(v, resumed["ref"].state_dict()[k], atol=1e-6), k
