@@ -82,3 +82,18 @@ def test_chat_task_with_default_judge_builds(tiny_model_dir, tmp_path):
     out = train.main(["--model", tiny_model_dir, "--task", "chat", "--eval-problems", "2", "--batch-prompts", "2",
                       "--n", "2", "--max-new-tokens", "4", "--steps", "1", "--out", str(tmp_path / "c")])
     assert out["records"][0]["pairs_used"] + out["records"][0]["skipped"] == 2
+
+
+def test_eval_win_rate_against_reference_outputs(tiny_model_dir, tiny_rm_dir, tmp_path):
+    import eval as ev
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "alpaca_eval.jsonl").write_text("".join(
+        json.dumps({"id": f"a{i}", "prompt": f"Tell me about {i}.", "reference_output": "x" * (5 + 7 * i)}) + "\n"
+        for i in range(6)))
+    res = ev.main(["--model", tiny_model_dir, "--bench", "alpaca_eval", "--data-dir", str(d), "--reward-model", tiny_rm_dir,
+                   "--max-new-tokens", "6", "--out", str(tmp_path / "out")])
+    r = res[tiny_model_dir]["alpaca_eval"]
+    assert 0 <= r["mean"] <= 1 and 0 <= r["lc"] <= 1 and r["se"] >= 0 and r["baseline_chars"] == pytest.approx(22.5)
+    per = [json.loads(line) for line in open(next((tmp_path / "out").glob("*.alpaca_eval.results.jsonl")))]
+    assert len(per) == 6 and all(p["win"] in (0.0, 0.5, 1.0) for p in per)
