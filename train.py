@@ -438,24 +438,25 @@ def main(argv=None):
         # ---------------------------------------------------------------------
         # Log: one JSON line per step, summed over ranks
         rollouts = [(r["task"], x) for r, g in batch for x in g]
-        keys = [f"{k}_{t}" for t in [""] + (tasks if len(tasks) > 1 else []) for k in ("rsum", "n", "correct", "nmath", "tok", "ent")]
+        keys = [f"{k}_{t}" for t in [""] + (tasks if len(tasks) > 1 else []) for k in ("rsum", "n", "correct", "nmath", "tok", "ent", "count")]
         local = []
         for t in [""] + (tasks if len(tasks) > 1 else []):
             xs = [x for task, x in rollouts if t in ("", task)]
             fin = [x.reward for x in xs if math.isfinite(x.reward)]
             math_r = [x.reward for task, x in rollouts if t in ("", task) and task == "math"]   # accuracy: math only
             local += [sum(fin), len(fin), sum(v > 0.5 for v in math_r), len(math_r), sum(len(x.completion_ids) for x in xs),
-                      sum(sum(x.entropy) for x in xs)]
-        g = dict(zip(keys + ["rollouts", "units", "skipped", "stop"],
-                     all_sum(local + [len(rollouts), len(units), len(batch) - len(units), len(stop)], a.device)))
+                      sum(sum(x.entropy) for x in xs), len(xs)]
+        g = dict(zip(keys + ["units", "skipped", "stop"],
+                     all_sum(local + [len(units), len(batch) - len(units), len(stop)], a.device)))
         rec = {"step": step, "reward": g["rsum_"] / max(1, g["n_"]), "accuracy": g["correct_"] / g["nmath_"] if g["nmath_"] else None,
-               "length": g["tok_"] / max(1, g["rollouts"]), "entropy": g["ent_"] / max(1, g["tok_"]), **metrics,
+               "length": g["tok_"] / max(1, g["count_"]), "entropy": g["ent_"] / max(1, g["tok_"]), **metrics,
                "pairs_used" if a.loss in PAIRWISE else "groups_used": int(g["units"]), "skipped": int(g["skipped"]),
                "grad_norm": grad_norm, "staleness": staleness, "rollout_tok_s": gen_tok_s and gen_tok_s * world,
                "step_s": time.time() - t0}
         for t in tasks if len(tasks) > 1 else []:
-            n = g[f"n_{t}"]   # None when this step had no rollouts of the task
-            rec[f"reward_{t}"], rec[f"length_{t}"] = (g[f"rsum_{t}"] / n, g[f"tok_{t}"] / n) if n else (None, None)
+            n, count = g[f"n_{t}"], g[f"count_{t}"]   # None when this step had no (finite-reward) rollouts of the task
+            rec[f"reward_{t}"] = g[f"rsum_{t}"] / n if n else None
+            rec[f"length_{t}"] = g[f"tok_{t}"] / count if count else None
         records.append(rec)
         if master:
             log.write(json.dumps(rec) + "\n")
