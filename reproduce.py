@@ -41,7 +41,8 @@ def run_arm(name, flags, seed, a, passthrough):
     out = os.path.join(a.out, "runs", f"{name.split(' ')[0]}-seed{seed}")
     if not os.path.exists(os.path.join(out, "heldout_after.json")):   # finished arms are not rerun
         argv = [sys.executable, os.path.join(HERE, "train.py"), *flags, "--seed", str(seed), "--steps", str(a.steps),
-                "--out", out, "--eval-problems", str(a.eval_problems), "--no-eval-before", *passthrough]
+                "--out", out, "--eval-problems", str(a.eval_problems), "--no-eval-before",
+                "--resume", "--save-every", "4", *passthrough]   # a killed sweep continues where it stopped
         if not a.train_data:
             argv += ["--train-data", make_loop_data(a)]
         t = time.time()
@@ -98,8 +99,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="results/cpu", help="where runs, table and figures go")
     p.add_argument("--seeds", type=int, default=1, help="seeds for the headline arms (others run seed 0)")
-    p.add_argument("--steps", type=int, default=24, help="optimizer steps per arm")
-    p.add_argument("--eval-problems", type=int, default=128, help="held-out problems per arm")
+    p.add_argument("--steps", type=int, default=16, help="optimizer steps per arm")
+    p.add_argument("--eval-problems", type=int, default=64, help="held-out problems per arm")
     p.add_argument("--pool", type=int, default=48, help="training prompts (built-in task)")
     p.add_argument("--difficulty", type=int, default=1, help="built-in task difficulty")
     p.add_argument("--train-data", default=None, help="use this JSONL instead of the built-in pool")

@@ -329,7 +329,8 @@ def main(argv=None):
         if master:
             report("before", res, a.out)
 
-    log, records = open(os.path.join(a.out, "log.jsonl"), "a") if master else None, []
+    # a resumed run appends to its log; a fresh run in an old directory starts a new one
+    log, records = open(os.path.join(a.out, "log.jsonl"), "a" if ckpt else "w") if master else None, []
     stop = []   # SIGTERM / Ctrl-C: finish the step, checkpoint, exit
     handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum)) for sig in (signal.SIGTERM, signal.SIGINT)}
     context = getattr(policy.config, "max_position_embeddings", None) or 1 << 30
