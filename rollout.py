@@ -11,6 +11,10 @@ returns, for every sampled token, the log-prob under the engine's own weights (Ï
 GRPO's importance ratio, exact even when the rollouts are stale) and the entropy of the
 next-token distribution (the paper's rollout entropy, Fig. 3), both measured on the raw
 logits (temperature 1) before temperature / top-p are applied.
+
+VLLMEngine (GPU, when `vllm` is installed) is the same interface on a colocated `vllm.LLM`:
+one engine per training process, weights pushed in place through the model's `load_weights`,
+asleep (weights offloaded, KV cache freed) while the policy trains.
 """
 import copy
 import importlib.util
@@ -157,3 +161,63 @@ class HFEngine:
                 text=self.tokenizer.decode(toks[:L], skip_special_tokens=True),
                 finish_reason="length" if stop is None else "stop"))
         return samples
+
+
+class VLLMEngine:
+    """Colocated vLLM, one per training process (`external_launcher`, as TRL's colocate mode).
+
+    Written against vLLM's documented offline API (`LLM`, `SamplingParams`, `sleep`/`wake_up`,
+    `reset_prefix_cache`) and the model's `load_weights`, the path TRL uses; it needs CUDA and is
+    exercised only where vllm is installed (tests/test_vllm.py). vLLM returns the sampled
+    token's log-prob but not the full distribution, so `Sample.entropy` is NaN here (use the
+    HF engine for entropy curves).
+    """
+
+    def __init__(self, path, tokenizer, memory=0.3, seed=0, max_model_len=None):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")   # the engine lives in this process
+        for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                     ("MASTER_PORT", "29533")):
+            os.environ.setdefault(k, v)   # a plain single-process run: external_launcher still wants these
+        from vllm import LLM
+        self.tokenizer = tokenizer
+        self.llm = LLM(model=path, tokenizer=path, gpu_memory_utilization=memory, seed=seed, max_model_len=max_model_len,
+                       distributed_executor_backend="external_launcher", enable_sleep_mode=True,
+                       logprobs_mode="raw_logprobs", dtype="bfloat16")
+        self.awake = True
+
+    def _wake(self):
+        if not self.awake:
+            self.llm.wake_up()
+            self.awake = True
+
+    def sleep(self):
+        """Free the GPU for training: weights to CPU, KV cache dropped (vLLM sleep level 1)."""
+        if self.awake:
+            self.llm.sleep(level=1)
+            self.awake = False
+
+    @torch.no_grad()
+    def update_weights(self, state):
+        """The sync: push (name, full tensor) pairs into vLLM's model in place, then drop cached
+        prefixes computed with the old weights."""
+        self._wake()
+        model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
+        for name, t in (state.items() if isinstance(state, dict) else state):
+            model.load_weights([(name, t)])
+        self.llm.reset_prefix_cache()
+
+    def generate(self, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=128, greedy=False):
+        from vllm import SamplingParams
+        self._wake()
+        params = SamplingParams(n=n, temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
+                                max_tokens=max_new_tokens, logprobs=0)
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        self.sleep()
+        groups = []
+        for p, o in zip(prompts, outs):
+            groups.append([Sample(
+                prompt_ids=list(p), completion_ids=list(c.token_ids),
+                logps=[lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)],
+                entropy=[float("nan")] * len(c.token_ids), text=c.text,
+                finish_reason="stop" if c.finish_reason == "stop" else "length") for c in o.outputs])
+        return groups

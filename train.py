@@ -22,6 +22,7 @@ Several GPUs (or CPU processes), FSDP:
 import argparse
 import copy
 import glob
+import importlib.util
 import json
 import math
 import os
@@ -30,13 +31,17 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
+
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")   # dcp in a single process: intended
 
 from data import row_prompt, split_task
 from dpo import dpo_loss, entropy_regularizer, group_dpo_loss, implicit_reward, nll_loss, select_pair, \
@@ -44,7 +49,7 @@ from dpo import dpo_loss, entropy_regularizer, group_dpo_loss, implicit_reward, 
 from eval import heldout_eval, report
 from grpo import TOKEN_AVERAGES, combined_loss, grpo_advantages, grpo_loss, kl_k3
 from rewards import make_scalar_reward, score
-from rollout import DEFAULT_MODEL, HFEngine, Sample, chat_prompt_ids, load_model
+from rollout import DEFAULT_MODEL, HFEngine, Sample, VLLMEngine, chat_prompt_ids, load_model
 
 
 def parse_args(argv=None):
@@ -78,7 +83,10 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=48, help="response length cap")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
-    p.add_argument("--gen-batch", type=int, default=64, help="sequences per generate call")
+    p.add_argument("--gen-batch", type=int, default=64, help="sequences per generate call (HF engine)")
+    p.add_argument("--engine", default="auto", choices=("auto", "hf", "vllm"),
+                   help="rollout engine; auto: vllm on CUDA when installed (not for the GGUF default), else HF generate")
+    p.add_argument("--vllm-memory", type=float, default=0.3, help="fraction of GPU memory vLLM may take")
     # Optimization
     p.add_argument("--steps", type=int, default=24, help="optimizer steps")
     p.add_argument("--batch-prompts", type=int, default=4, help="prompts per optimizer step")
@@ -104,6 +112,10 @@ def parse_args(argv=None):
         p.error(f"--sync-every must be a positive int, 'inf' or 'epoch', got {a.sync_every!r}")
     if a.n < 2:
         p.error(f"--n {a.n}: pairs and groups need at least 2 responses per prompt")
+    if a.engine == "vllm" and not (importlib.util.find_spec("vllm") and a.device.startswith("cuda")):
+        p.error("--engine vllm needs the vllm package and a CUDA --device (pip install vllm on a GPU box)")
+    if a.engine == "vllm" and a.model == DEFAULT_MODEL:
+        p.error("--engine vllm needs --model <hub id or HF folder>; the default GGUF model runs with --engine hf")
     return a
 
 
@@ -222,24 +234,37 @@ def gather(obj):
     return out
 
 
-def save_checkpoint(out, step, model, weights, tok, ref_params, state, keep):
+def save_checkpoint(out, step, policy, opt, model, weights, tok, ref_params, state, keep, master):
     """Atomic: write into a temporary folder, rename it, then repoint `latest` by rename too.
-    A kill at any moment leaves the previous checkpoint complete and `latest` pointing at it."""
+    A kill at any moment leaves the previous checkpoint complete and `latest` pointing at it.
+
+    Every rank calls this. The optimizer state is saved sharded with torch.distributed.checkpoint
+    (each rank writes its own shards; any number of processes can load it back), πθ as a
+    consolidated Hugging Face checkpoint (`weights`, gathered on rank 0) usable anywhere."""
     final = os.path.join(out, f"ckpt-{step:06d}")
     tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=weights)   # `model` lends its config and class; `weights` are πθ
-    tok.save_pretrained(tmp)
-    if ref_params is not None:
-        torch.save(ref_params, os.path.join(tmp, "ref.pt"))
-    torch.save(state, os.path.join(tmp, "trainer_state.pt"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    with open(os.path.join(out, "latest.tmp"), "w") as f:
-        f.write(os.path.basename(final))
-    os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
-    for old in sorted(glob.glob(os.path.join(out, "ckpt-??????")))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if master:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    if dist.is_initialized():
+        dist.barrier()
+    dcp.save({"optimizer": get_optimizer_state_dict(policy, opt)}, checkpoint_id=os.path.join(tmp, "optimizer"),
+             no_dist=not dist.is_initialized())
+    if master:
+        model.save_pretrained(tmp, state_dict=weights)   # `model` lends its config and class; `weights` are πθ
+        tok.save_pretrained(tmp)
+        if ref_params is not None:
+            torch.save(ref_params, os.path.join(tmp, "ref.pt"))
+        torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        with open(os.path.join(out, "latest.tmp"), "w") as f:
+            f.write(os.path.basename(final))
+        os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
+        for old in sorted(glob.glob(os.path.join(out, "ckpt-??????")))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
     return final
 
 
@@ -299,7 +324,14 @@ def main(argv=None):
     needs_chat = any(r["task"] == "chat" for r in train + heldout)
     chat_reward = make_scalar_reward(a.reward_model, judge=None if a.reward_model else (copy.deepcopy(ref), tok)) \
         if needs_chat else None
-    engine = HFEngine(policy, tok, max_batch=a.gen_batch)
+    if a.engine == "auto":
+        a.engine = "vllm" if a.device.startswith("cuda") and importlib.util.find_spec("vllm") and start != DEFAULT_MODEL else "hf"
+    if a.engine == "vllm":   # loads ckpt/start itself; synced from πθ like the HF engine
+        engine = VLLMEngine(ckpt or start, tok, memory=a.vllm_memory, seed=a.seed + rank)
+    else:
+        engine = HFEngine(policy, tok, max_batch=a.gen_batch)
+    with torch.device("meta"):   # an empty model of πθ's class and config, to write checkpoints through
+        shell = type(policy)(policy.config)
     if a.grad_checkpointing:
         policy.gradient_checkpointing_enable()
     if dist.is_initialized():
@@ -309,7 +341,9 @@ def main(argv=None):
     step, buffer, last_sync, stats = 0, [], 0, {"nan_skips": 0, "bad_in_a_row": 0, "long_prompts": 0, "bad_rewards": 0}
     if ckpt:
         st = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
-        set_optimizer_state_dict(policy, opt, st["optimizer"], options=StateDictOptions(full_state_dict=True))
+        osd = get_optimizer_state_dict(policy, opt)   # this run's (sharded) layout, filled from the saved shards
+        dcp.load({"optimizer": osd}, checkpoint_id=os.path.join(ckpt, "optimizer"), no_dist=not dist.is_initialized())
+        set_optimizer_state_dict(policy, opt, osd)
         step, last_sync, stats = st["step"], st["last_sync"], st["stats"]
         if len(st["ranks"]) == world:   # same number of processes: each rank takes back its rollouts and RNG
             buffer, rng_state = st["ranks"][rank]
@@ -467,18 +501,13 @@ def main(argv=None):
 
         # ---------------------------------------------------------------------
         # Checkpoint: consolidated HF weights (gathered a parameter at a time onto rank 0's CPU),
-        # full optimizer state, each rank's rollouts and RNG
+        # optimizer state sharded by torch.distributed.checkpoint, each rank's rollouts and RNG
         if (a.save_every and step % a.save_every == 0) or step == a.steps or g["stop"]:
             weights = {n: t.cpu() for n, t in full_params(policy) if master}
             ref_params = {n: t.cpu() for n, t in full_params(ref) if master} if a.ref_sync_every else None
-            optim = get_optimizer_state_dict(policy, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             ranks = gather((buffer, torch.get_rng_state()))
-            if master:
-                state = {"step": step, "optimizer": optim, "ranks": ranks, "last_sync": last_sync, "stats": stats,
-                         "args": vars(a)}
-                save_checkpoint(a.out, step, engine.model, weights, tok, ref_params, state, a.keep)
-            if dist.is_initialized():
-                dist.barrier()
+            state = {"step": step, "ranks": ranks, "last_sync": last_sync, "stats": stats, "args": vars(a)}
+            save_checkpoint(a.out, step, policy, opt, shell, weights, tok, ref_params, state, a.keep, master)
         if g["stop"]:
             say(f"\nsignal received: checkpoint saved at step {step}; continue with --resume")
             break

@@ -105,6 +105,9 @@ def test_checkpoint_moves_between_world_sizes(setup):
     straight = launch(setup, "straight", 1, 4)
     launch(setup, "a", 2, 2)
     tmp = setup[0]
+    # the optimizer state was written sharded: one torch.distributed.checkpoint file per rank
+    shards = sorted(os.listdir(tmp / "a" / "ckpt-000002" / "optimizer"))
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"], shards
     os.rename(tmp / "a", tmp / "b")
     two_then_one = launch(setup, "b", 1, 4, extra=["--resume"])
     assert_close(straight, two_then_one)
