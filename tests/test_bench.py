@@ -12,8 +12,8 @@ def test_bench_smoke(tiny_model_dir, tmp_path):
     assert all(r["ours_s"] > 0 and r["ours_mb"] > 50 and "trl_s" not in r for r in rows)
     assert [r["s"] for r in s_rows] == ["1", "2"]
     assert all(r["total_s"] > 0 and r["rollouts_per_s"] > 0 for r in s_rows)
-    assert gen["ours_tok_s"] > 0 and gen["plain_tok_s"] > 0
+    assert gen["ours_tok_s"] > 0 and gen["plain_tok_s"] > 0 and gen["ours_8x_tok_s"] > 0
     table = open(tmp_path / "bench.md").read()
-    assert "online GRPO step" in table and "| 2 |" in table and "plain generate" in table
+    assert "online GRPO step" in table and "| 2 |" in table and "plain `generate`" in table and "at once" in table
     raw = json.load(open(tmp_path / "bench.json"))
     assert len(raw["s=2"]["step_s"]) == 2
