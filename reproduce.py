@@ -114,17 +114,21 @@ def main(argv=None):
     for name in a.arms.split(","):
         seeds = range(a.seeds) if name in HEADLINE else range(1)
         results[name] = [run_arm(name, ARMS[name], seed, a, passthrough) for seed in seeds]
-    lines = ["| arm | held-out accuracy, mean (SE) | seeds | final rollout reward | final length | final entropy | wall-clock (s) |",
+    lines = ["| arm | held-out accuracy, mean (SE) | seeds | rollout reward, first → last 4 steps | "
+             "response length, first → last 4 | rollout entropy, first → last 4 | wall-clock (s), fastest seed |",
              "|---|---|---|---|---|---|---|"]
     for name, runs in results.items():
         if len(runs) > 1:   # SE across seeds
             m, se = mean_se([r["acc"] for r in runs])
         else:               # one seed: the binomial SE over held-out problems
             m, se = runs[0]["acc"], runs[0]["se"]
-        last = [r["records"][-1] for r in runs]
-        lines.append(f"| {name} | {100 * m:.1f} ({100 * se:.1f}) | {len(runs)} | {sum(x['reward'] for x in last) / len(last):.3f} | "
-                     f"{sum(x['length'] for x in last) / len(last):.1f} | {sum(x['entropy'] for x in last) / len(last):.3f} | "
-                     f"{sum(r['wall_s'] for r in runs) / len(runs):.0f} |")
+
+        def trend(key):   # mean over seeds of the first and of the last 4 steps
+            first = sum(x[key] for r in runs for x in r["records"][:4]) / sum(len(r["records"][:4]) for r in runs)
+            last = sum(x[key] for r in runs for x in r["records"][-4:]) / sum(len(r["records"][-4:]) for r in runs)
+            return f"{first:.3g} → {last:.3g}"
+        lines.append(f"| {name} | {100 * m:.1f} ({100 * se:.1f}) | {len(runs)} | {trend('reward')} | {trend('length')} | "
+                     f"{trend('entropy')} | {min(r['wall_s'] for r in runs):.0f} |")
     table = "\n".join(lines) + "\n"
     open(os.path.join(a.out, "results.md"), "w").write(table)
     figures(results, a.out)
