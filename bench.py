@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -49,6 +50,7 @@ def ours(a, loss, n, sync, steps):
             "--gen-batch", str(a.batch_prompts * n * 8), "--eval-problems", "0", "--device", a.device,
             "--out", out, "--seed", "0"]
     recs = train.main(argv)["records"]
+    shutil.rmtree(out, ignore_errors=True)   # its final checkpoint is not needed
     return {"step_s": [r["step_s"] for r in recs], "tokens": [r["length"] * a.batch_prompts * n for r in recs],
             "reward": [r["reward"] for r in recs], "trained": [r.get("pairs_used", r.get("groups_used")) for r in recs]}
 
@@ -96,6 +98,7 @@ def trl(a, loss, n, steps):
         trainer = OnlineDPOTrainer(model=model, reward_funcs=[trl_reward], args=cfg, train_dataset=trl_dataset(a),
                                    processing_class=tok, callbacks=[Clock()])
     trainer.train()
+    shutil.rmtree(cfg.output_dir, ignore_errors=True)
     return {"step_s": times}
 
 

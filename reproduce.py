@@ -42,7 +42,7 @@ def run_arm(name, flags, seed, a, passthrough):
     if not os.path.exists(os.path.join(out, "heldout_after.json")):   # finished arms are not rerun
         argv = [sys.executable, os.path.join(HERE, "train.py"), *flags, "--seed", str(seed), "--steps", str(a.steps),
                 "--out", out, "--eval-problems", str(a.eval_problems), "--no-eval-before",
-                "--resume", "--save-every", "4", *passthrough]   # a killed sweep continues where it stopped
+                "--resume", "--save-every", "4", "--keep", "1", *passthrough]   # a killed sweep continues where it stopped
         if not a.train_data:
             argv += ["--train-data", make_loop_data(a)]
         t = time.time()
