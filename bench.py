@@ -108,15 +108,14 @@ def generate(a, n, reps=2):
     generates at once)."""
     from transformers import set_seed
     from data import row_prompt, split_task
-    from rollout import HFEngine, chat_prompt_ids, load_model
+    from rollout import HFEngine, chat_prompt_ids, left_pad, load_model
     model, tok = load_model(a.model, a.device)
     engine = HFEngine(model, tok, max_batch=8 * a.batch_prompts * n)
     rows = split_task("math", None, 1, 0, 0)[0]
     prompts = [chat_prompt_ids(tok, row_prompt(r)) for r in rows[:8 * a.batch_prompts]]
     flat = sorted(p for p in prompts[:a.batch_prompts] for _ in range(n))
-    width = max(map(len, flat))
-    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in flat], device=a.device)
-    attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in flat], device=a.device)
+    ids, attn = (t.to(a.device) for t in left_pad(flat, tok.pad_token_id))
+    width = ids.shape[1]
 
     def plain():
         with torch.inference_mode():

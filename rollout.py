@@ -73,6 +73,15 @@ def load_model(name, device="cpu", dtype=torch.float32):
     return model, tok
 
 
+def left_pad(prompts, pad_id):
+    """(input_ids, attention_mask) [B, max len] for token-id lists, padded on the left so that
+    every prompt ends where generation starts."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, attn
+
+
 class _RecordLogps(LogitsProcessor):
     """Placed first among the processors, it sees the raw logits of each step. It keeps only
     the current step's log-softmax [B, V] and, one step later, gathers the sampled token's
@@ -133,9 +142,8 @@ class HFEngine:
         return out
 
     def _generate_batch(self, prompts, temperature, top_p, max_new_tokens, greedy):
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts])
-        attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        ids, attn = left_pad(prompts, self.pad_id)
+        width = ids.shape[1]
         dev = next(self.model.parameters()).device
         rec = _RecordLogps()
         procs, sampling = [rec], {"do_sample": False}
@@ -173,13 +181,12 @@ class VLLMEngine:
     HF engine for entropy curves).
     """
 
-    def __init__(self, path, tokenizer, memory=0.3, seed=0, max_model_len=None):
+    def __init__(self, path, memory=0.3, seed=0, max_model_len=None):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")   # the engine lives in this process
         for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
                      ("MASTER_PORT", "29533")):
             os.environ.setdefault(k, v)   # a plain single-process run: external_launcher still wants these
         from vllm import LLM
-        self.tokenizer = tokenizer
         self.llm = LLM(model=path, tokenizer=path, gpu_memory_utilization=memory, seed=seed, max_model_len=max_model_len,
                        distributed_executor_backend="external_launcher", enable_sleep_mode=True,
                        logprobs_mode="raw_logprobs", dtype="bfloat16")

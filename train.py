@@ -41,8 +41,6 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-warnings.filterwarnings("ignore", message="torch.distributed is disabled")   # dcp in a single process: intended
-
 from data import row_prompt, split_task
 from dpo import dpo_loss, entropy_regularizer, group_dpo_loss, implicit_reward, nll_loss, select_pair, \
     token_entropy, token_logps
@@ -50,6 +48,8 @@ from eval import heldout_eval, report
 from grpo import TOKEN_AVERAGES, combined_loss, grpo_advantages, grpo_loss, kl_k3
 from rewards import make_scalar_reward, score
 from rollout import DEFAULT_MODEL, HFEngine, Sample, VLLMEngine, chat_prompt_ids, load_model
+
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")   # dcp in a single process: intended
 
 
 def parse_args(argv=None):
@@ -112,10 +112,13 @@ def parse_args(argv=None):
         p.error(f"--sync-every must be a positive int, 'inf' or 'epoch', got {a.sync_every!r}")
     if a.n < 2:
         p.error(f"--n {a.n}: pairs and groups need at least 2 responses per prompt")
-    if a.engine == "vllm" and not (importlib.util.find_spec("vllm") and a.device.startswith("cuda")):
+    vllm_ok = bool(importlib.util.find_spec("vllm")) and a.device.startswith("cuda")
+    if a.engine == "vllm" and not vllm_ok:
         p.error("--engine vllm needs the vllm package and a CUDA --device (pip install vllm on a GPU box)")
     if a.engine == "vllm" and a.model == DEFAULT_MODEL:
         p.error("--engine vllm needs --model <hub id or HF folder>; the default GGUF model runs with --engine hf")
+    if a.engine == "auto":
+        a.engine = "vllm" if vllm_ok and (a.init_from or a.model) != DEFAULT_MODEL else "hf"
     return a
 
 
@@ -324,10 +327,8 @@ def main(argv=None):
     needs_chat = any(r["task"] == "chat" for r in train + heldout)
     chat_reward = make_scalar_reward(a.reward_model, judge=None if a.reward_model else (copy.deepcopy(ref), tok)) \
         if needs_chat else None
-    if a.engine == "auto":
-        a.engine = "vllm" if a.device.startswith("cuda") and importlib.util.find_spec("vllm") and start != DEFAULT_MODEL else "hf"
     if a.engine == "vllm":   # loads ckpt/start itself; synced from πθ like the HF engine
-        engine = VLLMEngine(ckpt or start, tok, memory=a.vllm_memory, seed=a.seed + rank)
+        engine = VLLMEngine(ckpt or start, memory=a.vllm_memory, seed=a.seed + rank)
     else:
         engine = HFEngine(policy, tok, max_batch=a.gen_batch)
     with torch.device("meta"):   # an empty model of πθ's class and config, to write checkpoints through

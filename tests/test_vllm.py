@@ -28,7 +28,7 @@ def test_engine_vllm_refuses_gguf_default(monkeypatch):
 def test_vllm_engine_generates_and_syncs(tiny_model_dir):
     from rollout import HFEngine, VLLMEngine, load_model
     model, tok = load_model(tiny_model_dir, "cuda")
-    eng = VLLMEngine(tiny_model_dir, tok, memory=0.2, seed=0)
+    eng = VLLMEngine(tiny_model_dir, memory=0.2, seed=0)
     prompt = tok("What is 3 + 4?")["input_ids"]
     g = eng.generate([prompt, prompt[:3]], n=3, temperature=1.0, max_new_tokens=5)
     assert [len(x) for x in g] == [3, 3]
