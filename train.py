@@ -47,7 +47,7 @@ from dpo import dpo_loss, entropy_regularizer, group_dpo_loss, implicit_reward, 
 from eval import heldout_eval, report
 from grpo import TOKEN_AVERAGES, combined_loss, grpo_advantages, grpo_loss, kl_k3
 from rewards import make_scalar_reward, score
-from rollout import DEFAULT_MODEL, HFEngine, Sample, VLLMEngine, chat_prompt_ids, load_model
+from rollout import DEFAULT_MODEL, HFEngine, Sample, VLLMEngine, chat_prompt_ids, left_pad, load_model
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")   # dcp in a single process: intended
 
@@ -163,31 +163,51 @@ PAIRWISE = {"dpo"}
 # Helpers used by the loop below
 
 
-def collate(samples, device):
-    """Prompt (left-padded) + response (right-padded) batch, with positions that match generation."""
-    P = max(len(s.prompt_ids) for s in samples)
-    T = max(len(s.completion_ids) for s in samples)
-    ids = torch.zeros(len(samples), P + T, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    old = torch.zeros(len(samples), T)
-    for i, s in enumerate(samples):
-        p, c = s.prompt_ids, s.completion_ids
-        ids[i, P - len(p):P + len(c)] = torch.tensor(p + c)
-        attn[i, P - len(p):P + len(c)] = 1
-        old[i, :len(c)] = torch.tensor(s.logps)
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    mask = attn[:, P:].float()
-    return {k: v.to(device) for k, v in dict(ids=ids, attn=attn, pos=pos, mask=mask, old=old, P=torch.tensor(P)).items()}
+def collate(units, device):
+    """Units (a DPO pair or a group: k responses to one prompt x) as tensors. Each prompt appears
+    once, left-padded: prompt, pattn [U, P]. The U·k responses, unit by unit, right-padded:
+    ids, mask [U·k, T]; old: their log πθ_old from sampling."""
+    samples = [x for u in units for x in u]
+    if any(len(u) != len(units[0]) or any(x.prompt_ids != u[0].prompt_ids for x in u) for u in units):
+        raise ValueError("collate: every unit must hold the same number of responses to one prompt")
+    T = max(len(x.completion_ids) for x in samples)
+    prompt, pattn = left_pad([u[0].prompt_ids for u in units], 0)
+    ids, old = torch.zeros(len(samples), T, dtype=torch.long), torch.zeros(len(samples), T)
+    mask = torch.zeros(len(samples), T)
+    for i, x in enumerate(samples):
+        c = len(x.completion_ids)
+        ids[i, :c], old[i, :c], mask[i, :c] = torch.tensor(x.completion_ids), torch.tensor(x.logps), 1
+    return {k: v.to(device) for k, v in dict(prompt=prompt, pattn=pattn, ids=ids, mask=mask, old=old).items()}
 
 
-def response_logps(model, batch, with_logits=False):
-    """Per-token log π(y_t | x, y_<t) of the response tokens: one forward pass per sequence."""
-    P = int(batch["P"])
-    T = batch["ids"].shape[1] - P
-    # only the positions that predict response tokens go through the LM head: t predicts t+1
-    logits = model(input_ids=batch["ids"], attention_mask=batch["attn"], position_ids=batch["pos"],
-                   logits_to_keep=T + 1).logits[:, :-1]
-    lp = token_logps(logits, batch["ids"][:, P:]) * batch["mask"]
+def response_logps(model, batch, with_logits=False, share_prompt=True):
+    """Per-token log π(y_t | x, y_<t) of the response tokens; every token goes through the model once.
+
+    The k responses of a unit share their prompt x, so x goes through the model once and its
+    keys/values are repeated for the k responses (half the tokens of the default math batch
+    are prompt). Positions continue from x's true length, as in generation. share_prompt=False
+    repeats x in every row instead: gradient checkpointing needs it (its recomputation cannot
+    replay a KV cache).
+    """
+    k = batch["ids"].shape[0] // batch["prompt"].shape[0]
+    prompt, pattn, ids = batch["prompt"], batch["pattn"], batch["ids"]
+    T = ids.shape[1]
+    ppos = (pattn.cumsum(-1) - 1).clamp(min=0)
+    cpos = (pattn.sum(-1, keepdim=True) + torch.arange(T, device=ids.device)).repeat_interleave(k, 0)
+    attn = torch.cat([pattn.repeat_interleave(k, 0), batch["mask"].long()], 1)
+    if not share_prompt:
+        logits = model(input_ids=torch.cat([prompt.repeat_interleave(k, 0), ids], 1), attention_mask=attn,
+                       position_ids=torch.cat([ppos.repeat_interleave(k, 0), cpos], 1), logits_to_keep=T + 1).logits[:, :-1]
+    else:
+        # x once: the logits at its last position predict y_1; its cache serves all k responses
+        out = model(input_ids=prompt, attention_mask=pattn, position_ids=ppos, use_cache=True, logits_to_keep=1)
+        logits = out.logits.repeat_interleave(k, 0)
+        if T > 1:   # y_<T given x's cache predicts y_2..y_T
+            out.past_key_values.batch_repeat_interleave(k)
+            rest = model(input_ids=ids[:, :-1], attention_mask=attn[:, :-1], position_ids=cpos[:, :-1],
+                         past_key_values=out.past_key_values).logits
+            logits = torch.cat([logits, rest], 1)
+    lp = token_logps(logits, ids) * batch["mask"]
     return (lp, logits) if with_logits else lp
 
 
@@ -334,7 +354,7 @@ def main(argv=None):
     with torch.device("meta"):   # an empty model of πθ's class and config, to write checkpoints through
         shell = type(policy)(policy.config)
     if a.grad_checkpointing:
-        policy.gradient_checkpointing_enable()
+        (getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable)()
     if dist.is_initialized():
         shard(policy, a.device)
         shard(ref, a.device)
@@ -428,9 +448,9 @@ def main(argv=None):
         sums = {"loss": 0.0, "kl": 0.0}
         for i in range(int(n_micro) if total_units else 0):
             mb = units[i * a.micro_groups:(i + 1) * a.micro_groups]
-            spare = [x for _, g in batch for x in g][:1] or [Sample([tok.eos_token_id], [tok.eos_token_id], [0.0], [0.0], "", "stop")]
-            b = collate([x for u in mb for x in u] or spare, a.device)
-            b["pi"], logits = response_logps(policy, b, with_logits=True)
+            spare = [[x] for _, g in batch for x in g][:1] or [[Sample([tok.eos_token_id], [tok.eos_token_id], [0.0], [0.0], "", "stop")]]
+            b = collate(mb or spare, a.device)
+            b["pi"], logits = response_logps(policy, b, with_logits=True, share_prompt=not a.grad_checkpointing)
             with torch.no_grad():
                 b["ref"] = response_logps(ref, b)
             if not mb:

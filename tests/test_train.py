@@ -4,6 +4,7 @@ The tiny model cannot do arithmetic, so most tests swap in a toy reward (even re
 scores 1) to exercise pairs, groups and updates; the math reward has its own tests.
 """
 import json
+import math
 
 import pytest
 import torch
@@ -86,10 +87,41 @@ def test_sampling_logps_match_policy_forward(tiny_model_dir):
     groups = engine.generate(prompts, n=3, max_new_tokens=10)
     samples = [x for g in groups for x in g]
     assert len(samples) == 6 and all(len(x.logps) == len(x.completion_ids) > 0 for x in samples)
-    b = train.collate(samples, "cpu")
+    b = train.collate(groups, "cpu")
     with torch.no_grad():
         lp = train.response_logps(model, b)
     assert torch.allclose(lp, b["old"], atol=1e-4)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_shared_prompt_forward_equals_one_row_per_response(tiny_model_dir, k):
+    """The prompt computed once and its KV cache repeated for the k responses gives the same
+    log-probs, logits and gradients as repeating the prompt in every row (prompts of different
+    lengths, responses of different lengths, one of a single token)."""
+    model, tok = train.load_model(tiny_model_dir)
+    prompts = [chat_prompt_ids(tok, "hi"), chat_prompt_ids(tok, "What is 12 + 30? Explain it please.")]
+    groups = HFEngine(model, tok).generate(prompts, n=k, max_new_tokens=12)
+    groups[0][0].completion_ids, groups[0][0].logps = groups[0][0].completion_ids[:1], groups[0][0].logps[:1]
+    b = train.collate(groups, "cpu")
+    assert b["prompt"].shape[0] == 2 and b["ids"].shape[0] == 2 * k
+    model.train()
+    out = {}
+    for share in (True, False):
+        model.zero_grad()
+        lp, logits = train.response_logps(model, b, with_logits=True, share_prompt=share)
+        (lp.sum() + logits[b["mask"].bool()].logsumexp(-1).sum()).backward()
+        out[share] = lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert torch.allclose(out[True][0], out[False][0], atol=1e-5)
+    assert torch.allclose(out[True][0], b["old"], atol=1e-4)
+    for n, g in out[True][1].items():
+        assert torch.allclose(g, out[False][1][n], atol=1e-5, rtol=1e-4), n
+
+
+def test_collate_rejects_mixed_units(tiny_model_dir):
+    model, tok = train.load_model(tiny_model_dir)
+    groups = HFEngine(model, tok).generate([chat_prompt_ids(tok, "hi"), chat_prompt_ids(tok, "yo")], n=2, max_new_tokens=4)
+    with pytest.raises(ValueError, match="same number of responses to one prompt"):
+        train.collate([groups[0], [groups[0][0], groups[1][0]]], "cpu")
 
 
 def test_all_tied_prompts_are_skipped_and_counted(tiny_model_dir, data_file, tmp_path, monkeypatch):
@@ -127,3 +159,48 @@ def test_resume_with_reference_sync(tiny_model_dir, data_file, tmp_path, monkeyp
     resumed = run(tiny_model_dir, data_file, tmp_path, *common, "--steps", "4", "--resume", name="b")
     for k, v in straight["ref"].state_dict().items():
         assert torch.allclose(v, resumed["ref"].state_dict()[k], atol=1e-6), k
+
+
+def test_grad_checkpointing_trains_the_same(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    """--grad-checkpointing repeats the prompt per row (no shared KV cache): same losses, same weights."""
+    monkeypatch.setattr(rewards, "math_reward", toy_reward)
+    common = ["--loss", "grpo", "--sync-every", "1", "--steps", "2", "--eval-problems", "0", "--kl-coef", "0.1"]
+    plain = run(tiny_model_dir, data_file, tmp_path, *common, name="plain")
+    ckpt = run(tiny_model_dir, data_file, tmp_path, *common, "--grad-checkpointing", name="gc")
+    for key in ("loss", "kl", "grad_norm"):
+        assert [r[key] for r in plain["records"]] == pytest.approx([r[key] for r in ckpt["records"]], rel=1e-4, abs=1e-6), key
+    assert all(r["grad_norm"] for r in plain["records"])
+    for k, v in plain["policy"].state_dict().items():
+        assert torch.allclose(v, ckpt["policy"].state_dict()[k], atol=1e-5), k
+
+
+def test_engine_prefills_each_prompt_once_and_matches_plain_generate(tiny_model_dir, monkeypatch):
+    """Greedy rollouts with the shared prefill equal Hugging Face generate on the repeated,
+    left-padded prompts; the prefill forward sees each distinct prompt once."""
+    from rollout import left_pad
+    model, tok = train.load_model(tiny_model_dir)
+    engine = HFEngine(model, tok)
+    prompts = [chat_prompt_ids(tok, "hi"), chat_prompt_ids(tok, "What is 12 + 30? Explain it please.")]
+    rows = []
+    orig = type(engine.model).forward
+    monkeypatch.setattr(type(engine.model), "forward", lambda self, *a, **k: rows.append(k["input_ids"].shape) or orig(self, *a, **k))
+    groups = engine.generate(prompts, n=3, max_new_tokens=10, greedy=True)
+    assert rows[0][0] == 2 and all(r[0] == 6 for r in rows[1:])   # prefill: 2 prompts; decode: 6 rows
+    monkeypatch.undo()
+    ids, attn = left_pad([p for p in prompts for _ in range(3)], engine.pad_id)
+    plain = engine.model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=10, do_sample=False,
+                                  pad_token_id=engine.pad_id, eos_token_id=sorted(engine.stop_ids))[:, ids.shape[1]:]
+    for r, x in enumerate(x for g in groups for x in g):
+        assert x.completion_ids == plain[r, :len(x.completion_ids)].tolist()
+
+
+def test_inverse_cdf_sampler_draws_from_the_distribution():
+    """The engine's sampler: frequencies match softmax(scores); a -inf (top-p removed) token never comes up."""
+    from rollout import _SampleByInverseCDF
+    torch.manual_seed(0)
+    scores = torch.tensor([[0.0, 1.0, -math.inf, 2.0, -1.0]]).repeat(20000, 1)
+    out = _SampleByInverseCDF()(None, scores)
+    assert torch.isfinite(out).sum(-1).eq(1).all()
+    freq = torch.bincount(out.argmax(-1), minlength=5) / 20000
+    p = torch.softmax(scores[0], -1)
+    assert freq[2] == 0 and torch.allclose(freq, p, atol=0.015), (freq, p)
