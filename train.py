@@ -7,7 +7,7 @@ with the trained weights. s=1 is online, s=inf offline (every response sampled f
 model), s=epoch is iterative DPO; at each sync the rollouts of the next s steps are generated
 together in one batch.
 
-Run (CPU, default SmolLM2-135M-Instruct on built-in arithmetic, ~5 min on 2 cores):
+Run (CPU, default SmolLM2-135M-Instruct on built-in arithmetic, ~5-6 min on 2 cores):
     python train.py
 Other regimes and losses:
     python train.py --loss grpo --sync-every 1
