@@ -19,7 +19,6 @@ asleep (weights offloaded, KV cache freed) while the policy trains.
 """
 import copy
 import importlib.util
-import math
 import os
 import sys
 from dataclasses import dataclass, field

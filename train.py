@@ -181,7 +181,7 @@ def collate(units, device):
 
 
 def response_logps(model, batch, with_logits=False, share_prompt=True):
-    """Per-token log π(y_t | x, y_<t) of the response tokens; every token goes through the model once.
+    """Per-token log π(y_t | x, y_<t) of the response tokens; by default each token goes through the model once.
 
     The k responses of a unit share their prompt x, so x goes through the model once and its
     keys/values are repeated for the k responses (half the tokens of the default math batch
