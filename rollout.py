@@ -83,6 +83,16 @@ def left_pad(prompts, pad_id):
     return ids, attn
 
 
+def prefill(model, ids, attn, owner):
+    """Run each distinct prompt once (ids, attn: [U, P], left-padded) and give sequence i the KV
+    cache rows and last-position logits of prompt owner[i]: the n responses to one prompt share
+    its computation. Returns (cache [B, ...], logits [B, V]); differentiable, so training uses it too."""
+    out = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
+                use_cache=True, logits_to_keep=1)
+    out.past_key_values.batch_select_indices(owner)
+    return out.past_key_values, out.logits[owner, -1]
+
+
 def sample_token(scores):
     """y ~ softmax(scores) per row, by inverse CDF: one uniform number per row. (torch.multinomial
     draws one exponential per vocabulary entry: 15 % of a CPU rollout with a 49k vocabulary.)"""
@@ -142,11 +152,8 @@ class HFEngine:
         # The n copies of a prompt sit side by side: prefill each distinct prompt once and point
         # every copy at its rows of the KV cache.
         new = torch.tensor([i == 0 or prompts[i] != prompts[i - 1] for i in range(len(prompts))], device=dev)
-        out = self.model(input_ids=ids[new], attention_mask=attn[new], position_ids=(attn[new].cumsum(-1) - 1).clamp(min=0),
-                         use_cache=True, logits_to_keep=1)
-        cache, owner = out.past_key_values, new.cumsum(0) - 1
-        cache.batch_select_indices(owner)
-        logits, pos = out.logits[owner, -1], attn.sum(-1)
+        cache, logits = prefill(self.model, ids[new], attn[new], owner=new.cumsum(0) - 1)
+        pos = attn.sum(-1)
         warp = [] if greedy else [TemperatureLogitsWarper(temperature)] + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
         stop = torch.tensor(sorted(self.stop_ids), device=dev)
         live = torch.arange(len(prompts), device=dev)   # batch row -> sequence

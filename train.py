@@ -47,7 +47,7 @@ from dpo import dpo_loss, entropy_regularizer, group_dpo_loss, implicit_reward, 
 from eval import heldout_eval, report
 from grpo import TOKEN_AVERAGES, combined_loss, grpo_advantages, grpo_loss, kl_k3
 from rewards import make_scalar_reward, score
-from rollout import DEFAULT_MODEL, HFEngine, Sample, VLLMEngine, chat_prompt_ids, left_pad, load_model
+from rollout import DEFAULT_MODEL, HFEngine, Sample, VLLMEngine, chat_prompt_ids, left_pad, load_model, prefill
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")   # dcp in a single process: intended
 
@@ -192,20 +192,20 @@ def response_logps(model, batch, with_logits=False, share_prompt=True):
     k = batch["ids"].shape[0] // batch["prompt"].shape[0]
     prompt, pattn, ids = batch["prompt"], batch["pattn"], batch["ids"]
     T = ids.shape[1]
-    ppos = (pattn.cumsum(-1) - 1).clamp(min=0)
     cpos = (pattn.sum(-1, keepdim=True) + torch.arange(T, device=ids.device)).repeat_interleave(k, 0)
     attn = torch.cat([pattn.repeat_interleave(k, 0), batch["mask"].long()], 1)
     if not share_prompt:
+        ppos = (pattn.cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=torch.cat([prompt.repeat_interleave(k, 0), ids], 1), attention_mask=attn,
                        position_ids=torch.cat([ppos.repeat_interleave(k, 0), cpos], 1), logits_to_keep=T + 1).logits[:, :-1]
     else:
         # x once: the logits at its last position predict y_1; its cache serves all k responses
-        out = model(input_ids=prompt, attention_mask=pattn, position_ids=ppos, use_cache=True, logits_to_keep=1)
-        logits = out.logits.repeat_interleave(k, 0)
+        owner = torch.arange(len(prompt), device=ids.device).repeat_interleave(k)
+        cache, first = prefill(model, prompt, pattn, owner)
+        logits = first[:, None]
         if T > 1:   # y_<T given x's cache predicts y_2..y_T
-            out.past_key_values.batch_repeat_interleave(k)
             rest = model(input_ids=ids[:, :-1], attention_mask=attn[:, :-1], position_ids=cpos[:, :-1],
-                         past_key_values=out.past_key_values).logits
+                         past_key_values=cache).logits
             logits = torch.cat([logits, rest], 1)
     lp = token_logps(logits, ids) * batch["mask"]
     return (lp, logits) if with_logits else lp
