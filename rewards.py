@@ -3,68 +3,85 @@ Rewards. The paper's verifiable task scores a response 1 if its final answer mat
 reference under Math-Verify, else 0 (§3, NuminaMath). Math-Verify extracts the answer the way
 its defaults do: the last \\boxed{...} first, else the last LaTeX or plain expression.
 
-Grading symbolic answers can explode (huge powers, nested radicals): every response gets a
-hard wall-clock budget, and one that runs out scores 0 and is counted, so no response can
-stall a step. We never eval or sympify raw text ourselves; all parsing goes through Math-Verify.
+Grading symbolic answers can explode (sympy deciding whether 9^{9^{9^{...}}} is an integer
+spends hours inside one C-level integer power, where no signal handler ever runs, so
+Math-Verify's own SIGALRM timeouts cannot stop it). Grading therefore runs in a child process
+(`python rewards.py --grader`) with a hard wall-clock budget per response: one that runs out
+scores 0, is counted, and the child is killed and restarted, so no response can stall a step.
+We never eval or sympify raw text ourselves; all parsing goes through Math-Verify.
 
 The non-verifiable task scores (prompt, response) with a reward model: any Hugging Face
 sequence-classification RM (`reward_model`), or, on a CPU with nothing to download, a small
 local LLM judge (`llm_judge`), a weak stand-in. `make_scalar_reward` picks one.
 """
+import json
 import logging
 import math
+import os
+import select
 import signal
+import subprocess
+import sys
 import threading
-from contextlib import contextmanager
 
 import torch
 from math_verify import parse, verify
 
-# our own alarm enforces the limit in the main thread; Math-Verify warns when its own is off
 logging.getLogger("math_verify").setLevel(logging.ERROR)
 TIME_LIMIT_S = 2.0      # per response, parsing + verification together
 stats = {"graded": 0, "timeouts": 0, "errors": 0}
+_grader, _grader_lock = None, threading.Lock()
 
 
-class GradingTimeout(Exception):
-    pass
+def grade(response: str, answer: str) -> float:
+    """1.0 if the final answer of `response` equals `answer` (a LaTeX string) under Math-Verify,
+    else 0.0. No time limit: call `math_reward`, which runs this in the grader process."""
+    gold = parse(f"${answer}$", parsing_timeout=None) or parse(answer, parsing_timeout=None)
+    pred = parse(response, parsing_timeout=None)
+    return float(bool(gold and pred and verify(gold, pred, timeout_seconds=None)))
 
 
-@contextmanager
-def _time_limit(seconds):
-    """A hard limit via SIGALRM (interval timer, sub-second). Signals only reach the main
-    thread, so elsewhere we rely on Math-Verify's own (whole-second) timeouts instead."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+def _grader_main():
+    """The grader process: one JSON [response, answer] per line in, one JSON result per line out."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's; we end when stdin closes
+    print('"ready"', flush=True)
+    for line in sys.stdin:
+        try:
+            out = grade(*json.loads(line))
+        except Exception as e:   # Math-Verify raising on odd input: scored incorrect, counted
+            out = f"{e.__class__.__name__}: {e}"
+        print(json.dumps(out), flush=True)
 
-    def on_alarm(signum, frame):
-        raise GradingTimeout()
 
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+def _start_grader():
+    p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--grader"], text=True,
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if p.stdout.readline().strip() != '"ready"':
+        raise RuntimeError(f"the Math-Verify grader process ({sys.executable} {__file__} --grader) failed to start")
+    return p
 
 
 def math_reward(response: str, answer: str, time_limit: float = TIME_LIMIT_S) -> float:
-    """1.0 if the final answer of `response` equals `answer` (a LaTeX string) under Math-Verify, else 0.0."""
-    stats["graded"] += 1
-    in_main = threading.current_thread() is threading.main_thread()
-    own_timeout = None if in_main else max(1, round(time_limit))
-    try:
-        with _time_limit(time_limit):
-            gold = parse(f"${answer}$", parsing_timeout=own_timeout) or parse(answer, parsing_timeout=own_timeout)
-            pred = parse(response, parsing_timeout=own_timeout)
-            return float(bool(gold and pred and verify(gold, pred, timeout_seconds=own_timeout)))
-    except GradingTimeout:
-        stats["timeouts"] += 1
-    except Exception:   # Math-Verify raising on odd input: scored incorrect, counted
+    """`grade(response, answer)` with a hard wall-clock limit: 0.0 when it runs out."""
+    global _grader
+    with _grader_lock:
+        stats["graded"] += 1
+        if _grader is None or _grader.poll() is not None:
+            _grader = _start_grader()
+        _grader.stdin.write(json.dumps([response, answer]) + "\n")
+        _grader.stdin.flush()
+        if not select.select([_grader.stdout], [], [], time_limit)[0]:
+            _grader.kill()          # the only way out of a C-level computation
+            _grader.wait()
+            _grader = None
+            stats["timeouts"] += 1
+            return 0.0
+        line = _grader.stdout.readline()
+        out = json.loads(line) if line else "grader process died"
+        if isinstance(out, float):
+            return out
         stats["errors"] += 1
-    return 0.0
+        return 0.0
 
 
 def score(rows, samples, chat_reward, length_penalty=0.0):
@@ -166,3 +183,7 @@ def make_scalar_reward(name=None, judge=None, device=None):
         from rollout import DEFAULT_MODEL, load_model
         judge = load_model(DEFAULT_MODEL, device or "cpu")
     return llm_judge(*judge)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--grader"]:
+    _grader_main()

