@@ -61,8 +61,8 @@ def _start_grader():
     return p
 
 
-def math_reward(response: str, answer: str, time_limit: float = TIME_LIMIT_S) -> float:
-    """`grade(response, answer)` with a hard wall-clock limit: 0.0 when it runs out."""
+def math_reward(response: str, answer: str, time_limit: float | None = None) -> float:
+    """`grade(response, answer)` with a hard wall-clock limit (default TIME_LIMIT_S): 0.0 when it runs out."""
     global _grader
     with _grader_lock:
         stats["graded"] += 1
@@ -70,7 +70,7 @@ def math_reward(response: str, answer: str, time_limit: float = TIME_LIMIT_S) ->
             _grader = _start_grader()
         _grader.stdin.write(json.dumps([response, answer]) + "\n")
         _grader.stdin.flush()
-        if not select.select([_grader.stdout], [], [], time_limit)[0]:
+        if not select.select([_grader.stdout], [], [], time_limit or TIME_LIMIT_S)[0]:
             _grader.kill()          # the only way out of a C-level computation
             _grader.wait()
             _grader = None

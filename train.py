@@ -46,7 +46,7 @@ from dpo import dpo_loss, entropy_regularizer, group_dpo_loss, implicit_reward, 
     token_entropy, token_logps
 from eval import heldout_eval, report
 from grpo import TOKEN_AVERAGES, combined_loss, grpo_advantages, grpo_loss, kl_k3
-from rewards import make_scalar_reward, score
+from rewards import make_scalar_reward, score, stats as grading
 from rollout import CACHE, DEFAULT_MODEL, HFEngine, Sample, VLLMEngine, chat_prompt_ids, left_pad, load_model, prefill
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")   # dcp in a single process: intended
@@ -545,6 +545,9 @@ def main(argv=None):
         first, last = records[:len(records) // 4], records[-(len(records) // 4):]
         say(f"rollout reward: first quarter {sum(r['reward'] for r in first) / len(first):.3f}"
             f" -> last quarter {sum(r['reward'] for r in last) / len(last):.3f}")
+    if grading["timeouts"] or grading["errors"]:
+        say(f"Math-Verify: {grading['graded']} responses graded on rank 0, {grading['timeouts']} ran out of time and "
+            f"{grading['errors']} failed (all scored 0)")
     say(f"done in {time.time() - t_start:.0f}s; log: {os.path.join(a.out, 'log.jsonl')}")
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -138,6 +138,16 @@ def test_failing_or_nan_reward_model_is_counted_not_fatal(tiny_model_dir, tmp_pa
     assert all(r["loss"] is None and r["skipped"] == 2 for r in out["records"]) and len(calls) == 2
 
 
+def test_grading_timeouts_score_zero_and_are_reported(tiny_model_dir, data_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(rewards, "TIME_LIMIT_S", 1e-4)   # no response can be graded in 0.1 ms
+    monkeypatch.setitem(rewards.stats, "timeouts", 0)
+    out = train.main(args(tiny_model_dir, data_file, str(tmp_path / "o"), steps=1) + ["--n", "2"])
+    r = out["records"][0]
+    assert r["reward"] == 0.0 and r["pairs_used"] == 0 and r["skipped"] == 2
+    assert rewards.stats["timeouts"] == 4
+    assert "4 ran out of time" in capsys.readouterr().out
+
+
 def test_long_prompts_skip_or_truncate(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(rewards, "math_reward", lambda text, answer: float(len(text) % 2 == 0))
     data = tmp_path / "long.jsonl"
