@@ -34,7 +34,7 @@ def test_adversarial_latex_finishes_within_time_limit(evil, answer):
     before = dict(rewards.stats)
     t = time.time()
     assert math_reward(evil, answer, time_limit=0.5) == 0.0
-    assert time.time() - t < 1.5
+    assert time.time() - t < 3.0                      # a hang would be hours
     assert rewards.stats["timeouts"] == before["timeouts"] + 1
     # the killed grader is replaced: the next response is graded as usual
     assert math_reward("so \\boxed{42}", "42") == 1.0
