@@ -139,7 +139,9 @@ def test_failing_or_nan_reward_model_is_counted_not_fatal(tiny_model_dir, tmp_pa
 
 
 def test_grading_timeouts_score_zero_and_are_reported(tiny_model_dir, data_file, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(rewards, "TIME_LIMIT_S", 1e-4)   # no response can be graded in 0.1 ms
+    # every response is one sympy cannot finish (see tests/test_rewards.py); the 0.3 s limit is real
+    grade = rewards.math_reward
+    monkeypatch.setattr(rewards, "math_reward", lambda text, answer: grade("\\boxed{9^{9^{9^{9}}}}", "1", time_limit=0.3))
     monkeypatch.setitem(rewards.stats, "timeouts", 0)
     out = train.main(args(tiny_model_dir, data_file, str(tmp_path / "o"), steps=1) + ["--n", "2"])
     r = out["records"][0]
