@@ -48,7 +48,7 @@ def _grader_main():
     for line in sys.stdin:
         try:
             out = grade(*json.loads(line))
-        except Exception as e:   # Math-Verify raising on odd input: scored incorrect, counted
+        except Exception as e:   # a line grade() cannot take (Math-Verify itself returns [] on odd input): scored 0, counted
             out = f"{e.__class__.__name__}: {e}"
         print(json.dumps(out), flush=True)
 
