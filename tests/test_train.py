@@ -124,8 +124,11 @@ def test_online_grpo_ratio_is_exactly_one_at_temperature(tiny_model_dir, data_fi
     """s = 1, T = 0.7, fp32 engine: nothing is stale, so the ratio is exactly 1 and nothing is
     clipped; the sampler's log-probs equal the trainer's to float rounding."""
     monkeypatch.setattr(rewards, "math_reward", toy_reward)
-    recs = run(tiny_model_dir, data_file, tmp_path, "--loss", "grpo", "--sync-every", "1", "--steps", "3",
-               "--temperature", "0.7", "--eval-problems", "0")["records"]
+    out = run(tiny_model_dir, data_file, tmp_path, "--loss", "grpo", "--sync-every", "1", "--steps", "3",
+              "--temperature", "0.7", "--eval-problems", "0")
+    recs = out["records"]
+    # online: the engine samples from the policy itself, and GRPO without KL holds no reference model
+    assert out["engine"].model is out["policy"] and out["ref"] is None
     trained = [r for r in recs if r["loss"] is not None]
     assert trained and all(r["ratio_min"] == r["ratio_max"] == 1.0 and r["clip_frac"] == 0 for r in trained)
     assert all(r["mismatch_max"] < 1e-5 for r in trained)
