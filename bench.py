@@ -163,7 +163,7 @@ def generate(a, n, reps=2):
 
 
 def engine_cost(a, n, engine_kind, reps=2):
-    """One rollout engine ("hf-float32", "hf-bfloat16", "vllm"): start-up seconds, tokens/s on
+    """One rollout engine ("hf-float32", "hf-bfloat16", "vllm-float32", "vllm-bfloat16"): start-up seconds, tokens/s on
     batch_prompts x n sequences, seconds per weight sync, and how far its sampled log-probs are
     from the fp32 trainer's (mean / max |log μ - log πθ| over the sampled tokens)."""
     from data import row_prompt, split_task
@@ -173,14 +173,14 @@ def engine_cost(a, n, engine_kind, reps=2):
     rows = split_task("math", None, 1, 0, 0)[0]
     prompts = [chat_prompt_ids(tok, row_prompt(r)) for r in rows[:a.batch_prompts]]
     t = time.time()
-    if engine_kind == "vllm":
+    if engine_kind.startswith("vllm"):
         path = a.model
         if not os.path.isdir(path):   # the GGUF default: vLLM reads a plain HF folder
             path = tempfile.mkdtemp(prefix="bench-hf-")
             model.save_pretrained(path)
             tok.save_pretrained(path)
         t = time.time()
-        engine = VLLMEngine(path, seed=0, device=a.device, dtype="bfloat16")
+        engine = VLLMEngine(path, seed=0, device=a.device, dtype=engine_kind.split("-")[1])
     else:
         engine = HFEngine(model, tok, max_batch=a.batch_prompts * n, dtype=getattr(torch, engine_kind.split("-")[1]))
     startup = time.time() - t
@@ -368,7 +368,7 @@ def main(argv=None):
     eng_rows = []
     if "engines" in parts:
         import importlib.util
-        for e in ["hf-float32", "hf-bfloat16"] + (["vllm"] if importlib.util.find_spec("vllm") else []):
+        for e in ["hf-float32", "hf-bfloat16"] + (["vllm-float32", "vllm-bfloat16"] if importlib.util.find_spec("vllm") else []):
             eng_rows.append(run({"kind": "engine", "n": a.n, "engine": e}, a, passthrough))
             say(eng_rows[-1])
         raw["engines"] = eng_rows
