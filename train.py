@@ -122,7 +122,7 @@ def parse_args(argv=None):
         p.error(f"argument --device: {a.device}: must be cpu, cuda or cuda:N")
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"argument --device: {a.device}: this torch sees no CUDA device")
-    if a.ref_sync_every and a.loss == "grpo" and not a.kl_coef:
+    if a.ref_sync_every and not uses_reference(a):
         p.error(f"argument --ref-sync-every: {a.ref_sync_every}: GRPO without --kl-coef has no reference model to sync")
     if os.path.isfile(a.out):
         p.error(f"argument --out: {a.out}: is a file, not a directory")
@@ -139,6 +139,11 @@ def parse_args(argv=None):
     if a.tis_cap is None:   # on where sampler and trainer disagree beyond float rounding, as TRL's default
         a.tis_cap = 2.0 if a.engine == "vllm" or a.rollout_dtype == "bfloat16" else 0.0
     return a
+
+
+def uses_reference(a):
+    """Whether the objective looks at πref: every loss but GRPO without its KL term (as TRL at β = 0)."""
+    return a.loss != "grpo" or a.kl_coef > 0
 
 
 def cpu_has_bf16():
@@ -434,7 +439,7 @@ def main(argv=None):
         ckpt = os.path.join(a.out, open(os.path.join(a.out, "latest")).read().strip())
     start = a.init_from or a.model
     policy, tok = load_model(ckpt or start, a.device)
-    needs_ref = a.loss != "grpo" or a.kl_coef > 0
+    needs_ref = uses_reference(a)   # parse_args refuses --ref-sync-every without one
     ref = (load_model(start, a.device)[0] if ckpt else copy.deepcopy(policy)) if needs_ref else None
     if ref is not None and ckpt and os.path.exists(os.path.join(ckpt, "ref.pt")):
         saved = torch.load(os.path.join(ckpt, "ref.pt"))   # parameters only (tied ones once)
@@ -452,8 +457,8 @@ def main(argv=None):
     if a.engine == "vllm":   # loads ckpt/start itself; synced from πθ like the HF engine
         engine = VLLMEngine(ckpt or start, memory=a.vllm_memory, seed=a.seed + rank, device=a.device, dtype=a.rollout_dtype)
     else:
-        engine = HFEngine(policy, tok, max_batch=a.gen_batch, dtype=getattr(torch, a.rollout_dtype),
-                          share=s == 1 and world == 1 and getattr(torch, a.rollout_dtype) == policy.dtype)
+        dtype = getattr(torch, a.rollout_dtype)
+        engine = HFEngine(policy, tok, max_batch=a.gen_batch, dtype=dtype, share=s == 1 and world == 1 and dtype == policy.dtype)
     with torch.device("meta"):   # an empty model of πθ's class and config, to write checkpoints through
         shell = type(policy)(policy.config)
     if a.grad_checkpointing:
@@ -609,7 +614,7 @@ def main(argv=None):
         if total_units:
             gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), a.grad_clip or float("inf"))
             grad_norm = (gn.full_tensor() if isinstance(gn, DTensor) else gn).item()
-            if math.isfinite(grad_norm) and math.isfinite(metrics["loss"] or 0.0):
+            if math.isfinite(grad_norm) and math.isfinite(metrics["loss"]):
                 opt.step()
                 stats["bad_in_a_row"] = 0
             else:
@@ -622,7 +627,7 @@ def main(argv=None):
             opt.zero_grad(set_to_none=True)
         clock(spent, "optimizer", tick)
         step += 1
-        if ref is not None and a.ref_sync_every and step % a.ref_sync_every == 0:
+        if a.ref_sync_every and step % a.ref_sync_every == 0:
             with torch.no_grad():
                 for p_ref, p in zip(ref.parameters(), policy.parameters()):
                     p_ref.copy_(p)
@@ -663,7 +668,7 @@ def main(argv=None):
         # optimizer state sharded by torch.distributed.checkpoint, each rank's rollouts and RNG
         if (a.save_every and step % a.save_every == 0) or step == a.steps or g["stop"]:
             weights = {n: t.cpu() for n, t in full_params(policy) if master}
-            ref_params = {n: t.cpu() for n, t in full_params(ref) if master} if a.ref_sync_every and ref is not None else None
+            ref_params = {n: t.cpu() for n, t in full_params(ref) if master} if a.ref_sync_every else None
             ranks = gather((buffer, torch.get_rng_state()))
             state = {"step": step, "ranks": ranks, "last_sync": last_sync, "stats": stats, "args": vars(a)}
             save_checkpoint(a.out, step, policy, opt, shell, weights, tok, ref_params, state, a.keep, master)
