@@ -172,18 +172,20 @@ def engine_cost(a, n, engine_kind, reps=2):
     model, tok = load_model(a.model, a.device)
     rows = split_task("math", None, 1, 0, 0)[0]
     prompts = [chat_prompt_ids(tok, row_prompt(r)) for r in rows[:a.batch_prompts]]
+    kind, dtype = engine_kind.split("-")
+    path = a.model
+    if kind == "vllm" and not os.path.isdir(path):   # the GGUF default: vLLM reads a plain HF folder
+        path = tempfile.mkdtemp(prefix="bench-hf-")
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
     t = time.time()
-    if engine_kind.startswith("vllm"):
-        path = a.model
-        if not os.path.isdir(path):   # the GGUF default: vLLM reads a plain HF folder
-            path = tempfile.mkdtemp(prefix="bench-hf-")
-            model.save_pretrained(path)
-            tok.save_pretrained(path)
-        t = time.time()
-        engine = VLLMEngine(path, seed=0, device=a.device, dtype=engine_kind.split("-")[1])
+    if kind == "vllm":
+        engine = VLLMEngine(path, seed=0, device=a.device, dtype=dtype)
     else:
-        engine = HFEngine(model, tok, max_batch=a.batch_prompts * n, dtype=getattr(torch, engine_kind.split("-")[1]))
+        engine = HFEngine(model, tok, max_batch=a.batch_prompts * n, dtype=getattr(torch, dtype))
     startup = time.time() - t
+    if path != a.model:   # vLLM holds the weights now; the 0.5 GB folder is not needed
+        shutil.rmtree(path, ignore_errors=True)
     engine.generate(prompts, n, a.temperature, 1.0, a.max_new_tokens)   # warm-up
     torch.manual_seed(0)
     t, tokens = time.time(), 0
