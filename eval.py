@@ -156,29 +156,40 @@ def score_chat(rows, gens, baseline, scorer):
     return per, {"mean": m, "se": se, "lc": lc_win_rate(wins, lm, lb), "chars": sum(lm) / len(lm),
                  "baseline_chars": sum(lb) / len(lb)}
 
-def heldout_eval(engine, tok, rows, chat_reward, max_new_tokens):
-    """Greedy held-out responses scored as in training: {task: [(reward, length), ...]}."""
-    out = engine.generate([chat_prompt_ids(tok, row_prompt(r)) for r in rows], n=1, max_new_tokens=max_new_tokens, greedy=True)
-    samples = [g[0] for g in out]
-    score(rows, samples, chat_reward)
+def heldout_eval(engine, tok, rows, chat_reward, max_new_tokens, samples=0, temperature=1.0):
+    """Held-out responses scored as in training: {task: [(reward, length, row id), ...]} from greedy
+    decoding, and with samples=k also {"math_sampled": [(mean reward of k samples at `temperature`,
+    mean length, row id), ...]} for the math rows: the sampled accuracy RL optimizes, per problem."""
+    prompts = [chat_prompt_ids(tok, row_prompt(r)) for r in rows]
+    greedy = [g[0] for g in engine.generate(prompts, n=1, max_new_tokens=max_new_tokens, greedy=True, desc="held-out, greedy")]
+    score(rows, greedy, chat_reward)
     res = {}
-    for r, x in zip(rows, samples):
-        res.setdefault(r["task"], []).append((x.reward, len(x.completion_ids)))
+    for r, x in zip(rows, greedy):
+        res.setdefault(r["task"], []).append((x.reward, len(x.completion_ids), r["id"]))
+    math_rows = [(r, p) for r, p in zip(rows, prompts) if r["task"] == "math"]
+    if samples and math_rows:
+        groups = engine.generate([p for _, p in math_rows], n=samples, temperature=temperature, max_new_tokens=max_new_tokens,
+                                 desc=f"held-out, {samples} samples")
+        score([r for r, _ in math_rows for _ in range(samples)], [x for g in groups for x in g], chat_reward)
+        res["math_sampled"] = [(sum(x.reward for x in g) / samples, sum(len(x.completion_ids) for x in g) / samples, r["id"])
+                               for (r, _), g in zip(math_rows, groups)]
     return res
 
 
 def report(tag, parts, out):
-    """Print and save held-out mean ± SE per task, merging the results of every rank."""
+    """Print and save held-out mean ± SE per task, merging the results of every rank; the file
+    keeps each row's score by id, so that runs scored on the same rows can be compared paired."""
     merged = {}
     for part in parts:
         for task, xs in part.items():
             merged.setdefault(task, []).extend(xs)
     summary = {}
     for task, xs in sorted(merged.items()):
-        m, se = mean_se([r for r, _ in xs])
-        summary[task] = {"mean": m, "se": se, "length": sum(n for _, n in xs) / len(xs), "n": len(xs)}
-        name = "accuracy" if task == "math" else "reward"
-        print(f"held-out {task} {name} {tag} training: {m:.3f} ± {se:.3f} (n={len(xs)}, mean length {summary[task]['length']:.1f} tokens)")
+        m, se = mean_se([r for r, _, _ in xs])
+        summary[task] = {"mean": m, "se": se, "length": sum(n for _, n, _ in xs) / len(xs), "n": len(xs),
+                         "scores": {i: r for r, _, i in xs}}
+        name = {"math": "accuracy (greedy)", "math_sampled": "accuracy (sampled)"}.get(task, "reward")
+        print(f"held-out {task.split('_')[0]} {name} {tag} training: {m:.3f} ± {se:.3f} (n={len(xs)}, mean length {summary[task]['length']:.1f} tokens)")
     json.dump(summary, open(os.path.join(out, f"heldout_{tag}.json"), "w"))
     return summary
 

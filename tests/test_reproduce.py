@@ -1,17 +1,73 @@
 """The reproduction sweep end to end, 2 steps per arm on a tiny random model (a smoke test:
-the numbers mean nothing here).  Run: pytest tests/test_reproduce.py"""
+the numbers mean nothing here), and its paired statistics by hand.  Run: pytest tests/test_reproduce.py"""
+import json
 import os
+
+import pytest
 
 import reproduce
 
 
-def test_sweep_smoke(tiny_model_dir, tmp_path):
+def test_sweep_smoke(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "sweep"
-    res = reproduce.main(["--out", str(out), "--steps", "2", "--eval-problems", "2", "--pool", "8", "--seeds", "2",
-                          "--quiet", "--model", tiny_model_dir, "--n", "2", "--batch-prompts", "2", "--max-new-tokens", "4"])
-    assert set(res) == set(reproduce.ARMS)
-    assert all(len(runs) == (2 if name in reproduce.HEADLINE else 1) for name, runs in res.items())
+    argv = ["--out", str(out), "--steps", "2", "--eval-problems", "3", "--eval-samples", "2", "--chat-problems", "2",
+            "--pool", "8", "--seeds", "2", "--s-values", "1,2", "--quiet", "--model", tiny_model_dir, "--n", "2",
+            "--batch-prompts", "2", "--max-new-tokens", "4"]
+    res = reproduce.main(argv)
+    names = ["offline", "iterative", "semi_online_s1", "semi_online_s2", "online_dpo", "grpo", "group_dpo", "group_dpo+grpo",
+             "online_dpo_no_ref_sync", "online_dpo+entropy", "online_dpo+nll", "chat_only", "math+chat"]
+    assert list(res) == names
+    headline = {"offline", "semi_online_s1", "online_dpo", "grpo"}
+    assert all(list(runs) == ([0, 1] if name in headline else [0]) for name, runs in res.items())
+    runs = out / "runs"
+    # the seed model's score is made once per held-out set and shared: only the first arm on each set scored it
+    assert sorted(p.name for p in runs.glob("before-*")) == ["before-math.json", "before-mix.json"]
+    assert sum((runs / f"{n}-seed0" / "heldout_before.json").exists() for n in names) == 2   # offline and online_dpo
+    # every arm of a seed was scored on the same held-out rows; the sweep keeps no checkpoints
+    ids = {frozenset(r[0]["after"]["math"]["scores"]) for r in res.values()}
+    assert len(ids) == 1 and len(next(iter(ids))) == 3
+    assert not list(runs.glob("*/ckpt-*"))
     table = open(out / "results.md").read()
-    assert all(name in table for name in reproduce.ARMS)
-    for fig in ("fig2_ref_sync.png", "fig3_regimes.png"):
+    assert all(name in table for name in names) and "Paired differences" in table and "Table 3" in table
+    for fig in ("fig2_ref_sync.png", "fig3_regimes.png", "fig_accuracy.png", "fig_table3.png"):
         assert os.path.getsize(out / fig) > 5000
+    # a rerun reuses every finished arm: nothing trains again
+    mtimes = {p: p.stat().st_mtime for p in runs.glob("*/log.jsonl")}
+    capsys.readouterr()
+    reproduce.main(argv)
+    assert {p: p.stat().st_mtime for p in runs.glob("*/log.jsonl")} == mtimes
+
+
+def fake_run(math, before=None, chat=None, chat_before=None):
+    """A loaded run whose per-row scores are given."""
+    sc = lambda xs: {"scores": {f"r{i}": x for i, x in enumerate(xs)}, "n": len(xs), "mean": sum(xs) / len(xs)}
+    r = {"after": {"math": sc(math), "math_sampled": sc(math)}, "before": {"math": sc(before or math)}}
+    if chat:
+        r["after"]["chat"], r["before"]["chat"] = sc(chat), sc(chat_before)
+    return r
+
+
+def test_paired_differences_and_verdicts():
+    a = {0: fake_run([1, 1, 0, 1]), 1: fake_run([1, 0, 0, 1])}
+    b = {0: fake_run([0, 1, 0, 0]), 1: fake_run([0, 0, 0, 1])}
+    d, se, how = reproduce.paired(a, b, "math")   # per seed: 0.5 and 0.25
+    assert (d, how) == (pytest.approx(0.375), "2 seeds") and se == pytest.approx(0.125)
+    d, se, how = reproduce.paired({0: a[0]}, {0: b[0]}, "math")   # one seed: per-row differences 1, 0, 0, 1
+    assert d == pytest.approx(0.5) and se == pytest.approx(0.2887, abs=1e-4) and how == "seed 0, 4 rows"
+    assert reproduce.verdict(0.10, 0.02, ">") == "reproduced"
+    assert reproduce.verdict(-0.10, 0.02, ">") == "reversed"
+    assert reproduce.verdict(0.01, 0.01, "≈") == "equivalent"
+    assert reproduce.verdict(0.01, 0.03, "≈") == "inconclusive"
+    assert reproduce.verdict(0.01, 0.01, "≳") == "equivalent"
+    assert reproduce.verdict(0.10, 0.02, "≳") == "reproduced"
+    w = reproduce.chat_wins(fake_run([1], chat=[0.9, 0.2, 0.5], chat_before=[0.1, 0.4, 0.5]))
+    assert list(w.values()) == [1.0, 0.0, 0.5]
+
+
+def test_bad_flags_refused_before_any_run(tmp_path, capsys):
+    for argv, flag in ((["--arms", "offline,nope"], "--arms"), (["--s-values", "4"], "--s-values"),
+                       (["--s-values", "4,x"], "--s-values"), (["--lr", "-1"], "--lr")):
+        with pytest.raises(SystemExit):
+            reproduce.main(["--out", str(tmp_path / "o"), *argv])
+        assert flag in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -80,6 +80,36 @@ def test_sync_schedule(tiny_model_dir, data_file, tmp_path, monkeypatch, s, step
     assert any(not torch.equal(v, p[k]) for k, v in out["engine"].model.state_dict().items())
 
 
+def test_offline_generates_each_prompt_once_and_reuses_it(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    """s = inf is offline DPO: the seed model answers each training prompt once (n responses), and
+    every later pass over the data trains on those same responses and the same pair."""
+    monkeypatch.setattr(rewards, "math_reward", toy_reward)
+    prompts, orig = [], HFEngine.generate
+
+    def gen(self, batch, *a, **k):
+        prompts.append(len(batch))
+        return orig(self, batch, *a, **k)
+    monkeypatch.setattr(HFEngine, "generate", gen)
+    # 6 training rows (2 held out), 2 per step: 3 steps an epoch, 9 steps = 3 passes
+    out = run(tiny_model_dir, data_file, tmp_path, "--sync-every", "inf", "--steps", "9", "--eval-problems", "2",
+              "--no-eval-before", "--lr", "0")
+    assert prompts[0] == 6, "offline generated more than one set of responses per prompt"
+    recs = out["records"]   # the same responses on each pass (in a new order): equal sums over each epoch's steps
+    for key in ("reward", "length", "entropy"):
+        sums = [sum(r[key] for r in recs[i:i + 3]) for i in (0, 3, 6)]
+        assert sums[0] == pytest.approx(sums[1]) == pytest.approx(sums[2]), key
+    assert len({r["reward"] for r in recs}) > 1
+
+
+def test_heldout_sampled_accuracy(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    """--eval-samples k adds the sampled accuracy (k responses per problem at --temperature) beside greedy."""
+    monkeypatch.setattr(rewards, "math_reward", toy_reward)
+    run(tiny_model_dir, data_file, tmp_path, "--steps", "1", "--eval-samples", "3", name="k")
+    res = json.load(open(tmp_path / "k" / "heldout_after.json"))
+    assert res["math"]["n"] == res["math_sampled"]["n"] == 2
+    assert res["math_sampled"]["mean"] * 6 == pytest.approx(round(res["math_sampled"]["mean"] * 6))   # k·n = 6 draws of 0/1
+
+
 @pytest.mark.parametrize("T", [1.0, 0.7])
 def test_sampling_logps_match_policy_forward(tiny_model_dir, T):
     """Left padding + positions: πθ_old log-probs from sampling at temperature T equal a training
