@@ -5,7 +5,7 @@ Evaluation the way the paper reports it (Tables 1-3, Figs 2-3).
     python eval.py --model smollm2-135m runs/default/ckpt-000024 --bench math500,gsm8k,amc23
     python eval.py --model runs/default/ckpt-000024 --bench alpaca_eval --limit 20   # win rate vs GPT-4 Turbo
     python eval.py --select runs/default          # checkpoint selection by length-normalized reward
-    python eval.py --plot runs/a runs/b           # reward, accuracy, length, entropy, KL vs step
+    python eval.py --plot runs/a runs/b           # reward, accuracy, length, entropy, loss, KL vs step
 
 Verifiable benchmarks (MATH500, AMC23, GSM8K, AIME24) are scored with the training reward
 (Math-Verify). With k samples per problem, a problem's score is its mean over the k samples
@@ -198,23 +198,62 @@ def report(tag, parts, out):
 # Plots: the paper's Figs 2-3 shape
 
 
+PANELS = [("reward", "rollout reward (mean)"), ("accuracy", "rollout accuracy (math)"), ("length", "rollout length (tokens)"),
+          ("entropy", "rollout entropy (nats/token)"), ("loss", "loss"), ("kl", "KL(πθ || πref), k3")]
+
+
 def plot_runs(runs, path):
+    """Training curves of one or more runs (their log.jsonl), one panel per metric; a run's held-out
+    score before and after training (heldout_*.json), where it has one, is marked in the accuracy panel."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    keys = ["reward", "accuracy", "length", "entropy", "kl"]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
-    for run in runs:
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    for i, run in enumerate(runs):
         recs = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
-        for ax, key in zip(axes, keys):
+        name = os.path.basename(os.path.normpath(run))
+        for ax, (key, label) in zip(axes.flat, PANELS):
             pts = [(r["step"], r[key]) for r in recs if r.get(key) is not None]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=os.path.basename(run.rstrip("/")))
-            ax.set_title(key)
-            ax.set_xlabel("step")
-    axes[0].legend(fontsize=8)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=f"C{i}", label=name)
+            ax.set_xlabel("optimizer step")
+            ax.set_ylabel(label)
+        for tag, step, marker in (("before", 0, "o"), ("after", recs[-1]["step"] if recs else 0, "s")):
+            f = os.path.join(run, f"heldout_{tag}.json")
+            if os.path.exists(f) and "math" in (h := json.load(open(f))):
+                axes.flat[1].errorbar([step], [h["math"]["mean"]], yerr=[2 * h["math"]["se"]], fmt=marker, color=f"C{i}",
+                                      capsize=3, label=f"{name}: held-out greedy, {tag} (± 2 SE)")
+    for ax in axes.flat:
+        if ax.lines:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    plt.close(fig)
     return path
+
+
+def plot_run(out):
+    """The run's own picture, left in its directory when it ends: out/curves.png."""
+    return plot_runs([out], os.path.join(out, "curves.png"))
+
+
+def tracker(kind, out, config):
+    """train.py --report-to: (log(record), close()) sending each step's numbers to an experiment
+    tracker, or None for "none". The packages are optional and imported only when asked for; both
+    run without a network (tensorboard writes out/tensorboard; wandb with WANDB_MODE=offline
+    writes out/wandb, `wandb sync` uploads it later)."""
+    if kind == "none":
+        return None
+
+    def numbers(rec):   # flat {name: number}: the time breakdown as time/<part>, None and strings dropped
+        flat = {f"time/{k}": v for k, v in rec.get("time", {}).items()} | rec
+        return {k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+    if kind == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+        w = SummaryWriter(os.path.join(out, "tensorboard"))
+        return lambda rec: [w.add_scalar(k, v, rec["step"]) for k, v in numbers(rec).items()], w.close
+    import wandb
+    run = wandb.init(project="semionline", name=os.path.basename(os.path.normpath(out)), dir=out, config=config)
+    return lambda rec: run.log(numbers(rec), step=rec["step"]), run.finish
 
 
 def main(argv=None):

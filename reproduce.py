@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 
-from data import COUNT, HelpFormatter, POSITIVE_INT, arithmetic_problems, existing_file, load_jsonl, names_from, number
+from data import COUNT, HelpFormatter, POSITIVE_INT, arithmetic_problems, existing_file, load_jsonl, number
 from eval import mean_se
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -81,7 +81,8 @@ def write_data(a):
     else:   # distinct problems (the generator repeats small sums), held-out first
         math_rows = list({r["problem"]: r for r in arithmetic_problems(3 * (a.eval_problems + a.pool), a.difficulty, seed=123)}.values())
     math_rows = math_rows[:a.eval_problems + a.pool]
-    chat = load_jsonl(os.path.join(HERE, "data", "chat_train.jsonl"), fields=("prompt",))[:a.chat_problems + a.pool]
+    chat = [r for r in load_jsonl(os.path.join(HERE, "data", "chat_train.jsonl"), fields=("prompt",))
+            if len(r["prompt"]) <= a.chat_max_chars][:a.chat_problems + a.pool]
     held_m, pool_m = math_rows[:a.eval_problems], math_rows[a.eval_problems:]
     held_c, pool_c = chat[:a.chat_problems], chat[a.chat_problems:]
     for k, rows in {"train_math": pool_m, "train_chat": pool_c, "train_mix": pool_m + pool_c,
@@ -150,6 +151,8 @@ def paired(runs_a, runs_b, metric):
     """A − B: (mean, SE, how): per seed, then over the shared seeds; with one shared seed, over the
     per-row differences on the shared held-out rows."""
     shared = sorted(set(runs_a) & set(runs_b))
+    if not shared:
+        return None
     if len(shared) > 1:
         d = []
         for s in shared:
@@ -233,7 +236,7 @@ def figures(res, a):
     fig.tight_layout()
     fig.savefig(os.path.join(a.out, "fig_accuracy.png"), dpi=110)
     plt.close(fig)
-    t3 = [n for n in ("online_dpo", "chat_only", "math+chat") if n in res]
+    t3 = [n for n in ("online_dpo", "chat_only", "math+chat") if 0 in res.get(n, {})]
     if t3:
         fig, ax = plt.subplots(figsize=(6, 3.8))
         for j, metric in enumerate(("math", "chat_win")):
@@ -294,6 +297,8 @@ def report(res, a, commit):
         if x not in res or y not in res:
             continue
         g, sm = paired(res[x], res[y], "math"), paired(res[x], res[y], "math_sampled")
+        if g is None:
+            continue
         v = [verdict(d, se, expect) for d, se, _ in (g, sm)]
         verdicts.setdefault(f, []).append((label, v))
         L.append(f"| ({f}) | {label} | {expect} | {pct(*g[:2])} | {pct(*sm[:2])} | {g[2]} | {' / '.join(v)} |")
@@ -316,7 +321,7 @@ def report(res, a, commit):
         L += [f"(d) entropy falls by > 10 % in every regime that samples from the trained model, offline within ±10 % "
               f"(its rollouts are the seed model's, so its logged entropy cannot move): **{'reproduced' if ok else 'not in every regime'}** "
               f"({', '.join(f'{n} {100 * c:+.0f} %' for n, c in change.items())})."]
-    t3 = [n for n in ("online_dpo", "chat_only", "math+chat") if n in res]
+    t3 = [n for n in ("online_dpo", "chat_only", "math+chat") if 0 in res.get(n, {})]
     if len(t3) == 3:
         L += ["", "## Table 3 analogue (seed 0; chat: greedy response vs the seed model's on the same prompt, same judge)", "",
               "| trained on | math held-out acc. (%) | chat win rate vs seed (%) |", "|---|---|---|"]
@@ -337,28 +342,30 @@ def report(res, a, commit):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", default="results/cpu", help="where runs, table and figures go")
-    p.add_argument("--quick", action="store_true", help="a first look: the headline arms, 2 seeds, 24 steps, 128 problems")
+    p.add_argument("--quick", action="store_true", help="a first look: the headline arms, 2 seeds, 16 steps, 64 problems")
     p.add_argument("--seeds", type=POSITIVE_INT, default=4, help="seeds of the headline arms (offline, semi-online, online DPO, GRPO)")
-    p.add_argument("--steps", type=POSITIVE_INT, default=48, help="optimizer steps per arm")
+    p.add_argument("--steps", type=POSITIVE_INT, default=32, help="optimizer steps per arm")
     p.add_argument("--s-values", type=lambda t: [POSITIVE_INT(x) for x in t.split(",")], default=[4, 16],
                    help="the two semi-online s, comma-separated (the first is a headline arm)")
     p.add_argument("--ref-sync-every", type=POSITIVE_INT, default=8, help="πref := πθ every k steps in the arms that sync it")
     p.add_argument("--entropy-coef", type=number(float, 0, lo_open=True), default=0.01, help="the entropy-regularized arm's coefficient")
     p.add_argument("--nll-coef", type=number(float, 0, lo_open=True), default=0.1, help="the NLL arm's coefficient")
-    p.add_argument("--eval-problems", type=POSITIVE_INT, default=256, help="held-out math problems (the same for every arm and seed)")
-    p.add_argument("--eval-samples", type=COUNT, default=4, help="sampled responses per held-out problem")
+    p.add_argument("--eval-problems", type=POSITIVE_INT, default=192, help="held-out math problems (the same for every arm and seed)")
+    p.add_argument("--eval-samples", type=COUNT, default=3, help="sampled responses per held-out problem")
     p.add_argument("--chat-problems", type=POSITIVE_INT, default=48, help="held-out chat prompts (Table 3 arms)")
+    p.add_argument("--chat-max-chars", type=POSITIVE_INT, default=300, help="chat prompts up to this long (a CPU's budget)")
     p.add_argument("--pool", type=number(int, 2), default=96, help="training prompts of each task (built-in math, shipped chat)")
-    p.add_argument("--difficulty", type=POSITIVE_INT, default=1, help="built-in task difficulty")
+    p.add_argument("--difficulty", type=POSITIVE_INT, default=2, help="built-in task difficulty (2: operands up to 20)")
     p.add_argument("--train-data", default=None, type=existing_file, help="math rows from this JSONL instead of the built-in task")
     p.add_argument("--arms", default=None, help="comma-separated subset of arms (default: all)")
     p.add_argument("--quiet", action="store_true", help="hide train.py output")
+    p.add_argument("--report-only", action="store_true", help="write results.md and figures from the runs finished so far")
     a, passthrough = p.parse_known_args(argv)   # unknown flags go to every train.py run
     passthrough = TRAIN_DEFAULTS + passthrough   # a flag given here wins (argparse keeps the last)
     if len(a.s_values) != 2:
         p.error(f"argument --s-values: {a.s_values}: give two values, e.g. 4,16")
     if a.quick:
-        a.seeds, a.steps, a.eval_problems = min(a.seeds, 2), min(a.steps, 24), min(a.eval_problems, 128)
+        a.seeds, a.steps, a.eval_problems = min(a.seeds, 2), min(a.steps, 16), min(a.eval_problems, 64)
         a.arms = a.arms or f"offline,semi_online_s{a.s_values[0]},online_dpo,grpo"
     names = list(arms(argparse.Namespace(**{**vars(a), "arms": None})))
     a.arms = a.arms and a.arms.split(",")
@@ -373,15 +380,20 @@ def main(argv=None):
                            f"{ta.max_new_tokens} new tokens at most, {a.pool} training prompts per task"
     os.makedirs(os.path.join(a.out, "runs"), exist_ok=True)
     paths = write_data(a)
-    plan = [(name, flags, evalset, seed) for name, (flags, evalset, seeds) in arms(a).items() for seed in seeds]
+    plan = sorted([(name, flags, evalset, seed) for name, (flags, evalset, seeds) in arms(a).items() for seed in seeds],
+                  key=lambda x: x[3])   # seed 0 of every arm first: a partial sweep already speaks to every finding
     t0, done_now = time.time(), 0
-    for i, (name, flags, evalset, seed) in enumerate(plan):
+    for i, (name, flags, evalset, seed) in enumerate([] if a.report_only else plan):
         print(f"[{i + 1}/{len(plan)}] {name} seed {seed}", flush=True)
         done_now += run_arm(name, flags, evalset, seed, a, paths, passthrough)
         if done_now:
             left = (time.time() - t0) / done_now * (len(plan) - i - 1)
             print(f"  {(time.time() - t0) / 60:.0f} min so far; about {left / 60:.0f} min left", flush=True)
-    res = {name: {seed: load_run(a, name, evalset, seed) for seed in seeds} for name, (_, evalset, seeds) in arms(a).items()}
+    done = lambda name, seed: os.path.exists(os.path.join(a.out, "runs", f"{name}-seed{seed}", "wall.json"))
+    res = {name: {seed: load_run(a, name, evalset, seed) for seed in seeds if done(name, seed)} for name, (_, evalset, seeds) in arms(a).items()}
+    res = {name: runs for name, runs in res.items() if runs}
+    if not res:
+        sys.exit(f"{a.out}: no finished runs yet")
     commit = subprocess.run(["git", "-C", HERE, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "?"
     text = report(res, a, commit)
     open(os.path.join(a.out, "results.md"), "w").write(text)

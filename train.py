@@ -21,13 +21,11 @@ Several GPUs (or CPU processes), FSDP:
 """
 import argparse
 import copy
-import glob
 import importlib.util
 import json
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import time
@@ -35,20 +33,18 @@ import warnings
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from data import (COUNT, FRACTION, HelpFormatter, NONNEGATIVE, POSITIVE, POSITIVE_INT, existing_file, load_jsonl, model_name,
                   number, row_prompt, split_task)
-from dpo import dpo_loss, entropy_regularizer, group_dpo_loss, implicit_reward, nll_loss, select_pair, \
-    token_entropy, token_logps
-from eval import heldout_eval, report
+from distributed import (all_sum, full_params, gather, load_checkpoint, load_ref, merge_metrics, multiprocess, save_checkpoint, setup_distributed,
+                         shard, spare_unit, stamp_old_logps)
+from dpo import dpo_loss, entropy_regularizer, group_dpo_loss, implicit_reward, nll_loss, select_pair, token_entropy
+from eval import heldout_eval, plot_run, report, tracker
 from grpo import TOKEN_AVERAGES, combined_loss, grpo_advantages, grpo_loss, kl_k3
 from rewards import make_scalar_reward, score, stats as grading
-from rollout import CACHE, DEFAULT_MODEL, HFEngine, Sample, VLLMEngine, chat_prompt_ids, left_pad, load_model, prefill
+from rollout import DEFAULT_MODEL, HFEngine, VLLMEngine, chat_prompt_ids, collate, load_model, response_logps
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")   # dcp in a single process: intended
 
@@ -117,8 +113,12 @@ def parse_args(argv=None):
     # Runtime and logging
     p.add_argument("--out", default="runs/default", help="run directory: log.jsonl and checkpoints")
     p.add_argument("--save-every", type=COUNT, default=0, help="checkpoint every k steps (0: only at the end)")
-    p.add_argument("--keep", type=POSITIVE_INT, default=3, help="checkpoints kept on disk")
+    p.add_argument("--keep", type=POSITIVE_INT, default=3, help="checkpoints kept on disk (weights: 4 bytes a parameter)")
+    p.add_argument("--keep-optimizer", default="last", choices=("last", "all"),
+                   help="which kept checkpoints hold the optimizer state (8 bytes a parameter; --resume needs only the last)")
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
+    p.add_argument("--report-to", default="none", choices=("none", "tensorboard", "wandb"),
+                   help="also send each step's metrics to this tracker (an optional package; works offline, see README)")
     p.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and pairs (any integer)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device: cpu, cuda or cuda:N")
     a = p.parse_args(argv)
@@ -130,6 +130,8 @@ def parse_args(argv=None):
         p.error(f"argument --device: {a.device}: this torch sees no CUDA device")
     if a.ref_sync_every and not uses_reference(a):
         p.error(f"argument --ref-sync-every: {a.ref_sync_every}: GRPO without --kl-coef has no reference model to sync")
+    if a.report_to != "none" and not importlib.util.find_spec({"tensorboard": "tensorboard", "wandb": "wandb"}[a.report_to]):
+        p.error(f"argument --report-to: {a.report_to}: the package is not installed (pip install {a.report_to})")
     if os.path.isfile(a.out):
         p.error(f"argument --out: {a.out}: is a file, not a directory")
     has_vllm = bool(importlib.util.find_spec("vllm"))
@@ -207,121 +209,28 @@ RATIO = {"grpo", "combined"}   # losses with GRPO's importance ratio πθ/πθ_o
 # Helpers used by the loop below
 
 
-def collate(units, device):
-    """Units (a DPO pair or a group: k responses to one prompt x) as tensors. Each prompt appears
-    once, left-padded: prompt, pattn [U, P]. The U·k responses, unit by unit, right-padded:
-    ids, mask [U·k, T]; old: their log πθ_old from the sampler; old_trainer: the trainer's
-    own log πθ_old where a sync stamped it (truncated importance sampling)."""
-    samples = [x for u in units for x in u]
-    if any(len(u) != len(units[0]) or any(x.prompt_ids != u[0].prompt_ids for x in u) for u in units):
-        raise ValueError("collate: every unit must hold the same number of responses to one prompt")
-    T = max(len(x.completion_ids) for x in samples)
-    prompt, pattn = left_pad([u[0].prompt_ids for u in units], 0)
-    ids, old = torch.zeros(len(samples), T, dtype=torch.long), torch.zeros(len(samples), T)
-    mask, told = torch.zeros(len(samples), T), torch.zeros(len(samples), T)
-    for i, x in enumerate(samples):
-        c = len(x.completion_ids)
-        ids[i, :c], old[i, :c], mask[i, :c] = torch.tensor(x.completion_ids), torch.tensor(x.logps), 1
-        told[i, :c] = torch.tensor(x.old_logps if x.old_logps is not None else x.logps)
-    b = dict(prompt=prompt, pattn=pattn, ids=ids, mask=mask, old=old, old_trainer=told)
-    return {k: v.to(device) for k, v in b.items()}
-
-
-def spare_unit(batch, tok):
-    """A one-response unit for a rank with nothing to train on, so that it still runs FSDP's
-    collectives in step with the others (its loss is multiplied by zero)."""
-    return [[x] for _, g in batch for x in g][:1] or [[Sample([tok.eos_token_id], [tok.eos_token_id], [0.0], [0.0], "", "stop")]]
-
-
-@torch.no_grad()
-def stamp_old_logps(model, groups, temperature, chunk, device, tok):
-    """At a sync πθ is πθ_old: store the trainer's own log πθ_old(y_t | x, y_<t) in each response
-    of `groups` (Sample.old_logps), for the steps that train on these rollouts once πθ has moved.
-    Every rank runs the same number of forwards (FSDP)."""
-    n = int(all_sum([math.ceil(len(groups) / chunk)], device, op="max")[0])
-    for i in range(n):
-        part = groups[i * chunk:(i + 1) * chunk]
-        lp = response_logps(model, collate(part or spare_unit([], tok), device), temperature)
-        for x, row in zip([x for g in part for x in g], lp):
-            x.old_logps = row[:len(x.completion_ids)].tolist()
-
-
-def merge_metrics(parts):
-    """One step's metrics from per-micro-batch {name: (value, weight)} of all ranks: the loss is
-    summed (each part is already its share of the step), *_min / *_max reduce by min / max,
-    the rest are weighted means."""
-    out = {}
-    for k in sorted({k for p in parts for k in p}):
-        vw = [p[k] for p in parts if k in p]
-        if k == "loss":
-            out[k] = sum(v for v, _ in vw)
-        elif k.endswith(("_min", "_max")):
-            out[k] = (min if k.endswith("_min") else max)(v for v, _ in vw)
-        else:
-            out[k] = sum(v * w for v, w in vw) / max(1e-12, sum(w for _, w in vw))
-    return out
-
-
-def response_logps(model, batch, temperature=1.0, with_logits=False, share_prompt=True):
-    """Per-token log π_T(y_t | x, y_<t), π_T = softmax(logits / T), of the response tokens (with
-    with_logits, also the logits / T); by default each token goes through the model once.
-
-    The k responses of a unit share their prompt x, so x goes through the model once and its
-    keys/values are repeated for the k responses (half the tokens of the default math batch
-    are prompt). Positions continue from x's true length, as in generation. share_prompt=False
-    repeats x in every row instead: gradient checkpointing needs it (its recomputation cannot
-    replay a KV cache).
-    """
-    k = batch["ids"].shape[0] // batch["prompt"].shape[0]
-    prompt, pattn, ids = batch["prompt"], batch["pattn"], batch["ids"]
-    T = ids.shape[1]
-    cpos = (pattn.sum(-1, keepdim=True) + torch.arange(T, device=ids.device)).repeat_interleave(k, 0)
-    attn = torch.cat([pattn.repeat_interleave(k, 0), batch["mask"].long()], 1)
-    if not share_prompt:
-        ppos = (pattn.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=torch.cat([prompt.repeat_interleave(k, 0), ids], 1), attention_mask=attn,
-                       position_ids=torch.cat([ppos.repeat_interleave(k, 0), cpos], 1), logits_to_keep=T + 1).logits[:, :-1]
-    else:
-        # x once: the logits at its last position predict y_1; its cache serves all k responses
-        owner = torch.arange(len(prompt), device=ids.device).repeat_interleave(k)
-        cache, first = prefill(model, prompt, pattn, owner)
-        logits = first[:, None]
-        if T > 1:   # y_<T given x's cache predicts y_2..y_T
-            rest = model(input_ids=ids[:, :-1], attention_mask=attn[:, :-1], position_ids=cpos[:, :-1],
-                         **{CACHE: cache}).logits
-            logits = torch.cat([logits, rest], 1)
-    logits = logits / temperature   # the distribution the rollouts were sampled from (grpo.py)
-    lp = token_logps(logits, ids) * batch["mask"]
-    return (lp, logits) if with_logits else lp
-
-
-def setup_distributed(device):
-    """torchrun sets RANK, WORLD_SIZE, LOCAL_RANK: join the process group (nccl on CUDA, gloo
-    on CPU). A plain `python train.py` stays a single process with no group and no FSDP."""
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    if device.startswith("cuda"):
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def shard(model, device):
-    """FSDP2: one shard group per decoder layer, then the root. On CUDA, bf16 compute with fp32
-    master weights and fp32 gradient reduction."""
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.startswith("cuda") \
-        else MixedPrecisionPolicy()
-    for layer in getattr(getattr(model, "model", None), "layers", []):
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-
-
-def full_params(model):
-    """(name, full tensor) per parameter, all-gathering one parameter at a time so the peak is
-    one unsharded parameter, never the whole model. Every rank must iterate it together."""
-    for name, p in model.named_parameters():
-        yield name, (p.full_tensor() if isinstance(p, DTensor) else p).detach()
+def rollout_metrics(batch, tasks, device):
+    """The step's rollouts, summed over ranks: mean reward, math accuracy (None without math),
+    length and entropy per token, the share cut at --max-new-tokens; with several tasks also
+    reward_<task> and length_<task> (None when the step had none of that task)."""
+    groups = [""] + (tasks if len(tasks) > 1 else [])
+    keys = ("reward", "scored", "correct", "math", "tokens", "entropy", "responses", "cut")
+    sums = dict.fromkeys([(t, k) for t in groups for k in keys], 0.0)   # the same keys on every rank
+    for r, g in batch:
+        for x, t in ((x, t) for x in g for t in groups if t in ("", r["task"])):
+            ok, is_math = math.isfinite(x.reward), r["task"] == "math"   # a NaN reward was skipped, not scored
+            for k, v in (("reward", x.reward if ok else 0.0), ("scored", ok), ("correct", is_math and x.reward > 0.5),
+                         ("math", is_math), ("tokens", len(x.completion_ids)), ("entropy", sum(x.entropy)),
+                         ("responses", 1), ("cut", x.finish_reason == "length")):
+                sums[t, k] += v
+    total = dict(zip(sums, all_sum(list(sums.values()), device)))
+    mean = lambda t, k, n: total[t, k] / total[t, n] if total[t, n] else None
+    rec = {"reward": mean("", "reward", "scored") or 0.0, "accuracy": mean("", "correct", "math"),
+           "length": mean("", "tokens", "responses") or 0.0, "truncated": mean("", "cut", "responses") or 0.0,
+           "entropy": mean("", "entropy", "tokens") or 0.0}
+    for t in groups[1:]:
+        rec[f"reward_{t}"], rec[f"length_{t}"] = mean(t, "reward", "scored"), mean(t, "tokens", "responses")
+    return rec
 
 
 def clock(spent, what, since):
@@ -329,71 +238,6 @@ def clock(spent, what, since):
     now = time.time()
     spent[what] += now - since
     return now
-
-
-def multiprocess():
-    """More than one training process (torchrun). A plain run has no process group, or the
-    one-process group that vLLM's engine makes for itself."""
-    return dist.is_initialized() and dist.get_world_size() > 1
-
-
-def all_sum(values, device, op="sum"):
-    """Sum (or max) a list of numbers over ranks; the identity on one process."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if multiprocess():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-    return t.tolist()
-
-
-def gather(obj):
-    """[obj of rank 0, obj of rank 1, ...] on every rank."""
-    if not multiprocess():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def save_checkpoint(out, step, policy, opt, model, weights, tok, ref_params, state, keep, master):
-    """Atomic: write into a temporary folder, rename it, then repoint `latest` by rename too.
-    A kill at any moment leaves the previous checkpoint complete and `latest` pointing at it.
-
-    Every rank calls this. The optimizer state is saved sharded with torch.distributed.checkpoint
-    (each rank writes its own shards; any number of processes can load it back), πθ as a
-    consolidated Hugging Face checkpoint (`weights`, gathered on rank 0) usable anywhere."""
-    final = os.path.join(out, f"ckpt-{step:06d}")
-    tmp = final + ".tmp"
-    try:   # disk full or unwritable: drop the half-written folder, keep the previous checkpoint, stop
-        if master:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        if multiprocess():
-            dist.barrier()
-        dcp.save({"optimizer": get_optimizer_state_dict(policy, opt)}, checkpoint_id=os.path.join(tmp, "optimizer"),
-                 no_dist=not multiprocess())
-        if master:
-            model.save_pretrained(tmp, state_dict=weights)   # `model` lends its config and class; `weights` are πθ
-            tok.save_pretrained(tmp)
-            if ref_params is not None:
-                torch.save(ref_params, os.path.join(tmp, "ref.pt"))
-            torch.save(state, os.path.join(tmp, "trainer_state.pt"))
-    except (OSError, RuntimeError) as e:   # torch.save reports a full disk as RuntimeError
-        shutil.rmtree(tmp, ignore_errors=True)
-        latest = os.path.join(out, "latest")
-        kept = open(latest).read().strip() if os.path.exists(latest) else None
-        sys.exit(f"--out {out}: the checkpoint of step {step} could not be written ({e}); "
-                 + (f"the previous checkpoint {kept} is intact (--resume continues from it)" if kept else "no earlier checkpoint"))
-    if master:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        with open(os.path.join(out, "latest.tmp"), "w") as f:
-            f.write(os.path.basename(final))
-        os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
-        for old in sorted(glob.glob(os.path.join(out, "ckpt-??????")))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    if multiprocess():
-        dist.barrier()
-    return final
 
 
 def main(argv=None):
@@ -451,14 +295,8 @@ def main(argv=None):
     policy, tok = load_model(ckpt or start, a.device)
     needs_ref = uses_reference(a)   # parse_args refuses --ref-sync-every without one
     ref = (load_model(start, a.device)[0] if ckpt else copy.deepcopy(policy)) if needs_ref else None
-    if ref is not None and ckpt and os.path.exists(os.path.join(ckpt, "ref.pt")):
-        saved = torch.load(os.path.join(ckpt, "ref.pt"))   # parameters only (tied ones once)
-        params = dict(ref.named_parameters())
-        if set(saved) != set(params):
-            sys.exit(f"{ckpt}/ref.pt does not match the model's parameters")
-        with torch.no_grad():
-            for name, t in saved.items():
-                params[name].copy_(t)
+    if ckpt:
+        load_ref(ckpt, ref)
     if ref is not None:
         ref.eval().requires_grad_(False)
     needs_chat = any(r["task"] == "chat" for r in train + heldout)
@@ -481,17 +319,11 @@ def main(argv=None):
     opt = torch.optim.AdamW(policy.parameters(), lr=a.lr, weight_decay=a.weight_decay, fused=True)   # one kernel: 6x faster on CPU
     step, buffer, last_sync, stats = 0, [], 0, {"nan_skips": 0, "bad_in_a_row": 0, "long_prompts": 0, "bad_rewards": 0}
     if ckpt:
-        st = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
-        osd = get_optimizer_state_dict(policy, opt)   # this run's (sharded) layout, filled from the saved shards
-        dcp.load({"optimizer": osd}, checkpoint_id=os.path.join(ckpt, "optimizer"), no_dist=not multiprocess())
-        set_optimizer_state_dict(policy, opt, osd)
-        step, last_sync, stats = st["step"], st["last_sync"], st["stats"]
-        if len(st["ranks"]) == world:   # same number of processes: each rank takes back its rollouts and RNG
-            buffer, rng_state = st["ranks"][rank]
-            torch.set_rng_state(rng_state)
-        else:   # a different world size: regenerate the rollout window from the current weights
+        step, last_sync, stats, buffer = load_checkpoint(ckpt, policy, opt, world, rank)
+        if buffer is None:   # a different number of processes: regenerate the rollout window from the current weights
+            buffer = []
             torch.manual_seed(a.seed + rank + 7919 * step)
-            say(f"resuming on {world} processes from a {len(st['ranks'])}-process checkpoint: rollouts regenerated")
+            say(f"resuming on {world} processes from a checkpoint of another size: rollouts regenerated")
         say(f"resumed from {ckpt} at step {step}")
         if master:
             keep = [line for line in open(os.path.join(a.out, "log.jsonl")) if json.loads(line)["step"] <= step]
@@ -506,6 +338,7 @@ def main(argv=None):
 
     # a resumed run appends to its log; a fresh run in an old directory starts a new one
     log, records = open(os.path.join(a.out, "log.jsonl"), "a" if ckpt else "w") if master else None, []
+    track = tracker(a.report_to, a.out, vars(a)) if master else None
     stop = []   # SIGTERM / Ctrl-C: finish the step, checkpoint, exit
     handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum)) for sig in (signal.SIGTERM, signal.SIGINT)}
     context = getattr(policy.config, "max_position_embeddings", None) or 1 << 30
@@ -646,45 +479,27 @@ def main(argv=None):
 
         # ---------------------------------------------------------------------
         # Log: one JSON line per step, summed over ranks
-        rollouts = [(r["task"], x) for r, g in batch for x in g]
-        keys = [f"{k}_{t}" for t in [""] + (tasks if len(tasks) > 1 else []) for k in ("rsum", "n", "correct", "nmath", "tok", "ent", "count")]
-        local = []
-        for t in [""] + (tasks if len(tasks) > 1 else []):
-            xs = [x for task, x in rollouts if t in ("", task)]
-            fin = [x.reward for x in xs if math.isfinite(x.reward)]
-            math_r = [x.reward for task, x in rollouts if t in ("", task) and task == "math"]   # accuracy: math only
-            local += [sum(fin), len(fin), sum(v > 0.5 for v in math_r), len(math_r), sum(len(x.completion_ids) for x in xs),
-                      sum(sum(x.entropy) for x in xs), len(xs)]
-        cut = sum(x.finish_reason == "length" for _, x in rollouts)   # responses that hit --max-new-tokens
-        g = dict(zip(keys + ["units", "skipped", "stop", "cut"],
-                     all_sum(local + [len(units), len(batch) - len(units), len(stop), cut], a.device)))
-        rec = {"step": step, "reward": g["rsum_"] / max(1, g["n_"]), "accuracy": g["correct_"] / g["nmath_"] if g["nmath_"] else None,
-               "length": g["tok_"] / max(1, g["count_"]), "truncated": g["cut"] / max(1, g["count_"]),
-               "entropy": g["ent_"] / max(1, g["tok_"]), **metrics,
-               "pairs_used" if a.loss in PAIRWISE else "groups_used": int(g["units"]), "skipped": int(g["skipped"]),
+        counts = dict(zip(("units", "skipped", "stop"), all_sum([len(units), len(batch) - len(units), len(stop)], a.device)))
+        rec = {"step": step, **rollout_metrics(batch, tasks, a.device), **metrics,
+               "pairs_used" if a.loss in PAIRWISE else "groups_used": int(counts["units"]), "skipped": int(counts["skipped"]),
                "grad_norm": grad_norm, "staleness": staleness, "rollout_tok_s": gen_tok_s and gen_tok_s * world,
                "step_s": time.time() - t0, "time": {k: round(v, 4) for k, v in spent.items()}}
-        for t in tasks if len(tasks) > 1 else []:
-            n, count = g[f"n_{t}"], g[f"count_{t}"]   # None when this step had no (finite-reward) rollouts of the task
-            rec[f"reward_{t}"] = g[f"rsum_{t}"] / n if n else None
-            rec[f"length_{t}"] = g[f"tok_{t}"] / count if count else None
         records.append(rec)
         if master:
             log.write(json.dumps(rec) + "\n")
             log.flush()
+            if track:
+                track[0](rec)
         bar.set_postfix(reward=f"{rec['reward']:.3f}", len=f"{rec['length']:.0f}")
         bar.update(1)
 
         # ---------------------------------------------------------------------
-        # Checkpoint: consolidated HF weights (gathered a parameter at a time onto rank 0's CPU),
-        # optimizer state sharded by torch.distributed.checkpoint, each rank's rollouts and RNG
-        if (a.save_every and step % a.save_every == 0) or step == a.steps or g["stop"]:
-            weights = {n: t.cpu() for n, t in full_params(policy) if master}
-            ref_params = {n: t.cpu() for n, t in full_params(ref) if master} if a.ref_sync_every else None
-            ranks = gather((buffer, torch.get_rng_state()))
-            state = {"step": step, "ranks": ranks, "last_sync": last_sync, "stats": stats, "args": vars(a)}
-            save_checkpoint(a.out, step, policy, opt, shell, weights, tok, ref_params, state, a.keep, master)
-        if g["stop"]:
+        # Checkpoint: πθ (HF format), optimizer state, πref if synced, each rank's rollouts and RNG
+        if (a.save_every and step % a.save_every == 0) or step == a.steps or counts["stop"]:
+            state = {"step": step, "ranks": (buffer, torch.get_rng_state()), "last_sync": last_sync, "stats": stats, "args": vars(a)}
+            save_checkpoint(a.out, step, policy, opt, shell, tok, ref if a.ref_sync_every else None, state, a.keep,
+                            a.keep_optimizer == "all", master)
+        if counts["stop"]:
             say(f"\nsignal received: checkpoint saved at step {step}; continue with --resume")
             break
     for sig, h in handlers.items():
@@ -696,6 +511,10 @@ def main(argv=None):
         res = gather(heldout_eval(engine, tok, heldout[rank::world], chat_reward, a.max_new_tokens, a.eval_samples, a.temperature))
         if master:
             report("after", res, a.out)
+    if master and records:
+        say(f"curves: {plot_run(a.out)}")
+    if track:
+        track[1]()
     if len(records) >= 8:
         first, last = records[:len(records) // 4], records[-(len(records) // 4):]
         say(f"rollout reward: first quarter {sum(r['reward'] for r in first) / len(first):.3f}"

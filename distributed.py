@@ -1,0 +1,189 @@
+"""
+The distributed plumbing of train.py, out of the training loop's way: the process group,
+FSDP2 sharding (`fully_shard`, used directly), gathers of parameters and metrics over ranks,
+the lockstep rule FSDP's collectives need, and atomic checkpoints.
+
+A plain `python train.py` is one process with no process group: every helper here is then
+the identity (or a plain save/load), so the single-process path reads the same code.
+"""
+import glob
+import math
+import os
+import shutil
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from rollout import Sample, collate, response_logps
+
+def setup_distributed(device):
+    """torchrun sets RANK, WORLD_SIZE, LOCAL_RANK: join the process group (nccl on CUDA, gloo
+    on CPU). A plain `python train.py` stays a single process with no group and no FSDP."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if device.startswith("cuda"):
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def shard(model, device):
+    """FSDP2: one shard group per decoder layer, then the root. On CUDA, bf16 compute with fp32
+    master weights and fp32 gradient reduction."""
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.startswith("cuda") \
+        else MixedPrecisionPolicy()
+    for layer in getattr(getattr(model, "model", None), "layers", []):
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+
+
+def multiprocess():
+    """More than one training process (torchrun). A plain run has no process group, or the
+    one-process group that vLLM's engine makes for itself."""
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_sum(values, device, op="sum"):
+    """Sum (or max) a list of numbers over ranks; the identity on one process."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if multiprocess():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def gather(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if not multiprocess():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def full_params(model):
+    """(name, full tensor) per parameter, all-gathering one parameter at a time so the peak is
+    one unsharded parameter, never the whole model. Every rank must iterate it together."""
+    for name, p in model.named_parameters():
+        yield name, (p.full_tensor() if isinstance(p, DTensor) else p).detach()
+
+
+def merge_metrics(parts):
+    """One step's metrics from per-micro-batch {name: (value, weight)} of all ranks: the loss is
+    summed (each part is already its share of the step), *_min / *_max reduce by min / max,
+    the rest are weighted means."""
+    out = {}
+    for k in sorted({k for p in parts for k in p}):
+        vw = [p[k] for p in parts if k in p]
+        if k == "loss":
+            out[k] = sum(v for v, _ in vw)
+        elif k.endswith(("_min", "_max")):
+            out[k] = (min if k.endswith("_min") else max)(v for v, _ in vw)
+        else:
+            out[k] = sum(v * w for v, w in vw) / max(1e-12, sum(w for _, w in vw))
+    return out
+
+
+def spare_unit(batch, tok):
+    """A one-response unit for a rank with nothing to train on, so that it still runs FSDP's
+    collectives in step with the others (its loss is multiplied by zero)."""
+    return [[x] for _, g in batch for x in g][:1] or [[Sample([tok.eos_token_id], [tok.eos_token_id], [0.0], [0.0], "", "stop")]]
+
+
+@torch.no_grad()
+def stamp_old_logps(model, groups, temperature, chunk, device, tok):
+    """At a sync πθ is πθ_old: store the trainer's own log πθ_old(y_t | x, y_<t) in each response
+    of `groups` (Sample.old_logps), for the steps that train on these rollouts once πθ has moved.
+    Every rank runs the same number of forwards (FSDP)."""
+    n = int(all_sum([math.ceil(len(groups) / chunk)], device, op="max")[0])
+    for i in range(n):
+        part = groups[i * chunk:(i + 1) * chunk]
+        lp = response_logps(model, collate(part or spare_unit([], tok), device), temperature)
+        for x, row in zip([x for g in part for x in g], lp):
+            x.old_logps = row[:len(x.completion_ids)].tolist()
+
+
+def save_checkpoint(out, step, policy, opt, shell, tok, ref, state, keep, all_optimizers, master):
+    """Atomic: write into a temporary folder, rename it, then repoint `latest` by rename too.
+    A kill at any moment leaves the previous checkpoint complete and `latest` pointing at it.
+
+    Every rank calls this. πθ is saved as a consolidated Hugging Face checkpoint usable anywhere
+    (gathered a parameter at a time onto rank 0's CPU and written through `shell`, an empty model
+    of its class); the optimizer state sharded by torch.distributed.checkpoint (each rank writes
+    its own shards; any number of processes can load it back); πref when given (a synced one);
+    `state` with state["ranks"] gathered from every rank (its rollouts and RNG). `keep`
+    checkpoints stay on disk; unless all_optimizers, only the newest keeps its optimizer state
+    (twice the weights' size under AdamW; --resume needs only the newest)."""
+    weights = {n: t.cpu() for n, t in full_params(policy) if master}
+    ref_params = {n: t.cpu() for n, t in full_params(ref) if master} if ref is not None else None
+    state = {**state, "ranks": gather(state["ranks"])}
+    final = os.path.join(out, f"ckpt-{step:06d}")
+    tmp = final + ".tmp"
+    try:   # disk full or unwritable: drop the half-written folder, keep the previous checkpoint, stop
+        if master:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        if multiprocess():
+            dist.barrier()
+        dcp.save({"optimizer": get_optimizer_state_dict(policy, opt)}, checkpoint_id=os.path.join(tmp, "optimizer"),
+                 no_dist=not multiprocess())
+        if master:
+            shell.save_pretrained(tmp, state_dict=weights)
+            tok.save_pretrained(tmp)
+            if ref_params is not None:
+                torch.save(ref_params, os.path.join(tmp, "ref.pt"))
+            torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+    except (OSError, RuntimeError) as e:   # torch.save reports a full disk as RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        latest = os.path.join(out, "latest")
+        kept = open(latest).read().strip() if os.path.exists(latest) else None
+        sys.exit(f"--out {out}: the checkpoint of step {step} could not be written ({e}); "
+                 + (f"the previous checkpoint {kept} is intact (--resume continues from it)" if kept else "no earlier checkpoint"))
+    if master:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        with open(os.path.join(out, "latest.tmp"), "w") as f:
+            f.write(os.path.basename(final))
+        os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
+        older = sorted(glob.glob(os.path.join(out, "ckpt-??????")))[:-1]
+        for old in older[:len(older) + 1 - keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        for old in older[len(older) + 1 - keep:] if not all_optimizers else []:
+            shutil.rmtree(os.path.join(old, "optimizer"), ignore_errors=True)
+    if multiprocess():
+        dist.barrier()
+    return final
+
+
+def load_ref(ckpt, ref):
+    """πref as a checkpoint saved it (only runs that sync πref save it), before sharding."""
+    if ref is None or not os.path.exists(os.path.join(ckpt, "ref.pt")):
+        return
+    saved = torch.load(os.path.join(ckpt, "ref.pt"))   # parameters only (tied ones once)
+    params = dict(ref.named_parameters())
+    if set(saved) != set(params):
+        sys.exit(f"{ckpt}/ref.pt does not match the model's parameters")
+    with torch.no_grad():
+        for name, t in saved.items():
+            params[name].copy_(t)
+
+
+def load_checkpoint(ckpt, policy, opt, world, rank):
+    """Resume from `ckpt`: the optimizer state (saved sharded; loaded into this run's layout, any
+    number of processes) and the trainer state. Returns
+    (step, last sync step, stats, this rank's rollout buffer or None when the number of processes
+    changed and the rollouts must be regenerated)."""
+    st = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+    osd = get_optimizer_state_dict(policy, opt)   # this run's (sharded) layout, filled from the saved shards
+    dcp.load({"optimizer": osd}, checkpoint_id=os.path.join(ckpt, "optimizer"), no_dist=not multiprocess())
+    set_optimizer_state_dict(policy, opt, osd)
+    buffer = None
+    if len(st["ranks"]) == world:   # same number of processes: each rank takes back its rollouts and RNG
+        buffer, rng_state = st["ranks"][rank]
+        torch.set_rng_state(rng_state)
+    return st["step"], st["last_sync"], st["stats"], buffer

@@ -1,0 +1,67 @@
+"""What a run leaves behind: its directory (log, held-out scores, curves, checkpoints), the
+optional trackers in offline mode, and --help.  Run: pytest tests/test_outputs.py"""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import rewards
+import train
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    p = tmp_path / "train.jsonl"
+    p.write_text("".join(json.dumps({"problem": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(8)))
+    return str(p)
+
+
+def tiny_run(model, data, out, *extra):
+    return train.main(["--model", model, "--train-data", data, "--eval-problems", "2", "--batch-prompts", "2", "--n", "2",
+                       "--max-new-tokens", "4", "--lr", "1e-3", "--out", str(out), *extra])
+
+
+def test_run_directory_explains_itself(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(rewards, "math_reward", lambda text, answer: float(len(text) % 2 == 0))
+    out = tmp_path / "run"
+    tiny_run(tiny_model_dir, data_file, out, "--steps", "3", "--save-every", "1", "--keep", "2")
+    names = set(os.listdir(out))
+    assert {"log.jsonl", "heldout_before.json", "heldout_after.json", "curves.png", "latest", "ckpt-000002", "ckpt-000003"} == names
+    assert os.path.getsize(out / "curves.png") > 20_000
+    # --keep 2, --keep-optimizer last: the older kept checkpoint holds weights only
+    assert not (out / "ckpt-000002" / "optimizer").exists() and (out / "ckpt-000003" / "optimizer").is_dir()
+    assert glob.glob(str(out / "ckpt-000002" / "*.safetensors"))
+    tiny_run(tiny_model_dir, data_file, tmp_path / "all", "--steps", "2", "--save-every", "1", "--keep-optimizer", "all",
+             "--eval-problems", "0")
+    assert (tmp_path / "all" / "ckpt-000001" / "optimizer").is_dir()
+
+
+def test_tensorboard_offline(tiny_model_dir, data_file, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tiny_run(tiny_model_dir, data_file, tmp_path / "tb", "--steps", "2", "--eval-problems", "0", "--report-to", "tensorboard")
+    acc = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    acc.Reload()
+    logged = [json.loads(line) for line in open(tmp_path / "tb" / "log.jsonl")]
+    assert {"reward", "length", "entropy", "time/generate"} <= set(acc.Tags()["scalars"])
+    assert [e.value for e in acc.Scalars("length")] == pytest.approx([r["length"] for r in logged])
+
+
+def test_wandb_offline(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    tiny_run(tiny_model_dir, data_file, tmp_path / "wb", "--steps", "2", "--eval-problems", "0", "--report-to", "wandb")
+    runs = glob.glob(str(tmp_path / "wb" / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(runs) == 1 and os.path.getsize(runs[0]) > 0
+
+
+def test_help_shows_defaults_and_choices():
+    text = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--help"], capture_output=True, text=True).stdout
+    assert "(default: 24)" in text and "{dpo,group_dpo,grpo,combined}" in text and "{none,tensorboard,wandb}" in text
+    assert "torchrun --standalone --nproc_per_node 8 train.py" in text   # the docstring's examples keep their lines
