@@ -55,11 +55,16 @@ def row_prompt(row):
     return row["prompt"] if row["task"] == "chat" else math_prompt(row["problem"])
 
 
-def split_task(task, train_data, difficulty, eval_problems, seed, data_dir=DATA_DIR):
+def split_task(task, train_data, difficulty, eval_problems, seed, data_dir=DATA_DIR, eval_data=None):
     """(train rows, held-out rows) for --task math | chat | mix. With --train-data the file's
     rows (math and/or chat) are shuffled and the first `eval_problems` held out; otherwise math
     is the built-in arithmetic (held-out problems excluded from training) and chat the shipped
-    chat_train.jsonl prompts; mix holds out `eval_problems` of each."""
+    chat_train.jsonl prompts; mix holds out `eval_problems` of each. With eval_data the held-out
+    rows are that file's instead, and training rows with the same prompt are dropped."""
+    if eval_data:
+        heldout = load_jsonl(eval_data, fields=None)
+        seen = {row_prompt(h) for h in heldout}
+        return [r for r in split_task(task, train_data, difficulty, 0, seed, data_dir)[0] if row_prompt(r) not in seen], heldout
     if train_data:
         rows = load_jsonl(train_data, fields=None)
         random.Random(seed).shuffle(rows)

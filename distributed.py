@@ -7,10 +7,12 @@ A plain `python train.py` is one process with no process group: every helper her
 the identity (or a plain save/load), so the single-process path reads the same code.
 """
 import glob
+import json
 import math
 import os
 import shutil
 import sys
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -20,6 +22,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from rollout import Sample, collate, response_logps
+
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")   # dcp in a single process: intended
 
 def setup_distributed(device):
     """torchrun sets RANK, WORLD_SIZE, LOCAL_RANK: join the process group (nccl on CUDA, gloo
@@ -173,15 +177,20 @@ def load_ref(ckpt, ref):
             params[name].copy_(t)
 
 
-def load_checkpoint(ckpt, policy, opt, world, rank):
+def load_checkpoint(ckpt, policy, opt, world, rank, log):
     """Resume from `ckpt`: the optimizer state (saved sharded; loaded into this run's layout, any
-    number of processes) and the trainer state. Returns
+    number of processes) and the trainer state; the `log` (rank 0's log.jsonl) loses the lines a
+    killed run wrote after the checkpoint. Returns
     (step, last sync step, stats, this rank's rollout buffer or None when the number of processes
     changed and the rollouts must be regenerated)."""
     st = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
     osd = get_optimizer_state_dict(policy, opt)   # this run's (sharded) layout, filled from the saved shards
     dcp.load({"optimizer": osd}, checkpoint_id=os.path.join(ckpt, "optimizer"), no_dist=not multiprocess())
     set_optimizer_state_dict(policy, opt, osd)
+    if rank == 0:
+        keep = [line for line in open(log) if json.loads(line)["step"] <= st["step"]]
+        with open(log, "w") as f:
+            f.writelines(keep)
     buffer = None
     if len(st["ranks"]) == world:   # same number of processes: each rank takes back its rollouts and RNG
         buffer, rng_state = st["ranks"][rank]

@@ -44,6 +44,7 @@ def grade(response: str, answer: str) -> float:
 def _grader_main():
     """The grader process: one JSON [response, answer] per line in, one JSON result per line out."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's; we end when stdin closes
+    grade("\\boxed{1}", "1")   # the first parse imports and builds Math-Verify's parsers: off the clock
     print('"ready"', flush=True)
     for line in sys.stdin:
         try:

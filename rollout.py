@@ -55,6 +55,15 @@ class Sample:
     old_logps: list = None      # the trainer's log πθ_old per token, where a sync stamped it (train.py)
 
 
+def cpu_has_bf16():
+    """Whether this CPU has bf16 matrix instructions (avx512_bf16 or AMX): bf16 matmuls run ~2x fp32."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
 def chat_prompt_ids(tokenizer, user_text, system=None):
     """The token ids of x: the tokenizer's chat template with the generation prompt added."""
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_text}]

@@ -7,7 +7,12 @@ with the trained weights. s=1 is online, s=inf offline (every response sampled f
 model), s=epoch is iterative DPO; at each sync the rollouts of the next s steps are generated
 together in one batch.
 
-Run (CPU, default SmolLM2-135M-Instruct on built-in arithmetic, ~5-6 min on 2 cores):
+main() reads as the paper's §2: sync → generate the rollouts of the next s steps → score →
+pairs (DPO) or groups (the rest) → loss → optimizer step → log (and checkpoint). The objectives
+are pure functions in dpo.py and grpo.py, picked from LOSSES below; the distributed plumbing
+(FSDP2 sharding, gathers over ranks, checkpoints) is in distributed.py.
+
+Run (CPU, default SmolLM2-135M-Instruct on built-in arithmetic, ~7 min on 2 cores):
     python train.py
 Other regimes and losses:
     python train.py --loss grpo --sync-every 1
@@ -29,24 +34,21 @@ import random
 import signal
 import sys
 import time
-import warnings
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from data import (COUNT, FRACTION, HelpFormatter, NONNEGATIVE, POSITIVE, POSITIVE_INT, existing_file, load_jsonl, model_name,
-                  number, row_prompt, split_task)
-from distributed import (all_sum, full_params, gather, load_checkpoint, load_ref, merge_metrics, multiprocess, save_checkpoint, setup_distributed,
-                         shard, spare_unit, stamp_old_logps)
+from data import (COUNT, FRACTION, HelpFormatter, NONNEGATIVE, POSITIVE, POSITIVE_INT, existing_file, model_name, number,
+                  row_prompt, split_task)
+from distributed import (all_sum, full_params, gather, load_checkpoint, load_ref, merge_metrics, multiprocess, save_checkpoint,
+                         setup_distributed, shard, spare_unit, stamp_old_logps)
 from dpo import dpo_loss, entropy_regularizer, group_dpo_loss, implicit_reward, nll_loss, select_pair, token_entropy
 from eval import heldout_eval, plot_run, report, tracker
 from grpo import TOKEN_AVERAGES, combined_loss, grpo_advantages, grpo_loss, kl_k3
 from rewards import make_scalar_reward, score, stats as grading
-from rollout import DEFAULT_MODEL, HFEngine, VLLMEngine, chat_prompt_ids, collate, load_model, response_logps
-
-warnings.filterwarnings("ignore", message="torch.distributed is disabled")   # dcp in a single process: intended
+from rollout import DEFAULT_MODEL, HFEngine, VLLMEngine, chat_prompt_ids, collate, cpu_has_bf16, load_model, response_logps
 
 
 def parse_args(argv=None):
@@ -154,15 +156,6 @@ def uses_reference(a):
     return a.loss != "grpo" or a.kl_coef > 0
 
 
-def cpu_has_bf16():
-    """Whether this CPU has bf16 matrix instructions (avx512_bf16 or AMX): bf16 matmuls run ~2x fp32."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
 # -----------------------------------------------------------------------------
 # Objectives: --loss picks one. Each maps a micro-batch of G responses per prompt to
 # (loss, metrics). b["pi"], b["ref"], b["old"], b["mask"]: [P*G, T] token log-probs and mask;
@@ -207,6 +200,126 @@ RATIO = {"grpo", "combined"}   # losses with GRPO's importance ratio πθ/πθ_o
 
 # -----------------------------------------------------------------------------
 # Helpers used by the loop below
+
+
+def rollouts(engine, plan, a, offline, chat_reward, spent):
+    """Generate → score, for every step of the window at once: `plan` has one list of (row, prompt
+    ids) per step. Returns one list of (row, responses) per step, and the tokens generated.
+    Offline (s = ∞): each distinct prompt is answered once, by the seed model, and reused on every
+    pass over the data (the paper's offline DPO trains on one fixed set of responses)."""
+    todo = [x for p in plan for x in p]
+    if offline:
+        todo = list({r["id"]: (r, ids) for r, ids in todo}.values())
+    tick = time.time()
+    groups = engine.generate([ids for _, ids in todo], a.n, a.temperature, a.top_p, a.max_new_tokens)
+    tick = clock(spent, "generate", tick)
+    # math: 1/0 by Math-Verify; chat: the reward model (or the judge)
+    score([r for r, _ in todo for _ in range(a.n)], [x for g in groups for x in g], chat_reward, a.length_penalty)
+    clock(spent, "score", tick)
+    made, it = {r["id"]: g for (r, _), g in zip(todo, groups)}, iter(groups)
+    return [[(r, made[r["id"]] if offline else next(it)) for r, _ in p] for p in plan], \
+        sum(len(x.completion_ids) for g in groups for x in g)
+
+
+def pairs_or_groups(batch, a, pair_key, stats):
+    """The step's training units: one (chosen, rejected) pair per prompt for DPO (§2: a random
+    correct vs a random incorrect response; best vs worst for scalar rewards), the whole group
+    for the rest. A prompt whose responses all tie carries no preference and is skipped; GRPO
+    still counts it in its mean (A = 0, as DeepSeekMath and TRL) and trains on it only when the
+    KL term gives it a gradient. Returns (units, responses, tokens): the counts over the scored
+    responses are GRPO's denominators."""
+    units, n_resp, n_tok = [], 0, 0
+    for r, g in batch:
+        rng = random.Random(f"{a.seed}-pairs-{pair_key}-{r['id']}")   # the same pair on any number of ranks
+        rw = [x.reward for x in g]
+        if not all(map(math.isfinite, rw)):   # a reward model returned NaN/inf: skip, counted
+            stats["bad_rewards"] += 1
+            continue
+        n_resp, n_tok = n_resp + len(g), n_tok + sum(len(x.completion_ids) for x in g)
+        if a.loss in PAIRWISE:
+            pair = select_pair(rw, verifiable=r["task"] == "math", rng=rng)
+            if pair:
+                units.append([g[pair[0]], g[pair[1]]])
+        elif max(rw) > min(rw) or (a.loss in RATIO and a.kl_coef):
+            units.append(g)
+    return units, n_resp, n_tok
+
+
+def loss_and_backward(units, n_resp, n_tok, batch, a, policy, ref, staleness, tis, world, tok, spent):
+    """The step's loss and its gradient, over micro-batches of whole units. Each micro-batch's loss
+    is its part of the step's (shares over all ranks' units; FSDP averages gradients over ranks,
+    hence the factor `world`), so the gradient is the step's whatever the micro-batching. Every
+    rank runs the same number of micro-batches so FSDP's collectives line up: a rank out of units
+    runs a zero-weight pass. Returns (the step's metrics over all ranks, units over all ranks)."""
+    prefers = [max(x.reward for x in u) > min(x.reward for x in u) for u in units]
+    policy.train()
+    n_micro = all_sum([math.ceil(len(units) / a.micro_groups)], a.device, op="max")[0]
+    total_units, total_pref, total_resp, total_tok = all_sum([len(units), sum(prefers), n_resp, n_tok], a.device)
+    parts = []   # per micro-batch {metric: (value, weight)}
+    for i in range(int(n_micro) if total_units else 0):
+        mb = units[i * a.micro_groups:(i + 1) * a.micro_groups]
+        b = collate(mb or spare_unit(batch, tok), a.device)
+        tick = time.time()
+        b["pi"], logits = response_logps(policy, b, a.temperature, with_logits=True, share_prompt=not a.grad_checkpointing)
+        tick = clock(spent, "policy", tick)
+        with torch.no_grad():
+            b["ref"] = response_logps(ref, b, a.temperature) if ref is not None else None
+        tick = clock(spent, "ref", tick)
+        if not mb:
+            (b["pi"].sum() * 0).backward()
+            continue
+        b["rewards"] = torch.tensor([[x.reward for x in u] for u in mb], device=a.device)
+        b["share"] = sum(prefers[i * a.micro_groups:(i + 1) * a.micro_groups]) / max(1, total_pref)
+        b["denom"] = total_resp if a.token_average == "sequence" else total_tok
+        on, sampler, tokens = b["mask"].bool(), b["old"], b["mask"].sum().item()
+        m = {}
+        if staleness == 0:   # nothing is stale: πθ_old = πθ, so GRPO's ratio is exactly 1
+            b["old"] = b["pi"].detach()
+            gap = (sampler - b["old"]).abs()[on]   # sampler vs trainer: the same weights, other numerics
+            m |= {"mismatch_mean": (gap.mean().item(), tokens), "mismatch_max": (gap.max().item(), 1)}
+        elif tis:   # the trainer's own πθ_old, computed at the sync
+            b["old"] = b["old_trainer"]
+        b["is_w"] = (b["old"] - sampler).exp().clamp(max=a.tis_cap) * b["mask"] if tis else None
+        loss, extra = LOSSES[a.loss](b, a)
+        unit_share = len(mb) / total_units
+        if a.nll_coef:   # NLL on chosen responses: the first of a pair, the correct ones of a group
+            chosen = (b["rewards"] == b["rewards"].max(-1, keepdim=True).values).flatten()
+            loss = loss + a.nll_coef * unit_share * nll_loss(b["pi"][chosen], b["mask"][chosen])
+        if a.entropy_coef:
+            loss = loss + unit_share * entropy_regularizer(token_entropy(logits, b["mask"]), a.entropy_coef)
+        (loss * world).backward()
+        tick = clock(spent, "policy", tick)
+        m["loss"] = (loss.item(), 1)
+        if ref is not None:
+            m["kl"] = (((kl_k3(b["pi"].detach(), b["ref"]) * b["mask"]).sum() / tokens).item(), tokens)
+        for k, v in extra.items():   # GRPO's ratio stats per token, the DPO margins per unit
+            if k == "kl":
+                continue
+            v = float(v)
+            m[k] = (v, 1) if k.endswith(("_min", "_max")) else (v, tokens if k in ("ratio_mean", "clip_frac") else len(mb))
+        parts.append(m)
+    return {"loss": None, "kl": None} | merge_metrics([p for ps in gather(parts) for p in ps]), total_units
+
+
+def optimizer_step(policy, opt, a, loss, total_units, stats, say, step):
+    """Clip the gradient and step AdamW; a non-finite loss or gradient skips the update (counted),
+    and --max-bad-steps of them in a row stop the run. Returns the gradient norm (None without units)."""
+    grad_norm = None
+    if total_units:
+        gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), a.grad_clip or float("inf"))
+        grad_norm = (gn.full_tensor() if isinstance(gn, DTensor) else gn).item()
+        if math.isfinite(grad_norm) and math.isfinite(loss):
+            opt.step()
+            stats["bad_in_a_row"] = 0
+        else:
+            stats["nan_skips"] += 1
+            stats["bad_in_a_row"] += 1
+            say(f"step {step}: non-finite loss/gradient, update skipped ({stats['nan_skips']} so far)")
+            if stats["bad_in_a_row"] >= a.max_bad_steps:
+                sys.exit(f"stopping: {a.max_bad_steps} non-finite losses/gradients in a row (lower --lr? "
+                         f"check the reward model); the last checkpoint in {a.out} is intact")
+        opt.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 def rollout_metrics(batch, tasks, device):
@@ -261,11 +374,7 @@ def main(argv=None):
     # -------------------------------------------------------------------------
     # Data: training prompts and a disjoint held-out set of the same task
     try:
-        train, heldout = split_task(a.task, a.train_data, a.difficulty, 0 if a.eval_data else a.eval_problems, a.seed)
-        if a.eval_data:   # a fixed held-out set (reproduce.py: the same rows for every arm and seed)
-            heldout = load_jsonl(a.eval_data, fields=None)
-            seen = {row_prompt(h) for h in heldout}
-            train = [r for r in train if row_prompt(r) not in seen]
+        train, heldout = split_task(a.task, a.train_data, a.difficulty, a.eval_problems, a.seed, eval_data=a.eval_data)
     except (OSError, ValueError) as e:
         sys.exit(str(e))
     if not train:
@@ -319,16 +428,12 @@ def main(argv=None):
     opt = torch.optim.AdamW(policy.parameters(), lr=a.lr, weight_decay=a.weight_decay, fused=True)   # one kernel: 6x faster on CPU
     step, buffer, last_sync, stats = 0, [], 0, {"nan_skips": 0, "bad_in_a_row": 0, "long_prompts": 0, "bad_rewards": 0}
     if ckpt:
-        step, last_sync, stats, buffer = load_checkpoint(ckpt, policy, opt, world, rank)
+        step, last_sync, stats, buffer = load_checkpoint(ckpt, policy, opt, world, rank, os.path.join(a.out, "log.jsonl"))
         if buffer is None:   # a different number of processes: regenerate the rollout window from the current weights
             buffer = []
             torch.manual_seed(a.seed + rank + 7919 * step)
             say(f"resuming on {world} processes from a checkpoint of another size: rollouts regenerated")
         say(f"resumed from {ckpt} at step {step}")
-        if master:
-            keep = [line for line in open(os.path.join(a.out, "log.jsonl")) if json.loads(line)["step"] <= step]
-            with open(os.path.join(a.out, "log.jsonl"), "w") as f:   # drop what a killed run logged after its checkpoint
-                f.writelines(keep)
     elif a.resume:
         say(f"--resume: no checkpoint in {a.out}, starting fresh")
     if not ckpt and heldout and not a.no_eval_before:
@@ -364,19 +469,9 @@ def main(argv=None):
             last_sync = step
             upto = min(a.steps, step + s) if s != math.inf else a.steps
             plan = [[(r, ids) for r in batch_rows(k) if (ids := prompt_ids(r)) is not None] for k in range(step, upto)]
-            todo = [x for p in plan for x in p]
-            if s == math.inf:   # offline: each prompt's responses are generated once, by the seed model, and reused on every pass
-                todo = list({r["id"]: (r, ids) for r, ids in todo}.values())
             tick = clock(spent, "sync", tick)
-            groups = engine.generate([ids for _, ids in todo], a.n, a.temperature, a.top_p, a.max_new_tokens)
-            tick = clock(spent, "generate", tick)
-            gen_tok_s = sum(len(x.completion_ids) for g in groups for x in g) / spent["generate"]
-            # ---------------------------------------------------------------------
-            # Score: math 1/0 by Math-Verify; chat by the reward model (or the judge)
-            score([r for r, _ in todo for _ in range(a.n)], [x for g in groups for x in g], chat_reward, a.length_penalty)
-            made, it = {r["id"]: g for (r, _), g in zip(todo, groups)}, iter(groups)
-            buffer = [[(r, made[r["id"]] if s == math.inf else next(it)) for r, _ in p] for p in plan]   # (row, responses) per step
-            tick = clock(spent, "score", tick)
+            buffer, generated = rollouts(engine, plan, a, s == math.inf, chat_reward, spent)
+            gen_tok_s, tick = generated / spent["generate"], time.time()
             if tis and len(buffer) > 1:   # the trainer's πθ_old for the steps that will train on stale rollouts
                 stamp_old_logps(policy, [g for p in buffer[1:] for _, g in p], a.temperature, a.micro_groups, a.device, tok)
                 tick = clock(spent, "old_logps", tick)
@@ -384,92 +479,14 @@ def main(argv=None):
         staleness = step - last_sync
 
         # ---------------------------------------------------------------------
-        # Build pairs (dpo) or groups (the rest). A prompt whose responses all tie carries no
-        # preference and is skipped; GRPO still counts it in its mean (A = 0, as DeepSeekMath
-        # and TRL), and trains on it only when the KL term gives it a gradient.
-        units, n_resp, n_tok = [], 0, 0
-        for r, g in batch:
-            rng = random.Random(f"{a.seed}-pairs-{'offline' if s == math.inf else step}-{r['id']}")   # same on any number of ranks; offline: one fixed pair per prompt
-            rw = [x.reward for x in g]
-            if not all(map(math.isfinite, rw)):   # a reward model returned NaN/inf: skip, counted
-                stats["bad_rewards"] += 1
-                continue
-            n_resp, n_tok = n_resp + len(g), n_tok + sum(len(x.completion_ids) for x in g)
-            if a.loss in PAIRWISE:
-                pair = select_pair(rw, verifiable=r["task"] == "math", rng=rng)
-                if pair:
-                    units.append([g[pair[0]], g[pair[1]]])
-            elif max(rw) > min(rw) or (a.loss in RATIO and a.kl_coef):
-                units.append(g)
-        prefers = [max(x.reward for x in u) > min(x.reward for x in u) for u in units]
+        # Pairs (DPO) or groups (the rest)
+        units, n_resp, n_tok = pairs_or_groups(batch, a, "offline" if s == math.inf else step, stats)
 
         # ---------------------------------------------------------------------
-        # Loss and update. Micro-batches of whole units; each micro-batch's loss is its part
-        # of the step's (shares over all ranks' units; FSDP averages gradients over ranks,
-        # hence the factor `world`). Every rank runs the same number of micro-batches so FSDP's
-        # collectives line up: a rank out of units runs a zero-weight pass.
-        policy.train()
-        n_micro = all_sum([math.ceil(len(units) / a.micro_groups)], a.device, op="max")[0]
-        total_units, total_pref, total_resp, total_tok = all_sum([len(units), sum(prefers), n_resp, n_tok], a.device)
-        parts = []   # per micro-batch {metric: (value, weight)}
-        for i in range(int(n_micro) if total_units else 0):
-            mb = units[i * a.micro_groups:(i + 1) * a.micro_groups]
-            b = collate(mb or spare_unit(batch, tok), a.device)
-            tick = time.time()
-            b["pi"], logits = response_logps(policy, b, a.temperature, with_logits=True, share_prompt=not a.grad_checkpointing)
-            tick = clock(spent, "policy", tick)
-            with torch.no_grad():
-                b["ref"] = response_logps(ref, b, a.temperature) if needs_ref else None
-            tick = clock(spent, "ref", tick)
-            if not mb:
-                (b["pi"].sum() * 0).backward()
-                continue
-            b["rewards"] = torch.tensor([[x.reward for x in u] for u in mb], device=a.device)
-            b["share"] = sum(prefers[i * a.micro_groups:(i + 1) * a.micro_groups]) / max(1, total_pref)
-            b["denom"] = total_resp if a.token_average == "sequence" else total_tok
-            on, sampler, tokens = b["mask"].bool(), b["old"], b["mask"].sum().item()
-            m = {}
-            if staleness == 0:   # nothing is stale: πθ_old = πθ, so GRPO's ratio is exactly 1
-                b["old"] = b["pi"].detach()
-                gap = (sampler - b["old"]).abs()[on]   # sampler vs trainer: the same weights, other numerics
-                m |= {"mismatch_mean": (gap.mean().item(), tokens), "mismatch_max": (gap.max().item(), 1)}
-            elif tis:   # the trainer's own πθ_old, computed at the sync
-                b["old"] = b["old_trainer"]
-            b["is_w"] = (b["old"] - sampler).exp().clamp(max=a.tis_cap) * b["mask"] if tis else None
-            loss, extra = LOSSES[a.loss](b, a)
-            unit_share = len(mb) / total_units
-            if a.nll_coef:   # NLL on chosen responses: the first of a pair, the correct ones of a group
-                chosen = (b["rewards"] == b["rewards"].max(-1, keepdim=True).values).flatten()
-                loss = loss + a.nll_coef * unit_share * nll_loss(b["pi"][chosen], b["mask"][chosen])
-            if a.entropy_coef:
-                loss = loss + unit_share * entropy_regularizer(token_entropy(logits, b["mask"]), a.entropy_coef)
-            (loss * world).backward()
-            tick = clock(spent, "policy", tick)
-            m["loss"] = (loss.item(), 1)
-            if needs_ref:
-                m["kl"] = (((kl_k3(b["pi"].detach(), b["ref"]) * b["mask"]).sum() / tokens).item(), tokens)
-            for k, v in extra.items():   # GRPO's ratio stats per token, the DPO margins per unit
-                if k == "kl":
-                    continue
-                v = float(v)
-                m[k] = (v, 1) if k.endswith(("_min", "_max")) else (v, tokens if k in ("ratio_mean", "clip_frac") else len(mb))
-            parts.append(m)
-        metrics = {"loss": None, "kl": None} | merge_metrics([p for ps in gather(parts) for p in ps])
-        grad_norm, tick = None, time.time()
-        if total_units:
-            gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), a.grad_clip or float("inf"))
-            grad_norm = (gn.full_tensor() if isinstance(gn, DTensor) else gn).item()
-            if math.isfinite(grad_norm) and math.isfinite(metrics["loss"]):
-                opt.step()
-                stats["bad_in_a_row"] = 0
-            else:
-                stats["nan_skips"] += 1
-                stats["bad_in_a_row"] += 1
-                say(f"step {step}: non-finite loss/gradient, update skipped ({stats['nan_skips']} so far)")
-                if stats["bad_in_a_row"] >= a.max_bad_steps:
-                    sys.exit(f"stopping: {a.max_bad_steps} non-finite losses/gradients in a row (lower --lr? "
-                             f"check the reward model); the last checkpoint in {a.out} is intact")
-            opt.zero_grad(set_to_none=True)
+        # Loss → gradient → optimizer step
+        metrics, total_units = loss_and_backward(units, n_resp, n_tok, batch, a, policy, ref, staleness, tis, world, tok, spent)
+        tick = time.time()
+        grad_norm = optimizer_step(policy, opt, a, metrics["loss"], total_units, stats, say, step)
         clock(spent, "optimizer", tick)
         step += 1
         if a.ref_sync_every and step % a.ref_sync_every == 0:

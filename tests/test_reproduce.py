@@ -1,6 +1,5 @@
 """The reproduction sweep end to end, 2 steps per arm on a tiny random model (a smoke test:
 the numbers mean nothing here), and its paired statistics by hand.  Run: pytest tests/test_reproduce.py"""
-import json
 import os
 
 import pytest

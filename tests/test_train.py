@@ -324,3 +324,23 @@ def test_inverse_cdf_sampler_draws_from_the_distribution():
     freq = torch.bincount(sample_token(scores), minlength=5) / 20000
     p = torch.softmax(scores[0], -1)
     assert freq[2] == 0 and torch.allclose(freq, p, atol=0.015), (freq, p)
+
+
+def test_pairs_or_groups_by_hand():
+    """DPO: one pair per prompt with a preference, chosen first; ties skipped; a NaN reward skips the
+    prompt (counted) and leaves GRPO's denominators. GRPO keeps tied groups only with a KL term."""
+    from argparse import Namespace
+    from rollout import Sample
+
+    def group(*rewards):
+        return [Sample([1], [2] * (i + 1), [0.0] * (i + 1), [0.0] * (i + 1), "", "stop", reward=r) for i, r in enumerate(rewards)]
+    batch = [({"id": "a", "task": "math"}, group(1.0, 0.0, 0.0)), ({"id": "b", "task": "math"}, group(1.0, 1.0, 1.0)),
+             ({"id": "c", "task": "math"}, group(float("nan"), 0.0, 1.0))]
+    stats = {"bad_rewards": 0}
+    units, n_resp, n_tok = train.pairs_or_groups(batch, Namespace(seed=0, loss="dpo", kl_coef=0.0), 0, stats)
+    assert len(units) == 1 and [x.reward for x in units[0]] == [1.0, 0.0]
+    assert (n_resp, n_tok, stats["bad_rewards"]) == (6, 12, 1)
+    units, _, _ = train.pairs_or_groups(batch, Namespace(seed=0, loss="grpo", kl_coef=0.0), 0, stats)
+    assert [len(u) for u in units] == [3]
+    units, _, _ = train.pairs_or_groups(batch, Namespace(seed=0, loss="grpo", kl_coef=0.1), 0, stats)
+    assert [len(u) for u in units] == [3, 3]
