@@ -34,7 +34,7 @@ import sys
 import time
 
 from data import COUNT, HelpFormatter, POSITIVE_INT, arithmetic_problems, existing_file, load_jsonl, number
-from eval import mean_se
+from eval import mean_se, win_rate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRAIN_DEFAULTS = ["--n", "4"]   # 4 responses a prompt: half the rollout time of train.py's 8 (README: the pilot)
@@ -131,9 +131,9 @@ def load_run(a, name, evalset, seed):
 
 def chat_wins(run):
     """Per held-out chat prompt: 1 / 0.5 / 0 as the trained model's greedy response beats / ties / loses
-    to the seed model's on the same prompt, both scored by the same judge."""
+    to the seed model's on the same prompt, both scored by the same judge (eval.win_rate)."""
     after, before = run["after"]["chat"]["scores"], run["before"]["chat"]["scores"]
-    return {i: 1.0 if after[i] > before[i] else 0.5 if after[i] == before[i] else 0.0 for i in after}
+    return dict(zip(after, win_rate([after[i] for i in after], [before[i] for i in after])[0]))
 
 
 def scores(run, metric):
@@ -143,8 +143,8 @@ def scores(run, metric):
 
 def arm_summary(runs, metric):
     """(mean, SE): over seeds when there are several, else over held-out rows."""
-    means = [sum(scores(r, metric).values()) / len(scores(r, metric)) for r in runs]
-    return mean_se(means) if len(runs) > 1 else mean_se(list(scores(runs[0], metric).values()))
+    per_run = [list(scores(r, metric).values()) for r in runs]
+    return mean_se([sum(x) / len(x) for x in per_run]) if len(runs) > 1 else mean_se(per_run[0])
 
 
 def paired(runs_a, runs_b, metric):
@@ -240,7 +240,7 @@ def figures(res, a):
     if t3:
         fig, ax = plt.subplots(figsize=(6, 3.8))
         for j, metric in enumerate(("math", "chat_win")):
-            ms = [mean_se(list(scores(res[n][0], metric).values())) for n in t3]
+            ms = [arm_summary([res[n][0]], metric) for n in t3]
             ax.bar([i + 0.4 * j for i in range(len(t3))], [100 * m for m, _ in ms], 0.4, yerr=[200 * se for _, se in ms],
                    capsize=3, label={"math": "math held-out accuracy (greedy)", "chat_win": "chat win rate vs seed model"}[metric])
         ax.set_xticks([i + 0.2 for i in range(len(t3))], ["math only", "chat only", "math + chat"][:len(t3)])
@@ -326,8 +326,7 @@ def report(res, a, commit):
         L += ["", "## Table 3 analogue (seed 0; chat: greedy response vs the seed model's on the same prompt, same judge)", "",
               "| trained on | math held-out acc. (%) | chat win rate vs seed (%) |", "|---|---|---|"]
         for n, label in zip(t3, ("math only", "chat only", "math + chat")):
-            L.append(f"| {label} | {pct(*mean_se(list(scores(res[n][0], 'math').values())))} | "
-                     f"{pct(*mean_se(list(scores(res[n][0], 'chat_win').values())))} |")
+            L.append(f"| {label} | {pct(*arm_summary([res[n][0]], 'math'))} | {pct(*arm_summary([res[n][0]], 'chat_win'))} |")
         rows = [("math: math+chat − math only", "math+chat", "online_dpo", "math", "≳"),
                 ("chat: math+chat − chat only", "math+chat", "chat_only", "chat_win", "≳"),
                 ("math: math only − chat only (transfer)", "online_dpo", "chat_only", "math", ">"),
