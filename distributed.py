@@ -37,14 +37,17 @@ def setup_distributed(device):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def shard(model, device):
-    """FSDP2: one shard group per decoder layer, then the root. On CUDA, bf16 compute with fp32
-    master weights and fp32 gradient reduction."""
+def shard(device, *models):
+    """FSDP2 over the training processes (the identity on one): one shard group per decoder layer,
+    then the root, for each model given (None: skipped). On CUDA, bf16 compute with fp32 master
+    weights and fp32 gradient reduction."""
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.startswith("cuda") \
         else MixedPrecisionPolicy()
-    for layer in getattr(getattr(model, "model", None), "layers", []):
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+    for model in models if multiprocess() else []:
+        if model is not None:
+            for layer in getattr(getattr(model, "model", None), "layers", []):
+                fully_shard(layer, mp_policy=mp)
+            fully_shard(model, mp_policy=mp)
 
 
 def multiprocess():
@@ -164,6 +167,12 @@ def save_checkpoint(out, step, policy, opt, shell, tok, ref, state, keep, all_op
     return final
 
 
+
+def latest_checkpoint(out):
+    """The newest complete checkpoint in `out` (the one its `latest` file names), or None."""
+    f = os.path.join(out, "latest")
+    return os.path.join(out, open(f).read().strip()) if os.path.exists(f) else None
+
 def load_ref(ckpt, ref):
     """πref as a checkpoint saved it (only runs that sync πref save it), before sharding."""
     if ref is None or not os.path.exists(os.path.join(ckpt, "ref.pt")):
@@ -177,12 +186,12 @@ def load_ref(ckpt, ref):
             params[name].copy_(t)
 
 
-def load_checkpoint(ckpt, policy, opt, world, rank, log):
+def load_checkpoint(ckpt, policy, opt, world, rank, log, seed):
     """Resume from `ckpt`: the optimizer state (saved sharded; loaded into this run's layout, any
     number of processes) and the trainer state; the `log` (rank 0's log.jsonl) loses the lines a
-    killed run wrote after the checkpoint. Returns
-    (step, last sync step, stats, this rank's rollout buffer or None when the number of processes
-    changed and the rollouts must be regenerated)."""
+    killed run wrote after the checkpoint. Returns (step, last sync step, stats, this rank's rollout
+    buffer). On another number of processes the buffer comes back empty, so the rollout window
+    is regenerated from the current weights, with a fresh seed per rank."""
     st = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
     osd = get_optimizer_state_dict(policy, opt)   # this run's (sharded) layout, filled from the saved shards
     dcp.load({"optimizer": osd}, checkpoint_id=os.path.join(ckpt, "optimizer"), no_dist=not multiprocess())
@@ -191,8 +200,12 @@ def load_checkpoint(ckpt, policy, opt, world, rank, log):
         keep = [line for line in open(log) if json.loads(line)["step"] <= st["step"]]
         with open(log, "w") as f:
             f.writelines(keep)
-    buffer = None
     if len(st["ranks"]) == world:   # same number of processes: each rank takes back its rollouts and RNG
         buffer, rng_state = st["ranks"][rank]
         torch.set_rng_state(rng_state)
+    else:
+        buffer = []
+        torch.manual_seed(seed + rank + 7919 * st["step"])
+        if rank == 0:
+            print(f"resuming on {world} processes from a checkpoint of {len(st['ranks'])}: rollouts regenerated")
     return st["step"], st["last_sync"], st["stats"], buffer

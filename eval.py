@@ -30,8 +30,9 @@ import sys
 import torch
 from tqdm import tqdm
 
-from data import HelpFormatter, NONNEGATIVE, POSITIVE_INT, existing_dir, load_jsonl, model_name, names_from, row_prompt, \
-    split_task
+from data import HelpFormatter, NONNEGATIVE, POSITIVE_INT, existing_dir, load_jsonl, model_name, names_from, out_dir, \
+    row_prompt, split_task
+from distributed import all_sum
 from rewards import make_scalar_reward, math_reward, score
 from rollout import DEFAULT_MODEL, HFEngine, Sample, chat_prompt_ids, load_model
 
@@ -195,7 +196,31 @@ def report(tag, parts, out):
 
 
 # -----------------------------------------------------------------------------
-# Plots: the paper's Figs 2-3 shape
+# The training log: what a step records of its rollouts, the run's curves, trackers
+
+
+def rollout_metrics(batch, tasks, device):
+    """The step's rollouts, summed over ranks: mean reward, math accuracy (None without math),
+    length and entropy per token, the share cut at --max-new-tokens; with several tasks also
+    reward_<task> and length_<task> (None when the step had none of that task)."""
+    groups = [""] + (tasks if len(tasks) > 1 else [])
+    keys = ("reward", "scored", "correct", "math", "tokens", "entropy", "responses", "cut")
+    sums = dict.fromkeys([(t, k) for t in groups for k in keys], 0.0)   # the same keys on every rank
+    for r, g in batch:
+        for x, t in ((x, t) for x in g for t in groups if t in ("", r["task"])):
+            ok, is_math = math.isfinite(x.reward), r["task"] == "math"   # a NaN reward was skipped, not scored
+            for k, v in (("reward", x.reward if ok else 0.0), ("scored", ok), ("correct", is_math and x.reward > 0.5),
+                         ("math", is_math), ("tokens", len(x.completion_ids)), ("entropy", sum(x.entropy)),
+                         ("responses", 1), ("cut", x.finish_reason == "length")):
+                sums[t, k] += v
+    total = dict(zip(sums, all_sum(list(sums.values()), device)))
+    mean = lambda t, k, n: total[t, k] / total[t, n] if total[t, n] else None
+    rec = {"reward": mean("", "reward", "scored") or 0.0, "accuracy": mean("", "correct", "math"),
+           "length": mean("", "tokens", "responses") or 0.0, "truncated": mean("", "cut", "responses") or 0.0,
+           "entropy": mean("", "entropy", "tokens") or 0.0}
+    for t in groups[1:]:
+        rec[f"reward_{t}"], rec[f"length_{t}"] = mean(t, "reward", "scored"), mean(t, "tokens", "responses")
+    return rec
 
 
 PANELS = [("reward", "rollout reward (mean)"), ("accuracy", "rollout accuracy (math)"), ("length", "rollout length (tokens)"),
@@ -271,7 +296,7 @@ def main(argv=None):
     p.add_argument("--baseline-model", default=None, type=model_name,
                    help="Arena-Hard / AlpacaEval baseline: a model to generate from (default: AlpacaEval's GPT-4 Turbo outputs; "
                         "required for Arena-Hard)")
-    p.add_argument("--out", default="runs/eval", help="per-problem results and the generation cache")
+    p.add_argument("--out", type=out_dir, default="runs/eval", help="per-problem results and the generation cache")
     p.add_argument("--select", default=None, metavar="RUN", type=existing_dir,
                    help="pick the best checkpoint of a run by length-normalized reward")
     p.add_argument("--select-problems", type=POSITIVE_INT, default=64, help="validation problems for --select")
@@ -279,8 +304,6 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.k > 1 and a.temperature == 0:
         p.error(f"argument --k: {a.k}: greedy decoding (--temperature 0) gives {a.k} identical samples; set --temperature")
-    if os.path.isfile(a.out):
-        p.error(f"argument --out: {a.out}: is a file, not a directory")
     for run in a.plot or []:
         if not os.path.exists(os.path.join(run, "log.jsonl")):
             p.error(f"argument --plot: {run}: no log.jsonl there")

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 
-from data import COUNT, HelpFormatter, POSITIVE_INT, arithmetic_problems, existing_file, load_jsonl, number
+from data import COUNT, HelpFormatter, POSITIVE_INT, arithmetic_problems, existing_file, load_jsonl, number, out_dir
 from eval import mean_se, win_rate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -340,7 +340,7 @@ def report(res, a, commit):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--out", default="results/cpu", help="where runs, table and figures go")
+    p.add_argument("--out", type=out_dir, default="results/cpu", help="where runs, table and figures go")
     p.add_argument("--quick", action="store_true", help="a first look: the headline arms, 2 seeds, 16 steps, 64 problems")
     p.add_argument("--seeds", type=POSITIVE_INT, default=4, help="seeds of the headline arms (offline, semi-online, online DPO, GRPO)")
     p.add_argument("--steps", type=POSITIVE_INT, default=32, help="optimizer steps per arm")

