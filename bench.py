@@ -26,9 +26,10 @@ Measurements, each in a fresh process of its own (so peak memory is its own):
      run, and the fraction of it our rollout (2·N FLOPs per generated token, N parameters)
      and training passes (6·N per trained token) reach.
 Settings shared by both sides: model, fp32 (single process: no FSDP mixed precision), prompts
-(built-in arithmetic), group size n, max new tokens, temperature, lr, batch (prompts x n
-sequences per optimizer step, one micro-batch), reward (Math-Verify), β = 0 for GRPO (neither
-side runs a reference forward), σ-scaled group advantages, sequence-mean token average.
+(built-in arithmetic, the same ones at every step: TRL reads them in our order, unshuffled),
+group size n, max new tokens, temperature, lr, batch (prompts x n sequences per optimizer step,
+one micro-batch), reward (Math-Verify), β = 0 for GRPO (neither side runs a reference forward),
+σ-scaled group advantages, sequence-mean token average.
 Step time is the median over steps after the first (warm-up); the table goes to --out/bench.md.
 """
 import argparse
@@ -73,22 +74,27 @@ def ours(a, loss, n, sync, steps, prompts):
             "time": [r["time"] for r in recs]}
 
 
-def trl_dataset(prompts):
+def trl_dataset(prompts, steps):
+    """TRL's data in our order: the prompts our loop trains on at steps 0.. (train.py --seed 0
+    --eval-problems 0), read by TRL unshuffled, so both sides answer the same prompts each step."""
     from datasets import Dataset
-    from data import row_prompt, split_task
-    rows = split_task("math", None, 1, 0, 0)[0][:prompts * 64]
-    return Dataset.from_list([{"prompt": [{"role": "user", "content": row_prompt(r)}], "answer": r["answer"]} for r in rows])
+    from data import row_prompt, split_task, step_rows
+    rows = split_task("math", None, 1, 0, 0)[0]
+    ordered = [r for k in range(steps) for r in step_rows(rows, k, prompts, 0)]
+    return Dataset.from_list([{"prompt": [{"role": "user", "content": row_prompt(r)}], "answer": r["answer"]} for r in ordered])
 
 
 def trl(a, loss, n, steps, prompts):
+    from torch.utils.data import SequentialSampler
     from transformers import TrainerCallback
     from rewards import math_reward
     from rollout import load_model
     model, tok = load_model(a.model, a.device)
-    times, last, lengths, logged = [], [], [], []
+    times, last, lengths, logged, seen = [], [], [], [], []
 
-    def trl_reward(completions, answer, **kw):   # Math-Verify, as ours; also counts the step's response tokens
+    def trl_reward(completions, answer, prompts=(), **kw):   # Math-Verify, as ours; also counts the step's response tokens
         texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+        seen.append(sorted({p[-1]["content"] if isinstance(p, list) else p for p in prompts}))   # the step's prompts
         # (TRL's online DPO logs no lengths: the text re-tokenized, +1 for the end token our lengths count)
         lengths.append(sum(len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts))
         return [math_reward(t, ans) for t, ans in zip(texts, answer)]
@@ -112,18 +118,21 @@ def trl(a, loss, n, steps, prompts):
         from trl import GRPOConfig, GRPOTrainer
         cfg = GRPOConfig(per_device_train_batch_size=prompts * n, num_generations=n,
                          max_completion_length=a.max_new_tokens, beta=0.0, loss_type="grpo",
-                         scale_rewards="group", epsilon=0.2, num_iterations=1, **common)
-        trainer = GRPOTrainer(model=model, reward_funcs=trl_reward, args=cfg, train_dataset=trl_dataset(prompts),
+                         scale_rewards="group", epsilon=0.2, num_iterations=1, shuffle_dataset=False, **common)
+        trainer = GRPOTrainer(model=model, reward_funcs=trl_reward, args=cfg, train_dataset=trl_dataset(prompts, steps),
                               processing_class=tok, callbacks=[Clock()])
     else:
         from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
         cfg = OnlineDPOConfig(per_device_train_batch_size=prompts, max_new_tokens=a.max_new_tokens,
                               beta=0.1, loss_type="sigmoid", **common)
-        trainer = OnlineDPOTrainer(model=model, reward_funcs=[trl_reward], args=cfg, train_dataset=trl_dataset(prompts),
+        trainer = OnlineDPOTrainer(model=model, reward_funcs=[trl_reward], args=cfg, train_dataset=trl_dataset(prompts, steps),
                                    processing_class=tok, callbacks=[Clock()])
+        trainer._get_train_sampler = lambda *args, **kw: SequentialSampler(trainer.train_dataset)   # our order, unshuffled
     trainer.train()
     shutil.rmtree(cfg.output_dir, ignore_errors=True)
-    return {"step_s": times, "tokens": logged or lengths, "trained": [prompts] * len(times)}   # TRL trains every prompt's pair
+    ours_order = [sorted({p[0]["content"] for p in trainer.train_dataset[k * prompts:(k + 1) * prompts]["prompt"]}) for k in range(steps)]
+    return {"step_s": times, "tokens": logged or lengths, "trained": [prompts] * len(times),   # TRL trains every prompt's pair
+            "same_prompts": seen == ours_order}
 
 
 def generate(a, n, reps=2):
@@ -342,7 +351,7 @@ def main(argv=None):
             if have_trl:
                 theirs = raw[f"trl_{loss}_{prompts}x{n}"] = run({"kind": "trl", **spec}, a, passthrough)
                 row |= {"trl_s": median_step(theirs), "trl_mb": theirs["peak_mb"], "trl_tok": mean_after_first(theirs["tokens"]),
-                        "trl_trained": prompts}
+                        "trl_trained": prompts, "same_prompts": theirs["same_prompts"]}
             rows.append(row)
             say(row)
 
@@ -366,7 +375,9 @@ def main(argv=None):
         raw["engines"] = eng_rows
 
     lines = [f"Hardware: {env}. Model {a.model}; {a.max_new_tokens} new tokens, T={a.temperature}, lr {a.lr} on both "
-             f"sides; median step time over steps 2..{a.steps}; tokens: mean response tokens per step (steps 2..{a.steps}).", ""]
+             f"sides; median step time over steps 2..{a.steps}; tokens: mean response tokens per step (steps 2..{a.steps}). "
+             f"TRL reads our training prompts in our order, unshuffled: both sides answer the same prompts at every step "
+             f"(checked per step from the prompts TRL's reward function receives).", ""]
     if rows:
         lines += ["| step (prompts x n) | ours (s) | TRL (s) | ours steps/s ÷ TRL's | response tokens/step ours / TRL | "
                   "ours tokens/s ÷ TRL's | trained pairs/groups ours / TRL | peak MB ours / TRL |",
@@ -377,6 +388,8 @@ def main(argv=None):
                 lines.append(f"| {r['what']} | {r['ours_s']:.2f} | {r['trl_s']:.2f} | **{r['trl_s'] / r['ours_s']:.2f}x** | "
                              f"{r['ours_tok']:.0f} / {r['trl_tok']:.0f} | {speed:.2f}x | {r['ours_trained']:.1f} / {r['trl_trained']} | "
                              f"{r['ours_mb']:.0f} / {r['trl_mb']:.0f} |")
+                if not r["same_prompts"]:
+                    lines.append(f"| (TRL's prompts differed from ours at some step of {r['what']}: unequal work) |||||||| ")
             else:
                 lines.append(f"| {r['what']} | {r['ours_s']:.2f} | n/a (TRL not installed) | - | {r['ours_tok']:.0f} / - | - | "
                              f"{r['ours_trained']:.1f} / - | {r['ours_mb']:.0f} / - |")
