@@ -16,7 +16,8 @@ Measurements, each in a fresh process of its own (so peak memory is its own):
      vs TRL's GRPOTrainer; our step's time breakdown (sync, generation, scoring, policy
      forward/backward, reference forward, optimizer);
   2. online DPO step: ours (--loss dpo --n 2) vs TRL's OnlineDPOTrainer (2 samples per prompt),
-     pairs trained per step for both (ours skips a prompt whose two answers tie; TRL does not);
+     pairs trained per step for both (ours trains every pair here, ties included, as TRL does;
+     train.py itself skips a tied pair, the paper's rule);
   3. ours for s = 1, 2, 4, 8, inf on the same work (--s-steps optimizer steps of the same batch);
   4. rollout throughput: our engine vs plain `model.generate` on the same batch;
   5. rollout engines: HF fp32, HF bf16 and vLLM (where importable: run bench.py from the
@@ -59,8 +60,13 @@ def peak_memory_mb(device):
 # -----------------------------------------------------------------------------
 # Workers: each runs in its own process and prints one JSON line starting with BENCH.
 
-def ours(a, loss, n, sync, steps, prompts):
+def ours(a, loss, n, sync, steps, prompts, every_pair=False):
+    """Our train.py for `steps` steps. every_pair: DPO trains every prompt's pair, ties included
+    (the higher reward first), as TRL's OnlineDPOTrainer does, instead of the paper's rule that
+    skips a tied pair: the same training work as TRL's (this worker's process only)."""
     import train
+    if every_pair:
+        train.select_pair = lambda rewards, verifiable, rng: (0, 1) if rewards[0] >= rewards[1] else (1, 0)
     out = tempfile.mkdtemp(prefix="bench-ours-")
     argv = ["--model", a.model, "--loss", loss, "--n", str(n), "--sync-every", str(sync), "--steps", str(steps),
             "--batch-prompts", str(prompts), "--micro-groups", str(prompts),
@@ -239,7 +245,8 @@ def roofline(a, seconds=0.5):
 def worker(spec, a):
     kind = spec["kind"]
     if kind == "ours":
-        r = ours(a, spec["loss"], spec["n"], spec["sync"], spec["steps"], spec.get("prompts", a.batch_prompts))
+        r = ours(a, spec["loss"], spec["n"], spec["sync"], spec["steps"], spec.get("prompts", a.batch_prompts),
+                 spec.get("every_pair", False))
     elif kind == "trl":
         r = trl(a, spec["loss"], spec["n"], spec["steps"], spec.get("prompts", a.batch_prompts))
     elif kind == "roofline":
@@ -343,7 +350,8 @@ def main(argv=None):
             continue
         for prompts, n in cases:
             spec = {"loss": loss, "n": n, "steps": a.steps, "prompts": prompts}
-            mine = raw[f"ours_{loss}_{prompts}x{n}"] = run({"kind": "ours", "sync": 1, **spec}, a, passthrough)
+            mine = raw[f"ours_{loss}_{prompts}x{n}"] = run({"kind": "ours", "sync": 1, "every_pair": loss == "dpo", **spec},
+                                                           a, passthrough)
             t = {k: mean_after_first([x[k] for x in mine["time"]]) for k in mine["time"][0]}
             row = {"what": f"online {loss.upper()} {prompts}x{n}", "prompts": prompts, "n": n, "ours_s": median_step(mine),
                    "ours_mb": mine["peak_mb"], "ours_tok": mean_after_first(mine["tokens"]),
