@@ -84,11 +84,16 @@ def split_task(task, train_data, difficulty, eval_problems, seed, data_dir=DATA_
 
 
 
+def epoch_steps(rows, per_step):
+    """Optimizer steps in one pass over `rows` at `per_step` prompts a step (s = epoch syncs this often)."""
+    return max(1, len(rows) // per_step)
+
+
 def step_rows(rows, step, per_step, seed):
     """The prompts of optimizer step `step`: `per_step` rows in a fresh shuffle of `rows` every
     epoch, a function of (seed, epoch) only, so every arm run with a seed sees the same prompts in
     the same order (reproduce.py's paired design)."""
-    epoch, i = divmod(step, max(1, len(rows) // per_step))
+    epoch, i = divmod(step, epoch_steps(rows, per_step))
     order = list(range(len(rows)))
     random.Random(f"{seed}-{epoch}").shuffle(order)
     return [rows[j] for j in order[i * per_step:(i + 1) * per_step]]

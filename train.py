@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from data import (COUNT, FRACTION, HelpFormatter, NONNEGATIVE, POSITIVE, POSITIVE_INT, device_name, existing_file, model_name, number,
+from data import (COUNT, FRACTION, HelpFormatter, NONNEGATIVE, POSITIVE, POSITIVE_INT, device_name, epoch_steps, existing_file, model_name, number,
                   out_dir, row_prompt, split_task, step_rows)
 from distributed import (all_sum, full_params, gather, latest_checkpoint, load_checkpoint, load_ref, merge_metrics, multiprocess, save_checkpoint,
                          setup_distributed, shard, spare_unit, stamp_old_logps)
@@ -343,7 +343,7 @@ def main(argv=None):
     if a.batch_prompts > len(train):
         sys.exit(f"--batch-prompts {a.batch_prompts}: more than the {len(train)} training prompts")
     tasks = sorted({r["task"] for r in train})
-    s = {"inf": math.inf, "epoch": max(1, len(train) // a.batch_prompts)}.get(a.sync_every) or int(a.sync_every)
+    s = {"inf": math.inf, "epoch": epoch_steps(train, a.batch_prompts)}.get(a.sync_every) or int(a.sync_every)
 
     # -------------------------------------------------------------------------
     # Models: trained policy πθ, frozen reference πref, rollout engine with stale πθ_old.
