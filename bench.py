@@ -119,7 +119,8 @@ def trl(a, loss, n, steps, prompts):
                   lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
                   gradient_accumulation_steps=1, logging_steps=1, save_strategy="no", report_to=[],
                   use_cpu=a.device == "cpu", bf16=False, seed=0, temperature=a.temperature,
-                  top_p=1.0, disable_tqdm=True, dataloader_num_workers=0)
+                  top_p=1.0, disable_tqdm=True, dataloader_num_workers=0,
+                  gradient_checkpointing=False)   # TRL 1.16 defaults to True (recompute: slower, less memory); ours does not
     if loss == "grpo":
         from trl import GRPOConfig, GRPOTrainer
         cfg = GRPOConfig(per_device_train_batch_size=prompts * n, num_generations=n,
