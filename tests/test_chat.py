@@ -25,6 +25,14 @@ def test_llm_judge_runs_on_tiny_model(tiny_model_dir):
     assert len(s) == 3 and all(1.0 <= v <= 5.0 for v in s)
     # batching and padding do not change a score
     assert judge(["add 2 and 2"], ["4"])[0] == pytest.approx(s[1], abs=1e-4)
+    # the plain way: logits at every position, the last one read (the judge keeps only that one)
+    from rewards import JUDGE_TEMPLATE
+    from rollout import chat_prompt_ids
+    ids = torch.tensor([chat_prompt_ids(tok, JUDGE_TEMPLATE.format(prompt="say hi", response="hi"))])
+    digits = [tok.convert_tokens_to_ids(str(k)) for k in range(1, 6)]
+    with torch.no_grad():
+        full = model(input_ids=ids).logits[:, -1]
+    assert judge_score(full[:, digits]).item() == pytest.approx(s[0], abs=1e-4)
 
 
 @pytest.fixture(scope="module")
