@@ -103,7 +103,7 @@ def run_arm(name, flags, evalset, seed, a, paths, passthrough):
     data = paths["train_" + {"chat_only": "chat", "math+chat": "mix"}.get(name, "math")]
     argv = [sys.executable, os.path.join(HERE, "train.py"), *flags, "--seed", str(seed), "--steps", str(a.steps),
             "--out", out, "--train-data", data, "--eval-data", paths["heldout_" + evalset],
-            "--eval-samples", str(a.eval_samples), "--resume", "--save-every", "8", "--keep", "1", *passthrough]
+            "--eval-samples", str(a.eval_samples), "--resume", "--save-every", "16", "--keep", "1", *passthrough]
     if os.path.exists(before):
         argv.append("--no-eval-before")
     t = time.time()
@@ -164,14 +164,15 @@ def paired(runs_a, runs_b, metric):
 
 
 def verdict(d, se, expect):
-    """expect ">": reproduced when d > 2 SE; "≈": equivalent when |d| + 2 SE < MARGIN; "≳": either."""
+    """expect ">": reproduced when d > 2 SE; "≈": equivalent when |d| + 2 SE < MARGIN, different
+    when |d| > 2 SE (the paper's ≈ not seen); "≳": > or ≈."""
     if expect in (">", "≳") and d > 2 * se:
         return "reproduced"
     if expect in (">", "≳") and d < -2 * se:
         return "reversed"
     if abs(d) + 2 * se < MARGIN:
         return "equivalent (paper: >)" if expect == ">" else "equivalent"
-    return "inconclusive"
+    return "different" if expect == "≈" and abs(d) > 2 * se else "inconclusive"
 
 
 def trend(runs, key):
@@ -288,7 +289,8 @@ def report(res, a, commit):
                    ("–", "online_dpo+nll − online_dpo", "online_dpo+nll", "online_dpo", "≈")]
     L += ["", "## Paired differences (percentage points)", "",
           f"Verdicts: **reproduced** = the paper's sign and |d| > 2 SE; **equivalent** = |d| + 2 SE < {100 * MARGIN:.0f} "
-          "points (the 2-SE interval inside the margin); **reversed** = the other sign beyond 2 SE; else **inconclusive**. "
+          "points (the 2-SE interval inside the margin); **reversed** = the other sign beyond 2 SE; **different** = the paper's ≈ "
+          "with |d| > 2 SE; else **inconclusive**. "
           "For ≳ (the paper's gap is within its noise) either > or ≈ reproduces it.", "",
           "| finding | difference | paper | greedy d ± SE | sampled d ± SE | paired over | verdict (greedy / sampled) |",
           "|---|---|---|---|---|---|---|"]

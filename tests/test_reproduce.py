@@ -57,6 +57,8 @@ def test_paired_differences_and_verdicts():
     assert reproduce.verdict(-0.10, 0.02, ">") == "reversed"
     assert reproduce.verdict(0.01, 0.01, "≈") == "equivalent"
     assert reproduce.verdict(0.01, 0.03, "≈") == "inconclusive"
+    assert reproduce.verdict(-0.29, 0.11, "≈") == "different"   # beyond 2 SE: the paper's ≈ not seen
+    assert reproduce.verdict(0.05, 0.03, ">") == "inconclusive"
     assert reproduce.verdict(0.01, 0.01, "≳") == "equivalent"
     assert reproduce.verdict(0.10, 0.02, "≳") == "reproduced"
     w = reproduce.chat_wins(fake_run([1], chat=[0.9, 0.2, 0.5], chat_before=[0.1, 0.4, 0.5]))
