@@ -198,6 +198,18 @@ def out_dir(text):
     return text
 
 
+def make_writable(path, flag):
+    """Create the output folder and check that this process can write there, or exit naming the flag
+    (before any model loads, so a bad --out costs nothing)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_test-{os.getpid()}")   # one per process: ranks share the folder
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"{flag} {path}: not writable ({e.strerror})")
+
+
 def device_name(text):
     """A torch device: cpu, cuda or cuda:N, the last two only where this torch sees a GPU."""
     import torch

@@ -80,6 +80,13 @@ def full_params(model):
         yield name, (p.full_tensor() if isinstance(p, DTensor) else p).detach()
 
 
+@torch.no_grad()
+def copy_params(dst, src):
+    """dst ← src, parameter by parameter (πref ← πθ at a reference sync); shards copy shards."""
+    for p_dst, p in zip(dst.parameters(), src.parameters()):
+        p_dst.copy_(p)
+
+
 def merge_metrics(parts):
     """One step's metrics from per-micro-batch {name: (value, weight)} of all ranks: the loss is
     summed (each part is already its share of the step), *_min / *_max reduce by min / max,

@@ -223,6 +223,20 @@ def rollout_metrics(batch, tasks, device):
     return rec
 
 
+def run_summary(records, grading, seconds, out):
+    """The lines a run ends with: rollout reward in the first vs the last quarter of the steps (with
+    at least 8), Math-Verify's timeouts and failures if any, the wall time and the log's path."""
+    lines = []
+    if len(records) >= 8:
+        first, last = records[:len(records) // 4], records[-(len(records) // 4):]
+        lines.append(f"rollout reward: first quarter {sum(r['reward'] for r in first) / len(first):.3f}"
+                     f" -> last quarter {sum(r['reward'] for r in last) / len(last):.3f}")
+    if grading["timeouts"] or grading["errors"]:
+        lines.append(f"Math-Verify: {grading['graded']} responses graded on rank 0, {grading['timeouts']} ran out of time "
+                     f"and {grading['errors']} failed (all scored 0)")
+    return "\n".join(lines + [f"done in {seconds:.0f}s; log: {os.path.join(out, 'log.jsonl')}"])
+
+
 PANELS = [("reward", "rollout reward (mean)"), ("accuracy", "rollout accuracy (math)"), ("length", "rollout length (tokens)"),
           ("entropy", "rollout entropy (nats/token)"), ("loss", "loss"), ("kl", "KL(πθ || πref), k3")]
 

@@ -40,12 +40,12 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from data import (COUNT, FRACTION, HelpFormatter, NONNEGATIVE, POSITIVE, POSITIVE_INT, device_name, epoch_steps, existing_file, model_name, number,
-                  out_dir, row_prompt, split_task, step_rows)
-from distributed import (all_sum, full_params, gather, latest_checkpoint, load_checkpoint, load_ref, merge_metrics, multiprocess, save_checkpoint,
+from data import (COUNT, FRACTION, HelpFormatter, NONNEGATIVE, POSITIVE, POSITIVE_INT, device_name, epoch_steps, existing_file, make_writable,
+                  model_name, number, out_dir, row_prompt, split_task, step_rows)
+from distributed import (all_sum, copy_params, full_params, gather, latest_checkpoint, load_checkpoint, load_ref, merge_metrics, multiprocess, save_checkpoint,
                          setup_distributed, shard, spare_unit, stamp_old_logps)
 from dpo import dpo_loss, entropy_regularizer, group_dpo_loss, implicit_reward, nll_loss, select_pair, token_entropy
-from eval import heldout_eval, plot_run, report, rollout_metrics, tracker
+from eval import heldout_eval, plot_run, report, rollout_metrics, run_summary, tracker
 from grpo import TOKEN_AVERAGES, combined_loss, grpo_advantages, grpo_loss, kl_k3
 from rewards import make_scalar_reward, score, stats as grading
 from rollout import DEFAULT_MODEL, HFEngine, VLLMEngine, chat_prompt_ids, collate, load_model, pick_engine, response_logps
@@ -277,11 +277,9 @@ def loss_and_backward(units, n_resp, n_tok, batch, a, policy, ref, staleness, ti
         m["loss"] = (loss.item(), 1)
         if ref is not None:
             m["kl"] = (((kl_k3(b["pi"].detach(), b["ref"]) * b["mask"]).sum() / tokens).item(), tokens)
-        for k, v in extra.items():   # GRPO's ratio stats per token, the DPO margins per unit
-            if k == "kl":
-                continue
-            v = float(v)
-            m[k] = (v, 1) if k.endswith(("_min", "_max")) else (v, tokens if k in ("ratio_mean", "clip_frac") else len(mb))
+        for k, v in extra.items():   # GRPO's ratio stats per token, the DPO margins per unit (kl: above)
+            if k != "kl":
+                m[k] = (float(v), 1 if k.endswith(("_min", "_max")) else tokens if k in ("ratio_mean", "clip_frac") else len(mb))
         parts.append(m)
     return {"loss": None, "kl": None} | merge_metrics([p for ps in gather(parts) for p in ps]), total_units
 
@@ -324,13 +322,7 @@ def main(argv=None):
         sys.exit(f"--batch-prompts {a.batch_prompts} must be a multiple of the number of processes ({world})")
     random.seed(a.seed)
     torch.manual_seed(a.seed + rank)   # ranks sample different responses
-    try:
-        os.makedirs(a.out, exist_ok=True)
-        probe = os.path.join(a.out, f".write_test-{os.getpid()}")   # one per process: ranks share --out
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        sys.exit(f"--out {a.out}: not writable ({e.strerror})")
+    make_writable(a.out, '--out')   # before any model loads
 
     # -------------------------------------------------------------------------
     # Data: training prompts and a disjoint held-out set of the same task
@@ -437,10 +429,8 @@ def main(argv=None):
         grad_norm = optimizer_step(policy, opt, a, metrics["loss"], total_units, stats, say, step)
         clock(spent, "optimizer", tick)
         step += 1
-        if a.ref_sync_every and step % a.ref_sync_every == 0:
-            with torch.no_grad():
-                for p_ref, p in zip(ref.parameters(), policy.parameters()):
-                    p_ref.copy_(p)
+        if a.ref_sync_every and step % a.ref_sync_every == 0:   # πref ← πθ
+            copy_params(ref, policy)
 
         # ---------------------------------------------------------------------
         # Log: one JSON line per step, summed over ranks
@@ -478,14 +468,7 @@ def main(argv=None):
         say(f"curves: {plot_run(a.out)}")
     if track:
         track[1]()
-    if len(records) >= 8:
-        first, last = records[:len(records) // 4], records[-(len(records) // 4):]
-        say(f"rollout reward: first quarter {sum(r['reward'] for r in first) / len(first):.3f}"
-            f" -> last quarter {sum(r['reward'] for r in last) / len(last):.3f}")
-    if grading["timeouts"] or grading["errors"]:
-        say(f"Math-Verify: {grading['graded']} responses graded on rank 0, {grading['timeouts']} ran out of time and "
-            f"{grading['errors']} failed (all scored 0)")
-    say(f"done in {time.time() - t_start:.0f}s; log: {os.path.join(a.out, 'log.jsonl')}")
+    say(run_summary(records, grading, time.time() - t_start, a.out))
     if multiprocess():
         dist.destroy_process_group()
     return result

@@ -280,6 +280,8 @@ def test_resume_with_reference_sync(tiny_model_dir, data_file, tmp_path, monkeyp
     resumed = run(tiny_model_dir, data_file, tmp_path, *common, "--steps", "4", "--resume", name="b")
     for k, v in straight["ref"].state_dict().items():
         assert torch.allclose(v, resumed["ref"].state_dict()[k], atol=1e-6), k
+    for k, v in straight["policy"].state_dict().items():   # synced after the last step: πref = πθ
+        assert torch.equal(v, straight["ref"].state_dict()[k]), k
 
 
 def test_grad_checkpointing_trains_the_same(tiny_model_dir, data_file, tmp_path, monkeypatch):
