@@ -46,7 +46,7 @@ import time
 
 import torch
 
-from data import HelpFormatter, NONNEGATIVE, POSITIVE, POSITIVE_INT, device_name, model_name, names_from, number, out_dir
+from data import HelpFormatter, NONNEGATIVE, POSITIVE, POSITIVE_INT, device_name, make_writable, model_name, names_from, number, out_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -332,7 +332,7 @@ def main(argv=None):
         have_trl = not a.smoke
     except ImportError:
         have_trl = False
-    os.makedirs(a.out, exist_ok=True)
+    make_writable(a.out, "--out")
     env = f"{a.device}, {torch.get_num_threads()} threads, fp32 training, torch {torch.__version__}"
     if a.device == "cpu":
         import platform

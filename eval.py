@@ -30,7 +30,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from data import HelpFormatter, NONNEGATIVE, POSITIVE_INT, existing_dir, load_jsonl, model_name, names_from, out_dir, \
+from data import HelpFormatter, NONNEGATIVE, POSITIVE_INT, existing_dir, load_jsonl, make_writable, model_name, names_from, out_dir, \
     row_prompt, split_task
 from distributed import all_sum
 from rewards import make_scalar_reward, math_reward, score
@@ -326,7 +326,7 @@ def main(argv=None):
     for name in a.model:   # a checkpoint folder whose weights are missing fails here, not after the first model
         if os.path.isdir(name) and not glob.glob(os.path.join(name, "*.safetensors")) + glob.glob(os.path.join(name, "*.bin")):
             p.error(f"argument --model: {name}: no weights (*.safetensors / *.bin) there")
-    os.makedirs(a.out, exist_ok=True)
+    make_writable(a.out, "--out")
     if a.plot:
         print(plot_runs(a.plot, os.path.join(a.out, "dynamics.png")))
         return

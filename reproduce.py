@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 
-from data import COUNT, HelpFormatter, POSITIVE_INT, arithmetic_problems, existing_file, load_jsonl, number, out_dir
+from data import COUNT, HelpFormatter, POSITIVE_INT, arithmetic_problems, existing_file, load_jsonl, make_writable, number, out_dir
 from eval import mean_se, win_rate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -379,6 +379,7 @@ def main(argv=None):
         sys.exit(e.code)
     a.batch_prompts_note = f"{ta.batch_prompts} prompts × {ta.n} responses a step, lr {ta.lr:g}, temperature {ta.temperature:g}, " \
                            f"{ta.max_new_tokens} new tokens at most, {a.pool} training prompts per task"
+    make_writable(a.out, "--out")
     os.makedirs(os.path.join(a.out, "runs"), exist_ok=True)
     paths = write_data(a)
     plan = sorted([(name, flags, evalset, seed) for name, (flags, evalset, seeds) in arms(a).items() for seed in seeds],

@@ -152,3 +152,11 @@ def test_rollouts_out_of_memory_name_the_flag(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(engine, "_generate_batch", oom)
     with pytest.raises(SystemExit, match=r"lower --gen-batch \(now 16\)"):
         engine.generate([[1, 2, 3]], n=4)
+
+
+def test_out_not_writable_for_every_script(tmp_path):
+    """A folder that cannot be made (a path through a file) is refused by name before any model loads."""
+    (tmp_path / "f").write_text("x")
+    for main, extra in ((ev.main, []), (reproduce.main, ["--quick"]), (bench.main, ["--smoke"])):
+        with pytest.raises(SystemExit, match="--out .*: not writable"):
+            main(["--out", str(tmp_path / "f" / "sub")] + extra)
