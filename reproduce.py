@@ -3,7 +3,7 @@ Reproduce the paper's findings at small scale, as a paired experiment: offline �
 semi-online → online DPO, GRPO, GroupDPO (+ α·GRPO), reference sync, entropy and NLL terms,
 and the multi-task Table 3 (math only, chat only, both).
 
-    python reproduce.py                     # CPU default: SmolLM2-135M, built-in arithmetic, ~6 h on 2 cores
+    python reproduce.py                     # CPU default: SmolLM2-135M, built-in arithmetic, ~2.5 h on 2 cores with bf16
     python reproduce.py --quick             # a first look: fewer arms, seeds, steps (~30 min)
     python reproduce.py --model Qwen/Qwen2.5-0.5B-Instruct --train-data data/math_train.jsonl \
         --steps 400 --batch-prompts 32 --max-new-tokens 512 --out results/gpu   # on a GPU box
