@@ -322,7 +322,7 @@ def main(argv=None):
         sys.exit(f"--batch-prompts {a.batch_prompts} must be a multiple of the number of processes ({world})")
     random.seed(a.seed)
     torch.manual_seed(a.seed + rank)   # ranks sample different responses
-    make_writable(a.out, '--out')   # before any model loads
+    make_writable(a.out, "--out")   # before any model loads
 
     # -------------------------------------------------------------------------
     # Data: training prompts and a disjoint held-out set of the same task
