@@ -29,7 +29,7 @@ def load(*a, **k):
 def fake_generate(self, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=8, greedy=False):
     # every sync hands the engine the full weights: check against the (sharded) policy
     full = dict(train.full_params(holder["policy"]))
-    ok = all(torch.equal(p, full[k]) for k, p in self.model.named_parameters())
+    ok = all(torch.equal(p, full[k].to(p.dtype)) for k, p in self.model.named_parameters())  # bf16 rollouts: cast
     with open(os.path.join(os.environ["SYNC_LOG"], f"rank{os.environ.get('RANK', '0')}"), "a") as f:
         f.write(f"{ok}\n")
     V, eos = self.model.config.vocab_size, self.tokenizer.eos_token_id
