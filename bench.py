@@ -26,7 +26,10 @@ Measurements, each in a fresh process of its own (so peak memory is its own):
   6. roofline: the best GFLOP/s of a matmul of the model's shapes on this machine, in the same
      run, and the fraction of it our rollout (2·N FLOPs per generated token, N parameters)
      and training passes (6·N per trained token) reach.
-Settings shared by both sides: model, fp32 (single process: no FSDP mixed precision), prompts
+Precision (--rollout-dtype, --train-dtype; auto: bf16 on CUDA and on CPUs with avx512_bf16 / AMX):
+ours samples from a bf16 copy of the weights and autocasts its training passes to bf16; TRL then
+gets bf16=True (its Trainer's autocast); with float32, both sides run fp32 throughout.
+Settings shared by both sides: model, precision (single process: no FSDP mixed precision), prompts
 (built-in arithmetic, the same ones at every step: TRL reads them in our order, unshuffled),
 group size n, max new tokens, temperature, lr, batch (prompts x n sequences per optimizer step,
 one micro-batch), reward (Math-Verify), β = 0 for GRPO (neither side runs a reference forward),
@@ -72,7 +75,7 @@ def ours(a, loss, n, sync, steps, prompts, every_pair=False):
             "--batch-prompts", str(prompts), "--micro-groups", str(prompts),
             "--max-new-tokens", str(a.max_new_tokens), "--temperature", str(a.temperature), "--lr", str(a.lr),
             "--gen-batch", str(prompts * n * 8), "--eval-problems", "0", "--device", a.device,
-            "--rollout-dtype", a.rollout_dtype, "--out", out, "--seed", "0"]
+            "--rollout-dtype", a.rollout_dtype, "--train-dtype", a.train_dtype, "--out", out, "--seed", "0"]
     recs = train.main(argv)["records"]
     shutil.rmtree(out, ignore_errors=True)   # its final checkpoint is not needed
     return {"step_s": [r["step_s"] for r in recs], "tokens": [r["length"] * prompts * n for r in recs],
@@ -118,7 +121,7 @@ def trl(a, loss, n, steps, prompts):
     common = dict(output_dir=tempfile.mkdtemp(prefix="bench-trl-"), max_steps=steps, learning_rate=a.lr,
                   lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
                   gradient_accumulation_steps=1, logging_steps=1, save_strategy="no", report_to=[],
-                  use_cpu=a.device == "cpu", bf16=False, seed=0, temperature=a.temperature,
+                  use_cpu=a.device == "cpu", bf16=a.train_dtype == "bfloat16", seed=0, temperature=a.temperature,
                   top_p=1.0, disable_tqdm=True, dataloader_num_workers=0,
                   gradient_checkpointing=False)   # TRL 1.16 defaults to True (recompute: slower, less memory); ours does not
     if loss == "grpo":
@@ -220,17 +223,18 @@ def engine_cost(a, n, engine_kind, reps=2):
 
 
 def roofline(a, seconds=0.5):
-    """The best fp32 GFLOP/s of this machine on matmuls of the model's shapes (hidden x MLP width,
-    MLP width x hidden, hidden x vocabulary), at a decode-like 64 rows and a training-like 2048."""
+    """The best GFLOP/s of this machine on matmuls of the model's shapes (hidden x MLP width,
+    MLP width x hidden, hidden x vocabulary), at a decode-like 64 rows in the rollout dtype and a
+    training-like 2048 rows in the training dtype."""
     from rollout import load_model
     model = load_model(a.model, a.device)[0]
     c = model.config
     out = {"params": sum(p.numel() for p in model.parameters())}
     del model
-    for rows in (64, 2048):
+    for rows, dtype in ((64, a.rollout_dtype), (2048, a.train_dtype)):
         best = 0.0
         for k, n in ((c.hidden_size, c.intermediate_size), (c.intermediate_size, c.hidden_size), (c.hidden_size, c.vocab_size)):
-            x, w = torch.randn(rows, k, device=a.device), torch.randn(k, n, device=a.device)
+            x, w = (torch.randn(r, c_, device=a.device, dtype=getattr(torch, dtype)) for r, c_ in ((rows, k), (k, n)))
             x @ w   # warm-up
             reps, t = 0, time.time()
             while time.time() - t < seconds:
@@ -312,6 +316,8 @@ def main(argv=None):
     p.add_argument("--temperature", type=POSITIVE, default=0.8, help="sampling temperature")
     p.add_argument("--lr", type=NONNEGATIVE, default=0.0, help="learning rate of both sides (0: equal work, see above)")
     p.add_argument("--rollout-dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="as train.py")
+    p.add_argument("--train-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="as train.py; TRL gets bf16=True (autocast) when ours trains in bfloat16")
     p.add_argument("--steps", type=number(int, 2), default=6, help="optimizer steps per ours-vs-TRL measurement (the first is warm-up)")
     p.add_argument("--s-steps", type=POSITIVE_INT, default=16, help="optimizer steps per s value (a multiple of the largest s)")
     p.add_argument("--s-values", default="1,2,4,8,inf", type=s_list, help="the s sweep's values")
@@ -324,6 +330,9 @@ def main(argv=None):
         return worker(json.loads(a.worker), a)
     if a.smoke:
         a.steps, a.s_steps, a.s_values = 2, 2, ["1", "2"]
+    from rollout import cpu_has_bf16
+    a.rollout_dtype, a.train_dtype = ("bfloat16" if x == "auto" and (a.device.startswith("cuda") or cpu_has_bf16()) else
+                                      "float32" if x == "auto" else x for x in (a.rollout_dtype, a.train_dtype))
     passthrough = [x for k, v in vars(a).items() if k not in ("worker", "parts", "out", "smoke", "s_values", "shapes")
                    for x in (f"--{k.replace('_', '-')}", str(v))]
     parts, shapes = a.parts, a.shapes
@@ -333,7 +342,7 @@ def main(argv=None):
     except ImportError:
         have_trl = False
     make_writable(a.out, "--out")
-    env = f"{a.device}, {torch.get_num_threads()} threads, fp32 training, torch {torch.__version__}"
+    env = f"{a.device}, {torch.get_num_threads()} threads, rollouts {a.rollout_dtype}, training {a.train_dtype}, torch {torch.__version__}"
     if a.device == "cpu":
         import platform
         cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor()) \
@@ -412,8 +421,9 @@ def main(argv=None):
         lines.append("")
     if roof:
         flop = 2 * roof["params"]   # FLOPs per token of a forward pass
-        lines += [f"Roofline: the best fp32 matmul on the model's shapes reaches {roof['gflops_64']:.0f} GFLOP/s at 64 rows "
-                  f"(decode-like) and {roof['gflops_2048']:.0f} GFLOP/s at 2048 rows (training-like) on this machine, in this run. "
+        lines += [f"Roofline: the best matmul on the model's shapes reaches {roof['gflops_64']:.0f} GFLOP/s at 64 rows in "
+                  f"{a.rollout_dtype} (decode-like) and {roof['gflops_2048']:.0f} GFLOP/s at 2048 rows in {a.train_dtype} "
+                  f"(training-like) on this machine, in this run. "
                   f"A forward pass costs 2N = {flop / 1e9:.2f} GFLOP per token (N = {roof['params'] / 1e6:.0f}M parameters), "
                   f"forward + backward 6N.", ""]
         for r in rows:

@@ -190,7 +190,7 @@ def response_logps(model, batch, temperature=1.0, with_logits=False, share_promp
             rest = model(input_ids=ids[:, :-1], attention_mask=attn[:, :-1], position_ids=cpos[:, :-1],
                          **{CACHE: cache}).logits
             logits = torch.cat([logits, rest], 1)
-    logits = logits / temperature   # the distribution the rollouts were sampled from (grpo.py)
+    logits = logits.float() / temperature   # fp32 under bf16 autocast too; the distribution the rollouts were sampled from (grpo.py)
     lp = token_logps(logits, ids) * batch["mask"]
     return (lp, logits) if with_logits else lp
 

@@ -67,7 +67,7 @@ def launch(setup, name, procs, steps, loss="dpo", extra=()):
     out = tmp / name
     argv = ["--model", model, "--train-data", data, "--eval-problems", "0", "--batch-prompts", "4", "--group-size", "4",
             "--micro-groups", "1", "--lr", "1e-3", "--sync-every", "2", "--save-every", "2", "--steps", str(steps),
-            "--loss", loss, "--out", str(out), *extra]
+            "--loss", loss, "--train-dtype", "float32", "--out", str(out), *extra]
     os.makedirs(tmp / f"sync-{name}", exist_ok=True)
     env = dict(os.environ, SYNC_LOG=str(tmp / f"sync-{name}"), OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     cmd = [sys.executable, runner, *argv] if procs == 1 else \

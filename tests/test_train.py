@@ -3,6 +3,8 @@
 The tiny model cannot do arithmetic, so most tests swap in a toy reward (even response length
 scores 1) to exercise pairs, groups and updates; the math reward has its own tests.
 """
+import argparse
+import contextlib
 import json
 import math
 
@@ -28,7 +30,7 @@ def data_file(tmp_path):
 
 def run(tiny_model_dir, data_file, tmp_path, *extra, name="run"):
     argv = ["--model", tiny_model_dir, "--train-data", data_file, "--eval-problems", "2", "--batch-prompts", "2",
-            "--n", "4", "--max-new-tokens", "8", "--lr", "1e-3", "--rollout-dtype", "float32", "--out", str(tmp_path / name), *extra]
+            "--n", "4", "--max-new-tokens", "8", "--lr", "1e-3", "--rollout-dtype", "float32", "--train-dtype", "float32", "--out", str(tmp_path / name), *extra]
     return train.main(argv)
 
 
@@ -233,6 +235,32 @@ def test_shared_prompt_forward_equals_one_row_per_response(tiny_model_dir, k):
     assert torch.allclose(out[True][0], b["old"], atol=1e-4)
     for n, g in out[True][1].items():
         assert torch.allclose(g, out[False][1][n], atol=1e-5, rtol=1e-4), n
+
+
+def test_bf16_training_pass_close_to_fp32(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    """--train-dtype bfloat16 autocasts the policy pass: log-probs and gradients come out fp32 and
+    close to the fp32 pass (bf16 rounding), float32 is the plain pass exactly; a run trains with it."""
+    model, tok = train.load_model(tiny_model_dir)
+    groups = HFEngine(model, tok).generate([chat_prompt_ids(tok, "hi"), chat_prompt_ids(tok, "What is 12 + 30?")], n=3, max_new_tokens=12)
+    b = train.collate(groups, "cpu")
+    out = {}
+    for dtype in ("float32", "bfloat16", None):
+        model.zero_grad()
+        with train.autocast(argparse.Namespace(device="cpu", train_dtype=dtype)) if dtype else contextlib.nullcontext():
+            lp = train.response_logps(model, b)
+        lp.sum().backward()
+        grad = torch.cat([p.grad.flatten() for p in model.parameters()])
+        out[dtype] = lp.detach(), grad
+        assert lp.dtype == grad.dtype == torch.float32
+    assert torch.equal(out["float32"][0], out[None][0]) and torch.equal(out["float32"][1], out[None][1])
+    (lp16, g16), (lp32, g32) = out["bfloat16"], out["float32"]
+    assert not torch.equal(lp16, lp32) and torch.allclose(lp16, lp32, atol=0.1)
+    assert torch.nn.functional.cosine_similarity(g16, g32, dim=0) > 0.99
+    monkeypatch.setattr(rewards, "math_reward", toy_reward)
+    res = run(tiny_model_dir, data_file, tmp_path, "--loss", "dpo", "--steps", "2", "--train-dtype", "bfloat16")
+    assert all(v.dtype == torch.float32 for v in res["policy"].state_dict().values())
+    assert any(r["loss"] is not None and math.isfinite(r["loss"]) for r in res["records"])
+    assert train.parse_args([]).train_dtype == ("bfloat16" if train.cpu_has_bf16() else "float32")
 
 
 def test_collate_rejects_mixed_units(tiny_model_dir):
