@@ -330,9 +330,8 @@ def main(argv=None):
         return worker(json.loads(a.worker), a)
     if a.smoke:
         a.steps, a.s_steps, a.s_values = 2, 2, ["1", "2"]
-    from rollout import cpu_has_bf16
-    a.rollout_dtype, a.train_dtype = ("bfloat16" if x == "auto" and (a.device.startswith("cuda") or cpu_has_bf16()) else
-                                      "float32" if x == "auto" else x for x in (a.rollout_dtype, a.train_dtype))
+    from rollout import resolve_dtype
+    a.rollout_dtype, a.train_dtype = (resolve_dtype(x, a.device) for x in (a.rollout_dtype, a.train_dtype))
     passthrough = [x for k, v in vars(a).items() if k not in ("worker", "parts", "out", "smoke", "s_values", "shapes")
                    for x in (f"--{k.replace('_', '-')}", str(v))]
     parts, shapes = a.parts, a.shapes

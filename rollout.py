@@ -64,6 +64,14 @@ def cpu_has_bf16():
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+def resolve_dtype(dtype, device):
+    """--rollout-dtype / --train-dtype for this machine: auto is bf16 on CUDA and on CPUs with bf16
+    instructions, else fp32; an explicit dtype is kept."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device.startswith("cuda") or cpu_has_bf16() else "float32"
+
+
 def pick_engine(engine, dtype, device, model):
     """--engine and --rollout-dtype resolved for this machine: (engine, dtype). auto picks vLLM on
     CUDA when it is installed and the model is a Hugging Face one (not the GGUF default), else our
@@ -77,9 +85,7 @@ def pick_engine(engine, dtype, device, model):
         raise ValueError("--engine vllm needs --model <hub id or HF folder>; the default GGUF model runs with --engine hf")
     if engine == "auto":
         engine = "vllm" if has_vllm and device.startswith("cuda") and model != DEFAULT_MODEL else "hf"
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") or cpu_has_bf16() else "float32"
-    return engine, dtype
+    return engine, resolve_dtype(dtype, device)
 
 
 def chat_prompt_ids(tokenizer, user_text, system=None):

@@ -48,7 +48,7 @@ from dpo import dpo_loss, entropy_regularizer, group_dpo_loss, implicit_reward, 
 from eval import heldout_eval, plot_run, report, rollout_metrics, run_summary, tracker
 from grpo import TOKEN_AVERAGES, combined_loss, grpo_advantages, grpo_loss, kl_k3
 from rewards import make_scalar_reward, score, stats as grading
-from rollout import DEFAULT_MODEL, HFEngine, VLLMEngine, chat_prompt_ids, collate, cpu_has_bf16, load_model, pick_engine, response_logps
+from rollout import DEFAULT_MODEL, HFEngine, VLLMEngine, chat_prompt_ids, collate, load_model, pick_engine, resolve_dtype, response_logps
 
 
 def parse_args(argv=None):
@@ -133,8 +133,7 @@ def parse_args(argv=None):
         a.engine, a.rollout_dtype = pick_engine(a.engine, a.rollout_dtype, a.device, a.init_from or a.model)
     except ValueError as e:
         p.error(str(e))
-    if a.train_dtype == "auto":
-        a.train_dtype = "bfloat16" if a.device.startswith("cuda") or cpu_has_bf16() else "float32"
+    a.train_dtype = resolve_dtype(a.train_dtype, a.device)
     if a.tis_cap is None:   # on where sampler and trainer disagree beyond float rounding, as TRL's default
         a.tis_cap = 2.0 if a.engine == "vllm" or a.rollout_dtype == "bfloat16" else 0.0
     return a

@@ -14,7 +14,7 @@ import torch
 import rewards
 import train
 from data import step_rows
-from rollout import HFEngine, chat_prompt_ids
+from rollout import HFEngine, chat_prompt_ids, cpu_has_bf16
 
 
 def toy_reward(text, answer):
@@ -260,7 +260,7 @@ def test_bf16_training_pass_close_to_fp32(tiny_model_dir, data_file, tmp_path, m
     res = run(tiny_model_dir, data_file, tmp_path, "--loss", "dpo", "--steps", "2", "--train-dtype", "bfloat16")
     assert all(v.dtype == torch.float32 for v in res["policy"].state_dict().values())
     assert any(r["loss"] is not None and math.isfinite(r["loss"]) for r in res["records"])
-    assert train.parse_args([]).train_dtype == ("bfloat16" if train.cpu_has_bf16() else "float32")
+    assert train.parse_args([]).train_dtype == ("bfloat16" if cpu_has_bf16() else "float32")
 
 
 def test_collate_rejects_mixed_units(tiny_model_dir):
