@@ -7,7 +7,8 @@ Grading symbolic answers can explode (sympy deciding whether 9^{9^{9^{...}}} is 
 spends hours inside one C-level integer power, where no signal handler ever runs, so
 Math-Verify's own SIGALRM timeouts cannot stop it). Grading therefore runs in a child process
 (`python rewards.py --grader`) with a hard wall-clock budget per response: one that runs out
-scores 0, is counted, and the child is killed and restarted, so no response can stall a step.
+scores 0, is counted, and the child is killed and replaced by a warm spare (already started), so
+no response can stall a step and a timeout costs the limit, not a restart too.
 We never eval or sympify raw text ourselves; all parsing goes through Math-Verify.
 
 The non-verifiable task scores (prompt, response) with a reward model: any Hugging Face
@@ -30,7 +31,7 @@ from math_verify import parse, verify
 logging.getLogger("math_verify").setLevel(logging.ERROR)
 TIME_LIMIT_S = 2.0      # per response, parsing + verification together
 stats = {"graded": 0, "timeouts": 0, "errors": 0}
-_grader, _grader_lock = None, threading.Lock()
+_grader, _spare, _grader_lock = None, None, threading.Lock()   # the grader, its warm spare
 
 
 def grade(response: str, answer: str) -> float:
@@ -54,11 +55,25 @@ def _grader_main():
         print(json.dumps(out), flush=True)
 
 
-def _start_grader():
-    p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--grader"], text=True,
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
+def _spawn_grader():
+    """A grader process, started but not waited for: it imports Math-Verify (~1 s) in the background."""
+    return subprocess.Popen([sys.executable, os.path.abspath(__file__), "--grader"], text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def _ready(p):
+    """Wait until grader `p` has imported Math-Verify; returns it."""
     if p.stdout.readline().strip() != '"ready"':
         raise RuntimeError(f"the Math-Verify grader process ({sys.executable} {__file__} --grader) failed to start")
+    return p
+
+
+def _next_grader():
+    """The warm spare becomes the grader and a new spare starts importing, so a response after a
+    timeout (or a dead grader) waits for no restart: a timeout costs its limit, not limit + ~1 s."""
+    global _spare
+    p = _ready(_spare) if _spare is not None and _spare.poll() is None else _ready(_spawn_grader())
+    _spare = _spawn_grader()
     return p
 
 
@@ -68,13 +83,13 @@ def math_reward(response: str, answer: str, time_limit: float | None = None) -> 
     with _grader_lock:
         stats["graded"] += 1
         if _grader is None or _grader.poll() is not None:
-            _grader = _start_grader()
+            _grader = _next_grader()
         _grader.stdin.write(json.dumps([response, answer]) + "\n")
         _grader.stdin.flush()
         if not select.select([_grader.stdout], [], [], time_limit or TIME_LIMIT_S)[0]:
             _grader.kill()          # the only way out of a C-level computation
             _grader.wait()
-            _grader = None
+            _grader = _next_grader()
             stats["timeouts"] += 1
             return 0.0
         line = _grader.stdout.readline()

@@ -66,10 +66,14 @@ def cpu_has_bf16():
 
 def resolve_dtype(dtype, device):
     """--rollout-dtype / --train-dtype for this machine: auto is bf16 on CUDA and on CPUs with bf16
-    instructions, else fp32; an explicit dtype is kept."""
+    instructions, else fp32, unless the environment variable SEMIONLINE_DTYPE (float32 or bfloat16)
+    says which (e.g. to run the tests as another CPU would); an explicit dtype is kept."""
     if dtype != "auto":
         return dtype
-    return "bfloat16" if device.startswith("cuda") or cpu_has_bf16() else "float32"
+    forced = os.environ.get("SEMIONLINE_DTYPE", "")
+    if forced and forced not in ("float32", "bfloat16"):
+        raise ValueError(f"SEMIONLINE_DTYPE={forced}: must be float32 or bfloat16 (or unset)")
+    return forced or ("bfloat16" if device.startswith("cuda") or cpu_has_bf16() else "float32")
 
 
 def pick_engine(engine, dtype, device, model):

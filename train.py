@@ -131,9 +131,9 @@ def parse_args(argv=None):
         p.error(f"argument --report-to: {a.report_to}: the package is not installed (pip install {a.report_to})")
     try:
         a.engine, a.rollout_dtype = pick_engine(a.engine, a.rollout_dtype, a.device, a.init_from or a.model)
+        a.train_dtype = resolve_dtype(a.train_dtype, a.device)
     except ValueError as e:
         p.error(str(e))
-    a.train_dtype = resolve_dtype(a.train_dtype, a.device)
     if a.tis_cap is None:   # on where sampler and trainer disagree beyond float rounding, as TRL's default
         a.tis_cap = 2.0 if a.engine == "vllm" or a.rollout_dtype == "bfloat16" else 0.0
     return a

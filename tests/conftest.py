@@ -36,3 +36,24 @@ def tiny_model_dir(tmp_path_factory):
     make_model(tok).save_pretrained(d)
     tok.save_pretrained(d)
     return str(d)
+
+
+def toy_score(rows, samples, chat_reward=None, length_penalty=0.0):
+    """Math rewards for the tiny random models (they cannot do arithmetic) that hold on any CPU and
+    for any draw: among one prompt's responses (consecutive in `rows`) the shortest scores 1 (the
+    first of ties), the others 0, so every group of two or more has a pair; a lone response scores
+    1 when its length is even. Chat rows go to rewards.score. Patch it as train.score."""
+    import rewards
+    i = 0
+    while i < len(rows):
+        j = i
+        while j < len(rows) and rows[j] is rows[i]:
+            j += 1
+        if rows[i]["task"] == "math":
+            group = samples[i:j]
+            best = min(range(len(group)), key=lambda k: len(group[k].text))
+            for k, x in enumerate(group):
+                x.reward = float(k == best) if len(group) > 1 else float(len(x.text) % 2 == 0)
+        else:
+            rewards.score(rows[i:j], samples[i:j], chat_reward, length_penalty)
+        i = j

@@ -13,6 +13,7 @@ import eval as ev
 import reproduce
 import rewards
 import train
+from conftest import toy_score
 from rollout import HFEngine
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,7 +124,7 @@ def test_command_line_prints_no_traceback(script, argv, flag):
 def test_checkpoint_on_a_full_disk_keeps_the_previous_one(tiny_model_dir, tmp_path, monkeypatch):
     """The disk fills while the step-2 checkpoint is written: the run stops saying so, the
     half-written folder is gone, and `latest` still points at the intact step-1 checkpoint."""
-    monkeypatch.setattr(rewards, "math_reward", lambda text, answer: float(len(text) % 2 == 0))
+    monkeypatch.setattr(train, "score", toy_score)
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"problem": f"{i}+1?", "answer": str(i + 1)}) + "\n" for i in range(8)))
     out, saves, orig = tmp_path / "run", [], torch.save

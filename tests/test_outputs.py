@@ -10,6 +10,7 @@ import pytest
 
 import rewards
 import train
+from conftest import toy_score
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,7 +28,7 @@ def tiny_run(model, data, out, *extra):
 
 
 def test_run_directory_explains_itself(tiny_model_dir, data_file, tmp_path, monkeypatch):
-    monkeypatch.setattr(rewards, "math_reward", lambda text, answer: float(len(text) % 2 == 0))
+    monkeypatch.setattr(train, "score", toy_score)
     out = tmp_path / "run"
     tiny_run(tiny_model_dir, data_file, out, "--steps", "3", "--save-every", "1", "--keep", "2")
     names = set(os.listdir(out))

@@ -13,10 +13,11 @@ import torch
 
 import rewards
 import train
+from conftest import toy_score
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# the tiny model cannot do arithmetic: train it on a toy reward (even response length scores 1)
-RUNNER = ("import sys, rewards, train; rewards.math_reward = lambda text, answer: float(len(text) % 2 == 0); "
+# the tiny model cannot do arithmetic: train it on a toy reward (the shortest response of a group scores 1)
+RUNNER = ("import sys; sys.path.insert(0, 'tests'); import train; from conftest import toy_score; train.score = toy_score; "
           "train.main(sys.argv[1:])")
 
 
@@ -58,7 +59,9 @@ def wait_for_checkpoint(out, at_least, proc, timeout=120):
 def assert_same_run(a, b):
     (wa, la), (wb, lb) = a, b
     assert [r["step"] for r in lb] == [r["step"] for r in la]
-    assert [r["loss"] for r in lb] == pytest.approx([r["loss"] for r in la], rel=1e-5)
+    # a step may have no pair (loss null): null in the same places, the numbers close
+    assert [r["loss"] is None for r in lb] == [r["loss"] is None for r in la]
+    assert [r["loss"] for r in lb if r["loss"] is not None] == pytest.approx([r["loss"] for r in la if r["loss"] is not None], rel=1e-5)
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-6), k
 
@@ -99,7 +102,7 @@ def test_sigterm_saves_and_exits_cleanly(tiny_model_dir, data_file, tmp_path):
 
 
 def test_half_written_checkpoint_is_ignored(tiny_model_dir, data_file, tmp_path, monkeypatch):
-    monkeypatch.setattr(rewards, "math_reward", lambda text, answer: float(len(text) % 2 == 0))
+    monkeypatch.setattr(train, "score", toy_score)
     out = tmp_path / "run"
     train.main(args(tiny_model_dir, data_file, str(out), steps=2))
     os.makedirs(out / "ckpt-000003.tmp")   # a save killed half-way
@@ -110,7 +113,7 @@ def test_half_written_checkpoint_is_ignored(tiny_model_dir, data_file, tmp_path,
 
 
 def test_nan_loss_skips_update_then_stops(tiny_model_dir, data_file, tmp_path, monkeypatch):
-    monkeypatch.setattr(rewards, "math_reward", lambda text, answer: float(len(text) % 2 == 0))
+    monkeypatch.setattr(train, "score", toy_score)
     monkeypatch.setitem(train.LOSSES, "dpo", lambda b, a: (b["pi"].sum() * float("nan"), {}))
     before = {k: v.clone() for k, v in train.load_model(tiny_model_dir)[0].state_dict().items()}
     argv = args(tiny_model_dir, data_file, str(tmp_path / "nan"), steps=6) + ["--max-bad-steps", "100"]
@@ -139,9 +142,14 @@ def test_failing_or_nan_reward_model_is_counted_not_fatal(tiny_model_dir, tmp_pa
 
 
 def test_grading_timeouts_score_zero_and_are_reported(tiny_model_dir, data_file, tmp_path, monkeypatch, capsys):
-    # every response is one sympy cannot finish (see tests/test_rewards.py); the 0.3 s limit is real
+    # every response finds the grader stopped (SIGSTOP: it never answers, on any CPU); the 0.3 s limit is real
     grade = rewards.math_reward
-    monkeypatch.setattr(rewards, "math_reward", lambda text, answer: grade("\\boxed{9^{9^{9^{9}}}}", "1", time_limit=0.3))
+
+    def stalled(text, answer):
+        grade("\\boxed{1}", "1")
+        os.kill(rewards._grader.pid, signal.SIGSTOP)
+        return grade(text, answer, time_limit=0.3)
+    monkeypatch.setattr(rewards, "math_reward", stalled)
     monkeypatch.setitem(rewards.stats, "timeouts", 0)
     out = train.main(args(tiny_model_dir, data_file, str(tmp_path / "o"), steps=1) + ["--n", "2"])
     r = out["records"][0]
@@ -151,7 +159,7 @@ def test_grading_timeouts_score_zero_and_are_reported(tiny_model_dir, data_file,
 
 
 def test_long_prompts_skip_or_truncate(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(rewards, "math_reward", lambda text, answer: float(len(text) % 2 == 0))
+    monkeypatch.setattr(train, "score", toy_score)
     data = tmp_path / "long.jsonl"
     rows = [{"problem": "What is 1 + 1?", "answer": "2"}, {"problem": "word " * 600, "answer": "1"}] * 2
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -1,4 +1,6 @@
 """Math-Verify reward and data loading.  Run: pytest tests/test_rewards.py"""
+import os
+import signal
 import threading
 import time
 
@@ -24,19 +26,30 @@ def test_math_reward_known_cases(response, answer, expect):
 
 
 @pytest.mark.parametrize("evil,answer", [
-    # sympy spends hours in one C-level integer power on these; SIGALRM cannot interrupt it
-    # (the first hung for every hash seed tried, the second for some, with signal-based limits)
+    # sympy spends hours in one C-level integer power on these on some CPUs and finishes in time
+    # on others; either way the response scores 0 within the limit (SIGALRM could not stop it)
     ("\\boxed{9^{9^{9^{9}}}}", "1"),
     ("\\boxed{" + "9^{" * 30 + "9" + "}" * 30 + "}", "9^{9^{9}}"),
 ])
-def test_adversarial_latex_finishes_within_time_limit(evil, answer):
+def test_adversarial_latex_scores_zero_in_bounded_time(evil, answer):
     math_reward("\\boxed{1}", "1")                  # grader process started outside the timing
-    before = dict(rewards.stats)
     t = time.time()
     assert math_reward(evil, answer, time_limit=0.5) == 0.0
     assert time.time() - t < 3.0                      # a hang would be hours
+    # whether it timed out or not, the next response is graded as usual
+    assert math_reward("so \\boxed{42}", "42") == 1.0
+
+
+def test_timeout_kills_the_grader_and_the_warm_spare_takes_over():
+    math_reward("\\boxed{1}", "1")
+    stuck, spare = rewards._grader, rewards._spare
+    os.kill(stuck.pid, signal.SIGSTOP)                # a response that never finishes, on any CPU
+    before = dict(rewards.stats)
+    assert math_reward("\\boxed{2}", "2", time_limit=0.3) == 0.0
     assert rewards.stats["timeouts"] == before["timeouts"] + 1
-    # the killed grader is replaced: the next response is graded as usual
+    assert stuck.poll() is not None                   # killed
+    assert rewards._grader is spare                   # the spare, started before the timeout: no restart waited for
+    assert rewards._spare is not None and rewards._spare is not spare
     assert math_reward("so \\boxed{42}", "42") == 1.0
 
 

@@ -14,11 +14,8 @@ import torch
 import rewards
 import train
 from data import step_rows
+from conftest import toy_score
 from rollout import HFEngine, chat_prompt_ids, cpu_has_bf16
-
-
-def toy_reward(text, answer):
-    return float(len(text) % 2 == 0)
 
 
 @pytest.fixture
@@ -37,7 +34,7 @@ def run(tiny_model_dir, data_file, tmp_path, *extra, name="run"):
 @pytest.mark.parametrize("loss", list(train.LOSSES))
 @pytest.mark.parametrize("s", ["1", "3", "inf"])
 def test_each_loss_and_regime_trains(tiny_model_dir, data_file, tmp_path, monkeypatch, loss, s):
-    monkeypatch.setattr(rewards, "math_reward", toy_reward)
+    monkeypatch.setattr(train, "score", toy_score)
     before = {k: v.clone() for k, v in train.load_model(tiny_model_dir)[0].state_dict().items()}
     out = run(tiny_model_dir, data_file, tmp_path, "--loss", loss, "--sync-every", s, "--steps", "3",
               "--kl-coef", "0.1", "--nll-coef", "0.1", "--entropy-coef", "0.01")
@@ -71,7 +68,7 @@ def spy_generate(monkeypatch, holder):
 
 @pytest.mark.parametrize("s,steps,n_calls", [("2", 5, 3), ("inf", 5, 1), ("epoch", 6, 2)])
 def test_sync_schedule(tiny_model_dir, data_file, tmp_path, monkeypatch, s, steps, n_calls):
-    monkeypatch.setattr(rewards, "math_reward", toy_reward)
+    monkeypatch.setattr(train, "score", toy_score)
     holder = {}
     calls = spy_generate(monkeypatch, holder)
     # 8 training rows, 2 per step: 4 steps per epoch, so s=epoch generates at steps 0 and 4
@@ -95,7 +92,7 @@ def test_step_rows_one_order_per_seed_and_a_fresh_shuffle_each_epoch():
 def test_offline_generates_each_prompt_once_and_reuses_it(tiny_model_dir, data_file, tmp_path, monkeypatch):
     """s = inf is offline DPO: the seed model answers each training prompt once (n responses), and
     every later pass over the data trains on those same responses and the same pair."""
-    monkeypatch.setattr(rewards, "math_reward", toy_reward)
+    monkeypatch.setattr(train, "score", toy_score)
     prompts, orig = [], HFEngine.generate
 
     def gen(self, batch, *a, **k):
@@ -110,12 +107,12 @@ def test_offline_generates_each_prompt_once_and_reuses_it(tiny_model_dir, data_f
     for key in ("reward", "length", "entropy"):
         sums = [sum(r[key] for r in recs[i:i + 3]) for i in (0, 3, 6)]
         assert sums[0] == pytest.approx(sums[1]) == pytest.approx(sums[2]), key
-    assert len({r["reward"] for r in recs}) > 1
+    assert len({r["entropy"] for r in recs}) > 1   # the sums compare different steps, not one repeated number
 
 
 def test_heldout_sampled_accuracy(tiny_model_dir, data_file, tmp_path, monkeypatch):
     """--eval-samples k adds the sampled accuracy (k responses per problem at --temperature) beside greedy."""
-    monkeypatch.setattr(rewards, "math_reward", toy_reward)
+    monkeypatch.setattr(train, "score", toy_score)
     run(tiny_model_dir, data_file, tmp_path, "--steps", "1", "--eval-samples", "3", name="k")
     res = json.load(open(tmp_path / "k" / "heldout_after.json"))
     assert res["math"]["n"] == res["math_sampled"]["n"] == 2
@@ -166,7 +163,7 @@ def test_stale_ratio_is_new_over_old_of_the_sampling_distribution(tiny_model_dir
 def test_online_grpo_ratio_is_exactly_one_at_temperature(tiny_model_dir, data_file, tmp_path, monkeypatch):
     """s = 1, T = 0.7, fp32 engine: nothing is stale, so the ratio is exactly 1 and nothing is
     clipped; the sampler's log-probs equal the trainer's to float rounding."""
-    monkeypatch.setattr(rewards, "math_reward", toy_reward)
+    monkeypatch.setattr(train, "score", toy_score)
     out = run(tiny_model_dir, data_file, tmp_path, "--loss", "grpo", "--sync-every", "1", "--steps", "3",
               "--temperature", "0.7", "--eval-problems", "0")
     recs = out["records"]
@@ -182,7 +179,7 @@ def test_online_grpo_ratio_is_exactly_one_at_temperature(tiny_model_dir, data_fi
 def test_micro_batching_does_not_change_the_step(tiny_model_dir, data_file, tmp_path, monkeypatch, average):
     """The step's loss is the batch-wide mean (per response, or per token with --token-average
     token), whatever the micro-batch split: one group per micro-batch trains as one micro-batch."""
-    monkeypatch.setattr(rewards, "math_reward", toy_reward)
+    monkeypatch.setattr(train, "score", toy_score)
     common = ["--loss", "grpo", "--sync-every", "1", "--steps", "2", "--eval-problems", "0", "--token-average", average,
               "--batch-prompts", "4"]
     whole = run(tiny_model_dir, data_file, tmp_path, *common, "--micro-groups", "4", name="whole")
@@ -191,14 +188,15 @@ def test_micro_batching_does_not_change_the_step(tiny_model_dir, data_file, tmp_
     for key in ("loss", "grad_norm"):
         assert [r[key] for r in whole["records"]] == pytest.approx([r[key] for r in split["records"]], rel=1e-4, abs=1e-7)
     for k, v in whole["policy"].state_dict().items():
-        assert torch.allclose(v, split["policy"].state_dict()[k], atol=1e-6), k
+        # AdamW divides by sqrt(v): a near-zero gradient's float noise can move a weight by a fraction of lr
+        assert torch.allclose(v, split["policy"].state_dict()[k], atol=0.1 * 1e-3), k
 
 
 @pytest.mark.parametrize("s", ["1", "2"])
 def test_bf16_rollouts_with_truncated_importance_sampling(tiny_model_dir, data_file, tmp_path, monkeypatch, s):
     """A bf16 sampler beside an fp32 trainer: the mismatch is logged after each sync, TIS is on
     by default (cap 2), steps on stale rollouts take the trainer's own πθ_old stamped at the sync."""
-    monkeypatch.setattr(rewards, "math_reward", toy_reward)
+    monkeypatch.setattr(train, "score", toy_score)
     stamped = []
     orig = train.stamp_old_logps
     monkeypatch.setattr(train, "stamp_old_logps", lambda *a, **k: stamped.append(len(a[1])) or orig(*a, **k))
@@ -256,11 +254,20 @@ def test_bf16_training_pass_close_to_fp32(tiny_model_dir, data_file, tmp_path, m
     (lp16, g16), (lp32, g32) = out["bfloat16"], out["float32"]
     assert not torch.equal(lp16, lp32) and torch.allclose(lp16, lp32, atol=0.1)
     assert torch.nn.functional.cosine_similarity(g16, g32, dim=0) > 0.99
-    monkeypatch.setattr(rewards, "math_reward", toy_reward)
+    monkeypatch.setattr(train, "score", toy_score)
     res = run(tiny_model_dir, data_file, tmp_path, "--loss", "dpo", "--steps", "2", "--train-dtype", "bfloat16")
     assert all(v.dtype == torch.float32 for v in res["policy"].state_dict().values())
     assert any(r["loss"] is not None and math.isfinite(r["loss"]) for r in res["records"])
+    monkeypatch.delenv("SEMIONLINE_DTYPE", raising=False)
     assert train.parse_args([]).train_dtype == ("bfloat16" if cpu_has_bf16() else "float32")
+    for forced in ("float32", "bfloat16"):   # the suite can run as a CPU of the other kind would
+        monkeypatch.setenv("SEMIONLINE_DTYPE", forced)
+        a = train.parse_args([])
+        assert (a.train_dtype, a.rollout_dtype) == (forced, forced)
+        assert train.parse_args(["--train-dtype", "float32"]).train_dtype == "float32"   # a flag wins
+    monkeypatch.setenv("SEMIONLINE_DTYPE", "fp16")
+    with pytest.raises(SystemExit):
+        train.parse_args([])
 
 
 def test_collate_rejects_mixed_units(tiny_model_dir):
@@ -277,7 +284,7 @@ def test_all_tied_prompts_are_skipped_and_counted(tiny_model_dir, data_file, tmp
 
 
 def test_resume_matches_uninterrupted(tiny_model_dir, data_file, tmp_path, monkeypatch):
-    monkeypatch.setattr(rewards, "math_reward", toy_reward)
+    monkeypatch.setattr(train, "score", toy_score)
     common = ["--sync-every", "2", "--save-every", "2", "--eval-problems", "0"]
     straight = run(tiny_model_dir, data_file, tmp_path, *common, "--steps", "4", name="a")
     run(tiny_model_dir, data_file, tmp_path, *common, "--steps", "2", name="b")
@@ -301,7 +308,7 @@ def test_bad_flags_exit_with_message(tiny_model_dir, data_file, tmp_path, capsys
 
 def test_resume_with_reference_sync(tiny_model_dir, data_file, tmp_path, monkeypatch):
     """The synced reference πref is part of the checkpoint: resuming restores it exactly."""
-    monkeypatch.setattr(rewards, "math_reward", toy_reward)
+    monkeypatch.setattr(train, "score", toy_score)
     common = ["--sync-every", "1", "--ref-sync-every", "1", "--save-every", "2", "--eval-problems", "0"]
     straight = run(tiny_model_dir, data_file, tmp_path, *common, "--steps", "4", name="a")
     run(tiny_model_dir, data_file, tmp_path, *common, "--steps", "2", name="b")
@@ -314,7 +321,7 @@ def test_resume_with_reference_sync(tiny_model_dir, data_file, tmp_path, monkeyp
 
 def test_grad_checkpointing_trains_the_same(tiny_model_dir, data_file, tmp_path, monkeypatch):
     """--grad-checkpointing repeats the prompt per row (no shared KV cache): same losses, same weights."""
-    monkeypatch.setattr(rewards, "math_reward", toy_reward)
+    monkeypatch.setattr(train, "score", toy_score)
     common = ["--loss", "grpo", "--sync-every", "1", "--steps", "2", "--eval-problems", "0", "--kl-coef", "0.1"]
     plain = run(tiny_model_dir, data_file, tmp_path, *common, name="plain")
     ckpt = run(tiny_model_dir, data_file, tmp_path, *common, "--grad-checkpointing", name="gc")
