@@ -37,17 +37,26 @@ def setup_distributed(device):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def shard(device, *models):
+def mixed_precision(device, train_dtype):
+    """FSDP's precision for --train-dtype: on CUDA with bfloat16, bf16 compute over fp32 master
+    weights with fp32 gradient reduction; otherwise none (fp32, or on a CPU bf16 by autocast)."""
+    if device.startswith("cuda") and train_dtype == "bfloat16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def shard(device, train_dtype, *models):
     """FSDP2 over the training processes (the identity on one): one shard group per decoder layer,
-    then the root, for each model given (None: skipped). On CUDA, bf16 compute with fp32 master
-    weights and fp32 gradient reduction."""
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.startswith("cuda") \
-        else MixedPrecisionPolicy()
+    then the root, for each model given (None: skipped). The root reshards after every forward
+    too: the reference (and the policy at a πθ_old stamp) runs forwards with no backward, after
+    which FSDP's default would leave the root's parameters unsharded (plain tensors that a
+    πref ← πθ copy or an optimizer-state checkpoint cannot take)."""
+    mp = mixed_precision(device, train_dtype)
     for model in models if multiprocess() else []:
         if model is not None:
             for layer in getattr(getattr(model, "model", None), "layers", []):
                 fully_shard(layer, mp_policy=mp)
-            fully_shard(model, mp_policy=mp)
+            fully_shard(model, mp_policy=mp, reshard_after_forward=True)
 
 
 def multiprocess():
@@ -113,13 +122,17 @@ def spare_unit(batch, tok):
 def stamp_old_logps(model, groups, temperature, chunk, device, tok):
     """At a sync πθ is πθ_old: store the trainer's own log πθ_old(y_t | x, y_<t) in each response
     of `groups` (Sample.old_logps), for the steps that train on these rollouts once πθ has moved.
-    Every rank runs the same number of forwards (FSDP)."""
+    Every rank runs the same number of forwards (FSDP). In eval mode: with gradient checkpointing
+    on, a model in train mode turns its KV cache off, which the shared-prompt pass needs."""
     n = int(all_sum([math.ceil(len(groups) / chunk)], device, op="max")[0])
+    training = model.training
+    model.eval()
     for i in range(n):
         part = groups[i * chunk:(i + 1) * chunk]
         lp = response_logps(model, collate(part or spare_unit([], tok), device), temperature)
         for x, row in zip([x for g in part for x in g], lp):
             x.old_logps = row[:len(x.completion_ids)].tolist()
+    model.train(training)
 
 
 def save_checkpoint(out, step, policy, opt, shell, tok, ref, state, keep, all_optimizers, master):
@@ -193,12 +206,14 @@ def load_ref(ckpt, ref):
             params[name].copy_(t)
 
 
-def load_checkpoint(ckpt, policy, opt, world, rank, log, seed):
+def load_checkpoint(ckpt, policy, opt, world, rank, log, seed, my_rows):
     """Resume from `ckpt`: the optimizer state (saved sharded; loaded into this run's layout, any
     number of processes) and the trainer state; the `log` (rank 0's log.jsonl) loses the lines a
     killed run wrote after the checkpoint. Returns (step, last sync step, stats, this rank's rollout
-    buffer). On another number of processes the buffer comes back empty, so the rollout window
-    is regenerated from the current weights, with a fresh seed per rank."""
+    buffer). On another number of processes the saved rollouts of the window (every rank's) are
+    split anew: this rank takes, for each remaining step k, the responses to its rows my_rows(k)
+    (row ids), so the window trains on what was sampled before, and sampling goes on with a
+    fresh seed per rank."""
     st = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
     osd = get_optimizer_state_dict(policy, opt)   # this run's (sharded) layout, filled from the saved shards
     dcp.load({"optimizer": osd}, checkpoint_id=os.path.join(ckpt, "optimizer"), no_dist=not multiprocess())
@@ -208,11 +223,15 @@ def load_checkpoint(ckpt, policy, opt, world, rank, log, seed):
         with open(log, "w") as f:
             f.writelines(keep)
     if len(st["ranks"]) == world:   # same number of processes: each rank takes back its rollouts and RNG
-        buffer, rng_state = st["ranks"][rank]
+        buffer, rng_state, *cuda_rng = st["ranks"][rank]   # CUDA's RNG too where there was one
         torch.set_rng_state(rng_state)
+        if cuda_rng and cuda_rng[0] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(cuda_rng[0])
     else:
-        buffer = []
+        saved = [buf for buf, *_ in st["ranks"]]
+        made = [{r["id"]: (r, g) for buf in saved for r, g in buf[j]} for j in range(len(saved[0]))]
+        buffer = [[made[j][i] for i in my_rows(st["step"] + j) if i in made[j]] for j in range(len(made))]
         torch.manual_seed(seed + rank + 7919 * st["step"])
         if rank == 0:
-            print(f"resuming on {world} processes from a checkpoint of {len(st['ranks'])}: rollouts regenerated")
+            print(f"resuming on {world} processes from a checkpoint of {len(st['ranks'])}: the saved rollouts split anew")
     return st["step"], st["last_sync"], st["stats"], buffer

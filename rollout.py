@@ -162,7 +162,9 @@ def collate(units, device):
     samples = [x for u in units for x in u]
     if any(len(u) != len(units[0]) or any(x.prompt_ids != u[0].prompt_ids for x in u) for u in units):
         raise ValueError("collate: every unit must hold the same number of responses to one prompt")
-    T = max(len(x.completion_ids) for x in samples)
+    # at least 2 columns (a masked pad after one-token responses): response_logps then always runs
+    # the same forwards, which FSDP needs on every rank at once
+    T = max(2, max(len(x.completion_ids) for x in samples))
     prompt, pattn = left_pad([u[0].prompt_ids for u in units], 0)
     ids, old = torch.zeros(len(samples), T, dtype=torch.long), torch.zeros(len(samples), T)
     mask, told = torch.zeros(len(samples), T), torch.zeros(len(samples), T)
@@ -198,7 +200,7 @@ def response_logps(model, batch, temperature=1.0, with_logits=False, share_promp
         owner = torch.arange(len(prompt), device=ids.device).repeat_interleave(k)
         cache, first = prefill(model, prompt, pattn, owner)
         logits = first[:, None]
-        if T > 1:   # y_<T given x's cache predicts y_2..y_T
+        if T > 1:   # y_<T given x's cache predicts y_2..y_T (collate makes T >= 2)
             rest = model(input_ids=ids[:, :-1], attention_mask=attn[:, :-1], position_ids=cpos[:, :-1],
                          **{CACHE: cache}).logits
             logits = torch.cat([logits, rest], 1)

@@ -364,21 +364,24 @@ def main(argv=None):
     needs_chat = any(r["task"] == "chat" for r in train + heldout)
     chat_reward = make_scalar_reward(a.reward_model, judge=None if a.reward_model else (
         copy.deepcopy(ref) if ref is not None else load_model(start, a.device)[0], tok)) if needs_chat else None
-    if a.engine == "vllm":   # loads ckpt/start itself; synced from πθ like the HF engine
-        engine = VLLMEngine(ckpt or start, memory=a.vllm_memory, seed=a.seed + rank, device=a.device, dtype=a.rollout_dtype)
+    sampled = start if s == math.inf else ckpt or start   # offline samples the seed model, after a resume too
+    if a.engine == "vllm":   # loads its weights itself; synced from πθ like the HF engine
+        engine = VLLMEngine(sampled, memory=a.vllm_memory, seed=a.seed + rank, device=a.device, dtype=a.rollout_dtype)
     else:
         dtype = getattr(torch, a.rollout_dtype)
-        engine = HFEngine(policy, tok, max_batch=a.gen_batch, dtype=dtype, share=s == 1 and world == 1 and dtype == policy.dtype)
+        engine = HFEngine(policy if sampled == (ckpt or start) else load_model(sampled, a.device)[0], tok, max_batch=a.gen_batch,
+                          dtype=dtype, share=s == 1 and world == 1 and dtype == policy.dtype)
     with torch.device("meta"):   # an empty model of πθ's class and config, to write checkpoints through
         shell = type(policy)(policy.config)
     if a.grad_checkpointing:
         (getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable)()
-    shard(a.device, policy, ref)   # FSDP2 under torchrun
+    shard(a.device, a.train_dtype, policy, ref)   # FSDP2 under torchrun
     tis = a.loss in RATIO and a.tis_cap > 0
     opt = torch.optim.AdamW(policy.parameters(), lr=a.lr, weight_decay=a.weight_decay, fused=True)   # one kernel: 6x faster on CPU
     step, buffer, last_sync, stats = 0, [], 0, {"nan_skips": 0, "bad_in_a_row": 0, "long_prompts": 0, "bad_rewards": 0}
     if ckpt:
-        step, last_sync, stats, buffer = load_checkpoint(ckpt, policy, opt, world, rank, os.path.join(a.out, "log.jsonl"), a.seed)
+        my_rows = lambda k: [r["id"] for r in step_rows(train, k, a.batch_prompts, a.seed)[rank::world]]
+        step, last_sync, stats, buffer = load_checkpoint(ckpt, policy, opt, world, rank, os.path.join(a.out, "log.jsonl"), a.seed, my_rows)
         say(f"resumed from {ckpt} at step {step}")
     elif a.resume:
         say(f"--resume: no checkpoint in {a.out}, starting fresh")
@@ -462,7 +465,8 @@ def main(argv=None):
         # ---------------------------------------------------------------------
         # Checkpoint: πθ (HF format), optimizer state, πref if synced, each rank's rollouts and RNG
         if (a.save_every and step % a.save_every == 0) or step == a.steps or counts["stop"]:
-            state = {"step": step, "ranks": (buffer, torch.get_rng_state()), "last_sync": last_sync, "stats": stats, "args": vars(a)}
+            rng = (torch.get_rng_state(), torch.cuda.get_rng_state() if a.device.startswith("cuda") else None)
+            state = {"step": step, "ranks": (buffer, *rng), "last_sync": last_sync, "stats": stats, "args": vars(a)}
             save_checkpoint(a.out, step, policy, opt, shell, tok, ref if a.ref_sync_every else None, state, a.keep,
                             a.keep_optimizer == "all", master)
         if counts["stop"]:
