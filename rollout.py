@@ -23,6 +23,7 @@ and `response_logps` is log π_T(y_t | x, y_<t) from one training forward pass (
 through the model once), the number every objective starts from.
 """
 import copy
+import hashlib
 import importlib.util
 import os
 import sys
@@ -146,12 +147,27 @@ def prefill(model, ids, attn, owner):
     return cache, out.logits[owner, -1]
 
 
-def sample_token(scores):
-    """y ~ softmax(scores) per row, by inverse CDF: one uniform number per row. (torch.multinomial
-    draws one exponential per vocabulary entry: 15 % of a CPU rollout with a 49k vocabulary.)"""
+def sample_token(scores, u=None):
+    """y ~ softmax(scores) per row, by inverse CDF: one uniform number u in [0, 1) per row (drawn here
+    unless given). (torch.multinomial draws one exponential per vocabulary entry: 15 % of a CPU
+    rollout with a 49k vocabulary.)"""
     cdf = torch.softmax(scores.float(), dim=-1).cumsum(-1)
-    u = (1 - torch.rand(cdf.shape[0], 1, device=cdf.device)) * cdf[:, -1:]   # in (0, total]: never a p=0 token
+    u = torch.rand(cdf.shape[0], device=cdf.device) if u is None else u
+    u = (1 - u[:, None]) * cdf[:, -1:]   # in (0, total]: never a p=0 token
     return torch.searchsorted(cdf, u).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
+
+
+def sample_key(*parts):
+    """An int naming one prompt's draw, e.g. (seed, step, row id): the key of `uniforms`."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
+
+
+def uniforms(key, j, length):
+    """Common random numbers: the `length` uniforms that sample tokens 1..length of response j to
+    the prompt keyed `key` (an int), the same whatever else is in the batch, on any rank. Two runs
+    (two arms, or 1 and 2 processes) with equal weights then sample equal responses."""
+    g = torch.Generator().manual_seed((key * 1_000_003 + j) % (1 << 63))
+    return torch.rand(length, generator=g)
 
 
 def collate(units, device):
@@ -238,38 +254,42 @@ class HFEngine:
             params[name].copy_(t)
 
     @torch.inference_mode()
-    def generate(self, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=128, greedy=False, desc=None):
+    def generate(self, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=128, greedy=False, desc=None, keys=None):
         """prompts: list of token-id lists. Returns one list of n Samples per prompt.
 
+        keys: one int per prompt; response j to prompt i is then drawn with uniforms(keys[i], j, ·)
+        (common random numbers), else from torch's global generator.
         Sequences are ordered prompt-major, sorted by prompt length to cut padding, and
         generated at most `max_batch` at a time (with `desc`, under a progress bar of that name).
         """
-        flat = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
-        flat.sort(key=lambda ip: len(ip[1]))
+        flat = [(i, p, j) for i, p in enumerate(prompts) for j in range(n)]
+        flat.sort(key=lambda ipj: len(ipj[1]))
         out = [[] for _ in prompts]
         training = self.model.training   # a shared policy may be in train mode (dropout): sample in eval
         self.model.eval()
         for start in tqdm(range(0, len(flat), self.max_batch), desc=desc, disable=desc is None, leave=False, dynamic_ncols=True):
             chunk = flat[start:start + self.max_batch]
+            u = None if keys is None or greedy else torch.stack([uniforms(keys[i], j, max_new_tokens) for i, _, j in chunk])
             try:
-                batch = self._generate_batch([p for _, p in chunk], temperature, top_p, max_new_tokens, greedy)
+                batch = self._generate_batch([p for _, p, _ in chunk], temperature, top_p, max_new_tokens, greedy, u)
             except (torch.OutOfMemoryError, RuntimeError) as e:   # CPU: "DefaultCPUAllocator: can't allocate memory"
                 if not isinstance(e, torch.OutOfMemoryError) and "memory" not in str(e):
                     raise
                 sys.exit(f"rollouts ran out of memory decoding {len(chunk)} sequences at once: lower --gen-batch "
                          f"(now {self.max_batch}) or --max-new-tokens ({e.__class__.__name__}: {str(e)[:200]})")
-            for (i, _), s in zip(chunk, batch):
+            for (i, _, _), s in zip(chunk, batch):
                 out[i].append(s)
         self.model.train(training)
         return out
 
-    def _generate_batch(self, prompts, temperature, top_p, max_new_tokens, greedy):
+    def _generate_batch(self, prompts, temperature, top_p, max_new_tokens, greedy, u=None):
         """One batch, decoded token by token with the KV cache. Per step it samples from
         π_T = softmax(logits / T) (renormalized over the top-p nucleus when top_p < 1) and
         records the sampled token's log-prob under that distribution and the entropy of π_T. A sequence leaves the batch (and its rows leave the
         cache) as soon as it emits an end token, so the cost follows the real response lengths,
         not the longest one."""
         dev = next(self.model.parameters()).device
+        u = u.to(dev) if u is not None else None   # [B, max_new_tokens]: row i's uniform for its token t
         ids, attn = (t.to(dev) for t in left_pad(prompts, self.pad_id))
         # The n copies of a prompt sit side by side: prefill each distinct prompt once and point
         # every copy at its rows of the KV cache.
@@ -284,7 +304,7 @@ class HFEngine:
         for t in range(max_new_tokens):
             logp = torch.log_softmax(logits.float() / T, dim=-1)
             drawn = torch.log_softmax(top(None, logp), -1) if top else logp   # what the token is drawn from
-            y = logits.argmax(-1) if greedy else sample_token(drawn)
+            y = logits.argmax(-1) if greedy else sample_token(drawn, None if u is None else u[live, t])
             step = zip(live.tolist(), y.tolist(), drawn.gather(-1, y[:, None]).squeeze(-1).tolist(),
                        (-(logp.exp() * logp).sum(-1)).tolist())
             for i, token, lp, h in step:
@@ -384,11 +404,14 @@ class VLLMEngine:
         self.llm.collective_rpc(_retie_lm_head)
         self.llm.reset_prefix_cache()
 
-    def generate(self, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=128, greedy=False, desc=None):
+    def generate(self, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=128, greedy=False, desc=None, keys=None):
+        """As HFEngine.generate; keys seed each prompt's request (vLLM's per-request generator), so a
+        prompt's responses do not depend on what else is in the batch or on which rank asks."""
         from vllm import SamplingParams
         self._wake()
-        params = SamplingParams(n=n, temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
-                                max_tokens=max_new_tokens, logprobs=0)
+        params = [SamplingParams(n=n, temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
+                                 max_tokens=max_new_tokens, logprobs=0, seed=None if keys is None else keys[i] % (1 << 63))
+                  for i in range(len(prompts))]
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=desc is not None)
         self.sleep()
         groups = []

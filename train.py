@@ -48,7 +48,8 @@ from dpo import dpo_loss, entropy_regularizer, group_dpo_loss, implicit_reward, 
 from eval import heldout_eval, plot_run, report, rollout_metrics, run_summary, tracker
 from grpo import TOKEN_AVERAGES, combined_loss, grpo_advantages, grpo_loss, kl_k3
 from rewards import make_scalar_reward, score, stats as grading
-from rollout import DEFAULT_MODEL, HFEngine, VLLMEngine, chat_prompt_ids, collate, load_model, pick_engine, resolve_dtype, response_logps
+from rollout import (DEFAULT_MODEL, HFEngine, VLLMEngine, chat_prompt_ids, collate, load_model, pick_engine, resolve_dtype, response_logps,
+                     sample_key)
 
 
 def parse_args(argv=None):
@@ -190,21 +191,24 @@ RATIO = {"grpo", "combined"}   # losses with GRPO's importance ratio πθ/πθ_o
 # Helpers used by the loop below
 
 
-def rollouts(engine, plan, a, offline, chat_reward, spent):
+def rollouts(engine, plan, first, a, offline, chat_reward, spent):
     """Generate → score, for every step of the window at once: `plan` has one list of (row, prompt
-    ids) per step. Returns one list of (row, responses) per step, and the tokens generated.
-    Offline (s = ∞): each distinct prompt is answered once, by the seed model, and reused on every
-    pass over the data (the paper's offline DPO trains on one fixed set of responses)."""
-    todo = [x for p in plan for x in p]
+    ids) per step, from step `first` on. Returns one list of (row, responses) per step, and the
+    tokens generated. Common random numbers: a prompt's responses at step k are drawn with uniforms
+    keyed by (seed, k, row), so arms (and any number of ranks) with equal weights sample the same.
+    Offline (s = ∞): each distinct prompt is answered once, by the seed model, at the step it first
+    appears, and reused on every pass over the data (the paper's offline DPO: one fixed set)."""
+    todo, seen = [(k, r, ids) for k, p in enumerate(plan, first) for r, ids in p], set()
     if offline:
-        todo = list({r["id"]: (r, ids) for r, ids in todo}.values())
+        todo = [(k, r, ids) for k, r, ids in todo if not (r["id"] in seen or seen.add(r["id"]))]
     tick = time.time()
-    groups = engine.generate([ids for _, ids in todo], a.n, a.temperature, a.top_p, a.max_new_tokens)
+    groups = engine.generate([ids for _, _, ids in todo], a.n, a.temperature, a.top_p, a.max_new_tokens,
+                             keys=[sample_key(a.seed, k, r["id"]) for k, r, _ in todo])
     tick = clock(spent, "generate", tick)
     # math: 1/0 by Math-Verify; chat: the reward model (or the judge)
-    score([r for r, _ in todo for _ in range(a.n)], [x for g in groups for x in g], chat_reward, a.length_penalty)
+    score([r for _, r, _ in todo for _ in range(a.n)], [x for g in groups for x in g], chat_reward, a.length_penalty)
     clock(spent, "score", tick)
-    made, it = {r["id"]: g for (r, _), g in zip(todo, groups)}, iter(groups)
+    made, it = {r["id"]: g for (_, r, _), g in zip(todo, groups)}, iter(groups)
     return [[(r, made[r["id"]] if offline else next(it)) for r, _ in p] for p in plan], \
         sum(len(x.completion_ids) for g in groups for x in g)
 
@@ -331,7 +335,7 @@ def main(argv=None):
     if a.batch_prompts % world:
         sys.exit(f"--batch-prompts {a.batch_prompts} must be a multiple of the number of processes ({world})")
     random.seed(a.seed)
-    torch.manual_seed(a.seed + rank)   # ranks sample different responses
+    torch.manual_seed(a.seed + rank)   # held-out sampling; training rollouts draw keyed numbers (rollouts)
     make_writable(a.out, "--out")   # before any model loads
 
     # -------------------------------------------------------------------------
@@ -423,7 +427,7 @@ def main(argv=None):
             plan = [[(r, ids) for r in step_rows(train, k, a.batch_prompts, a.seed)[rank::world] if (ids := prompt_ids(r)) is not None]
                     for k in range(step, upto)]
             tick = clock(spent, "sync", tick)
-            buffer, generated = rollouts(engine, plan, a, s == math.inf, chat_reward, spent)
+            buffer, generated = rollouts(engine, plan, step, a, s == math.inf, chat_reward, spent)
             gen_tok_s, tick = generated / spent["generate"], time.time()
             if tis and len(buffer) > 1:   # the trainer's πθ_old for the steps that will train on stale rollouts
                 with autocast(a):

@@ -26,7 +26,7 @@ def load(*a, **k):
     m, t = orig_load(*a, **k)
     holder.setdefault("policy", m)
     return m, t
-def fake_generate(self, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=8, greedy=False):
+def fake_generate(self, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=8, greedy=False, keys=None):
     # every sync hands the engine the full weights: check against the (sharded) policy
     full = dict(train.full_params(holder["policy"]))
     ok = all(torch.equal(p, full[k].to(p.dtype)) for k, p in self.model.named_parameters())  # bf16 rollouts: cast

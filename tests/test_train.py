@@ -391,3 +391,32 @@ def test_pairs_or_groups_by_hand():
     assert [len(u) for u in units] == [3]
     units, _, _ = train.pairs_or_groups(batch, Namespace(seed=0, loss="grpo", kl_coef=0.1), 0, stats)
     assert [len(u) for u in units] == [3, 3]
+
+
+def test_common_random_numbers_make_a_prompts_draw_independent_of_the_batch(tiny_model_dir):
+    """A keyed draw: the responses to a prompt depend on its key (and the weights), not on what else
+    is decoded beside it or in which order; an unkeyed draw uses the global generator."""
+    model, tok = train.load_model(tiny_model_dir)
+    eng = HFEngine(model, tok, max_batch=3)
+    p, q = chat_prompt_ids(tok, "What is 1 + 2?"), chat_prompt_ids(tok, "Ana has 5 apples and buys two more.")
+    alone = eng.generate([p], n=4, temperature=1.0, max_new_tokens=8, keys=[11])[0]
+    crowd = eng.generate([q, p, q], n=4, temperature=1.0, max_new_tokens=8, keys=[12, 11, 13])[1]
+    assert [x.completion_ids for x in alone] == [x.completion_ids for x in crowd]
+    assert sum([x.logps for x in alone], []) == pytest.approx(sum([x.logps for x in crowd], []), abs=1e-5)
+    assert len({tuple(x.completion_ids) for x in alone}) > 1   # j = 0..3 draw differently
+    other = eng.generate([p], n=4, temperature=1.0, max_new_tokens=8, keys=[99])[0]
+    assert [x.completion_ids for x in other] != [x.completion_ids for x in alone]
+
+
+def test_arms_with_equal_weights_sample_equal_rollouts(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    """Arms that share a seed differ only through what they learned: at lr 0 (weights never move)
+    s = 1 and s = 3 log the same rollouts at every step, and an arm run twice logs the same lines."""
+    monkeypatch.setattr(train, "score", toy_score)
+    common = ["--steps", "3", "--eval-problems", "0", "--lr", "0"]
+    online = run(tiny_model_dir, data_file, tmp_path, *common, "--sync-every", "1", name="s1")["records"]
+    semi = run(tiny_model_dir, data_file, tmp_path, *common, "--sync-every", "3", name="s3")["records"]
+    for key in ("reward", "length", "entropy", "pairs_used"):
+        assert [r[key] for r in online] == pytest.approx([r[key] for r in semi], rel=1e-6), key
+    again = run(tiny_model_dir, data_file, tmp_path, *common, "--sync-every", "3", name="s3b")["records"]
+    strip = lambda recs: [{k: v for k, v in r.items() if k not in ("time", "step_s", "rollout_tok_s")} for r in recs]
+    assert strip(again) == strip(semi)
