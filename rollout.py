@@ -239,6 +239,9 @@ class HFEngine:
         self.stop_ids = {tokenizer.eos_token_id} | set(extra if isinstance(extra, list) else [extra] if extra is not None else [])
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
+    def close(self):
+        """Nothing to release (VLLMEngine's shuts vLLM down)."""
+
     @torch.no_grad()
     def update_weights(self, state):
         """The sync of §2.3: copy the trained weights into the rollout model, in place. `state` is
@@ -403,6 +406,11 @@ class VLLMEngine:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.llm.collective_rpc(_retie_lm_head)
         self.llm.reset_prefix_cache()
+
+    def close(self):
+        """Shut vLLM down now, while the process group it shares (torchrun's) still exists: left to
+        its exit-time finalizer it destroyed its groups after ours were gone (ValueError at exit)."""
+        self.llm.llm_engine.engine_core.shutdown()
 
     def generate(self, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=128, greedy=False, desc=None, keys=None):
         """As HFEngine.generate; keys seed each prompt's request (vLLM's per-request generator), so a

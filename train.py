@@ -488,8 +488,10 @@ def main(argv=None):
     if track:
         track[1]()
     say(run_summary(records, grading, time.time() - t_start, a.out))
-    if multiprocess():
-        dist.destroy_process_group()
+    if multiprocess():   # a colocated vLLM's groups live inside torchrun's: it shuts down first
+        engine.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return result
 
 

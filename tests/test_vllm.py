@@ -140,3 +140,33 @@ def test_vllm_that_cannot_start_says_what_to_change(model_dir, monkeypatch):
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "0.00001")
     with pytest.raises(SystemExit, match=knob):
         VLLMEngine(model_dir, memory=0.0001, seed=0, device=DEVICE, dtype="float32")
+
+
+@needs_vllm
+def test_vllm_under_torchrun_runs_to_the_end_and_samples_as_one_process(model_dir, tmp_path):
+    """The GPU configuration on CPU: one colocated vLLM per torchrun process, FSDP policy, syncs at
+    steps 0 and 2. It used to hang (one rank skipped an FSDP forward on one-token responses) and then
+    die at exit (vLLM destroyed its groups after torchrun's were gone). With a seed per request the
+    2 ranks sample what 1 process samples."""
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    logs = {}
+    for procs in (1, 2):
+        out = tmp_path / f"p{procs}"
+        argv = ["train.py", "--model", model_dir, "--engine", "vllm", "--device", DEVICE, "--task", "chat", "--group-size", "4",
+                "--batch-prompts", "2", "--max-new-tokens", "8", "--eval-problems", "0", "--steps", "4", "--sync-every", "2",
+                "--rollout-dtype", "float32", "--train-dtype", "float32", "--out", str(out)]
+        cmd = [sys.executable, *argv] if procs == 1 else \
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), *argv]
+        p = subprocess.run(cmd, cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+        text = p.stdout + p.stderr
+        assert p.returncode == 0 and "Traceback" not in text, text[-4000:]
+        logs[procs] = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["step"] for r in logs[2]] == [1, 2, 3, 4]
+    for key in ("length", "reward"):
+        assert [r[key] for r in logs[2]] == pytest.approx([r[key] for r in logs[1]], rel=1e-4), key
