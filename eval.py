@@ -238,7 +238,8 @@ def run_summary(records, grading, seconds, out):
 
 
 PANELS = [("reward", "rollout reward (mean)"), ("accuracy", "rollout accuracy (math)"), ("length", "rollout length (tokens)"),
-          ("entropy", "rollout entropy (nats/token)"), ("loss", "loss"), ("kl", "KL(πθ || πref), k3")]
+          ("entropy", "rollout entropy (nats/token)"), ("loss", "loss"),
+          ("k3_trained", "k3 of πθ‖πref on trained responses (log)")]
 
 
 def plot_runs(runs, path):
@@ -256,6 +257,8 @@ def plot_runs(runs, path):
             ax.plot([p[0] for p in pts], [p[1] for p in pts], color=f"C{i}", label=name)
             ax.set_xlabel("optimizer step")
             ax.set_ylabel(label)
+            if key == "k3_trained":   # 0.3 and 107 in one run (single pushed-down tokens): a log axis keeps both readable
+                ax.set_yscale("symlog", linthresh=0.01)
         for tag, step, marker in (("before", 0, "o"), ("after", recs[-1]["step"] if recs else 0, "s")):
             f = os.path.join(run, f"heldout_{tag}.json")
             if os.path.exists(f) and "math" in (h := json.load(open(f))):
@@ -421,7 +424,11 @@ def validation_rows(a):
     """The run's own held-out prompts (the same split train.py scored before/after training)."""
     ckpt = open(os.path.join(a.select, "latest")).read().strip()
     args = torch.load(os.path.join(a.select, ckpt, "trainer_state.pt"), weights_only=False)["args"]
-    n = min(a.select_problems, args["eval_problems"]) if args["train_data"] else a.select_problems
+    if args.get("eval_data"):   # the run's held-out file
+        return load_jsonl(args["eval_data"], fields=None)[:a.select_problems]
+    n = min(a.select_problems, args["eval_problems"])   # more would reach into the run's training rows
+    if n < a.select_problems:
+        print(f"--select-problems {a.select_problems}: the run held out {args['eval_problems']} a task; validating on those")
     return split_task(args.get("task", "math"), args["train_data"], args["difficulty"], n, args["seed"])[1]
 
 

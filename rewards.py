@@ -176,17 +176,21 @@ def reward_model(name, device=None, batch_size=8, max_length=4096):
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     tok = AutoTokenizer.from_pretrained(name)
     model = AutoModelForSequenceClassification.from_pretrained(name, dtype=dtype).to(device).eval()
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    model.config.pad_token_id = tok.pad_token_id
 
     @torch.inference_mode()
     def score(pairs):
-        texts = [tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
-                                         tokenize=False) for p, r in pairs]
-        enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
-                  add_special_tokens=False).to(device)
-        return model(**enc).logits[:, 0].float().tolist()
+        """The RM reads its score at the rightmost token that is not padding. Each conversation keeps
+        its last max_length tokens (the end-of-turn token included) and is padded with an id that no
+        conversation of the batch ends with (pad = eos would make a final end-of-turn look like padding)."""
+        ids = [tok(tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False),
+                   add_special_tokens=False)["input_ids"][-max_length:] for p, r in pairs]
+        ends = {x[-1] for x in ids}
+        pad = next(t for t in [tok.pad_token_id, *range(len(tok))] if t is not None and t not in ends)
+        model.config.pad_token_id = model.config.get_text_config().pad_token_id = pad
+        width = max(map(len, ids))
+        x = torch.tensor([i + [pad] * (width - len(i)) for i in ids], device=device)
+        attn = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids], device=device)
+        return model(input_ids=x, attention_mask=attn).logits[:, 0].float().tolist()
 
     return lambda prompts, responses: _batched(score, list(zip(prompts, responses)), batch_size)
 

@@ -270,26 +270,30 @@ def loss_and_backward(units, n_resp, n_tok, batch, a, policy, ref, staleness, ti
             b["old"] = b["pi"].detach()
             gap = (sampler - b["old"]).abs()[on]   # sampler vs trainer: the same weights, other numerics
             m |= {"mismatch_mean": (gap.mean().item(), tokens), "mismatch_max": (gap.max().item(), 1)}
-        elif tis:   # the trainer's own πθ_old, computed at the sync
+        elif tis or a.top_p < 1:   # the trainer's own πθ_old, computed at the sync (the sampler's is of a nucleus or other numerics)
             b["old"] = b["old_trainer"]
         b["is_w"] = (b["old"] - sampler).exp().clamp(max=a.tis_cap) * b["mask"] if tis else None
         loss, extra = LOSSES[a.loss](b, a)
         unit_share = len(mb) / total_units
-        if a.nll_coef:   # NLL on chosen responses: the first of a pair, the correct ones of a group
-            chosen = (b["rewards"] == b["rewards"].max(-1, keepdim=True).values).flatten()
-            loss = loss + a.nll_coef * unit_share * nll_loss(b["pi"][chosen], b["mask"][chosen])
+        if a.nll_coef:   # NLL on chosen responses: the first of a pair, the best of a group with a preference (none of a tie)
+            r = b["rewards"]
+            chosen = ((r == r.max(-1, keepdim=True).values) & (r.max(-1, keepdim=True).values > r.min(-1, keepdim=True).values)).flatten()
+            if chosen.any():
+                loss = loss + a.nll_coef * unit_share * nll_loss(b["pi"][chosen], b["mask"][chosen])
         if a.entropy_coef:
             loss = loss + unit_share * entropy_regularizer(token_entropy(logits, b["mask"]), a.entropy_coef)
         (loss * world).backward()
         tick = clock(spent, "policy", tick)
         m["loss"] = (loss.item(), 1)
         if ref is not None:
-            m["kl"] = (((kl_k3(b["pi"].detach(), b["ref"]) * b["mask"]).sum() / tokens).item(), tokens)
+            # k3 = exp(d) - d - 1, d = log πref - log πθ, over the tokens trained this step: KL(πθ‖πref) only where
+            # they are πθ's own samples (GRPO, nothing stale); on DPO's old, pushed-down rejected ones single tokens dominate
+            m["k3_trained"] = (((kl_k3(b["pi"].detach(), b["ref"]) * b["mask"]).sum() / tokens).item(), tokens)
         for k, v in extra.items():   # GRPO's ratio stats per token, the DPO margins per unit (kl: above)
             if k != "kl":
                 m[k] = (float(v), 1 if k.endswith(("_min", "_max")) else tokens if k in ("ratio_mean", "clip_frac") else len(mb))
         parts.append(m)
-    return {"loss": None, "kl": None} | merge_metrics([p for ps in gather(parts) for p in ps]), total_units
+    return {"loss": None, "k3_trained": None} | merge_metrics([p for ps in gather(parts) for p in ps]), total_units
 
 
 def optimizer_step(policy, opt, a, loss, total_units, stats, say, step):
@@ -361,13 +365,13 @@ def main(argv=None):
     policy, tok = load_model(ckpt or start, a.device)
     needs_ref = uses_reference(a)   # parse_args refuses --ref-sync-every without one
     ref = (load_model(start, a.device)[0] if ckpt else copy.deepcopy(policy)) if needs_ref else None
+    needs_chat = any(r["task"] == "chat" for r in train + heldout)
+    chat_reward = make_scalar_reward(a.reward_model, judge=None if a.reward_model else (   # the judge: the seed model, always
+        copy.deepcopy(ref) if ref is not None else load_model(start, a.device)[0], tok)) if needs_chat else None
     if ckpt:
-        load_ref(ckpt, ref)
+        load_ref(ckpt, ref)   # a synced πref, after the judge was copied from the seed
     if ref is not None:
         ref.eval().requires_grad_(False)
-    needs_chat = any(r["task"] == "chat" for r in train + heldout)
-    chat_reward = make_scalar_reward(a.reward_model, judge=None if a.reward_model else (
-        copy.deepcopy(ref) if ref is not None else load_model(start, a.device)[0], tok)) if needs_chat else None
     sampled = start if s == math.inf else ckpt or start   # offline samples the seed model, after a resume too
     if a.engine == "vllm":   # loads its weights itself; synced from πθ like the HF engine
         engine = VLLMEngine(sampled, memory=a.vllm_memory, seed=a.seed + rank, device=a.device, dtype=a.rollout_dtype)
@@ -381,6 +385,7 @@ def main(argv=None):
         (getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable)()
     shard(a.device, a.train_dtype, policy, ref)   # FSDP2 under torchrun
     tis = a.loss in RATIO and a.tis_cap > 0
+    stamp = a.loss in RATIO and (tis or a.top_p < 1)   # the sampler's log-probs are not the trainer's πθ_old
     opt = torch.optim.AdamW(policy.parameters(), lr=a.lr, weight_decay=a.weight_decay, fused=True)   # one kernel: 6x faster on CPU
     step, buffer, last_sync, stats = 0, [], 0, {"nan_skips": 0, "bad_in_a_row": 0, "long_prompts": 0, "bad_rewards": 0}
     if ckpt:
@@ -429,7 +434,7 @@ def main(argv=None):
             tick = clock(spent, "sync", tick)
             buffer, generated = rollouts(engine, plan, step, a, s == math.inf, chat_reward, spent)
             gen_tok_s, tick = generated / spent["generate"], time.time()
-            if tis and len(buffer) > 1:   # the trainer's πθ_old for the steps that will train on stale rollouts
+            if stamp and len(buffer) > 1:   # the trainer's πθ_old for the steps that will train on stale rollouts
                 with autocast(a):
                     stamp_old_logps(policy, [g for p in buffer[1:] for _, g in p], a.temperature, a.micro_groups, a.device, tok)
                 tick = clock(spent, "old_logps", tick)

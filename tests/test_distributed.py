@@ -85,7 +85,7 @@ def launch(setup, name, procs, steps, loss="dpo", extra=()):
 def assert_close(a, b):
     (wa, la, _), (wb, lb, _) = a, b
     assert [r["step"] for r in la] == [r["step"] for r in lb]
-    for key in ("loss", "reward", "length", "pairs_used", "groups_used", "kl"):
+    for key in ("loss", "reward", "length", "pairs_used", "groups_used", "k3_trained"):
         va, vb = [r.get(key) for r in la], [r.get(key) for r in lb]
         if va != [None] * len(va):   # each run logs pairs_used (DPO) or groups_used (GRPO)
             assert va == pytest.approx(vb, rel=1e-4, abs=1e-6), key

@@ -71,7 +71,7 @@ def test_plot_writes_png(tmp_path):
         with open(tmp_path / name / "log.jsonl", "w") as f:
             for s in range(1, 4):
                 f.write(json.dumps({"step": s, "reward": s / 4, "accuracy": s / 4, "length": 10 + s,
-                                    "entropy": 1 / s, "kl": None if s == 1 else 0.1 * s}) + "\n")
+                                    "entropy": 1 / s, "k3_trained": None if s == 1 else 0.1 * s}) + "\n")
     path = ev.plot_runs([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "fig.png"))
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(path) > 5000
 

@@ -172,7 +172,7 @@ def test_online_grpo_ratio_is_exactly_one_at_temperature(tiny_model_dir, data_fi
     trained = [r for r in recs if r["loss"] is not None]
     assert trained and all(r["ratio_min"] == r["ratio_max"] == 1.0 and r["clip_frac"] == 0 for r in trained)
     assert all(r["mismatch_max"] < 1e-5 for r in trained)
-    assert all(r["kl"] is None for r in recs), "GRPO without a KL term runs no reference forward"
+    assert all(r["k3_trained"] is None for r in recs), "GRPO without a KL term runs no reference forward"
 
 
 @pytest.mark.parametrize("average", ["sequence", "token"])
@@ -325,7 +325,7 @@ def test_grad_checkpointing_trains_the_same(tiny_model_dir, data_file, tmp_path,
     common = ["--loss", "grpo", "--sync-every", "1", "--steps", "2", "--eval-problems", "0", "--kl-coef", "0.1"]
     plain = run(tiny_model_dir, data_file, tmp_path, *common, name="plain")
     ckpt = run(tiny_model_dir, data_file, tmp_path, *common, "--grad-checkpointing", name="gc")
-    for key in ("loss", "kl", "grad_norm"):
+    for key in ("loss", "k3_trained", "grad_norm"):
         assert [r[key] for r in plain["records"]] == pytest.approx([r[key] for r in ckpt["records"]], rel=1e-4, abs=1e-6), key
     assert all(r["grad_norm"] for r in plain["records"])
     for k, v in plain["policy"].state_dict().items():
