@@ -1,4 +1,13 @@
-"""Shared fixtures: a tiny random Llama with a tiny byte-level BPE tokenizer, built in seconds."""
+"""Shared fixtures: a tiny random Llama with a tiny byte-level BPE tokenizer, built in seconds.
+
+The suite runs on the CPU. SEMIONLINE_TEST_DEVICE=cuda (a GPU box) leaves CUDA visible, so the
+in-process train.py runs take their default device, CUDA; the multi-process tests stay on CPU
+processes with gloo either way (ranks cannot share one GPU under NCCL)."""
+import os
+
+if os.environ.get("SEMIONLINE_TEST_DEVICE", "cpu") != "cuda":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""   # before torch looks for a GPU
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

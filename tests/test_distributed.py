@@ -69,7 +69,7 @@ def launch(setup, name, procs, steps, loss="dpo", extra=()):
             "--micro-groups", "1", "--lr", "1e-3", "--sync-every", "2", "--save-every", "2", "--steps", str(steps),
             "--loss", loss, "--train-dtype", "float32", "--out", str(out), *extra]
     os.makedirs(tmp / f"sync-{name}", exist_ok=True)
-    env = dict(os.environ, SYNC_LOG=str(tmp / f"sync-{name}"), OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env = dict(os.environ, SYNC_LOG=str(tmp / f"sync-{name}"), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=ROOT)
     cmd = [sys.executable, runner, *argv] if procs == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", str(free_port()),
          runner, *argv]

@@ -61,7 +61,7 @@ def launch(env, name, procs, *extra, toy="short", die_after=0, expect_rc=0, time
     out = env["tmp"] / name
     argv = ["--model", env["model"], "--train-data", env["data"], "--eval-problems", "0", "--batch-prompts", "4",
             "--group-size", "4", "--max-new-tokens", "8", "--micro-groups", "1", "--lr", "1e-3", "--out", str(out), *extra]
-    run_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, SEMIONLINE_ROOT=ROOT, TOY=toy,
+    run_env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=ROOT, SEMIONLINE_ROOT=ROOT, TOY=toy,
                    DIE_AFTER_CHECKPOINT=str(die_after))
     cmd = [sys.executable, env["runner"], *argv] if procs == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", str(free_port()),
