@@ -59,6 +59,18 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta):
     return -F.logsigmoid(beta * margin).mean()
 
 
+def ipo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta):
+    """IPO (Azar et al. 2023, not in the paper; README's worked example of adding a loss):
+    L = (h - 1/(2β))², h = (log πθ(yc|x) - log πref(yc|x)) - (log πθ(yr|x) - log πref(yr|x)).
+
+    A squared loss that pulls the log-ratio margin h to 1/(2β) instead of pushing it to infinity.
+    Inputs are summed sequence log-probs, shape [B] (one pair per entry); returns the mean.
+    """
+    _check(pi_chosen, pi_rejected, ref_chosen, ref_rejected)
+    h = (pi_chosen - ref_chosen) - (pi_rejected - ref_rejected)
+    return ((h - 1 / (2 * beta)) ** 2).mean()
+
+
 def implicit_reward(pi_logps, ref_logps, beta):
     """DPO's implicit reward r̂(x, y) = β (log πθ(y|x) - log πref(y|x)); logged, not optimized."""
     return (beta * (pi_logps - ref_logps)).detach()

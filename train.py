@@ -44,7 +44,7 @@ from data import (COUNT, FRACTION, HelpFormatter, NONNEGATIVE, POSITIVE, POSITIV
                   model_name, number, out_dir, row_prompt, split_task, step_rows)
 from distributed import (all_sum, copy_params, full_params, gather, latest_checkpoint, load_checkpoint, load_ref, merge_metrics, multiprocess, save_checkpoint,
                          setup_distributed, shard, spare_unit, stamp_old_logps)
-from dpo import dpo_loss, entropy_regularizer, group_dpo_loss, implicit_reward, nll_loss, select_pair, token_entropy
+from dpo import dpo_loss, entropy_regularizer, group_dpo_loss, implicit_reward, ipo_loss, nll_loss, select_pair, token_entropy
 from eval import heldout_eval, plot_run, report, rollout_metrics, run_summary, tracker
 from grpo import TOKEN_AVERAGES, combined_loss, grpo_advantages, grpo_loss, kl_k3
 from rewards import make_scalar_reward, score, stats as grading
@@ -126,6 +126,9 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if a.sync_every not in ("inf", "epoch") and not (a.sync_every.isdigit() and int(a.sync_every) > 0):
         p.error(f"argument --sync-every: {a.sync_every}: must be a positive integer, 'inf' or 'epoch'")
+    bad = [n for n, e in LOSSES.items() if e.get("takes") not in ("pairs", "groups") or not callable(e.get("fn"))]
+    if bad:   # a new entry written wrong: say so before anything loads
+        p.error(f"LOSSES[{bad[0]!r}] in train.py: needs 'fn' (the objective) and 'takes': 'pairs' or 'groups'")
     if a.ref_sync_every and not uses_reference(a):
         p.error(f"argument --ref-sync-every: {a.ref_sync_every}: GRPO without --kl-coef has no reference model to sync")
     if a.report_to != "none" and not importlib.util.find_spec(a.report_to):
@@ -146,16 +149,18 @@ def uses_reference(a):
 
 
 # -----------------------------------------------------------------------------
-# Objectives: --loss picks one. Each maps a micro-batch of G responses per prompt to
-# (loss, metrics). b["pi"], b["ref"], b["old"], b["mask"]: [P*G, T] token log-probs and mask;
-# b["rewards"]: [P, G]. "dpo" trains on one (chosen, rejected) pair per prompt (G=2, chosen
-# first); the others on the whole group. The loss is this micro-batch's part of the step's:
-# b["share"] is its share of the step's preference means, b["denom"] the step's GRPO
-# denominator (responses or tokens), so the micro-batches' losses sum to the step's loss.
-# A new loss is one function and one line in LOSSES.
+# Objectives: --loss picks one from LOSSES. Each maps a micro-batch to (loss, metrics).
+# b["pi"], b["ref"], b["old"], b["mask"]: [P*K, T] token log-probs and mask, unit by unit;
+# b["rewards"]: [P, K]. A loss that "takes" "pairs" gets one (chosen, rejected) pair per prompt
+# (K = 2, chosen first); one that takes "groups" gets all K = G responses of each prompt.
+# The loss is this micro-batch's part of the step's: b["share"] is its share of the step's
+# preference units (pairs, or groups with a preference), b["denom"] the step's GRPO denominator
+# (responses or tokens), so that the micro-batches' losses sum to the step's loss.
+# A new loss is one function and one entry in LOSSES; tests/test_losses.py then checks its
+# wiring (README: "Add your own loss").
 
 def seq(b, key):
-    """Sequence log-probs log π(y|x) = Σ_t log π(y_t|x, y_<t), shaped [P, G]."""
+    """Sequence log-probs log π(y|x) = Σ_t log π(y_t|x, y_<t), shaped [P, K]."""
     return (b[key] * b["mask"]).sum(-1).view(b["rewards"].shape)
 
 
@@ -164,6 +169,11 @@ def dpo_objective(b, a):
     return dpo_loss(pi[:, 0], pi[:, 1], ref[:, 0], ref[:, 1], a.beta) * b["share"], \
         {"chosen_reward": implicit_reward(pi[:, 0], ref[:, 0], a.beta).mean().item(),
          "rejected_reward": implicit_reward(pi[:, 1], ref[:, 1], a.beta).mean().item()}
+
+
+def ipo_objective(b, a):
+    pi, ref = seq(b, "pi"), seq(b, "ref")
+    return ipo_loss(pi[:, 0], pi[:, 1], ref[:, 0], ref[:, 1], a.beta) * b["share"], {}
 
 
 def group_dpo_objective(b, a):
@@ -183,9 +193,25 @@ def combined_objective(b, a):
                          kl_coef=a.kl_coef, token_average=a.token_average, denom=b["denom"], is_weight=b["is_w"])
 
 
-LOSSES = {"dpo": dpo_objective, "group_dpo": group_dpo_objective, "grpo": grpo_objective, "combined": combined_objective}
-PAIRWISE = {"dpo"}
-RATIO = {"grpo", "combined"}   # losses with GRPO's importance ratio πθ/πθ_old
+# name: the objective, what it takes ("pairs" or "groups"), and ratio=True for losses with GRPO's
+# importance ratio πθ/πθ_old (the loop then supplies the trainer's πθ_old and the TIS weights)
+LOSSES = {
+    "dpo": {"fn": dpo_objective, "takes": "pairs"},
+    "ipo": {"fn": ipo_objective, "takes": "pairs"},
+    "group_dpo": {"fn": group_dpo_objective, "takes": "groups"},
+    "grpo": {"fn": grpo_objective, "takes": "groups", "ratio": True},
+    "combined": {"fn": combined_objective, "takes": "groups", "ratio": True},
+}
+
+
+def pairwise(a):
+    """Whether --loss trains on one (chosen, rejected) pair per prompt (else on whole groups)."""
+    return LOSSES[a.loss]["takes"] == "pairs"
+
+
+def has_ratio(a):
+    """Whether --loss has GRPO's importance ratio πθ/πθ_old."""
+    return LOSSES[a.loss].get("ratio", False)
 
 # -----------------------------------------------------------------------------
 # Helpers used by the loop below
@@ -228,11 +254,11 @@ def pairs_or_groups(batch, a, pair_key, stats):
             stats["bad_rewards"] += 1
             continue
         n_resp, n_tok = n_resp + len(g), n_tok + sum(len(x.completion_ids) for x in g)
-        if a.loss in PAIRWISE:
+        if pairwise(a):
             pair = select_pair(rw, verifiable=r["task"] == "math", rng=rng)
             if pair:
                 units.append([g[pair[0]], g[pair[1]]])
-        elif max(rw) > min(rw) or (a.loss in RATIO and a.kl_coef):
+        elif max(rw) > min(rw) or (has_ratio(a) and a.kl_coef):
             units.append(g)
     return units, n_resp, n_tok
 
@@ -273,7 +299,7 @@ def loss_and_backward(units, n_resp, n_tok, batch, a, policy, ref, staleness, ti
         elif tis or a.top_p < 1:   # the trainer's own πθ_old, computed at the sync (the sampler's is of a nucleus or other numerics)
             b["old"] = b["old_trainer"]
         b["is_w"] = (b["old"] - sampler).exp().clamp(max=a.tis_cap) * b["mask"] if tis else None
-        loss, extra = LOSSES[a.loss](b, a)
+        loss, extra = LOSSES[a.loss]["fn"](b, a)
         unit_share = len(mb) / total_units
         if a.nll_coef:   # NLL on chosen responses: the first of a pair, the best of a group with a preference (none of a tie)
             r = b["rewards"]
@@ -384,8 +410,8 @@ def main(argv=None):
     if a.grad_checkpointing:
         (getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable)()
     shard(a.device, a.train_dtype, policy, ref)   # FSDP2 under torchrun
-    tis = a.loss in RATIO and a.tis_cap > 0
-    stamp = a.loss in RATIO and (tis or a.top_p < 1)   # the sampler's log-probs are not the trainer's πθ_old
+    tis = has_ratio(a) and a.tis_cap > 0
+    stamp = has_ratio(a) and (tis or a.top_p < 1)   # the sampler's log-probs are not the trainer's πθ_old
     opt = torch.optim.AdamW(policy.parameters(), lr=a.lr, weight_decay=a.weight_decay, fused=True)   # one kernel: 6x faster on CPU
     step, buffer, last_sync, stats = 0, [], 0, {"nan_skips": 0, "bad_in_a_row": 0, "long_prompts": 0, "bad_rewards": 0}
     if ckpt:
@@ -459,7 +485,7 @@ def main(argv=None):
         # Log: one JSON line per step, summed over ranks
         counts = dict(zip(("units", "skipped", "stop"), all_sum([len(units), len(batch) - len(units), len(stop)], a.device)))
         rec = {"step": step, **rollout_metrics(batch, tasks, a.device), **metrics,
-               "pairs_used" if a.loss in PAIRWISE else "groups_used": int(counts["units"]), "skipped": int(counts["skipped"]),
+               "pairs_used" if pairwise(a) else "groups_used": int(counts["units"]), "skipped": int(counts["skipped"]),
                "grad_norm": grad_norm, "staleness": staleness, "rollout_tok_s": gen_tok_s and gen_tok_s * world,
                "step_s": time.time() - t0, "time": {k: round(v, 4) for k, v in spent.items()}}
         records.append(rec)

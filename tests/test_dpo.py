@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from dpo import (dpo_loss, entropy_regularizer, group_dpo_loss, implicit_reward, nll_loss, select_pair,
+from dpo import (dpo_loss, entropy_regularizer, group_dpo_loss, implicit_reward, ipo_loss, nll_loss, select_pair,
                  sequence_logps, token_entropy, token_logps)
 
 
@@ -121,3 +121,13 @@ def test_token_logps_agrees_with_trl():
     torch.manual_seed(3)
     logits, labels = torch.randn(4, 9, 50), torch.randint(0, 50, (4, 9))
     assert torch.allclose(token_logps(logits, labels), selective_log_softmax(logits, labels), atol=1e-6)
+
+
+def test_ipo_loss_known_values():
+    """(h - 1/(2β))²: h = 0 gives 1/(4β²); the minimum, 0 with zero gradient, is at h = 1/(2β)."""
+    z = torch.zeros(2)
+    assert ipo_loss(z, z, z, z, beta=0.5).item() == pytest.approx(1.0)
+    pc = torch.tensor([2.0], requires_grad=True)   # h = (2 - 0) - (1 - 0) = 1 = 1/(2·0.5)
+    loss = ipo_loss(pc, torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([0.0]), beta=0.5)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.0) and pc.grad.item() == pytest.approx(0.0)

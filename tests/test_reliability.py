@@ -114,7 +114,7 @@ def test_half_written_checkpoint_is_ignored(tiny_model_dir, data_file, tmp_path,
 
 def test_nan_loss_skips_update_then_stops(tiny_model_dir, data_file, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "score", toy_score)
-    monkeypatch.setitem(train.LOSSES, "dpo", lambda b, a: (b["pi"].sum() * float("nan"), {}))
+    monkeypatch.setitem(train.LOSSES, "dpo", {"fn": lambda b, a: (b["pi"].sum() * float("nan"), {}), "takes": "pairs"})
     before = {k: v.clone() for k, v in train.load_model(tiny_model_dir)[0].state_dict().items()}
     argv = args(tiny_model_dir, data_file, str(tmp_path / "nan"), steps=6) + ["--max-bad-steps", "100"]
     out = train.main(argv)

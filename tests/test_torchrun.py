@@ -15,6 +15,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import train
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # train.py as it is, with rewards a tiny random model can earn (tests/conftest.toy_score), optional
 # all-tied rewards, and an optional kill -9 right after the checkpoint of a given step
@@ -113,7 +115,18 @@ def test_arm_on_two_processes_matches_one(env, arm):
         data = env["tmp"] / f"{arm}.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
         env = dict(env, data=str(data))
-    argv = ["--steps", "4", "--rollout-dtype", "float32", "--train-dtype", "float32", "--seed", "1", *ARMS[arm]]
+    one_vs_two(env, arm, ARMS[arm])
+
+
+@pytest.mark.parametrize("loss", [name for name in train.LOSSES if name not in ("dpo", "group_dpo", "grpo", "combined")])
+def test_every_other_loss_on_two_processes_matches_one(env, loss):
+    """The conformance test's multi-process part (tests/test_losses.py has the rest): a new LOSSES
+    entry, semi-online, on 2 processes trains as on 1. (The built-in ones are arms above.)"""
+    one_vs_two(env, loss, ["--loss", loss, "--sync-every", "2"])
+
+
+def one_vs_two(env, arm, flags):
+    argv = ["--steps", "4", "--rollout-dtype", "float32", "--train-dtype", "float32", "--seed", "1", *flags]
     one, _ = launch(env, f"{arm}-1", 1, *argv)
     two, _ = launch(env, f"{arm}-2", 2, *argv)
     assert [r["step"] for r in two] == [1, 2, 3, 4]
