@@ -290,24 +290,10 @@ def loss_and_backward(units, n_resp, n_tok, batch, a, policy, ref, staleness, ti
         b["rewards"] = torch.tensor([[x.reward for x in u] for u in mb], device=a.device)
         b["share"] = sum(prefers[i * a.micro_groups:(i + 1) * a.micro_groups]) / max(1, total_pref)
         b["denom"] = total_resp if a.token_average == "sequence" else total_tok
-        on, sampler, tokens = b["mask"].bool(), b["old"], b["mask"].sum().item()
-        m = {}
-        if staleness == 0:   # nothing is stale: πθ_old = πθ, so GRPO's ratio is exactly 1
-            b["old"] = b["pi"].detach()
-            gap = (sampler - b["old"]).abs()[on]   # sampler vs trainer: the same weights, other numerics
-            m |= {"mismatch_mean": (gap.mean().item(), tokens), "mismatch_max": (gap.max().item(), 1)}
-        elif tis or a.top_p < 1:   # the trainer's own πθ_old, computed at the sync (the sampler's is of a nucleus or other numerics)
-            b["old"] = b["old_trainer"]
-        b["is_w"] = (b["old"] - sampler).exp().clamp(max=a.tis_cap) * b["mask"] if tis else None
+        tokens = b["mask"].sum().item()
+        b["old"], b["is_w"], m = old_policy(b, staleness, tis, a)
         loss, extra = LOSSES[a.loss]["fn"](b, a)
-        unit_share = len(mb) / total_units
-        if a.nll_coef:   # NLL on chosen responses: the first of a pair, the best of a group with a preference (none of a tie)
-            r = b["rewards"]
-            chosen = ((r == r.max(-1, keepdim=True).values) & (r.max(-1, keepdim=True).values > r.min(-1, keepdim=True).values)).flatten()
-            if chosen.any():
-                loss = loss + a.nll_coef * unit_share * nll_loss(b["pi"][chosen], b["mask"][chosen])
-        if a.entropy_coef:
-            loss = loss + unit_share * entropy_regularizer(token_entropy(logits, b["mask"]), a.entropy_coef)
+        loss = loss + regularizers(b, logits, a, len(mb) / total_units)
         (loss * world).backward()
         tick = clock(spent, "policy", tick)
         m["loss"] = (loss.item(), 1)
@@ -320,6 +306,37 @@ def loss_and_backward(units, n_resp, n_tok, batch, a, policy, ref, staleness, ti
                 m[k] = (float(v), 1 if k.endswith(("_min", "_max")) else tokens if k in ("ratio_mean", "clip_frac") else len(mb))
         parts.append(m)
     return {"loss": None, "k3_trained": None} | merge_metrics([p for ps in gather(parts) for p in ps]), total_units
+
+
+def old_policy(b, staleness, tis, a):
+    """πθ_old in GRPO's ratio πθ/πθ_old and the truncated IS weight: the semi-online choice (§2.3).
+    Nothing stale (the step right after a sync): πθ_old = sg[πθ], so the ratio is exactly 1. Stale,
+    where the sampler μ's log-probs are not the trainer's (TIS on: bf16 or vLLM sampling; or a top-p
+    nucleus): the trainer's own πθ_old, stamped at the sync. Otherwise μ's own (an fp32 HF engine:
+    the trainer's to float rounding). With TIS each token is weighted by w = min(πθ_old/μ, C).
+    Returns (πθ_old, w or None, {the sampler/trainer gap on equal weights, where measurable})."""
+    sampler, on, gap = b["old"], b["mask"].bool(), {}
+    if staleness == 0:
+        old = b["pi"].detach()
+        d = (sampler - old).abs()[on]   # the same weights, other numerics
+        gap = {"mismatch_mean": (d.mean().item(), on.sum().item()), "mismatch_max": (d.max().item(), 1)}
+    else:
+        old = b["old_trainer"] if tis or a.top_p < 1 else sampler
+    return old, (old - sampler).exp().clamp(max=a.tis_cap) * b["mask"] if tis else None, gap
+
+
+def regularizers(b, logits, a, unit_share):
+    """§4.2's optional terms, this micro-batch's part: --nll-coef × the length-normalized NLL of the
+    chosen responses (the first of a pair; a group's best where it has a preference, none of a tie)
+    and --entropy-coef × the negative mean next-token entropy."""
+    extra, r = 0.0, b["rewards"]
+    top = r.max(-1, keepdim=True).values
+    chosen = ((r == top) & (top > r.min(-1, keepdim=True).values)).flatten()
+    if a.nll_coef and chosen.any():
+        extra = extra + a.nll_coef * unit_share * nll_loss(b["pi"][chosen], b["mask"][chosen])
+    if a.entropy_coef:
+        extra = extra + unit_share * entropy_regularizer(token_entropy(logits, b["mask"]), a.entropy_coef)
+    return extra
 
 
 def optimizer_step(policy, opt, a, loss, total_units, stats, say, step):
