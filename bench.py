@@ -258,10 +258,33 @@ def worker(spec, a):
         r = roofline(a)
     elif kind == "engine":
         r = engine_cost(a, spec["n"], spec["engine"])
+    elif kind == "logps":
+        r = logps_memory(a, spec["vocab"], spec["rows"], spec["tokens"])
     else:
         r = generate(a, spec["n"])
     r["peak_mb"] = peak_memory_mb(a.device)
     print("BENCH " + json.dumps(r), flush=True)
+
+
+def logps_memory(a, vocab, rows, tokens):
+    """Peak memory of one training pass's log-probs on a large vocabulary: a 2-layer Llama of width 64
+    with `vocab` entries (Llama-3's 128256), `rows` responses of `tokens` tokens, forward and backward
+    through rollout.response_logps in --train-dtype. The logits alone are rows·tokens·vocab numbers."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from rollout import response_logps
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)).to(a.device)
+    b = {"prompt": torch.randint(vocab, (1, 16)), "pattn": torch.ones(1, 16, dtype=torch.long),
+         "ids": torch.randint(vocab, (rows, tokens)), "mask": torch.ones(rows, tokens)}
+    b = {k: v.to(a.device) for k, v in b.items()}
+    base = peak_memory_mb(a.device)
+    t = time.time()
+    with torch.autocast(a.device.split(":")[0], dtype=torch.bfloat16, enabled=a.train_dtype == "bfloat16"):
+        lp = response_logps(model, b, a.temperature)
+    lp.sum().backward()
+    return {"vocab": vocab, "rows": rows, "tokens": tokens, "seconds": time.time() - t, "base_mb": base,
+            "logits_mb_fp32": rows * tokens * vocab * 4 / 2 ** 20}
 
 
 # -----------------------------------------------------------------------------
@@ -321,7 +344,8 @@ def main(argv=None):
     p.add_argument("--steps", type=number(int, 2), default=6, help="optimizer steps per ours-vs-TRL measurement (the first is warm-up)")
     p.add_argument("--s-steps", type=POSITIVE_INT, default=16, help="optimizer steps per s value (a multiple of the largest s)")
     p.add_argument("--s-values", default="1,2,4,8,inf", type=s_list, help="the s sweep's values")
-    p.add_argument("--parts", default="grpo,dpo,s,generate,engines,roofline", type=names_from(("grpo", "dpo", "s", "generate", "engines", "roofline")), help="which measurements to run")
+    p.add_argument("--parts", default="grpo,dpo,s,generate,engines,roofline", type=names_from(("grpo", "dpo", "s", "generate", "engines", "roofline", "logps")),
+                   help="which measurements to run (logps: the log-probs' peak memory on a 128k vocabulary, not run by default)")
     p.add_argument("--smoke", action="store_true", help="2 steps each, s in {1,2}, TRL skipped (CI)")
     p.add_argument("--out", type=out_dir, default="results/bench", help="bench.md and bench.json go here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -383,6 +407,7 @@ def main(argv=None):
                            "gen_s": sum(x["generate"] for x in r["time"]), "tokens": sum(r["tokens"])})
             say(s_rows[-1])
     gen = raw["generate"] = run({"kind": "generate", "n": a.n}, a, passthrough) if "generate" in parts else None
+    lp = raw["logps"] = run({"kind": "logps", "vocab": 128256, "rows": 8, "tokens": 128}, a, passthrough) if "logps" in parts else None
     eng_rows = []
     if "engines" in parts:
         import importlib.util
@@ -456,6 +481,10 @@ def main(argv=None):
             lines.append(f"| {r['engine']} | {r['startup_s']:.1f} | {r['tok_s']:.0f} | {r['sync_s']:.2f} | "
                          f"{r['mismatch_mean']:.2g} | {r['mismatch_max']:.2g} | {r['peak_mb']:.0f} |")
         lines.append("")
+    if lp:
+        lines += [f"Log-probs of one training pass (forward + backward, {a.train_dtype}) on a vocabulary of {lp['vocab']}: {lp['rows']} "
+                  f"responses x {lp['tokens']} tokens, whose logits are {lp['logits_mb_fp32']:.0f} MB in fp32: peak "
+                  f"{lp['peak_mb']:.0f} MB ({lp['peak_mb'] - lp['base_mb']:.0f} MB above the model and inputs), {lp['seconds']:.1f} s.", ""]
     table = "\n".join(lines)
     open(os.path.join(a.out, "bench.md"), "w").write(table)
     json.dump(raw, open(os.path.join(a.out, "bench.json"), "w"), indent=1)

@@ -22,18 +22,44 @@ import torch
 import torch.nn.functional as F
 
 
-def token_logps(logits, labels, chunk_rows=8):
-    """log πθ(y_t | x, y_<t) for every position: [B, T, V], [B, T] -> [B, T].
+def token_logps(logits, labels, temperature=1.0, chunk=None):
+    """log π_T(y_t | x, y_<t) for every position, π_T = softmax(z / T): [B, T, V], [B, T] -> [B, T] (fp32).
 
-    log_softmax(z)[y] = z[y] - logsumexp(z). We gather the label logit and compute
-    logsumexp a few rows at a time, so at most `chunk_rows` rows of full-vocabulary
-    temporaries exist besides the logits themselves (a full log_softmax would copy [B, T, V]).
+    log π_T(y) = z_y / T - logsumexp(z / T). Computed `chunk` positions at a time (default ~32M
+    logits, 128 MB in fp32), with its own backward ∂/∂z = (onehot(y) - π_T) / T recomputed chunk by
+    chunk from the logits: besides the logits themselves (in the model's dtype) it keeps one
+    logsumexp per position, never a full-vocabulary fp32 copy (with a 128k vocabulary, 16 responses
+    of 1024 tokens have 8 GB of fp32 logits).
     """
-    out = []
-    for z, y in zip(logits.split(chunk_rows), labels.split(chunk_rows)):
-        picked = torch.gather(z, -1, y.unsqueeze(-1)).squeeze(-1)
-        out.append(picked.float() - torch.logsumexp(z.float(), dim=-1))
-    return torch.cat(out)
+    shape, V = labels.shape, logits.shape[-1]
+    lp = _TokenLogps.apply(logits.reshape(-1, V), labels.reshape(-1), temperature, chunk or max(1, 2 ** 25 // V))
+    return lp.view(shape)
+
+
+class _TokenLogps(torch.autograd.Function):
+    """token_logps' computation: forward and backward one chunk of positions at a time."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, temperature, chunk):
+        out, lse = torch.empty(len(labels), device=logits.device), torch.empty(len(labels), device=logits.device)
+        for i in range(0, len(labels), chunk):
+            z = logits[i:i + chunk].float() / temperature
+            lse[i:i + chunk] = torch.logsumexp(z, -1)
+            out[i:i + chunk] = z.gather(-1, labels[i:i + chunk, None]).squeeze(-1) - lse[i:i + chunk]
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, labels, lse = ctx.saved_tensors
+        out = torch.empty_like(logits)
+        for i in range(0, len(labels), ctx.chunk):
+            g = grad[i:i + ctx.chunk, None]
+            d = torch.exp(logits[i:i + ctx.chunk].float() / ctx.temperature - lse[i:i + ctx.chunk, None]) * -g   # -π_T · g
+            d.scatter_add_(-1, labels[i:i + ctx.chunk, None], g)
+            out[i:i + ctx.chunk] = d / ctx.temperature
+        return out, None, None, None
 
 
 def sequence_logps(logits, labels, mask):
@@ -106,14 +132,14 @@ def nll_loss(chosen_token_logps, mask):
     return (-(chosen_token_logps * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
 
 
-def token_entropy(logits, mask, chunk_rows=8):
-    """Mean next-token entropy H = -Σ_v π(v) log π(v), averaged over masked tokens.
+def token_entropy(logits, mask, temperature=1.0, chunk_rows=8):
+    """Mean next-token entropy H = -Σ_v π(v) log π(v) of π = softmax(logits / T), averaged over masked tokens.
 
-    logits [B, T, V], mask [B, T]. Computed a few rows at a time to bound memory.
+    logits [B, T, V], mask [B, T]. Computed a few rows at a time to bound the temporaries.
     """
     total = logits.new_zeros((), dtype=torch.float32)
     for z, m in zip(logits.split(chunk_rows), mask.split(chunk_rows)):
-        logp = torch.log_softmax(z.float(), dim=-1)
+        logp = torch.log_softmax(z.float() / temperature, dim=-1)
         total = total + (-(logp.exp() * logp).sum(-1) * m).sum()
     return total / mask.sum().clamp(min=1)
 

@@ -194,7 +194,7 @@ def collate(units, device):
 
 def response_logps(model, batch, temperature=1.0, with_logits=False, share_prompt=True):
     """Per-token log π_T(y_t | x, y_<t), π_T = softmax(logits / T), of the response tokens (with
-    with_logits, also the logits / T); by default each token goes through the model once.
+    with_logits, also the raw logits, [B, T, V]); by default each token goes through the model once.
 
     The k responses of a unit share their prompt x, so x goes through the model once and its
     keys/values are repeated for the k responses (half the tokens of the default math batch
@@ -220,8 +220,9 @@ def response_logps(model, batch, temperature=1.0, with_logits=False, share_promp
             rest = model(input_ids=ids[:, :-1], attention_mask=attn[:, :-1], position_ids=cpos[:, :-1],
                          **{CACHE: cache}).logits
             logits = torch.cat([logits, rest], 1)
-    logits = logits.float() / temperature   # fp32 under bf16 autocast too; the distribution the rollouts were sampled from (grpo.py)
-    lp = token_logps(logits, ids) * batch["mask"]
+    # log-probs of π_T = softmax(logits / T), the distribution the rollouts were sampled from (grpo.py), in fp32
+    # chunk by chunk: no full-vocabulary fp32 copy of the logits, also under bf16 autocast
+    lp = token_logps(logits, ids, temperature) * batch["mask"]
     return (lp, logits) if with_logits else lp
 
 

@@ -335,7 +335,7 @@ def regularizers(b, logits, a, unit_share):
     if a.nll_coef and chosen.any():
         extra = extra + a.nll_coef * unit_share * nll_loss(b["pi"][chosen], b["mask"][chosen])
     if a.entropy_coef:
-        extra = extra + unit_share * entropy_regularizer(token_entropy(logits, b["mask"]), a.entropy_coef)
+        extra = extra + unit_share * entropy_regularizer(token_entropy(logits, b["mask"], a.temperature), a.entropy_coef)
     return extra
 
 

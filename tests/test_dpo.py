@@ -9,11 +9,19 @@ from dpo import (dpo_loss, entropy_regularizer, group_dpo_loss, implicit_reward,
                  sequence_logps, token_entropy, token_logps)
 
 
-def test_token_logps_matches_log_softmax_gather():
+@pytest.mark.parametrize("T,chunk,dtype", [(1.0, 4, torch.float32), (0.7, 3, torch.float32), (0.7, None, torch.float32),
+                                            (0.8, 5, torch.bfloat16)])
+def test_token_logps_and_its_gradient_match_log_softmax_gather(T, chunk, dtype):
+    """The chunked log-probs with their own backward equal log_softmax(z / T)[y] and its autograd gradient."""
     torch.manual_seed(0)
-    logits, labels = torch.randn(5, 7, 11), torch.randint(0, 11, (5, 7))
-    ref = torch.log_softmax(logits, -1).gather(-1, labels[..., None]).squeeze(-1)
-    assert torch.allclose(token_logps(logits, labels, chunk_rows=2), ref, atol=1e-6)
+    logits, labels, g = torch.randn(5, 7, 11).to(dtype), torch.randint(0, 11, (5, 7)), torch.randn(5, 7)
+    z1, z2 = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ref = torch.log_softmax(z1.float() / T, -1).gather(-1, labels[..., None]).squeeze(-1)
+    got = token_logps(z2, labels, T, chunk=chunk)
+    assert got.dtype == torch.float32 and torch.allclose(got, ref, atol=1e-6)
+    (ref * g).sum().backward()
+    (got * g).sum().backward()
+    assert z2.grad.dtype == dtype and torch.allclose(z2.grad.float(), z1.grad.float(), atol=1e-6 if dtype == torch.float32 else 1e-2)
 
 
 def test_sequence_logps_hand():
