@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from rollout import Sample, collate, response_logps
 
@@ -57,6 +57,55 @@ def shard(device, train_dtype, *models):
             for layer in getattr(getattr(model, "model", None), "layers", []):
                 fully_shard(layer, mp_policy=mp)
             fully_shard(model, mp_policy=mp, reshard_after_forward=True)
+
+
+def from_rank0(full, blueprint, device, train_dtype=None, dtype=None, checkpointing=False):
+    """This rank's copy of rank 0's model `full` (on the CPU; None on the other ranks), built empty on
+    the meta device and filled by broadcast one tensor at a time: no rank but 0 reads the weights, and
+    the peak is one full tensor. With train_dtype, sharded by FSDP before it is filled (the policy and
+    the reference: no rank ever holds them whole, as torchtitan loads); else whole, in `dtype` (the
+    rollout engine's copy, the judge). blueprint = (class, config, generation config), the same on
+    every rank (blueprint_of)."""
+    cls, config, generation = blueprint
+    with torch.device("meta"):
+        model = cls(config)
+    model.generation_config = generation
+    if checkpointing:
+        checkpoint_activations(model)
+    if train_dtype is not None:
+        shard(device, train_dtype, model)
+    model.to_empty(device=device)
+    model.tie_weights()   # to_empty unties an unsharded model's tied embedding and LM head (FSDP keeps them tied)
+    if dtype is not None:
+        model.to(dtype)
+    src = {**full.state_dict(keep_vars=True), **dict(full.named_buffers())} if full is not None else {}
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:   # buffers too: rotary tables are not in state_dict
+            whole = src[name].to(device, torch.float32) if src else torch.empty(t.shape, dtype=torch.float32, device=device)
+            dist.broadcast(whole, 0)
+            if isinstance(t, DTensor):   # this rank's shard of it
+                whole = distribute_tensor(whole, t.device_mesh, t.placements, src_data_rank=None).to_local()
+            (t.to_local() if isinstance(t, DTensor) else t).copy_(whole)
+    return model.eval()
+
+
+def checkpoint_activations(model):
+    """Recompute activations in backward (--grad-checkpointing), whichever name the Transformers version uses."""
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+
+
+def blueprint_of(full):
+    """(class, config, generation config) of rank 0's model, on every rank."""
+    box = [(type(full), full.config, full.generation_config) if full is not None else None]
+    dist.broadcast_object_list(box, 0)
+    return box[0]
+
+
+def from0(obj):
+    """Rank 0's `obj` (picklable: a tokenizer) on every rank."""
+    box = [obj]
+    dist.broadcast_object_list(box, 0)
+    return box[0]
 
 
 def multiprocess():
@@ -195,7 +244,7 @@ def latest_checkpoint(out):
 
 def load_ref(ckpt, ref):
     """πref as a checkpoint saved it (only runs that sync πref save it), before sharding."""
-    if ref is None or not os.path.exists(os.path.join(ckpt, "ref.pt")):
+    if ckpt is None or ref is None or not os.path.exists(os.path.join(ckpt, "ref.pt")):
         return
     saved = torch.load(os.path.join(ckpt, "ref.pt"))   # parameters only (tied ones once)
     params = dict(ref.named_parameters())

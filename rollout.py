@@ -229,11 +229,12 @@ def response_logps(model, batch, temperature=1.0, with_logits=False, share_promp
 class HFEngine:
     """A KV-cache decode loop over a private copy of the weights (any Hugging Face causal LM)."""
 
-    def __init__(self, model, tokenizer, max_batch=64, dtype=None, share=False):
+    def __init__(self, model, tokenizer, max_batch=64, dtype=None, share=False, own=False):
         """share=True samples from `model` itself (online, s = 1: the weights are always current),
-        else from a private copy in `dtype` that only update_weights changes."""
+        else from a private copy in `dtype` that only update_weights changes (own=True: `model` is
+        already that copy)."""
         self.shared = share
-        self.model = model if share else copy.deepcopy(model).to(dtype or model.dtype).eval().requires_grad_(False)
+        self.model = model if share else (model if own else copy.deepcopy(model)).to(dtype or model.dtype).eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.max_batch = max_batch   # sequences decoded together; bounds KV-cache memory
         extra = getattr(model.generation_config, "eos_token_id", None)   # e.g. Llama-3's <|eot_id|>

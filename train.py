@@ -42,8 +42,8 @@ from tqdm import tqdm
 
 from data import (COUNT, FRACTION, HelpFormatter, NONNEGATIVE, POSITIVE, POSITIVE_INT, device_name, epoch_steps, existing_file, make_writable,
                   model_name, number, out_dir, row_prompt, split_task, step_rows)
-from distributed import (all_sum, copy_params, full_params, gather, latest_checkpoint, load_checkpoint, load_ref, merge_metrics, multiprocess, save_checkpoint,
-                         setup_distributed, shard, spare_unit, stamp_old_logps)
+from distributed import (all_sum, blueprint_of, checkpoint_activations, copy_params, from0, from_rank0, full_params, gather, latest_checkpoint,
+                         load_checkpoint, load_ref, merge_metrics, multiprocess, save_checkpoint, setup_distributed, spare_unit, stamp_old_logps)
 from dpo import dpo_loss, entropy_regularizer, group_dpo_loss, implicit_reward, ipo_loss, nll_loss, select_pair, token_entropy
 from eval import heldout_eval, plot_run, report, rollout_metrics, run_summary, tracker
 from grpo import TOKEN_AVERAGES, combined_loss, grpo_advantages, grpo_loss, kl_k3
@@ -360,6 +360,50 @@ def optimizer_step(policy, opt, a, loss, total_units, stats, say, step):
     return grad_norm
 
 
+def build_models(a, s, ckpt, needs_chat, rank, world):
+    """(πθ, πref, tokenizer, chat reward, rollout engine). πθ comes from the checkpoint when resuming,
+    πref and the LLM judge from the seed model (πref then takes a synced copy the checkpoint saved).
+    GRPO without its KL term never looks at πref (as TRL at β = 0): then there is none. The engine
+    keeps its own copy (at s = 1 on one process the HF engine samples from πθ itself); offline, of
+    the seed model. One process loads each model. Under torchrun rank 0 reads the weights and
+    every rank receives them by broadcast, πθ and πref straight into FSDP shards (no rank holds
+    either whole), the engine's and the judge's copies whole (distributed.from_rank0)."""
+    start = a.init_from or a.model
+    sampled = start if s == math.inf else ckpt or start   # offline samples the seed model, after a resume too
+    if not multiprocess():
+        policy, tok = load_model(ckpt or start, a.device)
+        ref = (load_model(start, a.device)[0] if ckpt else copy.deepcopy(policy)) if uses_reference(a) else None
+        judge = (copy.deepcopy(ref) if ref is not None else load_model(start, a.device)[0]) if needs_chat and not a.reward_model else None
+        load_ref(ckpt, ref)   # a synced πref, after the judge was copied from the seed
+        engine_model = None if a.engine == "vllm" else policy if sampled == (ckpt or start) else load_model(sampled, a.device)[0]
+        if a.grad_checkpointing:
+            checkpoint_activations(policy)
+    else:
+        seed, tok = load_model(start, "cpu") if rank == 0 else (None, None)   # on the CPU, rank 0 only
+        trained = load_model(ckpt, "cpu")[0] if rank == 0 and ckpt else seed
+        tok, shape = from0(tok), blueprint_of(seed)
+        policy = from_rank0(trained, shape, a.device, a.train_dtype, checkpointing=a.grad_checkpointing)
+        if rank == 0 and ckpt:
+            load_ref(ckpt, seed)
+        ref = from_rank0(seed, shape, a.device, a.train_dtype) if uses_reference(a) else None
+        if rank == 0 and ckpt:
+            seed = load_model(start, "cpu")[0]   # the judge and an offline engine: the seed itself, not a synced πref
+        judge = from_rank0(seed, shape, a.device) if needs_chat and not a.reward_model else None
+        engine_model = from_rank0(seed if sampled == start else trained, shape, a.device, dtype=getattr(torch, a.rollout_dtype)) \
+            if a.engine != "vllm" else None
+        del seed, trained
+    if ref is not None:
+        ref.eval().requires_grad_(False)
+    chat_reward = make_scalar_reward(a.reward_model, judge=(judge, tok) if judge is not None else None) if needs_chat else None
+    if a.engine == "vllm":   # loads its weights itself; synced from πθ like the HF engine
+        engine = VLLMEngine(sampled, memory=a.vllm_memory, seed=a.seed + rank, device=a.device, dtype=a.rollout_dtype)
+    else:
+        dtype = getattr(torch, a.rollout_dtype)
+        engine = HFEngine(engine_model, tok, max_batch=a.gen_batch, dtype=dtype, own=engine_model is not policy,
+                          share=s == 1 and world == 1 and dtype == policy.dtype and engine_model is policy)
+    return policy, ref, tok, chat_reward, engine
+
+
 def autocast(a):
     """The policy and reference passes in --train-dtype: bf16 matmuls (about 1.5x fp32 on a CPU with
     avx512_bf16), while weights, gradients and AdamW's state stay fp32 and log-probs are taken in fp32."""
@@ -399,34 +443,11 @@ def main(argv=None):
     s = {"inf": math.inf, "epoch": epoch_steps(train, a.batch_prompts)}.get(a.sync_every) or int(a.sync_every)
 
     # -------------------------------------------------------------------------
-    # Models: trained policy πθ, frozen reference πref, rollout engine with stale πθ_old.
-    # The engine (and the judge) keep full copies; policy and reference are sharded with FSDP.
-    # GRPO without its KL term never looks at πref (as TRL at β = 0): then there is none. At
-    # s = 1 the HF engine samples from πθ itself (nothing is ever stale), without a copy.
+    # Models: trained policy πθ, frozen reference πref, rollout engine with stale πθ_old
     ckpt = latest_checkpoint(a.out) if a.resume else None
-    start = a.init_from or a.model
-    policy, tok = load_model(ckpt or start, a.device)
-    needs_ref = uses_reference(a)   # parse_args refuses --ref-sync-every without one
-    ref = (load_model(start, a.device)[0] if ckpt else copy.deepcopy(policy)) if needs_ref else None
-    needs_chat = any(r["task"] == "chat" for r in train + heldout)
-    chat_reward = make_scalar_reward(a.reward_model, judge=None if a.reward_model else (   # the judge: the seed model, always
-        copy.deepcopy(ref) if ref is not None else load_model(start, a.device)[0], tok)) if needs_chat else None
-    if ckpt:
-        load_ref(ckpt, ref)   # a synced πref, after the judge was copied from the seed
-    if ref is not None:
-        ref.eval().requires_grad_(False)
-    sampled = start if s == math.inf else ckpt or start   # offline samples the seed model, after a resume too
-    if a.engine == "vllm":   # loads its weights itself; synced from πθ like the HF engine
-        engine = VLLMEngine(sampled, memory=a.vllm_memory, seed=a.seed + rank, device=a.device, dtype=a.rollout_dtype)
-    else:
-        dtype = getattr(torch, a.rollout_dtype)
-        engine = HFEngine(policy if sampled == (ckpt or start) else load_model(sampled, a.device)[0], tok, max_batch=a.gen_batch,
-                          dtype=dtype, share=s == 1 and world == 1 and dtype == policy.dtype)
+    policy, ref, tok, chat_reward, engine = build_models(a, s, ckpt, any(r["task"] == "chat" for r in train + heldout), rank, world)
     with torch.device("meta"):   # an empty model of πθ's class and config, to write checkpoints through
         shell = type(policy)(policy.config)
-    if a.grad_checkpointing:
-        (getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable)()
-    shard(a.device, a.train_dtype, policy, ref)   # FSDP2 under torchrun
     tis = has_ratio(a) and a.tis_cap > 0
     stamp = has_ratio(a) and (tis or a.top_p < 1)   # the sampler's log-probs are not the trainer's πθ_old
     opt = torch.optim.AdamW(policy.parameters(), lr=a.lr, weight_decay=a.weight_decay, fused=True)   # one kernel: 6x faster on CPU

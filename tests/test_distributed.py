@@ -21,11 +21,11 @@ import json, os, sys, torch
 import rewards, train
 from rollout import HFEngine, Sample
 rewards.math_reward = lambda text, answer: float(len(text) % 2 == 0)
-holder, orig_load = {}, train.load_model
-def load(*a, **k):
-    m, t = orig_load(*a, **k)
-    holder.setdefault("policy", m)
-    return m, t
+holder, orig_build = {}, train.build_models
+def build(*a, **k):
+    models = orig_build(*a, **k)
+    holder["policy"] = models[0]   # the (sharded) policy
+    return models
 def fake_generate(self, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=8, greedy=False, keys=None):
     # every sync hands the engine the full weights: check against the (sharded) policy
     full = dict(train.full_params(holder["policy"]))
@@ -42,7 +42,7 @@ def fake_generate(self, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens
             g.append(Sample(p, ids, [-1.0] * len(ids), [0.5] * len(ids), "x" * (L + j), "stop"))
         out.append(g)
     return out
-train.load_model, HFEngine.generate = load, fake_generate
+train.build_models, HFEngine.generate = build, fake_generate
 train.main(sys.argv[1:])
 '''
 
