@@ -28,13 +28,14 @@ import os
 import sys
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
-from data import HelpFormatter, NONNEGATIVE, POSITIVE_INT, existing_dir, load_jsonl, make_writable, model_name, names_from, out_dir, \
-    row_prompt, split_task
-from distributed import all_sum
+from data import FRACTION, HelpFormatter, NONNEGATIVE, POSITIVE_INT, device_name, existing_dir, load_jsonl, make_writable, model_name, names_from, \
+    out_dir, row_prompt, split_task
+from distributed import all_sum, gather, setup_distributed
 from rewards import make_scalar_reward, math_reward, score
-from rollout import DEFAULT_MODEL, HFEngine, Sample, chat_prompt_ids, load_model
+from rollout import DEFAULT_MODEL, HFEngine, Sample, chat_prompt_ids, load_model, pick_engine
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCHES = {"math500": "math500.jsonl", "amc23": "amc23.jsonl", "gsm8k": "gsm8k_test.jsonl", "aime24": "aime24.jsonl",
@@ -313,12 +314,21 @@ def main(argv=None):
     p.add_argument("--baseline-model", default=None, type=model_name,
                    help="Arena-Hard / AlpacaEval baseline: a model to generate from (default: AlpacaEval's GPT-4 Turbo outputs; "
                         "required for Arena-Hard)")
+    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu", help="torch device: cpu, cuda or cuda:N")
+    p.add_argument("--engine", default="auto", choices=("auto", "hf", "vllm"), help="as train.py: vllm on CUDA when installed, else our HF loop")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"), help="generation weights (default: bfloat16 on CUDA, float32 on a CPU)")
+    p.add_argument("--vllm-memory", type=FRACTION, default=0.8, help="fraction of GPU memory vLLM may take")
     p.add_argument("--out", type=out_dir, default="runs/eval", help="per-problem results and the generation cache")
     p.add_argument("--select", default=None, metavar="RUN", type=existing_dir,
                    help="pick the best checkpoint of a run by length-normalized reward")
     p.add_argument("--select-problems", type=POSITIVE_INT, default=64, help="validation problems for --select")
     p.add_argument("--plot", nargs="+", default=None, metavar="RUN", type=existing_dir, help="plot log.jsonl of these runs into --out")
     a = p.parse_args(argv)
+    try:
+        a.engine, _ = pick_engine(a.engine, "auto", a.device, a.model[0])
+    except ValueError as e:
+        p.error(str(e))
+    a.dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
     if a.k > 1 and a.temperature == 0:
         p.error(f"argument --k: {a.k}: greedy decoding (--temperature 0) gives {a.k} identical samples; set --temperature")
     for run in a.plot or []:
@@ -341,17 +351,20 @@ def main(argv=None):
             data[b] = load_jsonl(os.path.join(a.data_dir, BENCHES[b]), fields=("prompt",) if b in CHAT_BENCHES else ("problem", "answer"))
         except (OSError, ValueError) as e:
             sys.exit(f"--bench {b}: {e}")
+    rank, world, a.device = setup_distributed(a.device)   # torchrun: each rank generates its share of the rows
     results = {}
     for name in a.model:
-        model, tok = load_model(name)
-        engine = HFEngine(model, tok)
+        engine, tok = eval_engine(a, name, rank)
         tag = cache_tag(name)
         results[name] = {}
         for b in benches:
             chat = b in CHAT_BENCHES
             rows = data[b][:a.limit]
-            cache = os.path.join(a.out, f"{tag}.{b}.k{a.k}.t{a.temperature}.generations.jsonl")
-            gens = generate_cached(engine, tok, rows, cache, a.k, a.temperature, a.max_new_tokens)
+            cache = os.path.join(a.out, f"{tag}.{b}.k{a.k}.t{a.temperature}.generations" + (f".rank{rank}of{world}" if world > 1 else "") + ".jsonl")
+            gens = {k: v for part in gather(generate_cached(engine, tok, rows[rank::world], cache, a.k, a.temperature, a.max_new_tokens))
+                    for k, v in part.items()}
+            if rank > 0:
+                continue   # rank 0 scores and writes
             if chat:
                 per, summary = score_chat(rows, gens, baseline_responses(a, b, rows), chat_scorer(a))
             else:
@@ -360,11 +373,25 @@ def main(argv=None):
                 f.writelines(json.dumps(x) + "\n" for x in per)
             results[name][b] = summary
             print(f"{name} {b}: " + ", ".join(f"{k}={v:.4g}" for k, v in summary.items()))
-        del model, engine
+        del engine
+    if world > 1:
+        dist.destroy_process_group()
+        if rank > 0:
+            return None
     table = render_table(results, benches)
     print(table)
     open(os.path.join(a.out, "table.md"), "w").write(table)
     return results
+
+
+def eval_engine(a, name, rank):
+    """(engine, tokenizer) generating from model `name` on --device in --dtype: our HF loop, or vLLM."""
+    if a.engine == "vllm":
+        from transformers import AutoTokenizer
+        from rollout import VLLMEngine
+        return VLLMEngine(name, memory=a.vllm_memory, seed=rank, device=a.device, dtype=a.dtype), AutoTokenizer.from_pretrained(name)
+    model, tok = load_model(name, a.device)
+    return HFEngine(model, tok, dtype=getattr(torch, a.dtype), own=True), tok
 
 
 def cache_tag(name):

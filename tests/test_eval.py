@@ -134,3 +134,30 @@ def test_run_summary_reports_quarters_grading_failures_and_time():
                      "Math-Verify: 8 responses graded on rank 0, 1 ran out of time and 0 failed (all scored 0)",
                      f"done in 12s; log: {os.path.join('runs/x', 'log.jsonl')}"]
     assert ev.run_summary(records[:3], {"graded": 3, "timeouts": 0, "errors": 0}, 1, "o").startswith("done in 1s")
+
+
+def test_eval_on_two_processes_scores_as_one(tiny_model_dir, tmp_path):
+    """eval.py under torchrun: each rank generates its share of the rows (greedy), rank 0 gathers,
+    scores and writes the same per-problem results and table as one process."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "math500.jsonl").write_text("".join(json.dumps({"id": f"m{i}", "problem": f"{i}+{i}?", "answer": str(2 * i)}) + "\n"
+                                             for i in range(7)))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    argv = ["eval.py", "--model", tiny_model_dir, "--bench", "math500", "--data-dir", str(d), "--max-new-tokens", "6", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for procs, out in ((1, "one"), (2, "two")):
+        cmd = [sys.executable, *argv, "--out", str(tmp_path / out)] if procs == 1 else \
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), *argv, "--out", str(tmp_path / out)]
+        p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    per = {out: [json.loads(line) for line in open(next((tmp_path / out).glob("*.results.jsonl")))] for out in ("one", "two")}
+    assert len(per["one"]) == 7 and per["two"] == per["one"]
+    assert open(tmp_path / "two" / "table.md").read() == open(tmp_path / "one" / "table.md").read()
