@@ -385,7 +385,7 @@ class VLLMEngine:
         finally:   # not a torchrun process after all: later code (train.setup_distributed) must not think so
             for k in launcher:
                 os.environ.pop(k, None)
-        self.awake = True
+        self.awake, self.max_model_len = True, max_model_len
 
     def _wake(self):
         if not self.awake:

@@ -360,7 +360,7 @@ def optimizer_step(policy, opt, a, loss, total_units, stats, say, step):
     return grad_norm
 
 
-def build_models(a, s, ckpt, needs_chat, rank, world):
+def build_models(a, s, ckpt, rows, rank, world):
     """(πθ, πref, tokenizer, chat reward, rollout engine). πθ comes from the checkpoint when resuming,
     πref and the LLM judge from the seed model (πref then takes a synced copy the checkpoint saved).
     GRPO without its KL term never looks at πref (as TRL at β = 0): then there is none. The engine
@@ -368,7 +368,7 @@ def build_models(a, s, ckpt, needs_chat, rank, world):
     the seed model. One process loads each model. Under torchrun rank 0 reads the weights and
     every rank receives them by broadcast, πθ and πref straight into FSDP shards (no rank holds
     either whole), the engine's and the judge's copies whole (distributed.from_rank0)."""
-    start = a.init_from or a.model
+    start, needs_chat = a.init_from or a.model, any(r["task"] == "chat" for r in rows)
     sampled = start if s == math.inf else ckpt or start   # offline samples the seed model, after a resume too
     if not multiprocess():
         policy, tok = load_model(ckpt or start, a.device)
@@ -396,7 +396,11 @@ def build_models(a, s, ckpt, needs_chat, rank, world):
         ref.eval().requires_grad_(False)
     chat_reward = make_scalar_reward(a.reward_model, judge=(judge, tok) if judge is not None else None) if needs_chat else None
     if a.engine == "vllm":   # loads its weights itself; synced from πθ like the HF engine
-        engine = VLLMEngine(sampled, memory=a.vllm_memory, seed=a.seed + rank, device=a.device, dtype=a.rollout_dtype)
+        # its KV cache sized for the longest prompt + --max-new-tokens, not the model's whole context (131k for Llama-3.1)
+        longest = max(len(chat_prompt_ids(tok, row_prompt(r))) for r in rows) + a.max_new_tokens
+        context = getattr(policy.config, "max_position_embeddings", None) or longest
+        engine = VLLMEngine(sampled, memory=a.vllm_memory, seed=a.seed + rank, device=a.device, dtype=a.rollout_dtype,
+                            max_model_len=min(longest, context))
     else:
         dtype = getattr(torch, a.rollout_dtype)
         engine = HFEngine(engine_model, tok, max_batch=a.gen_batch, dtype=dtype, own=engine_model is not policy,
@@ -445,7 +449,7 @@ def main(argv=None):
     # -------------------------------------------------------------------------
     # Models: trained policy πθ, frozen reference πref, rollout engine with stale πθ_old
     ckpt = latest_checkpoint(a.out) if a.resume else None
-    policy, ref, tok, chat_reward, engine = build_models(a, s, ckpt, any(r["task"] == "chat" for r in train + heldout), rank, world)
+    policy, ref, tok, chat_reward, engine = build_models(a, s, ckpt, train + heldout, rank, world)
     with torch.device("meta"):   # an empty model of πθ's class and config, to write checkpoints through
         shell = type(policy)(policy.config)
     tis = has_ratio(a) and a.tis_cap > 0

@@ -123,6 +123,11 @@ def test_train_with_vllm_engine(model_dir, tmp_path, monkeypatch, loss, extra):
                       "--out", str(tmp_path / "run")])
     recs = out["records"]
     assert [r["step"] for r in recs] == [1, 2, 3] and any(r["loss"] is not None for r in recs)
+    # the KV cache is sized for the longest prompt + --max-new-tokens, not the model's 512-token context
+    tok = load_model(model_dir)[1]
+    from data import split_task, row_prompt
+    rows = sum(split_task("math", str(data), 1, 2, 0), [])
+    assert out["engine"].max_model_len == max(len(train.chat_prompt_ids(tok, row_prompt(r))) for r in rows) + 8
     fresh = [r for r in recs if r["loss"] is not None and r["staleness"] == 0]
     assert fresh and all(r["mismatch_max"] < 1.0 for r in fresh)
     # after training, the engine holds the trained weights: its greedy rollouts equal the HF engine's on πθ
