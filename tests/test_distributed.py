@@ -90,7 +90,7 @@ def assert_close(a, b):
         if va != [None] * len(va):   # each run logs pairs_used (DPO) or groups_used (GRPO)
             assert va == pytest.approx(vb, rel=1e-4, abs=1e-6), key
     for k in wa:
-        assert torch.allclose(wa[k], wb[k], atol=2e-5), k
+        assert torch.allclose(wa[k], wb[k], atol=1e-4), k   # AdamW (lr 1e-3): float noise moves a weight by < 0.1 lr
 
 
 @pytest.mark.parametrize("loss", ["dpo", "grpo"])

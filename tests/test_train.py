@@ -329,7 +329,7 @@ def test_grad_checkpointing_trains_the_same(tiny_model_dir, data_file, tmp_path,
         assert [r[key] for r in plain["records"]] == pytest.approx([r[key] for r in ckpt["records"]], rel=1e-4, abs=1e-6), key
     assert all(r["grad_norm"] for r in plain["records"])
     for k, v in plain["policy"].state_dict().items():
-        assert torch.allclose(v, ckpt["policy"].state_dict()[k], atol=1e-5), k
+        assert torch.allclose(v, ckpt["policy"].state_dict()[k], atol=0.1 * 1e-3), k   # AdamW: float noise moves a weight by < 0.1 lr
 
 
 def test_engine_prefills_once_drops_finished_rows_and_matches_plain_generate(tiny_model_dir, monkeypatch):
