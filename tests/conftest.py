@@ -4,6 +4,7 @@ The suite runs on the CPU. SEMIONLINE_TEST_DEVICE=cuda (a GPU box) leaves CUDA v
 in-process train.py runs take their default device, CUDA; the multi-process tests stay on CPU
 processes with gloo either way (ranks cannot share one GPU under NCCL)."""
 import os
+import socket
 
 if os.environ.get("SEMIONLINE_TEST_DEVICE", "cpu") != "cuda":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""   # before torch looks for a GPU
@@ -66,3 +67,10 @@ def toy_score(rows, samples, chat_reward=None, length_penalty=0.0):
         else:
             rewards.score(rows[i:j], samples[i:j], chat_reward, length_penalty)
         i = j
+
+
+def free_port():
+    """A TCP port nobody listens on, for a torchrun rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -7,13 +7,14 @@ training math (sharding, gradient averaging, loss weighting), which must not dep
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
+
+from conftest import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = r'''
@@ -45,12 +46,6 @@ def fake_generate(self, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens
 train.build_models, HFEngine.generate = build, fake_generate
 train.main(sys.argv[1:])
 '''
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -140,7 +140,6 @@ def test_eval_on_two_processes_scores_as_one(tiny_model_dir, tmp_path):
     """eval.py under torchrun: each rank generates its share of the rows (greedy), rank 0 gathers,
     scores and writes the same per-problem results and table as one process."""
     import os
-    import socket
     import subprocess
     import sys
     d = tmp_path / "data"
@@ -150,9 +149,8 @@ def test_eval_on_two_processes_scores_as_one(tiny_model_dir, tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     argv = ["eval.py", "--model", tiny_model_dir, "--bench", "math500", "--data-dir", str(d), "--max-new-tokens", "6", "--device", "cpu"]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from conftest import free_port
+    port = free_port()
     for procs, out in ((1, "one"), (2, "two")):
         cmd = [sys.executable, *argv, "--out", str(tmp_path / out)] if procs == 1 else \
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), *argv, "--out", str(tmp_path / out)]

@@ -7,7 +7,6 @@ Run: pytest tests/test_torchrun.py
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -16,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import train
+from conftest import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # train.py as it is, with rewards a tiny random model can earn (tests/conftest.toy_score), optional
@@ -41,12 +41,6 @@ if die:
     train.save_checkpoint = save_then_die
 train.main(sys.argv[1:])
 '''
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

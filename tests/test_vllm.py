@@ -154,12 +154,10 @@ def test_vllm_under_torchrun_runs_to_the_end_and_samples_as_one_process(model_di
     steps 0 and 2. It used to hang (one rank skipped an FSDP forward on one-token responses) and then
     die at exit (vLLM destroyed its groups after torchrun's were gone). With a seed per request the
     2 ranks sample what 1 process samples."""
-    import socket
     import subprocess
     import sys
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from conftest import free_port
+    port = free_port()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     logs = {}
     for procs in (1, 2):
