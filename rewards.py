@@ -15,6 +15,7 @@ The non-verifiable task scores (prompt, response) with a reward model: any Huggi
 sequence-classification RM (`reward_model`), or, on a CPU with nothing to download, a small
 local LLM judge (`llm_judge`), a weak stand-in. `make_scalar_reward` picks one.
 """
+import itertools
 import json
 import logging
 import math
@@ -185,7 +186,7 @@ def reward_model(name, device=None, batch_size=8, max_length=4096):
         ids = [tok(tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False),
                    add_special_tokens=False)["input_ids"][-max_length:] for p, r in pairs]
         ends = {x[-1] for x in ids}
-        pad = next(t for t in [tok.pad_token_id, *range(len(tok))] if t is not None and t not in ends)
+        pad = next(t for t in itertools.chain([tok.pad_token_id], range(len(tok))) if t is not None and t not in ends)
         model.config.pad_token_id = model.config.get_text_config().pad_token_id = pad
         width = max(map(len, ids))
         x = torch.tensor([i + [pad] * (width - len(i)) for i in ids], device=device)

@@ -310,10 +310,11 @@ def loss_and_backward(units, n_resp, n_tok, batch, a, policy, ref, staleness, ti
 
 def old_policy(b, staleness, tis, a):
     """πθ_old in GRPO's ratio πθ/πθ_old and the truncated IS weight: the semi-online choice (§2.3).
-    Nothing stale (the step right after a sync): πθ_old = sg[πθ], so the ratio is exactly 1. Stale,
-    where the sampler μ's log-probs are not the trainer's (TIS on: bf16 or vLLM sampling; or a top-p
-    nucleus): the trainer's own πθ_old, stamped at the sync. Otherwise μ's own (an fp32 HF engine:
-    the trainer's to float rounding). With TIS each token is weighted by w = min(πθ_old/μ, C).
+    Nothing stale (the step right after a sync): πθ_old = sg[πθ], so the ratio is exactly 1. Stale:
+    b["old_trainer"], which is the trainer's own πθ_old where the sync stamped it (main's `stamp`:
+    the sampler μ's log-probs are not the trainer's, under TIS (bf16 or vLLM sampling) or of a top-p
+    nucleus) and μ's own elsewhere (an fp32 HF engine: the trainer's to float rounding). With TIS
+    each token is weighted by w = min(πθ_old/μ, C).
     Returns (πθ_old, w or None, {the sampler/trainer gap on equal weights, where measurable})."""
     sampler, on, gap = b["old"], b["mask"].bool(), {}
     if staleness == 0:
@@ -321,7 +322,7 @@ def old_policy(b, staleness, tis, a):
         d = (sampler - old).abs()[on]   # the same weights, other numerics
         gap = {"mismatch_mean": (d.mean().item(), on.sum().item()), "mismatch_max": (d.max().item(), 1)}
     else:
-        old = b["old_trainer"] if tis or a.top_p < 1 else sampler
+        old = b["old_trainer"]
     return old, (old - sampler).exp().clamp(max=a.tis_cap) * b["mask"] if tis else None, gap
 
 
@@ -330,10 +331,11 @@ def regularizers(b, logits, a, unit_share):
     chosen responses (the first of a pair; a group's best where it has a preference, none of a tie)
     and --entropy-coef × the negative mean next-token entropy."""
     extra, r = 0.0, b["rewards"]
-    top = r.max(-1, keepdim=True).values
-    chosen = ((r == top) & (top > r.min(-1, keepdim=True).values)).flatten()
-    if a.nll_coef and chosen.any():
-        extra = extra + a.nll_coef * unit_share * nll_loss(b["pi"][chosen], b["mask"][chosen])
+    if a.nll_coef:
+        top = r.max(-1, keepdim=True).values
+        chosen = ((r == top) & (top > r.min(-1, keepdim=True).values)).flatten()
+        if chosen.any():
+            extra = extra + a.nll_coef * unit_share * nll_loss(b["pi"][chosen], b["mask"][chosen])
     if a.entropy_coef:
         extra = extra + unit_share * entropy_regularizer(token_entropy(logits, b["mask"], a.temperature), a.entropy_coef)
     return extra
@@ -383,15 +385,14 @@ def build_models(a, s, ckpt, rows, rank, world):
         trained = load_model(ckpt, "cpu")[0] if rank == 0 and ckpt else seed
         tok, shape = from0(tok), blueprint_of(seed)
         policy = from_rank0(trained, shape, a.device, a.train_dtype, checkpointing=a.grad_checkpointing)
-        if rank == 0 and ckpt:
-            load_ref(ckpt, seed)
-        ref = from_rank0(seed, shape, a.device, a.train_dtype) if uses_reference(a) else None
-        if rank == 0 and ckpt:
-            seed = load_model(start, "cpu")[0]   # the judge and an offline engine: the seed itself, not a synced πref
+        synced = copy.deepcopy(seed) if rank == 0 and ckpt else seed   # the judge and an offline engine keep the seed itself
+        if rank == 0:
+            load_ref(ckpt, synced)
+        ref = from_rank0(synced, shape, a.device, a.train_dtype) if uses_reference(a) else None
         judge = from_rank0(seed, shape, a.device) if needs_chat and not a.reward_model else None
         engine_model = from_rank0(seed if sampled == start else trained, shape, a.device, dtype=getattr(torch, a.rollout_dtype)) \
             if a.engine != "vllm" else None
-        del seed, trained
+        del seed, trained, synced
     if ref is not None:
         ref.eval().requires_grad_(False)
     chat_reward = make_scalar_reward(a.reward_model, judge=(judge, tok) if judge is not None else None) if needs_chat else None

@@ -3,6 +3,7 @@
 The suite runs on the CPU. SEMIONLINE_TEST_DEVICE=cuda (a GPU box) leaves CUDA visible, so the
 in-process train.py runs take their default device, CUDA; the multi-process tests stay on CPU
 processes with gloo either way (ranks cannot share one GPU under NCCL)."""
+import json
 import os
 import socket
 
@@ -74,3 +75,8 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def write_sums(path, n, plus):
+    """A training file of n math rows "What is i + plus?" with their answers (JSONL)."""
+    path.write_text("".join(json.dumps({"problem": f"What is {i} + {plus}?", "answer": str(i + plus)}) + "\n" for i in range(n)))

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import free_port
+from conftest import free_port, write_sums
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = r'''
@@ -51,7 +51,7 @@ train.main(sys.argv[1:])
 @pytest.fixture
 def setup(tmp_path, tiny_model_dir):
     data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"problem": f"What is {i} + 3?", "answer": str(i + 3)}) + "\n" for i in range(16)))
+    write_sums(data, 16, 3)
     runner = tmp_path / "runner.py"
     runner.write_text(RUNNER)
     return tmp_path, tiny_model_dir, str(data), str(runner)

@@ -10,12 +10,12 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForSequenceClas
 import eval as ev
 import rewards
 import train
-from conftest import make_tokenizer, toy_score
+from conftest import make_tokenizer, toy_score, write_sums
 
 
 def math_data(tmp_path, n=8):
     p = tmp_path / "d.jsonl"
-    p.write_text("".join(json.dumps({"problem": f"What is {i} + 3?", "answer": str(i + 3)}) + "\n" for i in range(n)))
+    write_sums(p, n, 3)
     return str(p)
 
 

@@ -10,6 +10,7 @@ import torch
 import eval as ev
 import rewards
 import train
+from conftest import write_sums
 from rollout import HFEngine
 
 
@@ -108,7 +109,7 @@ def test_eval_main_prints_table(tiny_model_dir, tmp_path, capsys):
 
 def test_select_picks_a_checkpoint(tiny_model_dir, tmp_path, monkeypatch, capsys):
     data = tmp_path / "t.jsonl"
-    data.write_text("".join(json.dumps({"problem": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(8)))
+    write_sums(data, 8, 1)
     monkeypatch.setattr(rewards, "math_reward", lambda text, answer: float(len(text) % 2 == 0))
     run = tmp_path / "run"
     train.main(["--model", tiny_model_dir, "--train-data", str(data), "--eval-problems", "2", "--batch-prompts", "2",

@@ -11,7 +11,6 @@ import torch
 import bench
 import eval as ev
 import reproduce
-import rewards
 import train
 from conftest import toy_score
 from rollout import HFEngine

@@ -6,14 +6,13 @@ logged step-1 loss is the objective evaluated on independently computed log-prob
 gradients are finite. tests/test_torchrun.py runs every entry on 2 processes against 1.
 The last two tests show the checks failing for the two classic wiring mistakes.
 Run: pytest tests/test_losses.py"""
-import json
 import math
 
 import pytest
 import torch
 
 import train
-from conftest import toy_score
+from conftest import toy_score, write_sums
 from dpo import ipo_loss
 from rollout import response_logps
 
@@ -23,7 +22,7 @@ LR = 1e-3
 @pytest.fixture
 def data(tmp_path):
     p = tmp_path / "d.jsonl"
-    p.write_text("".join(json.dumps({"problem": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(8)))
+    write_sums(p, 8, 1)
     return str(p)
 
 

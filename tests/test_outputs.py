@@ -8,9 +8,8 @@ import sys
 
 import pytest
 
-import rewards
 import train
-from conftest import toy_score
+from conftest import toy_score, write_sums
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,7 +17,7 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture
 def data_file(tmp_path):
     p = tmp_path / "train.jsonl"
-    p.write_text("".join(json.dumps({"problem": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(8)))
+    write_sums(p, 8, 1)
     return str(p)
 
 

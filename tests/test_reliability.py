@@ -13,7 +13,7 @@ import torch
 
 import rewards
 import train
-from conftest import toy_score
+from conftest import toy_score, write_sums
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the tiny model cannot do arithmetic: train it on a toy reward (the shortest response of a group scores 1)
@@ -24,7 +24,7 @@ RUNNER = ("import sys; sys.path.insert(0, 'tests'); import train; from conftest 
 @pytest.fixture
 def data_file(tmp_path):
     p = tmp_path / "train.jsonl"
-    p.write_text("".join(json.dumps({"problem": f"What is {i} + 2?", "answer": str(i + 2)}) + "\n" for i in range(12)))
+    write_sums(p, 12, 2)
     return str(p)
 
 

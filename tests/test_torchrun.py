@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import train
-from conftest import free_port
+from conftest import free_port, write_sums
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # train.py as it is, with rewards a tiny random model can earn (tests/conftest.toy_score), optional
@@ -46,7 +46,7 @@ train.main(sys.argv[1:])
 @pytest.fixture
 def env(tmp_path, tiny_model_dir):
     data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"problem": f"What is {i} + 3?", "answer": str(i + 3)}) + "\n" for i in range(16)))
+    write_sums(data, 16, 3)
     runner = tmp_path / "runner.py"
     runner.write_text(RUNNER)
     return {"tmp": tmp_path, "model": tiny_model_dir, "data": str(data), "runner": str(runner)}
@@ -186,7 +186,7 @@ def test_grad_checkpointing_stamps_old_logps_with_the_kv_cache(tiny_model_dir, t
     stamped = []
     monkeypatch.setattr(train, "stamp_old_logps", lambda model, groups, *a: (stamp_old_logps(model, groups, *a), stamped.append((model, groups))))
     data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"problem": f"What is {i} + 3?", "answer": str(i + 3)}) + "\n" for i in range(8)))
+    write_sums(data, 8, 3)
     train.main(["--model", tiny_model_dir, "--train-data", str(data), "--eval-problems", "0", "--batch-prompts", "2",
                 "--group-size", "4", "--max-new-tokens", "8", "--lr", "0", "--loss", "grpo", "--rollout-dtype", "bfloat16",
                 "--train-dtype", "float32", "--sync-every", "2", "--steps", "2", "--grad-checkpointing", "--out", str(tmp_path / "o")])
@@ -232,7 +232,7 @@ def test_offline_resumed_past_its_window_samples_the_seed_model(tiny_model_dir, 
     from conftest import toy_score
     monkeypatch.setattr(train, "score", toy_score)
     data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"problem": f"What is {i} + 3?", "answer": str(i + 3)}) + "\n" for i in range(8)))
+    write_sums(data, 8, 3)
     argv = ["--model", tiny_model_dir, "--train-data", str(data), "--eval-problems", "0", "--batch-prompts", "2",
             "--group-size", "4", "--max-new-tokens", "8", "--lr", "1e-2", "--sync-every", "inf", "--out", str(tmp_path / "o")]
     first = train.main(argv + ["--steps", "2"])

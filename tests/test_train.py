@@ -14,14 +14,14 @@ import torch
 import rewards
 import train
 from data import step_rows
-from conftest import toy_score
+from conftest import toy_score, write_sums
 from rollout import HFEngine, chat_prompt_ids, cpu_has_bf16
 
 
 @pytest.fixture
 def data_file(tmp_path):
     p = tmp_path / "train.jsonl"
-    p.write_text("".join(json.dumps({"problem": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(8)))
+    write_sums(p, 8, 1)
     return str(p)
 
 

@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import rewards
 import train
-from conftest import make_tokenizer
+from conftest import make_tokenizer, write_sums
 from rollout import HFEngine, load_model
 
 HAVE_VLLM = bool(importlib.util.find_spec("vllm"))
@@ -116,7 +116,7 @@ def test_train_with_vllm_engine(model_dir, tmp_path, monkeypatch, loss, extra):
     """A short train.py run on the vLLM engine: it trains, syncs, and logs the sampler/trainer gap."""
     monkeypatch.setattr(rewards, "math_reward", lambda text, answer: float(len(text) % 2 == 0))
     data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"problem": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(8)))
+    write_sums(data, 8, 1)
     out = train.main(["--model", model_dir, "--engine", "vllm", "--device", DEVICE, "--train-data", str(data),
                       "--loss", loss, *extra, "--steps", "3", "--batch-prompts", "2", "--n", "4", "--max-new-tokens", "8",
                       "--lr", "1e-3", "--eval-problems", "2", "--vllm-memory", "0.2", "--rollout-dtype", "float32",
