@@ -6,6 +6,7 @@ the lockstep rule FSDP's collectives need, and atomic checkpoints.
 A plain `python train.py` is one process with no process group: every helper here is then
 the identity (or a plain save/load), so the single-process path reads the same code.
 """
+import copy
 import glob
 import json
 import math
@@ -21,7 +22,9 @@ from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, se
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from rollout import Sample, collate, response_logps
+from data import row_prompt
+from rewards import make_scalar_reward
+from rollout import HFEngine, Sample, VLLMEngine, chat_prompt_ids, collate, load_model, response_logps
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")   # dcp in a single process: intended
 
@@ -184,7 +187,7 @@ def stamp_old_logps(model, groups, temperature, chunk, device, tok):
     model.train(training)
 
 
-def save_checkpoint(out, step, policy, opt, shell, tok, ref, state, keep, all_optimizers, master):
+def save_checkpoint(out, step, policy, opt, shell, tok, ref, state, keep, optimizers, master):
     """Atomic: write into a temporary folder, rename it, then repoint `latest` by rename too.
     A kill at any moment leaves the previous checkpoint complete and `latest` pointing at it.
 
@@ -193,8 +196,9 @@ def save_checkpoint(out, step, policy, opt, shell, tok, ref, state, keep, all_op
     of its class); the optimizer state sharded by torch.distributed.checkpoint (each rank writes
     its own shards; any number of processes can load it back); πref when given (a synced one);
     `state` with state["ranks"] gathered from every rank (its rollouts and RNG). `keep`
-    checkpoints stay on disk; unless all_optimizers, only the newest keeps its optimizer state
-    (twice the weights' size under AdamW; --resume needs only the newest)."""
+    checkpoints stay on disk; optimizers (--keep-optimizer): "last", only the newest keeps its
+    optimizer state (twice the weights' size under AdamW; --resume needs only the newest), "all",
+    or "none": weights only, for runs that will not be resumed."""
     weights = {n: t.cpu() for n, t in full_params(policy) if master}
     ref_params = {n: t.cpu() for n, t in full_params(ref) if master} if ref is not None else None
     state = {**state, "ranks": gather(state["ranks"])}
@@ -206,8 +210,9 @@ def save_checkpoint(out, step, policy, opt, shell, tok, ref, state, keep, all_op
             os.makedirs(tmp)
         if multiprocess():
             dist.barrier()
-        dcp.save({"optimizer": get_optimizer_state_dict(policy, opt)}, checkpoint_id=os.path.join(tmp, "optimizer"),
-                 no_dist=not multiprocess())
+        if optimizers != "none":
+            dcp.save({"optimizer": get_optimizer_state_dict(policy, opt)}, checkpoint_id=os.path.join(tmp, "optimizer"),
+                     no_dist=not multiprocess())
         if master:
             shell.save_pretrained(tmp, state_dict=weights)
             tok.save_pretrained(tmp)
@@ -229,7 +234,7 @@ def save_checkpoint(out, step, policy, opt, shell, tok, ref, state, keep, all_op
         older = sorted(glob.glob(os.path.join(out, "ckpt-??????")))[:-1]
         for old in older[:len(older) + 1 - keep]:
             shutil.rmtree(old, ignore_errors=True)
-        for old in older[len(older) + 1 - keep:] if not all_optimizers else []:
+        for old in older[len(older) + 1 - keep:] if optimizers != "all" else []:
             shutil.rmtree(os.path.join(old, "optimizer"), ignore_errors=True)
     if multiprocess():
         dist.barrier()
@@ -284,3 +289,53 @@ def load_checkpoint(ckpt, policy, opt, world, rank, log, seed, my_rows):
         if rank == 0:
             print(f"resuming on {world} processes from a checkpoint of {len(st['ranks'])}: the saved rollouts split anew")
     return st["step"], st["last_sync"], st["stats"], buffer
+
+
+# -----------------------------------------------------------------------------
+# Building a run's models: load once, then shard
+
+def build_models(a, s, ckpt, rows, rank, world, with_ref):
+    """(πθ, πref, tokenizer, chat reward, rollout engine). πθ comes from the checkpoint when resuming,
+    πref and the LLM judge from the seed model (πref then takes a synced copy the checkpoint saved).
+    with_ref False (GRPO without its KL term never looks at πref, as TRL at β = 0): none. The engine
+    keeps its own copy (at s = 1 on one process the HF engine samples from πθ itself); offline, of
+    the seed model. One process loads each model. Under torchrun rank 0 reads the weights and
+    every rank receives them by broadcast, πθ and πref straight into FSDP shards (no rank holds
+    either whole), the engine's and the judge's copies whole (distributed.from_rank0)."""
+    start, needs_chat = a.init_from or a.model, any(r["task"] == "chat" for r in rows)
+    sampled = start if s == math.inf else ckpt or start   # offline samples the seed model, after a resume too
+    if not multiprocess():
+        policy, tok = load_model(ckpt or start, a.device)
+        ref = (load_model(start, a.device)[0] if ckpt else copy.deepcopy(policy)) if with_ref else None
+        judge = (copy.deepcopy(ref) if ref is not None else load_model(start, a.device)[0]) if needs_chat and not a.reward_model else None
+        load_ref(ckpt, ref)   # a synced πref, after the judge was copied from the seed
+        engine_model = None if a.engine == "vllm" else policy if sampled == (ckpt or start) else load_model(sampled, a.device)[0]
+        if a.grad_checkpointing:
+            checkpoint_activations(policy)
+    else:
+        seed, tok = load_model(start, "cpu") if rank == 0 else (None, None)   # on the CPU, rank 0 only
+        trained = load_model(ckpt, "cpu")[0] if rank == 0 and ckpt else seed
+        tok, shape = from0(tok), blueprint_of(seed)
+        policy = from_rank0(trained, shape, a.device, a.train_dtype, checkpointing=a.grad_checkpointing)
+        synced = copy.deepcopy(seed) if rank == 0 and ckpt else seed   # the judge and an offline engine keep the seed itself
+        if rank == 0:
+            load_ref(ckpt, synced)
+        ref = from_rank0(synced, shape, a.device, a.train_dtype) if with_ref else None
+        judge = from_rank0(seed, shape, a.device) if needs_chat and not a.reward_model else None
+        engine_model = from_rank0(seed if sampled == start else trained, shape, a.device, dtype=getattr(torch, a.rollout_dtype)) \
+            if a.engine != "vllm" else None
+        del seed, trained, synced
+    if ref is not None:
+        ref.eval().requires_grad_(False)
+    chat_reward = make_scalar_reward(a.reward_model, judge=(judge, tok) if judge is not None else None) if needs_chat else None
+    if a.engine == "vllm":   # loads its weights itself; synced from πθ like the HF engine
+        # its KV cache sized for the longest prompt + --max-new-tokens, not the model's whole context (131k for Llama-3.1)
+        longest = max(len(chat_prompt_ids(tok, row_prompt(r))) for r in rows) + a.max_new_tokens
+        context = getattr(policy.config, "max_position_embeddings", None) or longest
+        engine = VLLMEngine(sampled, memory=a.vllm_memory, seed=a.seed + rank, device=a.device, dtype=a.rollout_dtype,
+                            max_model_len=min(longest, context))
+    else:
+        dtype = getattr(torch, a.rollout_dtype)
+        engine = HFEngine(engine_model, tok, max_batch=a.gen_batch, dtype=dtype, own=engine_model is not policy,
+                          share=s == 1 and world == 1 and dtype == policy.dtype and engine_model is policy)
+    return policy, ref, tok, chat_reward, engine

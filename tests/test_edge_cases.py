@@ -8,7 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForSequenceClassification
 
 import eval as ev
+import logs
 import rewards
+import distributed
 import train
 from conftest import make_tokenizer, toy_score, write_sums
 
@@ -28,8 +30,8 @@ def test_judge_is_the_seed_model_after_a_resume(tiny_model_dir, tmp_path, monkey
     """The LLM judge is the seed model for the whole run: after --resume of a run that syncs πref it
     was built from the *synced* reference, so the reward function changed at the resume."""
     judges = []
-    real = train.make_scalar_reward
-    monkeypatch.setattr(train, "make_scalar_reward", lambda name=None, judge=None, device=None: (judges.append(judge), real(name, judge, device))[1])
+    real = distributed.make_scalar_reward
+    monkeypatch.setattr(distributed, "make_scalar_reward", lambda name=None, judge=None, device=None: (judges.append(judge), real(name, judge, device))[1])
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Say something about {i}."}) + "\n" for i in range(8)))
     argv = base(tiny_model_dir, str(data), tmp_path / "o") + ["--task", "chat", "--lr", "1e-2", "--ref-sync-every", "1", "--sync-every", "1"]
@@ -127,5 +129,5 @@ def test_k3_metric_says_what_it_estimates(tiny_model_dir, tmp_path, monkeypatch)
     import matplotlib.axes
     scales = []
     monkeypatch.setattr(matplotlib.axes.Axes, "set_yscale", lambda self, s, **k: scales.append(s))
-    ev.plot_runs([str(tmp_path / "o")], str(tmp_path / "p.png"))
-    assert scales == ["symlog"] and ("k3_trained", "k3 of πθ‖πref on trained responses (log)") in ev.PANELS
+    logs.plot_runs([str(tmp_path / "o")], str(tmp_path / "p.png"))
+    assert scales == ["symlog", "symlog", "log"] and logs.SCALES["k3_trained"] == "symlog"   # loss, k3, grad norm

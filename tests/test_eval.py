@@ -8,10 +8,11 @@ import pytest
 import torch
 
 import eval as ev
+import logs
 import rewards
 import train
 from conftest import write_sums
-from rollout import HFEngine
+from rollout import HFEngine, load_model
 
 
 def test_mean_se_hand():
@@ -73,12 +74,12 @@ def test_plot_writes_png(tmp_path):
             for s in range(1, 4):
                 f.write(json.dumps({"step": s, "reward": s / 4, "accuracy": s / 4, "length": 10 + s,
                                     "entropy": 1 / s, "k3_trained": None if s == 1 else 0.1 * s}) + "\n")
-    path = ev.plot_runs([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "fig.png"))
+    path = logs.plot_runs([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "fig.png"))
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(path) > 5000
 
 
 def test_generation_cache_continues_interrupted_eval(tiny_model_dir, tmp_path, monkeypatch):
-    model, tok = train.load_model(tiny_model_dir)
+    model, tok = load_model(tiny_model_dir)
     engine = HFEngine(model, tok)
     rows = [{"id": str(i), "problem": f"What is {i}+1?", "answer": str(i + 1), "task": "math"} for i in range(5)]
     cache = str(tmp_path / "c.jsonl")
@@ -130,11 +131,11 @@ def test_cache_tag_changes_when_checkpoint_is_rewritten(tmp_path):
 
 def test_run_summary_reports_quarters_grading_failures_and_time():
     records = [{"reward": r} for r in (0.0, 0.5, 0.5, 0.5, 0.5, 0.5, 1.0, 1.0)]
-    lines = ev.run_summary(records, {"graded": 8, "timeouts": 1, "errors": 0}, 12.4, "runs/x").splitlines()
+    lines = logs.run_summary(records, {"graded": 8, "timeouts": 1, "errors": 0}, 12.4, "runs/x").splitlines()
     assert lines == ["rollout reward: first quarter 0.250 -> last quarter 1.000",
                      "Math-Verify: 8 responses graded on rank 0, 1 ran out of time and 0 failed (all scored 0)",
                      f"done in 12s; log: {os.path.join('runs/x', 'log.jsonl')}"]
-    assert ev.run_summary(records[:3], {"graded": 3, "timeouts": 0, "errors": 0}, 1, "o").startswith("done in 1s")
+    assert logs.run_summary(records[:3], {"graded": 3, "timeouts": 0, "errors": 0}, 1, "o").startswith("done in 1s")
 
 
 def test_eval_on_two_processes_scores_as_one(tiny_model_dir, tmp_path):
@@ -160,3 +161,37 @@ def test_eval_on_two_processes_scores_as_one(tiny_model_dir, tmp_path):
     per = {out: [json.loads(line) for line in open(next((tmp_path / out).glob("*.results.jsonl")))] for out in ("one", "two")}
     assert len(per["one"]) == 7 and per["two"] == per["one"]
     assert open(tmp_path / "two" / "table.md").read() == open(tmp_path / "one" / "table.md").read()
+
+
+def test_four_runs_compare_at_a_glance(tmp_path, monkeypatch):
+    """eval.py --plot of four runs: every run's held-out markers visible (none on top of another), one
+    legend outside the panels, losses of different scales on one axis, a margin panel for the two
+    preference runs, and a printed table of held-out numbers with SE and the paired change."""
+    import matplotlib.pyplot as plt
+    losses = {"dpo-s1": 0.69, "ipo-s1": 25.0, "dpo-s4": 0.69, "grpo-s1": 0.001}
+    for i, (name, loss) in enumerate(losses.items()):
+        os.makedirs(tmp_path / name)
+        with open(tmp_path / name / "log.jsonl", "w") as f:
+            for s in range(1, 5):
+                rec = {"step": s, "reward": s / 5, "accuracy": s / 5, "length": 20 - s, "entropy": 1 / s, "loss": loss / s,
+                       "k3_trained": 0.1 * s, "grad_norm_pre_clip": 10.0 / s}
+                if name.startswith(("dpo", "ipo")):
+                    rec |= {"chosen_reward": 0.1 * s, "rejected_reward": -0.1 * s}
+                f.write(json.dumps(rec) + "\n")
+        for tag, scores in (("before", {"a": 1.0, "b": 0.0, "c": 0.0}), ("after", {"a": 1.0, "b": 1.0, "c": float(i % 2)})):
+            mean = sum(scores.values()) / 3   # every run scored on the same rows: the same "before"
+            json.dump({"math": {"mean": mean, "se": 0.27, "length": 10.0, "n": 3, "scores": scores}},
+                      open(tmp_path / name / f"heldout_{tag}.json", "w"))
+    figs = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig))
+    runs = [str(tmp_path / n) for n in losses]
+    logs.plot_runs(runs, str(tmp_path / "cmp.png"))
+    fig = figs[0]
+    held = fig.axes[2]
+    xs = [x for c in held.containers for x in c.lines[0].get_xdata()]   # one errorbar per marker
+    assert len(xs) == 8 and len({round(float(x), 3) for x in xs}) == 8   # 4 runs x before/after, each at its own place
+    assert all(ax.get_legend() is None for ax in fig.axes) and len(fig.legends) == 1
+    assert fig.axes[5].get_yscale() == "symlog" and len(fig.axes[6].lines) == 3   # loss axis; margins of the three preference runs, none of grpo
+    table = logs.heldout_table(runs)
+    assert "| dpo-s1 | math | 0.333 ± 0.270 | 0.667 ± 0.270 | +0.333 ± 0.333 | 3 |" in table
+    assert "| ipo-s1 | math | 0.333 ± 0.270 | 1.000 ± 0.270 | +0.667 ± 0.333 | 3 |" in table

@@ -13,7 +13,7 @@ import eval as ev
 import reproduce
 import train
 from conftest import toy_score
-from rollout import HFEngine
+from rollout import HFEngine, load_model
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -144,7 +144,7 @@ def test_checkpoint_on_a_full_disk_keeps_the_previous_one(tiny_model_dir, tmp_pa
 
 
 def test_rollouts_out_of_memory_name_the_flag(tiny_model_dir, monkeypatch):
-    model, tok = train.load_model(tiny_model_dir)
+    model, tok = load_model(tiny_model_dir)
     engine = HFEngine(model, tok, max_batch=16)
 
     def oom(*a, **k):

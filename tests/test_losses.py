@@ -14,7 +14,7 @@ import torch
 import train
 from conftest import toy_score, write_sums
 from dpo import ipo_loss
-from rollout import response_logps
+from rollout import load_model, response_logps
 
 LR = 1e-3
 
@@ -48,7 +48,7 @@ def check_micro_batch_invariance(model, data, tmp_path, loss):
     """One group per micro-batch trains the step that all four in one micro-batch do."""
     whole = run(model, data, tmp_path / f"{loss}-whole", loss, "--micro-groups", "4")
     split = run(model, data, tmp_path / f"{loss}-split", loss, "--micro-groups", "1")
-    for key in ("loss", "grad_norm"):
+    for key in ("loss", "grad_norm_pre_clip"):
         a, b = [r[key] for r in whole["records"]], [r[key] for r in split["records"]]
         assert None not in a and b == pytest.approx(a, rel=1e-4, abs=1e-6), \
             f"{loss}: {key} {b} with --micro-groups 1 vs {a} with 4: does the loss take its share (b['share'] / b['denom'])?"
@@ -73,7 +73,7 @@ def check_units(model, data, tmp_path, monkeypatch, loss):
         shuffled["rewards"] = b["rewards"][:, perm]
         assert fn(shuffled, a)[0].item() == pytest.approx(fn(b, a)[0].item(), rel=1e-5, abs=1e-7), \
             f"{loss}: the loss of a group depends on the order of its responses: a pairwise loss declared as 'groups'?"
-    assert all(math.isfinite(r["grad_norm"]) for r in res["records"])
+    assert all(math.isfinite(r["grad_norm_pre_clip"]) for r in res["records"])
 
 
 def check_logged_loss_is_the_objective(model, data, tmp_path, monkeypatch, loss):
@@ -82,7 +82,7 @@ def check_logged_loss_is_the_objective(model, data, tmp_path, monkeypatch, loss)
     calls, fn = spy(monkeypatch, loss)
     res = run(model, data, tmp_path / f"{loss}-hand", loss, "--micro-groups", "4", "--steps", "1")
     (b, returned), = calls
-    seed = train.load_model(model)[0].eval()
+    seed = load_model(model)[0].eval()
     with torch.no_grad():
         fresh = response_logps(seed, b, temperature=0.8)
     assert torch.allclose(b["pi"], fresh, atol=1e-5) and (b["ref"] is None or torch.allclose(b["ref"], fresh, atol=1e-5))

@@ -41,6 +41,15 @@ def test_run_directory_explains_itself(tiny_model_dir, data_file, tmp_path, monk
     assert (tmp_path / "all" / "ckpt-000001" / "optimizer").is_dir()
 
 
+def test_weights_only_checkpoints(tiny_model_dir, data_file, tmp_path, capsys):
+    """--keep-optimizer none (throwaway runs): no optimizer state on disk; --resume then says why it cannot."""
+    out = tmp_path / "w"
+    tiny_run(tiny_model_dir, data_file, out, "--steps", "2", "--keep-optimizer", "none", "--eval-problems", "0")
+    assert glob.glob(str(out / "ckpt-000002" / "*.safetensors")) and not (out / "ckpt-000002" / "optimizer").exists()
+    with pytest.raises(SystemExit, match="--keep-optimizer none.*--init-from"):
+        tiny_run(tiny_model_dir, data_file, out, "--steps", "3", "--resume", "--eval-problems", "0")
+
+
 def test_tensorboard_offline(tiny_model_dir, data_file, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -11,8 +11,10 @@ import time
 import pytest
 import torch
 
+import distributed
 import rewards
 import train
+from rollout import load_model
 from conftest import toy_score, write_sums
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,7 +117,7 @@ def test_half_written_checkpoint_is_ignored(tiny_model_dir, data_file, tmp_path,
 def test_nan_loss_skips_update_then_stops(tiny_model_dir, data_file, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "score", toy_score)
     monkeypatch.setitem(train.LOSSES, "dpo", {"fn": lambda b, a: (b["pi"].sum() * float("nan"), {}), "takes": "pairs"})
-    before = {k: v.clone() for k, v in train.load_model(tiny_model_dir)[0].state_dict().items()}
+    before = {k: v.clone() for k, v in load_model(tiny_model_dir)[0].state_dict().items()}
     argv = args(tiny_model_dir, data_file, str(tmp_path / "nan"), steps=6) + ["--max-bad-steps", "100"]
     out = train.main(argv)
     assert all(torch.equal(before[k], v) for k, v in out["policy"].state_dict().items())   # no update applied
@@ -135,7 +137,7 @@ def test_failing_or_nan_reward_model_is_counted_not_fatal(tiny_model_dir, tmp_pa
                 raise RuntimeError("RM server down")
             return [float("nan")] * len(prompts)
         return rm
-    monkeypatch.setattr(train, "make_scalar_reward", flaky)
+    monkeypatch.setattr(distributed, "make_scalar_reward", flaky)
     out = train.main(["--model", tiny_model_dir, "--train-data", str(data), "--eval-problems", "0", "--batch-prompts", "2",
                       "--n", "2", "--max-new-tokens", "4", "--steps", "4", "--sync-every", "2", "--out", str(tmp_path / "o")])
     assert all(r["loss"] is None and r["skipped"] == 2 for r in out["records"]) and len(calls) == 2

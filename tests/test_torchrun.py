@@ -126,7 +126,7 @@ def one_vs_two(env, arm, flags):
     assert [r["step"] for r in two] == [1, 2, 3, 4]
     for key in ("reward", "length", "entropy", "pairs_used", "groups_used", "skipped", "staleness"):
         assert [r.get(key) for r in two] == pytest.approx([r.get(key) for r in one], rel=1e-5), key
-    for key in ("loss", "k3_trained", "grad_norm"):   # null where a step had nothing to train on, in both
+    for key in ("loss", "k3_trained", "grad_norm_pre_clip"):   # null where a step had nothing to train on, in both
         a, b = [r[key] for r in one], [r[key] for r in two]
         assert [x is None for x in a] == [x is None for x in b], key
         assert [x for x in b if x is not None] == pytest.approx([x for x in a if x is not None], rel=1e-3, abs=1e-5), key

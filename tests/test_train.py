@@ -11,11 +11,12 @@ import math
 import pytest
 import torch
 
+import distributed
 import rewards
 import train
 from data import step_rows
 from conftest import toy_score, write_sums
-from rollout import HFEngine, chat_prompt_ids, cpu_has_bf16
+from rollout import HFEngine, chat_prompt_ids, cpu_has_bf16, load_model
 
 
 @pytest.fixture
@@ -35,7 +36,7 @@ def run(tiny_model_dir, data_file, tmp_path, *extra, name="run"):
 @pytest.mark.parametrize("s", ["1", "3", "inf"])
 def test_each_loss_and_regime_trains(tiny_model_dir, data_file, tmp_path, monkeypatch, loss, s):
     monkeypatch.setattr(train, "score", toy_score)
-    before = {k: v.clone() for k, v in train.load_model(tiny_model_dir)[0].state_dict().items()}
+    before = {k: v.clone() for k, v in load_model(tiny_model_dir)[0].state_dict().items()}
     out = run(tiny_model_dir, data_file, tmp_path, "--loss", loss, "--sync-every", s, "--steps", "3",
               "--kl-coef", "0.1", "--nll-coef", "0.1", "--entropy-coef", "0.01")
     recs = out["records"]
@@ -50,7 +51,7 @@ def test_each_loss_and_regime_trains(tiny_model_dir, data_file, tmp_path, monkey
 
 def spy_generate(monkeypatch, holder):
     """Record, at each generate call, whether the engine's weights equal the policy's."""
-    calls, orig_gen, orig_load = [], HFEngine.generate, train.load_model
+    calls, orig_gen, orig_load = [], HFEngine.generate, distributed.load_model
 
     def load(*a, **k):
         m, t = orig_load(*a, **k)
@@ -61,7 +62,7 @@ def spy_generate(monkeypatch, holder):
         p = holder["policy"].state_dict()
         calls.append(all(torch.equal(v, p[k]) for k, v in self.model.state_dict().items()))
         return orig_gen(self, *a, **k)
-    monkeypatch.setattr(train, "load_model", load)
+    monkeypatch.setattr(distributed, "load_model", load)
     monkeypatch.setattr(HFEngine, "generate", gen)
     return calls
 
@@ -123,7 +124,7 @@ def test_heldout_sampled_accuracy(tiny_model_dir, data_file, tmp_path, monkeypat
 def test_sampling_logps_match_policy_forward(tiny_model_dir, T):
     """Left padding + positions: πθ_old log-probs from sampling at temperature T equal a training
     forward pass of π_T = softmax(logits / T), and differ from the raw logits' when T != 1."""
-    model, tok = train.load_model(tiny_model_dir)
+    model, tok = load_model(tiny_model_dir)
     engine = HFEngine(model, tok)
     prompts = [chat_prompt_ids(tok, "hi"), chat_prompt_ids(tok, "What is 12 + 30? Explain it please.")]
     groups = engine.generate(prompts, n=3, temperature=T, max_new_tokens=10)
@@ -141,10 +142,10 @@ def test_stale_ratio_is_new_over_old_of_the_sampling_distribution(tiny_model_dir
     """Rollouts sampled at T from weights W0, policy moved to W1: the trainer's ratio
     exp(log πθ - old) is π_T(W1) / π_T(W0) of each sampled token, computed here independently
     with plain full-sequence forwards."""
-    model, tok = train.load_model(tiny_model_dir)
+    model, tok = load_model(tiny_model_dir)
     T, prompt = 0.6, chat_prompt_ids(tok, "What is 2 + 2?")
     groups = HFEngine(model, tok).generate([prompt], n=4, temperature=T, max_new_tokens=6)
-    moved = train.load_model(tiny_model_dir)[0]
+    moved = load_model(tiny_model_dir)[0]
     with torch.no_grad():
         for p in moved.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -185,7 +186,7 @@ def test_micro_batching_does_not_change_the_step(tiny_model_dir, data_file, tmp_
     whole = run(tiny_model_dir, data_file, tmp_path, *common, "--micro-groups", "4", name="whole")
     split = run(tiny_model_dir, data_file, tmp_path, *common, "--micro-groups", "1", name="split")
     assert any(r["groups_used"] > 1 for r in whole["records"])
-    for key in ("loss", "grad_norm"):
+    for key in ("loss", "grad_norm_pre_clip"):
         assert [r[key] for r in whole["records"]] == pytest.approx([r[key] for r in split["records"]], rel=1e-4, abs=1e-7)
     for k, v in whole["policy"].state_dict().items():
         # AdamW divides by sqrt(v): a near-zero gradient's float noise can move a weight by a fraction of lr
@@ -216,7 +217,7 @@ def test_shared_prompt_forward_equals_one_row_per_response(tiny_model_dir, k):
     """The prompt computed once and its KV cache repeated for the k responses gives the same
     log-probs, logits and gradients as repeating the prompt in every row (prompts of different
     lengths, responses of different lengths, one of a single token)."""
-    model, tok = train.load_model(tiny_model_dir)
+    model, tok = load_model(tiny_model_dir)
     prompts = [chat_prompt_ids(tok, "hi"), chat_prompt_ids(tok, "What is 12 + 30? Explain it please.")]
     groups = HFEngine(model, tok).generate(prompts, n=k, max_new_tokens=12)
     groups[0][0].completion_ids, groups[0][0].logps = groups[0][0].completion_ids[:1], groups[0][0].logps[:1]
@@ -238,7 +239,7 @@ def test_shared_prompt_forward_equals_one_row_per_response(tiny_model_dir, k):
 def test_bf16_training_pass_close_to_fp32(tiny_model_dir, data_file, tmp_path, monkeypatch):
     """--train-dtype bfloat16 autocasts the policy pass: log-probs and gradients come out fp32 and
     close to the fp32 pass (bf16 rounding), float32 is the plain pass exactly; a run trains with it."""
-    model, tok = train.load_model(tiny_model_dir)
+    model, tok = load_model(tiny_model_dir)
     groups = HFEngine(model, tok).generate([chat_prompt_ids(tok, "hi"), chat_prompt_ids(tok, "What is 12 + 30?")], n=3, max_new_tokens=12)
     b = train.collate(groups, "cpu")
     out = {}
@@ -271,7 +272,7 @@ def test_bf16_training_pass_close_to_fp32(tiny_model_dir, data_file, tmp_path, m
 
 
 def test_collate_rejects_mixed_units(tiny_model_dir):
-    model, tok = train.load_model(tiny_model_dir)
+    model, tok = load_model(tiny_model_dir)
     groups = HFEngine(model, tok).generate([chat_prompt_ids(tok, "hi"), chat_prompt_ids(tok, "yo")], n=2, max_new_tokens=4)
     with pytest.raises(ValueError, match="same number of responses to one prompt"):
         train.collate([groups[0], [groups[0][0], groups[1][0]]], "cpu")
@@ -325,9 +326,9 @@ def test_grad_checkpointing_trains_the_same(tiny_model_dir, data_file, tmp_path,
     common = ["--loss", "grpo", "--sync-every", "1", "--steps", "2", "--eval-problems", "0", "--kl-coef", "0.1"]
     plain = run(tiny_model_dir, data_file, tmp_path, *common, name="plain")
     ckpt = run(tiny_model_dir, data_file, tmp_path, *common, "--grad-checkpointing", name="gc")
-    for key in ("loss", "k3_trained", "grad_norm"):
+    for key in ("loss", "k3_trained", "grad_norm_pre_clip"):
         assert [r[key] for r in plain["records"]] == pytest.approx([r[key] for r in ckpt["records"]], rel=1e-4, abs=1e-6), key
-    assert all(r["grad_norm"] for r in plain["records"])
+    assert all(r["grad_norm_pre_clip"] for r in plain["records"])
     for k, v in plain["policy"].state_dict().items():
         assert torch.allclose(v, ckpt["policy"].state_dict()[k], atol=0.1 * 1e-3), k   # AdamW: float noise moves a weight by < 0.1 lr
 
@@ -336,7 +337,7 @@ def test_engine_prefills_once_drops_finished_rows_and_matches_plain_generate(tin
     """Greedy rollouts of our decode loop equal Hugging Face generate on the repeated, left-padded
     prompts; the prefill sees each distinct prompt once; a finished sequence leaves the batch."""
     from rollout import left_pad
-    model, tok = train.load_model(tiny_model_dir)
+    model, tok = load_model(tiny_model_dir)
     engine = HFEngine(model, tok)
     torch.manual_seed(0)
     with torch.no_grad():   # larger random weights: greedy outputs vary (the tiny model's repeat one token)
@@ -396,7 +397,7 @@ def test_pairs_or_groups_by_hand():
 def test_common_random_numbers_make_a_prompts_draw_independent_of_the_batch(tiny_model_dir):
     """A keyed draw: the responses to a prompt depend on its key (and the weights), not on what else
     is decoded beside it or in which order; an unkeyed draw uses the global generator."""
-    model, tok = train.load_model(tiny_model_dir)
+    model, tok = load_model(tiny_model_dir)
     eng = HFEngine(model, tok, max_batch=3)
     p, q = chat_prompt_ids(tok, "What is 1 + 2?"), chat_prompt_ids(tok, "Ana has 5 apples and buys two more.")
     alone = eng.generate([p], n=4, temperature=1.0, max_new_tokens=8, keys=[11])[0]

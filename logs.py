@@ -1,0 +1,149 @@
+"""
+A run's record: what a training step logs of its rollouts (log.jsonl), the lines a run ends with,
+its curves (curves.png) and the comparison of several runs (`python eval.py --plot RUN...`: one
+figure and a table of held-out numbers), and the optional experiment trackers.
+"""
+import json
+import math
+import os
+
+from distributed import all_sum
+
+
+def rollout_metrics(batch, tasks, device):
+    """The step's rollouts, summed over ranks: mean reward, math accuracy (None without math),
+    length and entropy per token, the share cut at --max-new-tokens; with several tasks also
+    reward_<task> and length_<task> (None when the step had none of that task)."""
+    groups = [""] + (tasks if len(tasks) > 1 else [])
+    keys = ("reward", "scored", "correct", "math", "tokens", "entropy", "responses", "cut")
+    sums = dict.fromkeys([(t, k) for t in groups for k in keys], 0.0)   # the same keys on every rank
+    for r, g in batch:
+        for x, t in ((x, t) for x in g for t in groups if t in ("", r["task"])):
+            ok, is_math = math.isfinite(x.reward), r["task"] == "math"   # a NaN reward was skipped, not scored
+            for k, v in (("reward", x.reward if ok else 0.0), ("scored", ok), ("correct", is_math and x.reward > 0.5),
+                         ("math", is_math), ("tokens", len(x.completion_ids)), ("entropy", sum(x.entropy)),
+                         ("responses", 1), ("cut", x.finish_reason == "length")):
+                sums[t, k] += v
+    total = dict(zip(sums, all_sum(list(sums.values()), device)))
+    mean = lambda t, k, n: total[t, k] / total[t, n] if total[t, n] else None
+    rec = {"reward": mean("", "reward", "scored") or 0.0, "accuracy": mean("", "correct", "math"),
+           "length": mean("", "tokens", "responses") or 0.0, "truncated": mean("", "cut", "responses") or 0.0,
+           "entropy": mean("", "entropy", "tokens") or 0.0}
+    for t in groups[1:]:
+        rec[f"reward_{t}"], rec[f"length_{t}"] = mean(t, "reward", "scored"), mean(t, "tokens", "responses")
+    return rec
+
+
+def run_summary(records, grading, seconds, out):
+    """The lines a run ends with: rollout reward in the first vs the last quarter of the steps (with
+    at least 8), Math-Verify's timeouts and failures if any, the wall time and the log's path."""
+    lines = []
+    if len(records) >= 8:
+        first, last = records[:len(records) // 4], records[-(len(records) // 4):]
+        lines.append(f"rollout reward: first quarter {sum(r['reward'] for r in first) / len(first):.3f}"
+                     f" -> last quarter {sum(r['reward'] for r in last) / len(last):.3f}")
+    if grading["timeouts"] or grading["errors"]:
+        lines.append(f"Math-Verify: {grading['graded']} responses graded on rank 0, {grading['timeouts']} ran out of time "
+                     f"and {grading['errors']} failed (all scored 0)")
+    return "\n".join(lines + [f"done in {seconds:.0f}s; log: {os.path.join(out, 'log.jsonl')}"])
+
+
+PANELS = [("reward", "rollout reward (mean)"), ("accuracy", "rollout accuracy (math)"), (None, "held-out accuracy (greedy) ± SE"),
+          ("length", "rollout length (tokens)"), ("entropy", "rollout entropy (nats/token)"), ("loss", "loss (symlog)"),
+          ("margin", "implicit reward margin, chosen - rejected"), ("k3_trained", "k3 of πθ‖πref on trained responses (symlog)"),
+          ("grad_norm_pre_clip", "gradient norm before clipping (log)")]
+SCALES = {"loss": "symlog", "k3_trained": "symlog", "grad_norm_pre_clip": "log"}   # one axis for IPO's 25 and DPO's 0.69, k3's spikes
+
+
+def curve(recs, key):
+    """(steps, values) of one logged metric; margin = chosen_reward - rejected_reward (preference losses)."""
+    get = (lambda r: r["chosen_reward"] - r["rejected_reward"] if r.get("chosen_reward") is not None else None) \
+        if key == "margin" else (lambda r: r.get(key))
+    pts = [(r["step"], get(r)) for r in recs if get(r) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def heldout(run):
+    """{(task, "before" | "after"): its heldout_<tag>.json entry} of a run."""
+    out = {}
+    for tag in ("before", "after"):
+        f = os.path.join(run, f"heldout_{tag}.json")
+        if os.path.exists(f):
+            out.update({(task, tag): h for task, h in json.load(open(f)).items()})
+    return out
+
+
+def plot_runs(runs, path):
+    """Training curves of one or more runs (their log.jsonl), one panel per metric, one colour per run
+    and one legend outside the panels; held-out accuracy before (hollow) and after (filled) training
+    in a panel of its own, one column per run, so that no run's markers hide another's."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(3, 3, figsize=(14, 10), layout="constrained")
+    names = [os.path.basename(os.path.normpath(run)) for run in runs]
+    for i, run in enumerate(runs):
+        recs = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
+        for ax, (key, label) in zip(axes.flat, PANELS):
+            ax.set_ylabel(label, fontsize=9)
+            if key is None:   # held-out: x = the run
+                for dx, (tag, fill) in zip((-0.12, 0.12), (("before", "none"), ("after", f"C{i}"))):
+                    if ("math", tag) in (h := heldout(run)):
+                        ax.errorbar([i + dx], [h["math", tag]["mean"]], yerr=[h["math", tag]["se"]], fmt="os"[dx > 0], color=f"C{i}",
+                                    mfc=fill, capsize=3)
+                ax.set_xticks(range(len(runs)), names, rotation=30, ha="right", fontsize=8)
+                continue
+            if (xy := curve(recs, key))[0]:   # a run without the metric (a margin without pairs) draws nothing there
+                ax.plot(*xy, color=f"C{i}", label=names[i] if ax is axes.flat[0] else None)
+            ax.set_xlabel("optimizer step", fontsize=9)
+            if key in SCALES and ax.lines:
+                ax.set_yscale(SCALES[key], **({"linthresh": 0.01} if SCALES[key] == "symlog" else {}))
+    fig.legend(loc="outside lower center", ncol=min(len(runs), 4), fontsize=9,
+               title="runs (held-out panel: hollow before, filled after training)")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def heldout_table(runs):
+    """Held-out numbers of each run as a markdown table: before and after ± SE, and the paired change
+    over the same problems (mean and SE of the per-problem differences)."""
+    from eval import mean_se
+    lines = ["| run | task | before | after | after - before (paired) | n |", "|---|---|---|---|---|---|"]
+    for run in runs:
+        h = heldout(run)
+        for task in sorted({t for t, _ in h}):
+            b, a = h.get((task, "before")), h.get((task, "after"))
+            cell = lambda x: f"{x['mean']:.3f} ± {x['se']:.3f}" if x else "-"
+            diff = "-"
+            if a and b:
+                common = sorted(set(a["scores"]) & set(b["scores"]))
+                m, se = mean_se([a["scores"][k] - b["scores"][k] for k in common]) if len(common) > 1 else (float("nan"),) * 2
+                diff = f"{m:+.3f} ± {se:.3f}"
+            lines.append(f"| {os.path.basename(os.path.normpath(run))} | {task} | {cell(b)} | {cell(a)} | {diff} | {(a or b)['n']} |")
+    return "\n".join(lines)
+
+
+def plot_run(out):
+    """The run's own picture, left in its directory when it ends: out/curves.png."""
+    return plot_runs([out], os.path.join(out, "curves.png"))
+
+
+def tracker(kind, out, config):
+    """train.py --report-to: (log(record), close()) sending each step's numbers to an experiment
+    tracker, or None for "none". The packages are optional and imported only when asked for; both
+    run without a network (tensorboard writes out/tensorboard; wandb with WANDB_MODE=offline
+    writes out/wandb, `wandb sync` uploads it later)."""
+    if kind == "none":
+        return None
+
+    def numbers(rec):   # flat {name: number}: the time breakdown as time/<part>, None and strings dropped
+        flat = {f"time/{k}": v for k, v in rec.get("time", {}).items()} | rec
+        return {k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+    if kind == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+        w = SummaryWriter(os.path.join(out, "tensorboard"))
+        return lambda rec: [w.add_scalar(k, v, rec["step"]) for k, v in numbers(rec).items()], w.close
+    import wandb
+    run = wandb.init(project="semionline", name=os.path.basename(os.path.normpath(out)), dir=out, config=config)
+    return lambda rec: run.log(numbers(rec), step=rec["step"]), run.finish
