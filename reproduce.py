@@ -261,17 +261,16 @@ def report(res, a, commit):
     s1, s2 = a.s_values
     semi, L = f"semi_online_s{s1}", []
     pct = lambda m, se: f"{100 * m:.1f} ± {100 * se:.1f}"
+    b = next(iter(next(iter(res.values())).values()))["before"]   # every arm starts from the same seed model
     L += [f"# reproduce.py sweep (commit {commit})", "",
           f"{a.steps} optimizer steps per arm, {a.batch_prompts_note}; held-out: {a.eval_problems} math problems "
           f"(greedy, and {a.eval_samples} samples each at the training temperature)"
           + (f", {a.chat_problems} chat prompts" if any(n in res for n in ("chat_only", "math+chat")) else "") + ". "
           "Mean ± SE: over seeds where an arm has several, else over held-out rows.", "",
+          f"Seed model: greedy {pct(b['math']['mean'], b['math']['se'])} %, sampled "
+          f"{pct(b['math_sampled']['mean'], b['math_sampled']['se'])} % (SE over problems).", "",
           "| arm | seeds | greedy acc. (%) | sampled acc. (%) | rollout reward, first → last quarter | "
           "length | entropy | wall (s), mean |", "|---|---|---|---|---|---|---|---|"]
-    b = next(iter(next(iter(res.values())).values()))["before"]
-    L.insert(-2, f"Seed model: greedy {pct(b['math']['mean'], b['math']['se'])} %, sampled "
-                 f"{pct(b['math_sampled']['mean'], b['math_sampled']['se'])} % (SE over problems).")
-    L.insert(-2, "")
     for name, runs in res.items():
         rv = list(runs.values())
         cells = [pct(*arm_summary(rv, m)) if m in rv[0]["after"] else "" for m in ("math", "math_sampled")]
