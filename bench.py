@@ -247,6 +247,55 @@ def roofline(a, seconds=0.5):
     return out
 
 
+def read_bandwidth(device, dtype, seconds=0.5):
+    """This machine's memory read bandwidth (GB/s) in this run, the ceiling of a decode step that reads
+    every weight once per token: the best of a large reduction and an 8-row matmul streaming a
+    256 MB weight matrix (neither fits in cache)."""
+    dt = getattr(torch, dtype)
+    big = torch.ones(2 ** 28 // dt.itemsize * 2, device=device, dtype=dt)   # 512 MB
+    w, x = torch.ones(8192, 2 ** 27 // 8192 // dt.itemsize * 2, device=device, dtype=dt), torch.ones(8, 8192, device=device, dtype=dt)
+    best = 0.0
+    for fn, nbytes in ((lambda: big.sum(), big.numel() * dt.itemsize), (lambda: x @ w, w.numel() * dt.itemsize)):
+        fn()   # warm-up
+        reps, t = 0, time.time()
+        while time.time() - t < seconds:
+            fn()
+            reps += 1
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = max(best, nbytes * reps / (time.time() - t) / 1e9)
+    return best
+
+
+def decode(a, rows_list=(1, 8, 64), steps=48):
+    """The decode step of our engine against the bandwidth roofline: per batch size, the seconds of
+    one step (all rows decode `steps` tokens, no row stops: (time of `steps` tokens − time of 1) /
+    (steps − 1), so the prefill cancels) and the bytes it must read (every weight once, plus the
+    KV cache at the mean context), as a fraction of read_bandwidth."""
+    from data import row_prompt, split_task
+    from rollout import HFEngine, chat_prompt_ids, load_model
+    model, tok = load_model(a.model, a.device)
+    dt = getattr(torch, a.rollout_dtype)
+    engine = HFEngine(model, tok, max_batch=max(rows_list), dtype=dt)
+    engine.stop_ids = {-1}   # no row stops: every step decodes all rows
+    prompt = chat_prompt_ids(tok, row_prompt(split_task("math", None, 1, 0, 0)[0][0]))
+    c = model.config
+    kv = c.num_hidden_layers * 2 * c.num_key_value_heads * (getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+    weights = sum(p.numel() for p in engine.model.parameters()) * dt.itemsize
+    out = {"bandwidth_gbs": read_bandwidth(a.device, a.rollout_dtype), "weights_mb": weights / 1e6, "rows": {}}
+    for rows in rows_list:
+        timed = {}
+        for n_tok in (1, steps, 1, steps):   # twice each; the second of each kept (warm)
+            t = time.time()
+            engine.generate([prompt], n=rows, temperature=a.temperature, max_new_tokens=n_tok, keys=[0])
+            timed[n_tok] = time.time() - t
+        step_s = (timed[steps] - timed[1]) / (steps - 1)
+        nbytes = weights + rows * (len(prompt) + steps / 2) * kv * dt.itemsize
+        out["rows"][rows] = {"step_s": step_s, "bytes_mb": nbytes / 1e6, "gbs": nbytes / step_s / 1e9,
+                             "fraction": nbytes / step_s / 1e9 / out["bandwidth_gbs"]}
+    return out
+
+
 def worker(spec, a):
     kind = spec["kind"]
     if kind == "ours":
@@ -256,6 +305,8 @@ def worker(spec, a):
         r = trl(a, spec["loss"], spec["n"], spec["steps"], spec.get("prompts", a.batch_prompts))
     elif kind == "roofline":
         r = roofline(a)
+    elif kind == "decode":
+        r = decode(a)
     elif kind == "engine":
         r = engine_cost(a, spec["n"], spec["engine"])
     elif kind == "logps":
@@ -344,7 +395,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=number(int, 2), default=6, help="optimizer steps per ours-vs-TRL measurement (the first is warm-up)")
     p.add_argument("--s-steps", type=POSITIVE_INT, default=16, help="optimizer steps per s value (a multiple of the largest s)")
     p.add_argument("--s-values", default="1,2,4,8,inf", type=s_list, help="the s sweep's values")
-    p.add_argument("--parts", default="grpo,dpo,s,generate,engines,roofline", type=names_from(("grpo", "dpo", "s", "generate", "engines", "roofline", "logps")),
+    p.add_argument("--parts", default="grpo,dpo,s,generate,engines,roofline,decode",
+                   type=names_from(("grpo", "dpo", "s", "generate", "engines", "roofline", "decode", "logps")),
                    help="which measurements to run (logps: the log-probs' peak memory on a 128k vocabulary, not run by default)")
     p.add_argument("--smoke", action="store_true", help="2 steps each, s in {1,2}, TRL skipped (CI)")
     p.add_argument("--out", type=out_dir, default="results/bench", help="bench.md and bench.json go here")
@@ -372,6 +424,7 @@ def measure(a, passthrough, have_trl, say):
     raw, rows, s_rows, eng_rows = {}, [], [], []
     parts = a.parts
     roof = raw["roofline"] = run({"kind": "roofline"}, a, passthrough) if "roofline" in parts else None
+    dec = raw["decode"] = run({"kind": "decode"}, a, passthrough) if "decode" in parts else None
     for loss, cases in (("grpo", a.shapes), ("dpo", [(a.batch_prompts, 2)])):
         if loss not in parts:
             continue
@@ -405,7 +458,7 @@ def measure(a, passthrough, have_trl, say):
             eng_rows.append(run({"kind": "engine", "n": a.n, "engine": e}, a, passthrough))
             say(eng_rows[-1])
         raw["engines"] = eng_rows
-    return {"raw": raw, "steps": rows, "s": s_rows, "generate": gen, "engines": eng_rows, "logps": lp, "roofline": roof}
+    return {"raw": raw, "steps": rows, "s": s_rows, "generate": gen, "engines": eng_rows, "logps": lp, "roofline": roof, "decode": dec}
 
 
 # -----------------------------------------------------------------------------
@@ -456,6 +509,18 @@ def roofline_md(a, roof, rows):
     return lines
 
 
+def decode_md(a, dec):
+    """The decode step against the memory-bandwidth roofline (the right ceiling for a few rows)."""
+    lines = [f"Decode against memory bandwidth: this machine reads {dec['bandwidth_gbs']:.1f} GB/s in {a.rollout_dtype} (best of a "
+             f"512 MB reduction and an 8-row matmul over a 256 MB matrix, this run). A decode step reads every weight once "
+             f"({dec['weights_mb']:.0f} MB) plus the KV cache; no row stops, {a.temperature} temperature, our engine's full step "
+             "(sampling, log-probs and entropy included).", "",
+             "| rows | step (ms) | bytes read per step (MB) | GB/s | fraction of the bandwidth |", "|---|---|---|---|---|"]
+    for rows, r in dec["rows"].items():
+        lines.append(f"| {rows} | {1e3 * r['step_s']:.1f} | {r['bytes_mb']:.0f} | {r['gbs']:.1f} | **{r['fraction']:.0%}** |")
+    return lines
+
+
 def s_sweep_md(a, s_rows):
     """The cost of a step as a function of s, at equal work."""
     base = s_rows[0]["total_s"]
@@ -499,6 +564,7 @@ def render(a, env, m):
              f"TRL reads our training prompts in our order, unshuffled: both sides answer the same prompts at every step "
              f"(checked per step from the prompts TRL's reward function receives).", ""]
     for ok, section in ((m["steps"], lambda: steps_md(a, m["steps"])), (m["roofline"], lambda: roofline_md(a, m["roofline"], m["steps"])),
+                        (m["decode"], lambda: decode_md(a, m["decode"])),
                         (m["s"], lambda: s_sweep_md(a, m["s"])), (m["generate"], lambda: generate_md(a, m["generate"])),
                         (m["engines"], lambda: engines_md(a, m["engines"])), (m["logps"], lambda: logps_md(a, m["logps"]))):
         if ok:

@@ -19,3 +19,7 @@ def test_bench_smoke(tiny_model_dir, tmp_path):
     assert "Roofline" in table and "of the 64-row roofline" in table and "| hf-bfloat16 |" in table
     raw = json.load(open(tmp_path / "bench.json"))
     assert len(raw["s=2"]["step_s"]) == 2 and raw["roofline"]["gflops_64"] > 0
+    dec = raw["decode"]   # the decode step against the memory-bandwidth roofline, per batch size
+    assert dec["bandwidth_gbs"] > 0 and set(dec["rows"]) == {"1", "8", "64"}
+    assert all(r["step_s"] > 0 and 0 < r["fraction"] for r in dec["rows"].values())
+    assert "Decode against memory bandwidth" in table and "fraction of the bandwidth" in table
