@@ -509,28 +509,29 @@ def roofline_md(a, roof, rows):
     return lines
 
 
+def md_table(head, rows):
+    """A markdown table: a header row and rows of cells (strings)."""
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
 def decode_md(a, dec):
     """The decode step against the memory-bandwidth roofline (the right ceiling for a few rows)."""
     lines = [f"Decode against memory bandwidth: this machine reads {dec['bandwidth_gbs']:.1f} GB/s in {a.rollout_dtype} (best of a "
              f"512 MB reduction and an 8-row matmul over a 256 MB matrix, this run). A decode step reads every weight once "
              f"({dec['weights_mb']:.0f} MB) plus the KV cache; no row stops, {a.temperature} temperature, our engine's full step "
-             "(sampling, log-probs and entropy included).", "",
-             "| rows | step (ms) | bytes read per step (MB) | GB/s | fraction of the bandwidth |", "|---|---|---|---|---|"]
-    for rows, r in dec["rows"].items():
-        lines.append(f"| {rows} | {1e3 * r['step_s']:.1f} | {r['bytes_mb']:.0f} | {r['gbs']:.1f} | **{r['fraction']:.0%}** |")
-    return lines
+             "(sampling, log-probs and entropy included).", ""]
+    return lines + md_table(("rows", "step (ms)", "bytes read per step (MB)", "GB/s", "fraction of the bandwidth"),
+                            [(rows, f"{1e3 * r['step_s']:.1f}", f"{r['bytes_mb']:.0f}", f"{r['gbs']:.1f}", f"**{r['fraction']:.0%}**")
+                             for rows, r in dec["rows"].items()])
 
 
 def s_sweep_md(a, s_rows):
     """The cost of a step as a function of s, at equal work."""
     base = s_rows[0]["total_s"]
-    lines = [f"DPO, n={a.n}, {a.batch_prompts} prompts, {a.s_steps} optimizer steps per row (same prompts, same work):", "",
-             "| s | total (s) | time ÷ s=1 | of which generation (s) | optimizer steps/s | rollouts/s | peak MB |",
-             "|---|---|---|---|---|---|---|"]
-    for r in s_rows:
-        lines.append(f"| {r['s']} | {r['total_s']:.1f} | {r['total_s'] / base:.2f} | {r['gen_s']:.1f} | {r['steps_per_s']:.3f} | "
-                     f"{r['rollouts_per_s']:.1f} | {r['peak_mb']:.0f} |")
-    return lines
+    return [f"DPO, n={a.n}, {a.batch_prompts} prompts, {a.s_steps} optimizer steps per row (same prompts, same work):", ""] + md_table(
+        ("s", "total (s)", "time ÷ s=1", "of which generation (s)", "optimizer steps/s", "rollouts/s", "peak MB"),
+        [(r["s"], f"{r['total_s']:.1f}", f"{r['total_s'] / base:.2f}", f"{r['gen_s']:.1f}", f"{r['steps_per_s']:.3f}",
+          f"{r['rollouts_per_s']:.1f}", f"{r['peak_mb']:.0f}") for r in s_rows])
 
 
 def generate_md(a, gen):
@@ -541,14 +542,11 @@ def generate_md(a, gen):
 
 
 def engines_md(a, eng_rows):
-    lines = [f"Rollout engines, {a.batch_prompts} prompts x {a.n} samples, T={a.temperature}; each in a fresh process. "
-             "Mismatch: |log μ − log πθ| of the sampled tokens against the fp32 trainer (nats).", "",
-             "| engine | start-up (s) | tokens/s | sync (s) | mismatch mean | mismatch max | peak MB |",
-             "|---|---|---|---|---|---|---|"]
-    for r in eng_rows:
-        lines.append(f"| {r['engine']} | {r['startup_s']:.1f} | {r['tok_s']:.0f} | {r['sync_s']:.2f} | "
-                     f"{r['mismatch_mean']:.2g} | {r['mismatch_max']:.2g} | {r['peak_mb']:.0f} |")
-    return lines
+    return [f"Rollout engines, {a.batch_prompts} prompts x {a.n} samples, T={a.temperature}; each in a fresh process. "
+            "Mismatch: |log μ − log πθ| of the sampled tokens against the fp32 trainer (nats).", ""] + md_table(
+        ("engine", "start-up (s)", "tokens/s", "sync (s)", "mismatch mean", "mismatch max", "peak MB"),
+        [(r["engine"], f"{r['startup_s']:.1f}", f"{r['tok_s']:.0f}", f"{r['sync_s']:.2f}", f"{r['mismatch_mean']:.2g}",
+          f"{r['mismatch_max']:.2g}", f"{r['peak_mb']:.0f}") for r in eng_rows])
 
 
 def logps_md(a, lp):
