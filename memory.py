@@ -53,16 +53,17 @@ def model_config(name):
 def shape_of(config):
     """The model built on the meta device: total parameters P (tied embeddings once), the largest
     decoder layer's, the rest (embeddings, head, final norm: FSDP's root), and the sizes the
-    activations depend on."""
+    activations depend on. Any causal LM whose decoder layers form one ModuleList."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    layers = model.model.layers
+    layers = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len)
     total = sum(p.numel() for p in model.parameters())
     in_layers = [sum(p.numel() for p in layer.parameters()) for layer in layers]
-    attn = layers[0].self_attn
-    return {"params": total, "layer": max(in_layers), "root": total - sum(in_layers), "layers": len(layers),
-            "hidden": config.hidden_size, "inter": config.intermediate_size, "vocab": config.vocab_size,
-            "kv": attn.k_proj.out_features}
+    h, heads = config.hidden_size, config.num_attention_heads
+    kv = (getattr(config, "num_key_value_heads", None) or heads) * (getattr(config, "head_dim", None) or h // heads)
+    return {"params": total, "layer": max(in_layers), "root": total - sum(in_layers), "layers": len(layers), "hidden": h,
+            "inter": getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * h,
+            "vocab": config.vocab_size, "kv": kv}
 
 
 def activation_bytes(shape, b, autocast=False):
@@ -147,7 +148,10 @@ def for_run(config, a, world, prompt_tokens, runtime):
     """train.py's plan for its own run, as text (the GPU's size read from the device)."""
     cuda = a.device.startswith("cuda")
     gpu = torch.cuda.get_device_properties(a.device).total_memory if cuda else None
-    shape = shape_of(config)
+    try:
+        shape = shape_of(config)
+    except Exception as e:   # an architecture the plan does not understand: say so, never stop the run for it
+        return f"memory plan: not available for {type(config).__name__} ({e.__class__.__name__}: {str(e)[:120]})"
     return describe(plan(shape, a, world, prompt_tokens, gpu, None if cuda else runtime), shape, world, a.device, gpu)
 
 

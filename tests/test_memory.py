@@ -113,3 +113,16 @@ def test_activation_bytes_match_a_real_forward(mode):
 def test_bad_input_is_named():
     with pytest.raises(SystemExit, match="--model"):
         memory.model_config(os.path.join(REPO, "data"))   # a folder with no config.json
+
+
+def test_plan_reads_other_architectures(tmp_path):
+    """GPT-2 (no num_key_value_heads, no intermediate_size, layers under transformer.h) and Qwen2 plan
+    too; an unknown config gives a line saying so, not an exception in train.py."""
+    from transformers import GPT2Config, Qwen2Config
+    gpt2 = memory.shape_of(GPT2Config(n_embd=64, n_layer=3, n_head=4, vocab_size=100))
+    assert gpt2["layers"] == 3 and gpt2["kv"] == 64 and gpt2["inter"] == 256 and gpt2["params"] > 0
+    qwen = memory.shape_of(Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, vocab_size=100))
+    assert qwen["layers"] == 2 and qwen["kv"] == 32 and qwen["inter"] == 128
+    a = train.parse_args(["--device", "cpu"])
+    assert memory.for_run(object(), a, 1, 16, 0).startswith("memory plan: not available")
