@@ -1,7 +1,8 @@
 """
 The distributed plumbing of train.py, out of the training loop's way: the process group,
-FSDP2 sharding (`fully_shard`, used directly), gathers of parameters and metrics over ranks,
-the lockstep rule FSDP's collectives need, and atomic checkpoints.
+building a run's models (load once, then shard: build_models), FSDP2 sharding (`fully_shard`,
+used directly), gathers of parameters and metrics over ranks, the lockstep rule FSDP's
+collectives need, and atomic checkpoints.
 
 A plain `python train.py` is one process with no process group: every helper here is then
 the identity (or a plain save/load), so the single-process path reads the same code.
