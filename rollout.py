@@ -23,6 +23,7 @@ and `response_logps` is log π_T(y_t | x, y_<t) from one training forward pass (
 through the model once), the number every objective starts from.
 """
 import copy
+import gc
 import hashlib
 import importlib.util
 import os
@@ -336,6 +337,15 @@ class HFEngine:
         return samples
 
 
+def free_port():
+    """A TCP port nobody listens on now (a plain process's vLLM rendezvous; a fixed one collided with an
+    earlier engine's in the same process)."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _retie_lm_head(worker):
     """Tied input/output embeddings (SmolLM2, Llama-3.2, Qwen2.5-0.5B): vLLM's reload loads the
     embedding but puts the LM head's old state back (its loader skips `lm_head.*` for tied
@@ -365,13 +375,16 @@ class VLLMEngine:
     def __init__(self, path, memory=0.3, seed=0, max_model_len=None, device="cuda", dtype="bfloat16"):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")   # the engine lives in this process
         launcher = {k: v for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29533")) if k not in os.environ}
+                                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))) if k not in os.environ}
         os.environ.update(launcher)   # a plain single-process run: external_launcher still wants these
         cpu = not str(device).startswith("cuda")
         if cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         from vllm import LLM
         from vllm.platforms import current_platform
+        # an earlier engine of this process that is unreachable but not yet freed tears its groups down
+        # now: freed by the garbage collector mid-start, it took the new engine's ("world group is not initialized")
+        gc.collect()
         self.sleeps = current_platform.is_sleep_mode_available() and not cpu
         try:
             self.llm = LLM(model=path, tokenizer=path, gpu_memory_utilization=memory, seed=seed, max_model_len=max_model_len,
