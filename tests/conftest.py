@@ -5,7 +5,6 @@ in-process train.py runs take their default device, CUDA; the multi-process test
 processes with gloo either way (ranks cannot share one GPU under NCCL)."""
 import json
 import os
-import socket
 
 if os.environ.get("SEMIONLINE_TEST_DEVICE", "cpu") != "cuda":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""   # before torch looks for a GPU
@@ -14,6 +13,8 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from rollout import free_port  # noqa: F401  (a TCP port nobody listens on: the tests' torchrun rendezvous)
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -68,13 +69,6 @@ def toy_score(rows, samples, chat_reward=None, length_penalty=0.0):
         else:
             rewards.score(rows[i:j], samples[i:j], chat_reward, length_penalty)
         i = j
-
-
-def free_port():
-    """A TCP port nobody listens on, for a torchrun rendezvous."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_sums(path, n, plus):
