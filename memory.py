@@ -182,12 +182,13 @@ def main(argv=None):
         p.error("--nproc and --prompt-tokens must be positive")
     from train import parse_args
     a = parse_args(rest + ["--device", "cpu"])   # train.py's own checks, on any machine
-    if mine.gpu_gb:   # what train.py resolves "auto" to on CUDA
+    if mine.gpu_gb:   # what train.py resolves "auto" to on CUDA (where vLLM is assumed installed)
+        from rollout import DEFAULT_MODEL, resolve_dtype
+        given = lambda flag: any(x == flag or x.startswith(flag + "=") for x in rest)   # noqa: E731
         a.device = "cuda"
-        a.train_dtype = a.train_dtype if "--train-dtype" in rest else "bfloat16"
-        a.rollout_dtype = a.rollout_dtype if "--rollout-dtype" in rest else "bfloat16"
-        from rollout import DEFAULT_MODEL
-        if "--engine" not in rest and (a.init_from or a.model) != DEFAULT_MODEL:
+        a.train_dtype = a.train_dtype if given("--train-dtype") else resolve_dtype("auto", "cuda")
+        a.rollout_dtype = a.rollout_dtype if given("--rollout-dtype") else resolve_dtype("auto", "cuda")
+        if not given("--engine") and (a.init_from or a.model) != DEFAULT_MODEL:
             a.engine = "vllm"
     shape = shape_of(model_config(a.init_from or a.model))
     gpu = mine.gpu_gb and mine.gpu_gb * GB

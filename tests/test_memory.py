@@ -126,3 +126,11 @@ def test_plan_reads_other_architectures(tmp_path):
     assert qwen["layers"] == 2 and qwen["kv"] == 32 and qwen["inter"] == 128
     a = train.parse_args(["--device", "cpu"])
     assert memory.for_run(object(), a, 1, 16, 0).startswith("memory plan: not available")
+
+
+def test_explicit_flags_are_kept_for_a_gpu_plan(llama8b):
+    """--gpu-gb plans CUDA's defaults (bf16, vLLM) only for flags not given, in either spelling."""
+    plan, _ = memory.main(["--nproc", "8", "--gpu-gb", "80", "--model", llama8b, "--engine=hf", "--train-dtype=float32"])
+    assert not any(what.startswith("vLLM") for _, what in plan) and any(what.startswith("KV cache") for _, what in plan)
+    fp32, _ = memory.main(["--nproc", "8", "--gpu-gb", "80", "--model", llama8b, "--engine", "hf", "--train-dtype", "float32"])
+    assert plan == fp32
