@@ -59,7 +59,7 @@ def curve(recs, key):
     """(steps, values) of one logged metric; margin = chosen_reward - rejected_reward (preference losses)."""
     get = (lambda r: r["chosen_reward"] - r["rejected_reward"] if r.get("chosen_reward") is not None else None) \
         if key == "margin" else (lambda r: r.get(key))
-    pts = [(r["step"], get(r)) for r in recs if get(r) is not None]
+    pts = [(r["step"], v) for r in recs if (v := get(r)) is not None]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
@@ -83,12 +83,12 @@ def plot_runs(runs, path):
     fig, axes = plt.subplots(3, 3, figsize=(14, 10), layout="constrained")
     names = [os.path.basename(os.path.normpath(run)) for run in runs]
     for i, run in enumerate(runs):
-        recs = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
+        recs, h = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))], heldout(run)
         for ax, (key, label) in zip(axes.flat, PANELS):
             ax.set_ylabel(label, fontsize=9)
             if key is None:   # held-out: x = the run
                 for dx, (tag, fill) in zip((-0.12, 0.12), (("before", "none"), ("after", f"C{i}"))):
-                    if ("math", tag) in (h := heldout(run)):
+                    if ("math", tag) in h:
                         ax.errorbar([i + dx], [h["math", tag]["mean"]], yerr=[h["math", tag]["se"]], fmt="os"[dx > 0], color=f"C{i}",
                                     mfc=fill, capsize=3)
                 ax.set_xticks(range(len(runs)), names, rotation=30, ha="right", fontsize=8)
