@@ -222,6 +222,19 @@ def engine_cost(a, n, engine_kind, reps=2):
             "tokens_per_batch": tokens / reps, "mismatch_mean": gap.mean().item(), "mismatch_max": gap.max().item()}
 
 
+def calls_per_second(fn, device, seconds):
+    """How many times a second fn() runs on this machine: one warm-up call, then as many as fit in
+    `seconds` (CUDA: synchronized before the clock stops)."""
+    fn()
+    reps, t = 0, time.time()
+    while time.time() - t < seconds:
+        fn()
+        reps += 1
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return reps / (time.time() - t)
+
+
 def roofline(a, seconds=0.5):
     """The best GFLOP/s of this machine on matmuls of the model's shapes (hidden x MLP width,
     MLP width x hidden, hidden x vocabulary), at a decode-like 64 rows in the rollout dtype and a
@@ -235,14 +248,7 @@ def roofline(a, seconds=0.5):
         best = 0.0
         for k, n in ((c.hidden_size, c.intermediate_size), (c.intermediate_size, c.hidden_size), (c.hidden_size, c.vocab_size)):
             x, w = (torch.randn(r, c_, device=a.device, dtype=getattr(torch, dtype)) for r, c_ in ((rows, k), (k, n)))
-            x @ w   # warm-up
-            reps, t = 0, time.time()
-            while time.time() - t < seconds:
-                x @ w
-                reps += 1
-            if a.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            best = max(best, 2 * rows * k * n * reps / (time.time() - t) / 1e9)
+            best = max(best, 2 * rows * k * n * calls_per_second(lambda: x @ w, a.device, seconds) / 1e9)
         out[f"gflops_{rows}"] = best
     return out
 
@@ -256,14 +262,7 @@ def read_bandwidth(device, dtype, seconds=0.5):
     w, x = torch.ones(8192, 2 ** 27 // 8192 // dt.itemsize * 2, device=device, dtype=dt), torch.ones(8, 8192, device=device, dtype=dt)
     best = 0.0
     for fn, nbytes in ((lambda: big.sum(), big.numel() * dt.itemsize), (lambda: x @ w, w.numel() * dt.itemsize)):
-        fn()   # warm-up
-        reps, t = 0, time.time()
-        while time.time() - t < seconds:
-            fn()
-            reps += 1
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        best = max(best, nbytes * reps / (time.time() - t) / 1e9)
+        best = max(best, nbytes * calls_per_second(fn, device, seconds) / 1e9)
     return best
 
 
@@ -279,8 +278,8 @@ def decode(a, rows_list=(1, 8, 64), steps=48):
     engine = HFEngine(model, tok, max_batch=max(rows_list), dtype=dt)
     engine.stop_ids = {-1}   # no row stops: every step decodes all rows
     prompt = chat_prompt_ids(tok, row_prompt(split_task("math", None, 1, 0, 0)[0][0]))
-    c = model.config
-    kv = c.num_hidden_layers * 2 * c.num_key_value_heads * (getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+    from memory import kv_width
+    kv = model.config.num_hidden_layers * 2 * kv_width(model.config)   # keys and values of every layer, per token
     weights = sum(p.numel() for p in engine.model.parameters()) * dt.itemsize
     out = {"bandwidth_gbs": read_bandwidth(a.device, a.rollout_dtype), "weights_mb": weights / 1e6, "rows": {}}
     for rows in rows_list:
@@ -593,6 +592,7 @@ def main(argv=None):
     json.dump(m["raw"], open(os.path.join(a.out, "bench.json"), "w"), indent=1)
     say("\n" + table)
     return m["steps"], m["s"], m["generate"]
+
 
 if __name__ == "__main__":
     main()

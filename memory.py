@@ -59,11 +59,17 @@ def shape_of(config):
     layers = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len)
     total = sum(p.numel() for p in model.parameters())
     in_layers = [sum(p.numel() for p in layer.parameters()) for layer in layers]
-    h, heads = config.hidden_size, config.num_attention_heads
-    kv = (getattr(config, "num_key_value_heads", None) or heads) * (getattr(config, "head_dim", None) or h // heads)
+    h = config.hidden_size
     return {"params": total, "layer": max(in_layers), "root": total - sum(in_layers), "layers": len(layers), "hidden": h,
             "inter": getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * h,
-            "vocab": config.vocab_size, "kv": kv}
+            "vocab": config.vocab_size, "kv": kv_width(config)}
+
+
+def kv_width(config):
+    """Width of one layer's keys (and of its values) per token: key/value heads x head dim (grouped-query
+    attention has fewer key/value heads than query heads)."""
+    heads = config.num_attention_heads
+    return (getattr(config, "num_key_value_heads", None) or heads) * (getattr(config, "head_dim", None) or config.hidden_size // heads)
 
 
 def activation_bytes(shape, b, autocast=False):
