@@ -88,7 +88,12 @@ def parse(argv, description, losses, uses_reference):
                    help="also send each step's metrics to this tracker (an optional package; works offline, see README)")
     p.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and pairs (any integer)")
     p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu", help="torch device: cpu, cuda or cuda:N")
-    a = p.parse_args(argv)
+    return checked(p, p.parse_args(argv), losses, uses_reference)
+
+
+def checked(p, a, losses, uses_reference):
+    """The checks one flag alone cannot make (p.error exits naming the flag), and `auto` precision and
+    engine resolved for this machine."""
     if a.sync_every not in ("inf", "epoch") and not (a.sync_every.isdigit() and int(a.sync_every) > 0):
         p.error(f"argument --sync-every: {a.sync_every}: must be a positive integer, 'inf' or 'epoch'")
     bad = [n for n, e in losses.items() if e.get("takes") not in ("pairs", "groups") or not callable(e.get("fn"))]
