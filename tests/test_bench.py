@@ -21,5 +21,6 @@ def test_bench_smoke(tiny_model_dir, tmp_path):
     assert len(raw["s=2"]["step_s"]) == 2 and raw["roofline"]["gflops_64"] > 0
     dec = raw["decode"]   # the decode step against the memory-bandwidth roofline, per batch size
     assert dec["bandwidth_gbs"] > 0 and set(dec["rows"]) == {"1", "8", "64"}
-    assert all(r["step_s"] > 0 and 0 < r["fraction"] for r in dec["rows"].values())
+    assert all(r["step_s"] > 0 and 0 < r["fraction"] for by in dec["rows"].values() for r in by.values())
+    assert all(set(by) == {"hf", "decode.py"} for by in dec["rows"].values())   # both paths, same run
     assert "Decode against memory bandwidth" in table and "fraction of the bandwidth" in table

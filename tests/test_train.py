@@ -338,12 +338,15 @@ def test_grad_checkpointing_trains_the_same(tiny_model_dir, data_file, tmp_path,
         assert torch.allclose(v, ckpt["policy"].state_dict()[k], atol=0.1 * 1e-3), k   # AdamW: float noise moves a weight by < 0.1 lr
 
 
-def test_engine_prefills_once_drops_finished_rows_and_matches_plain_generate(tiny_model_dir, monkeypatch):
-    """Greedy rollouts of our decode loop equal Hugging Face generate on the repeated, left-padded
-    prompts; the prefill sees each distinct prompt once; a finished sequence leaves the batch."""
+@pytest.mark.parametrize("fast", [False, True])
+def test_engine_prefills_once_drops_finished_rows_and_matches_plain_generate(tiny_model_dir, monkeypatch, fast):
+    """Greedy rollouts of our decode loop (decode.py's step, or the HF forward) equal Hugging Face
+    generate on the repeated, left-padded prompts; the prefill sees each distinct prompt once; a
+    finished sequence leaves the batch."""
+    import decode
     from rollout import left_pad
     model, tok = load_model(tiny_model_dir)
-    engine = HFEngine(model, tok)
+    engine = HFEngine(model, tok, fast=fast)
     torch.manual_seed(0)
     with torch.no_grad():   # larger random weights: greedy outputs vary (the tiny model's repeat one token)
         for p in engine.model.parameters():
@@ -354,8 +357,9 @@ def test_engine_prefills_once_drops_finished_rows_and_matches_plain_generate(tin
     # a stop token that ends the first prompt's responses early and never comes in the second's
     engine.stop_ids = {next(t for t in first[0][1:] if t not in first[1])}
     rows = []
-    orig = type(engine.model).forward
+    orig, orig_step = type(engine.model).forward, decode.decode_step
     monkeypatch.setattr(type(engine.model), "forward", lambda self, *a, **k: rows.append(k["input_ids"].shape) or orig(self, *a, **k))
+    monkeypatch.setattr(decode, "decode_step", lambda m, layers, y, *a: rows.append(y[:, None].shape) or orig_step(m, layers, y, *a))
     groups = engine.generate(prompts, n=3, max_new_tokens=12, greedy=True)
     monkeypatch.undo()
     assert rows[0][0] == 2 and rows[1][0] == 6   # prefill: 2 distinct prompts; then 6 sequences

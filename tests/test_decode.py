@@ -1,0 +1,132 @@
+"""decode.py's hand-written decode step against the HF forward it replaces: the same logits, the
+same samples through the engine, finished rows leaving, syncs reaching the fused weights, and the
+HF forward kept for architectures the step does not cover."""
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+import decode
+from conftest import make_model, make_tokenizer
+from rollout import HFEngine, chat_prompt_ids, hf_decoder, left_pad, prefill
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+def qwen2(tok):
+    """A tiny random Qwen2: q/k/v biases, untied head."""
+    torch.manual_seed(1)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                         tie_word_embeddings=False, eos_token_id=tok.eos_token_id))
+    with torch.no_grad():   # biases start at zero: make them count
+        for layer in model.model.layers:
+            for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                m.bias.normal_(0, 0.5)
+    return model
+
+
+def prompts(tok):
+    return [chat_prompt_ids(tok, t) for t in ("hi", "What is 3 + 4? Explain.", "Ana has 5 apples and buys 2 more.")]
+
+
+def decoders(model, tok, max_new, drop_at=None, steps=6):
+    """Next-token logits [steps, B, V] from the HF decoder and decode.py's on the same tokens (the first
+    row's greedy choice fed to every row); with drop_at, rows 1 and 2 of 4 leave at that step."""
+    ps = prompts(tok) + [prompts(tok)[0]]
+    ids, attn = left_pad(ps, tok.pad_token_id)
+    out = []
+    with torch.inference_mode():
+        layers = decode.fuse(model)
+        for make in (lambda c: hf_decoder(model, c, attn), lambda c: decode.static_decoder(model, layers, c, attn, max_new)):
+            cache, logits = prefill(model, ids, attn, torch.arange(len(ps)))
+            step, drop = make(cache)
+            seen, live = [logits], torch.arange(len(ps))
+            for t in range(steps):
+                y = torch.full((len(live),), int(seen[-1][0].argmax()))
+                if t == drop_at:
+                    order = drop(torch.tensor([True, False, False, True]))
+                    live, y = live[order], y[order]
+                full = torch.full((len(ps), logits.shape[-1]), float("nan"))
+                full[live] = step(y)   # back in the original row order, NaN for rows that left
+                seen.append(full)
+            out.append(torch.stack(seen))
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_decode_step_matches_the_hf_forward(tok, arch):
+    model = (make_model(tok) if arch == "llama" else qwen2(tok)).eval()
+    hf, ours = decoders(model, tok, max_new=8)
+    assert torch.allclose(hf, ours, atol=1e-5), (hf - ours).abs().max()
+
+
+def test_rows_leave_the_static_cache(tok):
+    """Rows 1 and 2 of 4 finish at step 2: the last row moves into the hole, and every remaining row's
+    logits stay equal to the HF decoder's, which drops rows by copying its whole cache."""
+    hf, ours = decoders(make_model(tok).eval(), tok, max_new=8, drop_at=2)
+    assert torch.isnan(ours[-1, 1]).all() and torch.isnan(ours[-1, 2]).all() and not torch.isnan(ours[-1, 3]).any()
+    assert torch.allclose(hf.nan_to_num(), ours.nan_to_num(), atol=1e-5)
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_engine_samples_what_the_hf_forward_samples(tiny_model_dir, greedy):
+    """Same weights and draws (common random numbers), fp32: the two paths give the same responses, log-probs
+    and entropies, with rows stopping whenever they emit an end token."""
+    from rollout import load_model
+    model, t = load_model(tiny_model_dir)
+    ps = prompts(t)
+    got = {}
+    for fast in (False, True):
+        engine = HFEngine(model, t, fast=fast)
+        assert (engine.layers is not None) == fast
+        engine.stop_ids |= {int(i) for i in torch.arange(40, 60)}   # more end tokens: rows stop at different steps
+        got[fast] = [x for g in engine.generate(ps, n=4, temperature=0.9, max_new_tokens=12, greedy=greedy, keys=[3, 4, 5])
+                     for x in g]
+    for a, b in zip(got[False], got[True]):
+        assert a.completion_ids == b.completion_ids and a.finish_reason == b.finish_reason
+        assert a.logps == pytest.approx(b.logps, abs=1e-4) and a.entropy == pytest.approx(b.entropy, abs=1e-4)
+
+
+def test_sync_reaches_the_fused_weights(tiny_model_dir, tok):
+    """The engine's q/k/v and gate/up weights are views of the fused matrices (no second copy), so
+    update_weights, by state dict or parameter by parameter, changes what decode.py reads."""
+    from rollout import load_model
+    model, t = load_model(tiny_model_dir)
+    engine = HFEngine(model, t)
+    layer, (_, qkv, _, _, _, gate_up, _) = engine.model.model.layers[0], engine.layers[0]
+    assert layer.self_attn.k_proj.weight.data_ptr() == qkv[layer.self_attn.q_proj.weight.shape[0]:].data_ptr()
+    moved = load_model(tiny_model_dir)[0]
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.1)
+    for state in (moved.state_dict(), moved.named_parameters()):
+        engine.update_weights(state if isinstance(state, dict) else list(state))
+        m = moved.model.layers[0]
+        assert torch.equal(qkv, torch.cat([m.self_attn.q_proj.weight, m.self_attn.k_proj.weight, m.self_attn.v_proj.weight]))
+        assert torch.equal(gate_up, torch.cat([m.mlp.gate_proj.weight, m.mlp.up_proj.weight]))
+
+
+def test_a_shared_policy_is_left_as_it_is(tiny_model_dir):
+    """share=True (online, the policy samples itself): the fused weights are copies made per generate
+    call; the policy's parameters (which an optimizer holds) stay the same tensors."""
+    from rollout import load_model
+    model, t = load_model(tiny_model_dir)
+    before = [p for p in model.parameters()]
+    engine = HFEngine(model, t, share=True)
+    assert engine.layers is None
+    engine.generate(prompts(t), n=2, max_new_tokens=4, keys=[1, 2, 3])
+    assert all(a is b for a, b in zip(before, model.parameters()))
+
+
+def test_other_architectures_keep_the_hf_forward(tok):
+    """A feature decode.py does not implement (here MLP biases) leaves the model untouched and the engine on the HF forward."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, mlp_bias=True,
+                                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    engine = HFEngine(model, tok, own=True)
+    assert engine.layers is None
+    assert len(engine.generate(prompts(tok), n=2, max_new_tokens=3, keys=[1, 2, 3])[0]) == 2
