@@ -332,6 +332,7 @@ class HFEngine:
         cache, logits = prefill(self.model, ids[new], attn[new], owner=new.cumsum(0) - 1)
         step, drop = (static_decoder(self.model, layers, cache, attn, max_new_tokens) if layers
                       else hf_decoder(self.model, cache, attn))
+        del cache   # decode.py copied it into its static cache: free the prefill's (the HF decoder holds its own)
         T = 1.0 if greedy else temperature
         top = TopPLogitsWarper(top_p) if top_p < 1 and not greedy else None
         stop = torch.tensor(sorted(self.stop_ids), device=dev)
