@@ -79,9 +79,7 @@ def decode_step(model, layers, y, pos, K, V, n, bias):
     K, V [layers, B, kv heads, slots, D]: the cache, filled up to slot n (exclusive), into which this
     step writes slot n; bias [B, heads, slots]: 0 where a row may attend, -inf at its left padding.
     Attention over slots 0..n, scaled by D^-1/2, softmax in fp32, as HF's eager attention."""
-    c = model.config
-    H, KVH = c.num_attention_heads, c.num_key_value_heads
-    D = getattr(c, "head_dim", None) or c.hidden_size // H
+    (_, _, KVH, _, D), H = K.shape, model.config.num_attention_heads   # the cache's shape holds the kv heads and head dim
     B, G = len(y), H // KVH
     x = model.model.embed_tokens.weight[y].t()                         # the residual stream [hidden, B]
     cos, sin = model.model.rotary_emb(x, pos[:, None])                 # [B, 1, D]

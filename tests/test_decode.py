@@ -33,7 +33,7 @@ def prompts(tok):
 
 
 def decoders(model, tok, max_new, drop_at=None, steps=6):
-    """Next-token logits [steps, B, V] from the HF decoder and decode.py's on the same tokens (the first
+    """Next-token logits [steps + 1, B, V] (the prefill's first) from the HF decoder and decode.py's on the same tokens (the first
     row's greedy choice fed to every row); with drop_at, rows 1 and 2 of 4 leave at that step."""
     ps = prompts(tok) + [prompts(tok)[0]]
     ids, attn = left_pad(ps, tok.pad_token_id)
@@ -90,7 +90,7 @@ def test_engine_samples_what_the_hf_forward_samples(tiny_model_dir, greedy):
         assert a.logps == pytest.approx(b.logps, abs=1e-4) and a.entropy == pytest.approx(b.entropy, abs=1e-4)
 
 
-def test_sync_reaches_the_fused_weights(tiny_model_dir, tok):
+def test_sync_reaches_the_fused_weights(tiny_model_dir):
     """The engine's q/k/v and gate/up weights are views of the fused matrices (no second copy), so
     update_weights, by state dict or parameter by parameter, changes what decode.py reads."""
     from rollout import load_model
