@@ -273,7 +273,7 @@ def decode(a, rows_list=(1, 8, 64), steps=48):
     the HF forward (HFEngine fast=False), same weights, prompt and draws: per batch size, the seconds
     of one step (all rows decode `steps` tokens, no row stops: (time of `steps` tokens − time of 1) /
     (steps − 1), so the prefill cancels) and the bytes it must read (every weight once, plus the KV
-    cache at the mean context), as a fraction of read_bandwidth."""
+    cache at the mean context, in the cache's dtype), as a fraction of read_bandwidth."""
     from data import row_prompt, split_task
     from memory import kv_width
     from rollout import HFEngine, chat_prompt_ids, load_model
@@ -293,7 +293,8 @@ def decode(a, rows_list=(1, 8, 64), steps=48):
                 engine.generate([prompt], n=rows, temperature=a.temperature, max_new_tokens=n_tok, keys=[0])
                 timed[n_tok] = time.time() - t
             step_s = (timed[steps] - timed[1]) / (steps - 1)
-            nbytes = weights + rows * (len(prompt) + steps / 2) * kv * dt.itemsize
+            kv_item = 4 if fast and a.device == "cpu" else dt.itemsize   # decode.py's cache is fp32 on a CPU
+            nbytes = weights + rows * (len(prompt) + steps / 2) * kv * kv_item
             out["rows"].setdefault(rows, {})[path] = {"step_s": step_s, "bytes_mb": nbytes / 1e6, "gbs": nbytes / step_s / 1e9,
                                                       "fraction": nbytes / step_s / 1e9 / out["bandwidth_gbs"]}
         del engine

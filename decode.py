@@ -11,6 +11,10 @@ bring it closer than Hugging Face's forward:
   the residual adds fused into the matmuls (addmm);
 - a KV cache allocated once for prompt + max_new_tokens: no per-token concatenation, and a row
   that finishes leaves by moving the last live row into its place (HF's cache copies every row).
+  On a CPU the cache and the attention are fp32 whatever the weights: a bf16 bmm copies each
+  strided cache slice first and runs ~3x slower than fp32 (bench: 8 rows, 8 % of a step); the
+  keys and values are rounded to the weights' dtype before they are stored, so only the attention
+  sums are more precise than HF's. On a GPU both stay in the weights' dtype.
 The HF forward stays the definition: tests/test_decode.py checks these logits and the engine's
 samples against it; `fuse` returns None for any other architecture, which HFEngine then decodes
 with the HF forward. Prefill (the prompt, many tokens at once, compute-bound) stays HF's.
@@ -90,8 +94,8 @@ def decode_step(model, layers, y, pos, K, V, n, bias):
         qk = rotate(t[:, :H + KVH], cos, sin)
         K[i, :, :, n], V[i, :, :, n] = qk[:, H:], t[:, H + KVH:]
         k, v = K[i, :, :, :n + 1].reshape(B * KVH, n + 1, D), V[i, :, :, :n + 1].reshape(B * KVH, n + 1, D)
-        scores = torch.baddbmm(mask, qk[:, :H].reshape(B * KVH, G, D), k.transpose(1, 2), alpha=D ** -0.5)
-        att = torch.bmm(torch.softmax(scores, -1, dtype=torch.float32).to(v.dtype), v).reshape(B, H * D)
+        scores = torch.baddbmm(mask, qk[:, :H].reshape(B * KVH, G, D).to(k.dtype), k.transpose(1, 2), alpha=D ** -0.5)
+        att = torch.bmm(torch.softmax(scores, -1, dtype=torch.float32).to(v.dtype), v).reshape(B, H * D).to(x.dtype)
         x = torch.addmm(x, wo, att.t())
         g = gate_up @ rms_norm(x, norm2)
         x = torch.addmm(x, down, F.silu(g[:len(g) // 2]) * g[len(g) // 2:])
@@ -105,7 +109,8 @@ def static_decoder(model, layers, cache, attn, max_new_tokens):
     they are copied). cache: HF's prefill cache; attn [B, P]: the prompts' attention mask."""
     B, P = attn.shape
     L, (_, KVH, _, D) = len(layers), cache.layers[0].keys.shape
-    K = cache.layers[0].keys.new_empty(L, B, KVH, P + max_new_tokens, D)
+    keys = cache.layers[0].keys
+    K = keys.new_empty(L, B, KVH, P + max_new_tokens, D, dtype=torch.float32 if keys.device.type == "cpu" else keys.dtype)
     V = torch.empty_like(K)
     for i, layer in enumerate(cache.layers):
         K[i, :, :, :P], V[i, :, :, :P] = layer.keys, layer.values

@@ -32,9 +32,9 @@ def prompts(tok):
     return [chat_prompt_ids(tok, t) for t in ("hi", "What is 3 + 4? Explain.", "Ana has 5 apples and buys 2 more.")]
 
 
-def decoders(model, tok, max_new, drop_at=None, steps=6):
+def decoders(model, tok, max_new, drop_at=None, steps=6, feed=None):
     """Next-token logits [steps + 1, B, V] (the prefill's first) from the HF decoder and decode.py's on the same tokens (the first
-    row's greedy choice fed to every row); with drop_at, rows 1 and 2 of 4 leave at that step."""
+    row's greedy choice fed to every row, or the tokens `feed`); with drop_at, rows 1 and 2 of 4 leave at that step."""
     ps = prompts(tok) + [prompts(tok)[0]]
     ids, attn = left_pad(ps, tok.pad_token_id)
     out = []
@@ -45,11 +45,11 @@ def decoders(model, tok, max_new, drop_at=None, steps=6):
             step, drop = make(cache)
             seen, live = [logits], torch.arange(len(ps))
             for t in range(steps):
-                y = torch.full((len(live),), int(seen[-1][0].argmax()))
+                y = torch.full((len(live),), int(seen[-1][0].argmax()) if feed is None else feed[t])
                 if t == drop_at:
                     order = drop(torch.tensor([True, False, False, True]))
                     live, y = live[order], y[order]
-                full = torch.full((len(ps), logits.shape[-1]), float("nan"))
+                full = torch.full((len(ps), logits.shape[-1]), float("nan"), dtype=logits.dtype)
                 full[live] = step(y)   # back in the original row order, NaN for rows that left
                 seen.append(full)
             out.append(torch.stack(seen))
@@ -61,6 +61,16 @@ def test_decode_step_matches_the_hf_forward(tok, arch):
     model = (make_model(tok) if arch == "llama" else qwen2(tok)).eval()
     hf, ours = decoders(model, tok, max_new=8)
     assert torch.allclose(hf, ours, atol=1e-5), (hf - ours).abs().max()
+
+
+def test_bf16_logits_are_as_close_to_fp32_as_the_hf_forwards(tok):
+    """In bf16 (on a CPU decode.py's cache and attention stay fp32): its logits are no further from the
+    fp32 HF forward's than the bf16 HF forward's are, up to rounding noise, on the same tokens."""
+    model, feed = make_model(tok).eval(), [5, 40, 41, 7, 100, 3]
+    exact, _ = decoders(model, tok, max_new=8, feed=feed)
+    hf, ours = decoders(model.to(torch.bfloat16), tok, max_new=8, feed=feed)
+    err_hf, err_ours = ((x.float() - exact).abs().mean().item() for x in (hf, ours))
+    assert 0 < err_hf and err_ours <= 1.5 * err_hf + 1e-4, (err_ours, err_hf)
 
 
 def test_rows_leave_the_static_cache(tok):
