@@ -35,7 +35,7 @@ from data import FRACTION, HelpFormatter, NONNEGATIVE, POSITIVE_INT, device_name
     out_dir, row_prompt, split_task
 from distributed import gather, setup_distributed
 from rewards import make_scalar_reward, math_reward, score
-from rollout import DEFAULT_MODEL, HFEngine, Sample, chat_prompt_ids, load_model, pick_engine
+from rollout import DEFAULT_MODEL, HFEngine, Sample, chat_prompt_ids, load_model, pick_engine, sample_key
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCHES = {"math500": "math500.jsonl", "amc23": "amc23.jsonl", "gsm8k": "gsm8k_test.jsonl", "aime24": "aime24.jsonl",
@@ -158,10 +158,12 @@ def score_chat(rows, gens, baseline, scorer):
     return per, {"mean": m, "se": se, "lc": lc_win_rate(wins, lm, lb), "chars": sum(lm) / len(lm),
                  "baseline_chars": sum(lb) / len(lb)}
 
-def heldout_eval(engine, tok, rows, chat_reward, max_new_tokens, samples=0, temperature=1.0):
+def heldout_eval(engine, tok, rows, chat_reward, max_new_tokens, samples=0, temperature=1.0, crn=True):
     """Held-out responses scored as in training: {task: [(reward, length, row id), ...]} from greedy
     decoding, and with samples=k also {"math_sampled": [(mean reward of k samples at `temperature`,
-    mean length, row id), ...]} for the math rows: the sampled accuracy RL optimizes, per problem."""
+    mean length, row id), ...]} for the math rows: the sampled accuracy RL optimizes, per problem.
+    crn: sample j of a row is drawn with uniforms keyed by the row's id (rollout.uniforms), so two
+    models, or one model at two points of a run, are scored on common random numbers, on any rank."""
     prompts = [chat_prompt_ids(tok, row_prompt(r)) for r in rows]
     greedy = [g[0] for g in engine.generate(prompts, n=1, max_new_tokens=max_new_tokens, greedy=True, desc="held-out, greedy")]
     score(rows, greedy, chat_reward)
@@ -171,7 +173,8 @@ def heldout_eval(engine, tok, rows, chat_reward, max_new_tokens, samples=0, temp
     math_rows = [(r, p) for r, p in zip(rows, prompts) if r["task"] == "math"]
     if samples and math_rows:
         groups = engine.generate([p for _, p in math_rows], n=samples, temperature=temperature, max_new_tokens=max_new_tokens,
-                                 desc=f"held-out, {samples} samples")
+                                 desc=f"held-out, {samples} samples",
+                                 keys=[sample_key("held-out", r["id"]) for r, _ in math_rows] if crn else None)
         score([r for r, _ in math_rows for _ in range(samples)], [x for g in groups for x in g], chat_reward)
         res["math_sampled"] = [(sum(x.reward for x in g) / samples, sum(len(x.completion_ids) for x in g) / samples, r["id"])
                                for (r, _), g in zip(math_rows, groups)]
@@ -180,8 +183,12 @@ def heldout_eval(engine, tok, rows, chat_reward, max_new_tokens, samples=0, temp
 
 def score_heldout(engine, tok, rows, chat_reward, a, tag):
     """train.py's held-out scores: heldout_eval of this rank's rows (its share), gathered; rank 0
-    prints them and writes out/heldout_<tag>.json (report)."""
-    res = gather(heldout_eval(engine, tok, rows, chat_reward, a.max_new_tokens, a.eval_samples, a.temperature))
+    prints them and writes out/heldout_<tag>.json (report). Its draws never touch the training
+    rollouts' random stream (which --no-crn samples from): the run is the same with or without it."""
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        torch.manual_seed(sample_key(a.seed, tag, dist.get_rank() if dist.is_initialized() else 0) % (1 << 63))
+        res = heldout_eval(engine, tok, rows, chat_reward, a.max_new_tokens, a.eval_samples, a.temperature, not a.no_crn)
+    res = gather(res)
     if not dist.is_initialized() or dist.get_rank() == 0:
         report(tag, res, a.out)
 

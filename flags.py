@@ -34,6 +34,11 @@ def parse(argv, description, losses, uses_reference):
     p.add_argument("--eval-samples", type=COUNT, default=0,
                    help="also score k samples per held-out math problem at --temperature (sampled accuracy; 0: greedy only)")
     p.add_argument("--no-eval-before", action="store_true", help="score the held-out set only after training")
+    p.add_argument("--eval-every", type=COUNT, default=0,
+                   help="also score the held-out set every k optimizer steps, into heldout_step<k>.json (0: before and after only)")
+    p.add_argument("--no-crn", action="store_true",
+                   help="draw rollouts and held-out samples from one random stream in batch order, not common random numbers "
+                        "keyed by (seed, step, prompt, response, token) (reproduce.py's pilot measures what CRN buys)")
     # Semi-online (§2.3)
     p.add_argument("--sync-every", default="4", help="s: optimizer steps between rollout-weight syncs; int, 'inf' (offline) or 'epoch' (iterative)")
     p.add_argument("--ref-sync-every", type=COUNT, default=0,

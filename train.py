@@ -142,7 +142,7 @@ def rollouts(engine, plan, first, a, offline, chat_reward, spent):
         todo = [(k, r, ids) for k, r, ids in todo if not (r["id"] in seen or seen.add(r["id"]))]
     tick = time.time()
     groups = engine.generate([ids for _, _, ids in todo], a.n, a.temperature, a.top_p, a.max_new_tokens,
-                             keys=[sample_key(a.seed, k, r["id"]) for k, r, _ in todo])
+                             keys=None if a.no_crn else [sample_key(a.seed, k, r["id"]) for k, r, _ in todo])
     tick = clock(spent, "generate", tick)
     # math: 1/0 by Math-Verify; chat: the reward model (or the judge)
     score([r for _, r, _ in todo for _ in range(a.n)], [x for g in groups for x in g], chat_reward, a.length_penalty)
@@ -411,6 +411,10 @@ def main(argv=None):
                 track[0](rec)
         bar.set_postfix(reward=f"{rec['reward']:.3f}", len=f"{rec['length']:.0f}")
         bar.update(1)
+        if a.eval_every and r.step % a.eval_every == 0 and r.step < a.steps and r.heldout:
+            # held-out on πθ now (the engine's weights are next read at the following sync, which refreshes them)
+            r.engine.update_weights(full_params(r.policy))
+            score_heldout(r.engine, r.tok, r.heldout[r.rank::r.world], r.chat_reward, a, f"step{r.step}")
 
         # ---------------------------------------------------------------------
         # Checkpoint: πθ (HF format), optimizer state, πref if synced, each rank's rollouts and RNG

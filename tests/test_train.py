@@ -430,3 +430,56 @@ def test_arms_with_equal_weights_sample_equal_rollouts(tiny_model_dir, data_file
     again = run(tiny_model_dir, data_file, tmp_path, *common, "--sync-every", "3", name="s3b")["records"]
     strip = lambda recs: [{k: v for k, v in r.items() if k not in ("time", "step_s", "rollout_tok_s")} for r in recs]
     assert strip(again) == strip(semi)
+
+
+@pytest.mark.parametrize("crn", [[], ["--no-crn"]])
+def test_eval_every_scores_mid_run_without_changing_the_run(tiny_model_dir, data_file, tmp_path, monkeypatch, crn):
+    """--eval-every 1 writes heldout_step<k>.json at each step but the last (heldout_after covers it),
+    on the held-out rows of the after file, and the run's log is the same line for line as without it
+    (scoring in the middle of a semi-online window must not leak into its rollouts, nor, without
+    common random numbers, draw from the training rollouts' random stream)."""
+    monkeypatch.setattr(train, "score", toy_score)
+    common = ["--steps", "3", "--sync-every", "2", "--eval-samples", "2", "--no-eval-before", *crn]
+    plain = run(tiny_model_dir, data_file, tmp_path, *common, name="plain")["records"]
+    every = run(tiny_model_dir, data_file, tmp_path, *common, "--eval-every", "1", name="every")["records"]
+    strip = lambda recs: [{k: v for k, v in r.items() if k not in ("time", "step_s", "rollout_tok_s", "peak_gb")} for r in recs]
+    assert strip(every) == strip(plain)
+    out = tmp_path / "every"
+    assert sorted(p.name for p in out.glob("heldout_*.json")) == ["heldout_after.json", "heldout_step1.json", "heldout_step2.json"]
+    after = json.load(open(out / "heldout_after.json"))
+    for k in (1, 2):
+        mid = json.load(open(out / f"heldout_step{k}.json"))
+        assert mid["math"]["scores"].keys() == after["math"]["scores"].keys()
+        assert mid["math_sampled"]["n"] == after["math_sampled"]["n"] == 2
+
+
+def test_held_out_samples_are_common_random_numbers(tiny_model_dir, monkeypatch):
+    """Sampled held-out scoring draws row i's samples from uniforms keyed by its id: the same
+    responses whatever the other rows and their order; --no-crn passes no keys."""
+    import eval as ev
+    monkeypatch.setattr(ev, "score", lambda rows, samples, chat_reward: [setattr(x, "reward", float(len(x.completion_ids)))
+                                                                         for x in samples])
+    model, tok = load_model(tiny_model_dir)
+    eng = HFEngine(model, tok, max_batch=8)
+    rows = [{"id": f"r{i}", "task": "math", "problem": f"What is {i} + 2?", "answer": str(i + 2)} for i in range(3)]
+    fwd = ev.heldout_eval(eng, tok, rows, None, 8, samples=3, temperature=1.0)
+    rev = ev.heldout_eval(eng, tok, rows[::-1][:2], None, 8, samples=3, temperature=1.0)
+    by_id = lambda res: {i: (rw, n) for rw, n, i in res["math_sampled"]}
+    assert {i: v for i, v in by_id(fwd).items() if i != "r0"} == by_id(rev)
+    seen, orig = [], HFEngine.generate
+    monkeypatch.setattr(HFEngine, "generate", lambda self, *a, **k: seen.append(k.get("keys")) or orig(self, *a, **k))
+    ev.heldout_eval(eng, tok, rows, None, 8, samples=3, temperature=1.0, crn=False)
+    assert seen[-1] is None
+
+
+def test_no_crn_draws_training_rollouts_from_one_stream(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    """--no-crn: the engine gets no keys (reproduce.py's pilot compares the two designs)."""
+    monkeypatch.setattr(train, "score", toy_score)
+    keys = []
+    orig = HFEngine.generate
+    monkeypatch.setattr(HFEngine, "generate", lambda self, *a, **k: keys.append(k.get("keys")) or orig(self, *a, **k))
+    run(tiny_model_dir, data_file, tmp_path, "--steps", "2", "--eval-problems", "0", "--no-crn", name="nocrn")
+    assert keys and all(k is None for k in keys)
+    keys.clear()
+    run(tiny_model_dir, data_file, tmp_path, "--steps", "2", "--eval-problems", "0", name="crn")
+    assert keys and all(k is not None for k in keys)
