@@ -1,0 +1,262 @@
+"""
+Held-out accuracy as a function of s (--sync-every), from online (s = 1) through semi-online to
+offline (s = ∞): the paper's central picture (§2.3, Table 1: s = 1 ≈ 10 ≈ 100 ≫ ∞) at small
+scale, as a paired experiment with common random numbers.
+
+    python s_curve.py --pilot          # the noise first: 3 arms × 4 seeds, with and without CRN
+    python s_curve.py                  # the sweep: s ∈ {1, 2, 4, 8, 16, ∞, epoch}, GRPO, no πref sync
+    python s_curve.py --report-only    # tables and figures from the runs finished so far
+
+Design (README "The s-curve" states the verdict rules, fixed before the run):
+- Paired: for a given seed every arm trains on the same prompts in the same order from the same
+  seed model and is scored on the same held-out rows. With common random numbers (train.py's
+  default) arms with equal weights also draw the same rollouts and the same held-out samples, so
+  two arms differ only through what they learned; --no-crn arms draw from one stream instead.
+- Metric: held-out greedy and sampled accuracy at every 1/8 of the run (train.py --eval-every),
+  reported as the final value and as the mean over the second half of the run (an area under the
+  curve, which averages out a single endpoint's luck). Differences are paired per seed, then mean
+  ± SE over seeds (one shared seed: over the per-problem differences).
+- Each run is one train.py process, resumable; finished runs are skipped on a rerun.
+Outputs in --out: s_curve.md (or pilot.md), fig_s_curve.png, fig_ref_sync.png, runs/.
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from data import POSITIVE_INT, HelpFormatter, make_writable, number, out_dir
+from eval import mean_se
+from reproduce import HERE, MARGIN, run_arm, verdict, write_data
+
+METRICS = (("math", "final"), ("math", "second half"), ("math_sampled", "final"), ("math_sampled", "second half"))
+
+
+def arms(a):
+    """arm -> (train.py flags, seeds). DPO arms sync πref every --ref-sync-every steps, except
+    offline (πref = the seed model, as the paper's offline DPO); the pilot's are also run without CRN."""
+    ref = ["--ref-sync-every", str(a.ref_sync_every)]
+    dpo = lambda s: ["--loss", "dpo", "--sync-every", s] + (ref if s != "inf" else [])
+    headline = {"dpo_s1", f"dpo_s{a.middle}", "dpo_sinf"}
+    table = {f"dpo_s{s}": dpo(s) for s in [*map(str, a.s_values), "inf", "epoch"]}
+    if a.pilot:
+        table = {n: f for n, f in table.items() if n in headline}
+        table.update({f"{n}_nocrn": f + ["--no-crn"] for n, f in table.items()})
+    else:
+        table.update({"grpo_s1": ["--loss", "grpo", "--sync-every", "1"], "dpo_s1_no_ref_sync": ["--loss", "dpo", "--sync-every", "1"]})
+    return {n: (f, range(a.seeds) if n.removesuffix("_nocrn") in headline else range(a.side_seeds)) for n, f in table.items()}
+
+
+def load(a, name, seed):
+    """One finished run: its log, held-out results per scored step (0 = the seed model), wall time."""
+    out = os.path.join(a.out, "runs", f"{name}-seed{seed}")
+    points = {0: json.load(open(os.path.join(a.out, "runs", "before-math.json"))),
+              a.steps: json.load(open(os.path.join(out, "heldout_after.json")))}
+    for f in os.listdir(out):
+        if f.startswith("heldout_step"):
+            points[int(f[len("heldout_step"):-len(".json")])] = json.load(open(os.path.join(out, f)))
+    return {"records": [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))],
+            "points": dict(sorted(points.items())), **json.load(open(os.path.join(out, "wall.json")))}
+
+
+def row_scores(run, metric, kind):
+    """{held-out row: score} of one run: at the last step ("final"), or averaged over the scored steps
+    of the second half of the run ("second half", steps ≥ half of the run, the end included)."""
+    last = max(run["points"])
+    steps = [k for k in run["points"] if k >= last / 2] if kind == "second half" else [last]
+    rows = run["points"][last][metric]["scores"]
+    return {i: sum(run["points"][k][metric]["scores"][i] for k in steps) / len(steps) for i in rows}
+
+
+def mean_score(run, metric, kind):
+    xs = list(row_scores(run, metric, kind).values())
+    return sum(xs) / len(xs)
+
+
+def paired(runs_a, runs_b, metric, kind):
+    """A − B: (mean, SE, SD over seeds or None, how) over the seeds both arms have; with one shared
+    seed, over the per-row differences."""
+    shared = sorted(set(runs_a) & set(runs_b))
+    if not shared:
+        return None
+    if len(shared) > 1:
+        d = [mean_score(runs_a[s], metric, kind) - mean_score(runs_b[s], metric, kind) for s in shared]
+        return (*mean_se(d), statistics.stdev(d), f"{len(shared)} seeds")
+    sa, sb = row_scores(runs_a[shared[0]], metric, kind), row_scores(runs_b[shared[0]], metric, kind)
+    return (*mean_se([sa[i] - sb[i] for i in sa]), None, f"seed {shared[0]}, {len(sa)} rows")
+
+
+def s_value(name, a):
+    """The arm's s as a number for the x axis: epoch at its steps per pass over the pool, ∞ right of everything."""
+    s = name.removeprefix("dpo_s").split("_")[0]   # dpo_s4_nocrn, dpo_s1_no_ref_sync: 4, 1
+    return {"inf": 2 * max(*a.s_values, a.epoch_s), "epoch": a.epoch_s}.get(s) or int(s)
+
+
+def pilot_report(res, a, commit):
+    pct = lambda x: f"{100 * x:.1f}"
+    L = [f"# s-curve pilot (commit {commit})", "", a.note, "",
+         "The paired difference of two arms per seed; its SD over seeds is the noise a sweep of this design has to beat "
+         "(the SE of a k-seed mean is SD/√k). CRN: common random numbers (train.py's default); no CRN: one random stream.", "",
+         "| difference | metric | design | seeds | mean (points) | SD over seeds | SE |", "|---|---|---|---|---|---|---|"]
+    pairs = [("dpo_s1", "dpo_sinf"), (f"dpo_s{a.middle}", "dpo_s1"), (f"dpo_s{a.middle}", "dpo_sinf")]
+    for x, y in pairs:
+        for metric, kind in METRICS:
+            for design, suffix in (("CRN", ""), ("no CRN", "_nocrn")):
+                p = paired(res.get(x + suffix, {}), res.get(y + suffix, {}), metric, kind) if x + suffix in res and y + suffix in res else None
+                if p:
+                    L.append(f"| {x} − {y} | {metric} {kind} | {design} | {p[3]} | {pct(p[0])} | {pct(p[2]) if p[2] is not None else '–'} | {pct(p[1])} |")
+    hours = {d: sum(r["wall_s"] for n, runs in res.items() if n.endswith("_nocrn") == (d == "no CRN") for r in runs.values()) / 3600
+             for d in ("CRN", "no CRN")}
+    L += ["", f"Cost: CRN runs {hours['CRN']:.2f} h, no-CRN runs {hours['no CRN']:.2f} h of wall time on this machine "
+              f"(mean {sum(r['wall_s'] for runs in res.values() for r in runs.values()) / max(1, sum(map(len, res.values()))) / 60:.1f} min a run)."]
+    return "\n".join(L) + "\n"
+
+
+def sweep_report(res, a, commit):
+    pct = lambda m, se: f"{100 * m:.1f} ± {100 * se:.1f}"
+    b = next(iter(next(iter(res.values())).values()))["points"][0]
+    L = [f"# s-curve sweep (commit {commit})", "", a.note, "",
+         f"Seed model: greedy {pct(b['math']['mean'], b['math']['se'])} %, sampled {pct(b['math_sampled']['mean'], b['math_sampled']['se'])} %.", "",
+         "| arm | syncs | seeds | greedy final | greedy 2nd half | sampled final | sampled 2nd half | length, first → last quarter | wall (min) |",
+         "|---|---|---|---|---|---|---|---|---|"]
+    for name, runs in sorted(res.items(), key=lambda kv: (not kv[0].startswith("dpo_s"), s_value(kv[0], a) if kv[0].startswith("dpo_s") else 0)):
+        rv = list(runs.values())
+        cells = [pct(*mean_se([mean_score(r, m, k) for r in rv])) if len(rv) > 1 else pct(*mean_se(list(row_scores(rv[0], m, k).values())))
+                 for m, k in METRICS]
+        lengths = [x["length"] for x in rv[0]["records"]]
+        q = max(1, len(lengths) // 4)
+        syncs = len({x["step"] - x["staleness"] for x in rv[0]["records"]})
+        L.append(f"| {name} | {syncs} | {len(rv)} | {' | '.join(cells)} | {sum(lengths[:q]) / q:.1f} → {sum(lengths[-q:]) / q:.1f} | "
+                 f"{sum(r['wall_s'] for r in rv) / len(rv) / 60:.1f} |")
+    mid = f"dpo_s{a.middle}"
+    rows = [("online ≫ offline", "dpo_s1", "dpo_sinf", ">"), ("semi-online ≈ online", mid, "dpo_s1", "≈"),
+            ("semi-online ≫ offline", mid, "dpo_sinf", ">"), ("online DPO ≳ GRPO", "dpo_s1", "grpo_s1", "≳"),
+            ("πref sync helps", "dpo_s1", "dpo_s1_no_ref_sync", ">")]
+    L += ["", "## Paired differences (percentage points) and verdicts", "",
+          f"**reproduced**: the paper's sign beyond 2 SE; **equivalent**: |d| + 2 SE < {100 * MARGIN:.0f} points; **reversed**: the other "
+          "sign beyond 2 SE; **different**: the paper's ≈ with |d| > 2 SE; else **inconclusive**.", "",
+          "| finding | difference | paper | metric | d ± SE | over | verdict |", "|---|---|---|---|---|---|---|"]
+    for label, x, y, expect in rows:
+        for metric, kind in METRICS:
+            p = paired(res[x], res[y], metric, kind) if x in res and y in res else None
+            if p:
+                L.append(f"| {label} | {x} − {y} | {expect} | {metric} {kind} | {pct(*p[:2])} | {p[3]} | {verdict(p[0], p[1], expect)} |")
+    return "\n".join(L) + "\n"
+
+
+def figures(res, a):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    dpo = sorted([n for n in res if n.startswith("dpo_s") and not n.endswith(("_nocrn", "no_ref_sync"))], key=lambda n: s_value(n, a))
+    for ax, kind in zip(axes, ("final", "second half")):
+        for metric, label in (("math", "greedy"), ("math_sampled", "sampled")):
+            xs = [s_value(n, a) for n in dpo]
+            ms = [mean_se([mean_score(r, metric, kind) for r in res[n].values()]) if len(res[n]) > 1
+                  else mean_se(list(row_scores(next(iter(res[n].values())), metric, kind).values())) for n in dpo]
+            m, se = [100 * x for x, _ in ms], [100 * e for _, e in ms]
+            ax.errorbar(xs, m, yerr=se, marker="o", capsize=3, label=f"DPO, {label}")
+            ax.fill_between(xs, [v - e for v, e in zip(m, se)], [v + e for v, e in zip(m, se)], alpha=0.15)
+            if "grpo_s1" in res:
+                g = [mean_score(r, metric, kind) for r in res["grpo_s1"].values()]
+                ax.scatter([1], [100 * sum(g) / len(g)], marker="*", s=90, zorder=3, label=f"GRPO (s = 1), {label}")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([s_value(n, a) for n in dpo], [n.removeprefix("dpo_s").replace("inf", "∞") for n in dpo])
+        ax.set_xlabel("s: optimizer steps between syncs (log axis)")
+        ax.set_ylabel(f"held-out accuracy (%), {kind}, ± SE")
+        ax.set_title(f"{kind}; paper (Table 1): s = 1 ≈ 10 ≈ 100 ≫ ∞", fontsize=9)
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.tight_layout()
+    fig.savefig(os.path.join(a.out, "fig_s_curve.png"), dpi=110)
+    plt.close(fig)
+    if "dpo_s1" in res and "dpo_s1_no_ref_sync" in res:   # Fig. 2 analogue
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+        for ax, key in zip(axes, ("length", "reward")):
+            for n in ("dpo_s1", "dpo_s1_no_ref_sync"):
+                run = res[n][min(res[n])]
+                ax.plot([x["step"] for x in run["records"]], [x[key] for x in run["records"]], label=f"{n} (seed {min(res[n])})")
+            ax.set_xlabel("optimizer step")
+            ax.set_ylabel(f"rollout {key}")
+            ax.legend(fontsize=7)
+        fig.suptitle("Fig. 2 analogue: online DPO with and without πref sync")
+        fig.tight_layout()
+        fig.savefig(os.path.join(a.out, "fig_ref_sync.png"), dpi=110)
+        plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--out", type=out_dir, default="results/s-curve", help="where runs, tables and figures go")
+    p.add_argument("--pilot", action="store_true", help="the noise pilot: s = 1, the middle s and ∞, each with and without CRN")
+    p.add_argument("--steps", type=POSITIVE_INT, default=128, help="optimizer steps per run (the largest s syncs steps/s times)")
+    p.add_argument("--s-values", type=lambda t: [POSITIVE_INT(x) for x in t.split(",")], default=[1, 2, 4, 8, 16],
+                   help="the finite s of the sweep, comma-separated (∞ and epoch are always added)")
+    p.add_argument("--middle", type=POSITIVE_INT, default=4, help="the semi-online s run with every seed, as s = 1 and ∞ are")
+    p.add_argument("--seeds", type=POSITIVE_INT, default=4, help="seeds of s = 1, the middle s and ∞")
+    p.add_argument("--side-seeds", type=POSITIVE_INT, default=1, help="seeds of the other arms")
+    p.add_argument("--points", type=POSITIVE_INT, default=8, help="held-out scores per run, evenly spaced (the last at the end)")
+    p.add_argument("--ref-sync-every", type=POSITIVE_INT, default=16, help="πref := πθ every k steps in the DPO arms but offline")
+    p.add_argument("--eval-problems", type=POSITIVE_INT, default=128, help="held-out problems (the same for every arm and seed)")
+    p.add_argument("--eval-samples", type=POSITIVE_INT, default=2, help="sampled responses per held-out problem")
+    p.add_argument("--pool", type=number(int, 2), default=256, help="training prompts")
+    p.add_argument("--difficulty", type=POSITIVE_INT, default=10, help="built-in task difficulty (10: operands up to 100, some a − c)")
+    p.add_argument("--arms", default=None, help="comma-separated subset of arms (default: all)")
+    p.add_argument("--quiet", action="store_true", help="hide train.py output")
+    p.add_argument("--report-only", action="store_true", help="write the report and figures from the runs finished so far")
+    a, passthrough = p.parse_known_args(argv)   # unknown flags go to every train.py run
+    if a.middle not in a.s_values:
+        p.error(f"argument --middle: {a.middle} is not one of --s-values {a.s_values}")
+    if a.steps % a.points:
+        p.error(f"argument --points: {a.points} does not divide --steps {a.steps}")
+    passthrough = ["--n", "4", "--eval-every", str(a.steps // a.points), *passthrough]
+    table = arms(a)
+    if a.arms:
+        unknown = set(a.arms.split(",")) - set(table)
+        if unknown:
+            p.error(f"argument --arms: unknown {sorted(unknown)}; choose from {', '.join(table)}")
+        table = {n: v for n, v in table.items() if n in a.arms.split(",")}
+    import train   # the flags passed through are train.py's: check them now, not in the first run's process
+    try:
+        ta = train.parse_args(passthrough + ["--out", os.path.join(a.out, "runs", "check")])
+    except SystemExit as e:
+        sys.exit(e.code)
+    a.note = (f"{a.steps} optimizer steps a run, {ta.batch_prompts} prompts × {ta.n} responses a step, lr {ta.lr:g}, temperature "
+              f"{ta.temperature:g}, ≤ {ta.max_new_tokens} new tokens, β {ta.beta:g}, πref synced every {a.ref_sync_every} steps (DPO "
+              f"but offline); built-in arithmetic at difficulty {a.difficulty}, {a.pool} training prompts; held-out: {a.eval_problems} "
+              f"problems, greedy and {a.eval_samples} samples each, scored every {a.steps // a.points} steps.")
+    a.epoch_s = math.ceil(a.pool / ta.batch_prompts)
+    make_writable(a.out, "--out")
+    os.makedirs(os.path.join(a.out, "runs"), exist_ok=True)
+    a.train_data, a.chat_problems, a.chat_max_chars = None, 1, 300   # reproduce.write_data's math files (the chat ones unused)
+    paths = write_data(a)
+    commit = subprocess.run(["git", "-C", HERE, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "?"
+    plan = sorted([(n, f, s) for n, (f, seeds) in table.items() for s in seeds], key=lambda x: x[2])   # seed 0 of every arm first
+    t0, done_now = time.time(), 0
+    for i, (name, flags, seed) in enumerate([] if a.report_only else plan):
+        print(f"[{i + 1}/{len(plan)}] {name} seed {seed}", flush=True)
+        if run_arm(name, flags, "math", seed, a, paths, passthrough):
+            done_now += 1
+            wall = os.path.join(a.out, "runs", f"{name}-seed{seed}", "wall.json")
+            json.dump({**json.load(open(wall)), "commit": commit}, open(wall, "w"))
+            print(f"  {(time.time() - t0) / 60:.0f} min so far; about {(time.time() - t0) / done_now * (len(plan) - i - 1) / 60:.0f} min left",
+                  flush=True)
+    done = lambda n, s: os.path.exists(os.path.join(a.out, "runs", f"{n}-seed{s}", "wall.json"))
+    res = {n: {s: load(a, n, s) for s in seeds if done(n, s)} for n, (_, seeds) in table.items()}
+    res = {n: runs for n, runs in res.items() if runs}
+    if not res:
+        sys.exit(f"{a.out}: no finished runs yet")
+    commits = sorted({r.get("commit", "?") for runs in res.values() for r in runs.values()})
+    text = (pilot_report if a.pilot else sweep_report)(res, a, ", ".join(commits))
+    open(os.path.join(a.out, "pilot.md" if a.pilot else "s_curve.md"), "w").write(text)
+    if not a.pilot:
+        figures(res, a)
+    print(text)
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""The s-curve sweep and its pilot end to end, 2 steps a run on a tiny random model (a smoke test:
+the numbers mean nothing here), and its over-training metric by hand.  Run: pytest tests/test_s_curve.py"""
+import json
+import os
+
+import pytest
+
+import s_curve
+
+TINY = ["--steps", "2", "--points", "2", "--eval-problems", "3", "--eval-samples", "2", "--pool", "8", "--quiet",
+        "--n", "2", "--batch-prompts", "2", "--max-new-tokens", "4", "--difficulty", "1"]
+
+
+def test_pilot_and_sweep_smoke(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "sc"
+    argv = ["--out", str(out), "--model", tiny_model_dir, *TINY, "--s-values", "1,2", "--middle", "2", "--seeds", "2"]
+    pilot = s_curve.main(argv + ["--pilot", "--arms", "dpo_s1,dpo_sinf,dpo_s1_nocrn,dpo_sinf_nocrn"])
+    assert sorted(pilot) == ["dpo_s1", "dpo_s1_nocrn", "dpo_sinf", "dpo_sinf_nocrn"] and all(list(r) == [0, 1] for r in pilot.values())
+    text = open(out / "pilot.md").read()
+    assert "| dpo_s1 − dpo_sinf | math final | CRN | 2 seeds |" in text and "| no CRN | 2 seeds |" in text
+    run = out / "runs" / "dpo_s1-seed0"
+    assert (run / "heldout_step1.json").exists() and json.load(open(run / "wall.json"))["commit"]
+    res = s_curve.main(argv + ["--side-seeds", "1"])   # the pilot's CRN runs are the sweep's: reused, not rerun
+    assert sorted(res) == sorted(["dpo_s1", "dpo_s2", "dpo_sinf", "dpo_sepoch", "grpo_s1", "dpo_s1_no_ref_sync"])
+    assert list(res["dpo_s1"]) == [0, 1] and list(res["dpo_s2"]) == [0, 1] and list(res["grpo_s1"]) == [0]
+    assert res["dpo_s1"][0]["wall_s"] == pilot["dpo_s1"][0]["wall_s"]
+    text = open(out / "s_curve.md").read()
+    assert "online ≫ offline" in text and "semi-online ≈ online" in text and "dpo_sepoch" in text
+    for fig in ("fig_s_curve.png", "fig_ref_sync.png"):
+        assert os.path.getsize(out / fig) > 5000
+    assert not list((out / "runs").glob("*/ckpt-*"))
+
+
+def fake(points):
+    """A loaded run with held-out per-row scores at the given steps."""
+    sc = lambda xs: {"scores": {f"r{i}": x for i, x in enumerate(xs)}}
+    return {"points": {k: {"math": sc(xs)} for k, xs in points.items()}, "records": [], "wall_s": 1}
+
+
+def test_final_and_second_half_scores_by_hand():
+    run = fake({0: [0, 0], 2: [0, 0], 4: [1, 0], 6: [1, 1], 8: [0, 1]})
+    assert s_curve.row_scores(run, "math", "final") == {"r0": 0, "r1": 1}
+    assert s_curve.row_scores(run, "math", "second half") == {"r0": pytest.approx(2 / 3), "r1": pytest.approx(2 / 3)}   # steps 4, 6, 8
+    a = {0: fake({0: [0, 0], 2: [1, 1]}), 1: fake({0: [0, 0], 2: [1, 0]})}
+    b = {0: fake({0: [0, 0], 2: [0, 1]}), 1: fake({0: [0, 0], 2: [0, 0]})}
+    d, se, sd, how = s_curve.paired(a, b, "math", "final")   # per seed 0.5 and 0.5
+    assert (d, se, sd, how) == (pytest.approx(0.5), pytest.approx(0.0), pytest.approx(0.0), "2 seeds")
+    d, se, sd, how = s_curve.paired({0: a[0]}, {0: b[0]}, "math", "final")   # one seed: rows 1, 0
+    assert d == pytest.approx(0.5) and se == pytest.approx(0.5) and sd is None and how == "seed 0, 2 rows"
+
+
+def test_bad_flags(tmp_path):
+    with pytest.raises(SystemExit, match="2"):
+        s_curve.main(["--out", str(tmp_path), "--middle", "3"])
+    with pytest.raises(SystemExit, match="2"):
+        s_curve.main(["--out", str(tmp_path), "--steps", "10", "--points", "4"])
