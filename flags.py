@@ -38,7 +38,7 @@ def parse(argv, description, losses, uses_reference):
                    help="also score the held-out set every k optimizer steps, into heldout_step<k>.json (0: before and after only)")
     p.add_argument("--no-crn", action="store_true",
                    help="draw rollouts and held-out samples from one random stream in batch order, not common random numbers "
-                        "keyed by (seed, step, prompt, response, token) (reproduce.py's pilot measures what CRN buys)")
+                        "keyed by (seed, step, prompt, response, token) (s_curve.py --pilot measures what CRN buys)")
     # Semi-online (§2.3)
     p.add_argument("--sync-every", default="4", help="s: optimizer steps between rollout-weight syncs; int, 'inf' (offline) or 'epoch' (iterative)")
     p.add_argument("--ref-sync-every", type=COUNT, default=0,
