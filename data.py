@@ -26,7 +26,9 @@ _NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana"]
 def arithmetic_problems(num, difficulty=2, seed=0):
     """The built-in verifiable task: procedurally generated sums and word problems.
 
-    difficulty d: operands go up to 10·d; d >= 5 also mixes in a third, subtracted term.
+    difficulty d: operands go up to 10·d; d >= 5 also mixes in a third, subtracted term; d >= 20
+    makes a third of the problems products a × b (a two-digit, b up to d / 2), where a 135M model's
+    arithmetic, not the answer's form, limits it (s_curve.py's headroom).
     Problems are a pure function of (num, difficulty, seed), so splits are reproducible.
     """
     rng = random.Random(f"arith-{difficulty}-{seed}")
@@ -34,7 +36,10 @@ def arithmetic_problems(num, difficulty=2, seed=0):
     rows = []
     for i in range(num):
         a, b = rng.randint(2, hi), rng.randint(2, hi)
-        if difficulty >= 5 and rng.random() < 0.5:
+        if difficulty >= 20 and rng.random() < 1 / 3:
+            a, b = rng.randint(11, 99), rng.randint(2, difficulty // 2)
+            problem, answer = f"What is {a} × {b}?", a * b
+        elif difficulty >= 5 and rng.random() < 0.5:
             c = rng.randint(2, hi // 10 + 2)
             problem, answer = f"What is {a} + {b} - {c}?", a + b - c
         elif rng.random() < 0.5:

@@ -203,7 +203,8 @@ def main(argv=None):
     p.add_argument("--eval-problems", type=POSITIVE_INT, default=128, help="held-out problems (the same for every arm and seed)")
     p.add_argument("--eval-samples", type=POSITIVE_INT, default=2, help="sampled responses per held-out problem")
     p.add_argument("--pool", type=number(int, 2), default=256, help="training prompts")
-    p.add_argument("--difficulty", type=POSITIVE_INT, default=10, help="built-in task difficulty (10: operands up to 100, some a − c)")
+    p.add_argument("--difficulty", type=POSITIVE_INT, default=20,
+                   help="built-in task difficulty (20: sums up to 200, some a + b − c, a third products a × b)")
     p.add_argument("--arms", default=None, help="comma-separated subset of arms (default: all)")
     p.add_argument("--quiet", action="store_true", help="hide train.py output")
     p.add_argument("--report-only", action="store_true", help="write the report and figures from the runs finished so far")
@@ -212,8 +213,8 @@ def main(argv=None):
         p.error(f"argument --middle: {a.middle} is not one of --s-values {a.s_values}")
     if a.steps % a.points:
         p.error(f"argument --points: {a.points} does not divide --steps {a.steps}")
-    # lr 1e-5: probes at lr 3e-5 (seed 0, difficulty 10 and 30) had GRPO at 66-88 % greedy by step 16 and
-    # 99 % by 48; at 1e-5 GRPO and online DPO climb from 7 % through 15-18 % (step 32) to 56-73 % (step 64)
+    # lr 1e-5 (results/s-curve/probes.md): at 3e-5 the best arm reaches its plateau within 32-48 steps;
+    # at 1e-5 the online arms climb for ~64 steps
     passthrough = ["--n", "4", "--lr", "1e-5", "--eval-every", str(a.steps // a.points), *passthrough]
     table = arms(a)
     if a.arms:

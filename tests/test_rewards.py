@@ -76,6 +76,30 @@ def test_arithmetic_problems_reproducible_and_correct():
     assert all("\\boxed{}" in r["problem"] for r in a)
 
 
+@pytest.mark.parametrize("d", [5, 10, 20, 40])
+def test_harder_arithmetic_tiers_have_right_answers(d):
+    """d >= 5 mixes in a − c, d >= 20 products a × b; below 20 no products, and the product tier
+    leaves the problems of lower difficulties as they were (they draw no extra random numbers)."""
+    rows = arithmetic_problems(300, d, seed=1)
+    kinds = {"×" if "×" in r["problem"] else "-" if " - " in r["problem"] else "+" for r in rows}
+    assert kinds == ({"+", "-", "×"} if d >= 20 else {"+", "-"})
+    for r in rows:
+        nums = [int(t) for t in r["problem"].replace("?", " ").split() if t.isdigit()]
+        want = nums[0] * nums[1] if "×" in r["problem"] else nums[0] + nums[1] - (nums[2] if " - " in r["problem"] else 0)
+        assert int(r["answer"]) == want, r
+        if "×" in r["problem"]:
+            assert 11 <= nums[0] <= 99 and 2 <= nums[1] <= d // 2
+
+
+def test_lower_difficulties_keep_their_problems():
+    """Adding the product tier (d >= 20) changed no problem of d < 20: the hashes of the problems
+    before it (commit 6fbd6a7's data.py), so earlier runs and sweeps stay comparable."""
+    import hashlib
+    import json
+    got = {d: hashlib.sha1(json.dumps(arithmetic_problems(60, d, seed=1)).encode()).hexdigest()[:12] for d in (1, 2, 5, 10)}
+    assert got == {1: "50898f004dcb", 2: "19bebb7013df", 5: "d97e489b0716", 10: "f844dbb2c06c"}
+
+
 @pytest.mark.parametrize("content,msg", [
     (b'{"problem": "x", "answer": "1"}\n{"problem": "y"\n', "bad.jsonl:2: malformed JSON"),
     (b'{"problem": "x"}\n', "bad.jsonl:1: missing field 'answer'"),
