@@ -37,9 +37,14 @@ _grader, _spare, _grader_lock = None, None, threading.Lock()   # the grader, its
 
 def grade(response: str, answer: str) -> float:
     """1.0 if the final answer of `response` equals `answer` (a LaTeX string) under Math-Verify,
-    else 0.0. No time limit: call `math_reward`, which runs this in the grader process."""
+    else 0.0. A number as the reference must be answered with a number (or `x = number`):
+    Math-Verify also accepts an unevaluated expression equal to it, \\boxed{47 \\times 17} for 799,
+    which on the built-in arithmetic is the question copied into the box, and RL learns that
+    instead of the arithmetic. No time limit: call `math_reward`, which runs this in the grader process."""
     gold = parse(f"${answer}$", parsing_timeout=None) or parse(answer, parsing_timeout=None)
     pred = parse(response, parsing_timeout=None)
+    if gold and pred and getattr(gold[0], "is_Number", False) and not getattr(getattr(pred[0], "rhs", pred[0]), "is_Number", False):
+        return 0.0
     return float(bool(gold and pred and verify(gold, pred, timeout_seconds=None)))
 
 

@@ -29,6 +29,7 @@ def test_math_reward_known_cases(response, answer, expect):
     # sympy spends hours in one C-level integer power on these on some CPUs and finishes in time
     # on others; either way the response scores 0 within the limit (SIGALRM could not stop it)
     ("\\boxed{9^{9^{9^{9}}}}", "1"),
+    ("\\boxed{9^{9^{9^{9}}}}", "\\sqrt{2}"),   # a symbolic reference: the power is evaluated (a numeric one rejects it first)
     ("\\boxed{" + "9^{" * 30 + "9" + "}" * 30 + "}", "9^{9^{9}}"),
 ])
 def test_adversarial_latex_scores_zero_in_bounded_time(evil, answer):
@@ -59,7 +60,7 @@ def test_a_dead_grader_scores_zero_is_counted_and_restarted(monkeypatch):
     before = dict(rewards.stats)
     killer = threading.Timer(0.3, rewards._grader.kill)  # dies in the middle of a response
     killer.start()
-    assert math_reward("\\boxed{9^{9^{9^{9}}}}", "1", time_limit=30) == 0.0
+    assert math_reward("\\boxed{9^{9^{9^{9}}}}", "\\sqrt{2}", time_limit=30) == 0.0   # seconds to hours of sympy
     killer.join()
     assert rewards.stats["errors"] == before["errors"] + 1 and rewards.stats["timeouts"] == before["timeouts"]
     rewards._grader.kill()                            # and one that died between calls
@@ -126,3 +127,21 @@ def test_load_jsonl_accepts_numeric_answers(tmp_path):
 def test_shipped_data_files_load():
     for f in ["math500", "gsm8k_test", "gsm8k_train", "math_train", "amc23", "aime24"]:
         assert len(load_jsonl(f"data/{f}.jsonl")) >= 30
+
+
+@pytest.mark.parametrize("response,answer,expected", [
+    (r"\boxed{47 \times 17}", "799", 0.0),          # the problem copied into the box: not an answer
+    (r"\boxed{181 + 303 - 23}", "461", 0.0),
+    (r"181 + 303 - 23 = \boxed{461}", "461", 1.0),
+    (r"\boxed{799}", "799", 1.0),
+    (r"\boxed{x = 799}", "799", 1.0),
+    (r"\boxed{1,234}", "1234", 1.0),
+    (r"\boxed{\frac{1}{2}}", r"\frac{1}{2}", 1.0),
+    (r"\boxed{0.5}", r"\frac{1}{2}", 1.0),
+    (r"\boxed{\sqrt{2}}", r"\sqrt{2}", 1.0),       # a symbolic reference keeps Math-Verify's equivalence
+])
+def test_a_numeric_answer_must_be_a_number(response, answer, expected):
+    """Math-Verify counts an unevaluated expression equal to the reference as right (\\boxed{47 × 17}
+    for 799): on the built-in arithmetic, copying the question into \\boxed{} then earns full reward,
+    and RL learns that instead of the arithmetic (s_curve.py's probes: two-digit products at 100 %)."""
+    assert math_reward(response, answer) == expected
