@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -141,26 +142,34 @@ def scores(run, metric):
     return chat_wins(run) if metric == "chat_win" else run["after"][metric]["scores"]
 
 
+def summary(per_run):
+    """(mean, SE) of an arm from each run's {row: score}: over runs when there are several, else over rows."""
+    return mean_se([sum(x.values()) / len(x) for x in per_run]) if len(per_run) > 1 else mean_se(list(per_run[0].values()))
+
+
 def arm_summary(runs, metric):
     """(mean, SE): over seeds when there are several, else over held-out rows."""
-    per_run = [list(scores(r, metric).values()) for r in runs]
-    return mean_se([sum(x) / len(x) for x in per_run]) if len(runs) > 1 else mean_se(per_run[0])
+    return summary([scores(r, metric) for r in runs])
 
 
-def paired(runs_a, runs_b, metric):
-    """A − B: (mean, SE, how): per seed, then over the shared seeds; with one shared seed, over the
-    per-row differences on the shared held-out rows."""
-    shared = sorted(set(runs_a) & set(runs_b))
+def paired_scores(a, b):
+    """A − B from two arms' {seed: {row: score}}: (mean, SE, SD over seeds or None, how): per seed,
+    then over the shared seeds; with one shared seed, over the per-row differences on its rows."""
+    shared = sorted(set(a) & set(b))
     if not shared:
         return None
     if len(shared) > 1:
-        d = []
-        for s in shared:
-            sa, sb = scores(runs_a[s], metric), scores(runs_b[s], metric)
-            d.append(sum(sa[i] - sb[i] for i in sa) / len(sa))
-        return (*mean_se(d), f"{len(shared)} seeds")
-    sa, sb = scores(runs_a[shared[0]], metric), scores(runs_b[shared[0]], metric)
-    return (*mean_se([sa[i] - sb[i] for i in sa]), f"seed {shared[0]}, {len(sa)} rows")
+        d = [sum(a[s][i] - b[s][i] for i in a[s]) / len(a[s]) for s in shared]
+        return (*mean_se(d), statistics.stdev(d), f"{len(shared)} seeds")
+    sa, sb = a[shared[0]], b[shared[0]]
+    return (*mean_se([sa[i] - sb[i] for i in sa]), None, f"seed {shared[0]}, {len(sa)} rows")
+
+
+def paired(runs_a, runs_b, metric):
+    """A − B of a held-out metric: (mean, SE, how), as paired_scores."""
+    shared = set(runs_a) & set(runs_b)
+    p = paired_scores(*({s: scores(runs[s], metric) for s in shared} for runs in (runs_a, runs_b)))
+    return p and (p[0], p[1], p[3])
 
 
 def verdict(d, se, expect):

@@ -23,14 +23,12 @@ import argparse
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import time
 
 from data import POSITIVE_INT, HelpFormatter, make_writable, number, out_dir
-from eval import mean_se
-from reproduce import HERE, MARGIN, run_arm, verdict, write_data
+from reproduce import HERE, MARGIN, paired_scores, run_arm, summary, verdict, write_data
 
 METRICS = (("math", "final"), ("math", "second half"), ("math_sampled", "final"), ("math_sampled", "second half"))
 
@@ -71,22 +69,14 @@ def row_scores(run, metric, kind):
     return {i: sum(run["points"][k][metric]["scores"][i] for k in steps) / len(steps) for i in rows}
 
 
-def mean_score(run, metric, kind):
-    xs = list(row_scores(run, metric, kind).values())
-    return sum(xs) / len(xs)
+def arm(runs, metric, kind):
+    """(mean, SE) of an arm's runs {seed: run}: over seeds when there are several, else over rows."""
+    return summary([row_scores(r, metric, kind) for r in runs.values()])
 
 
 def paired(runs_a, runs_b, metric, kind):
-    """A − B: (mean, SE, SD over seeds or None, how) over the seeds both arms have; with one shared
-    seed, over the per-row differences."""
-    shared = sorted(set(runs_a) & set(runs_b))
-    if not shared:
-        return None
-    if len(shared) > 1:
-        d = [mean_score(runs_a[s], metric, kind) - mean_score(runs_b[s], metric, kind) for s in shared]
-        return (*mean_se(d), statistics.stdev(d), f"{len(shared)} seeds")
-    sa, sb = row_scores(runs_a[shared[0]], metric, kind), row_scores(runs_b[shared[0]], metric, kind)
-    return (*mean_se([sa[i] - sb[i] for i in sa]), None, f"seed {shared[0]}, {len(sa)} rows")
+    """A − B: (mean, SE, SD over seeds or None, how) over the seeds both arms have (reproduce.paired_scores)."""
+    return paired_scores(*({s: row_scores(r, metric, kind) for s, r in runs.items()} for runs in (runs_a, runs_b)))
 
 
 def s_value(name, a):
@@ -105,7 +95,7 @@ def pilot_report(res, a, commit):
     for x, y in pairs:
         for metric, kind in METRICS:
             for design, suffix in (("CRN", ""), ("no CRN", "_nocrn")):
-                p = paired(res.get(x + suffix, {}), res.get(y + suffix, {}), metric, kind) if x + suffix in res and y + suffix in res else None
+                p = paired(res.get(x + suffix, {}), res.get(y + suffix, {}), metric, kind)
                 if p:
                     L.append(f"| {x} − {y} | {metric} {kind} | {design} | {p[3]} | {pct(p[0])} | {pct(p[2]) if p[2] is not None else '–'} | {pct(p[1])} |")
     hours = {d: sum(r["wall_s"] for n, runs in res.items() if n.endswith("_nocrn") == (d == "no CRN") for r in runs.values()) / 3600
@@ -124,8 +114,7 @@ def sweep_report(res, a, commit):
          "|---|---|---|---|---|---|---|---|---|"]
     for name, runs in sorted(res.items(), key=lambda kv: (not kv[0].startswith("dpo_s"), s_value(kv[0], a) if kv[0].startswith("dpo_s") else 0)):
         rv = list(runs.values())
-        cells = [pct(*mean_se([mean_score(r, m, k) for r in rv])) if len(rv) > 1 else pct(*mean_se(list(row_scores(rv[0], m, k).values())))
-                 for m, k in METRICS]
+        cells = [pct(*arm(runs, m, k)) for m, k in METRICS]
         lengths = [x["length"] for x in rv[0]["records"]]
         q = max(1, len(lengths) // 4)
         syncs = len({x["step"] - x["staleness"] for x in rv[0]["records"]})
@@ -141,7 +130,7 @@ def sweep_report(res, a, commit):
           "| finding | difference | paper | metric | d ± SE | over | verdict |", "|---|---|---|---|---|---|---|"]
     for label, x, y, expect in rows:
         for metric, kind in METRICS:
-            p = paired(res[x], res[y], metric, kind) if x in res and y in res else None
+            p = paired(res.get(x, {}), res.get(y, {}), metric, kind)
             if p:
                 L.append(f"| {label} | {x} − {y} | {expect} | {metric} {kind} | {pct(*p[:2])} | {p[3]} | {verdict(p[0], p[1], expect)} |")
     return "\n".join(L) + "\n"
@@ -156,14 +145,12 @@ def figures(res, a):
     for ax, kind in zip(axes, ("final", "second half")):
         for metric, label in (("math", "greedy"), ("math_sampled", "sampled")):
             xs = [s_value(n, a) for n in dpo]
-            ms = [mean_se([mean_score(r, metric, kind) for r in res[n].values()]) if len(res[n]) > 1
-                  else mean_se(list(row_scores(next(iter(res[n].values())), metric, kind).values())) for n in dpo]
+            ms = [arm(res[n], metric, kind) for n in dpo]
             m, se = [100 * x for x, _ in ms], [100 * e for _, e in ms]
             ax.errorbar(xs, m, yerr=se, marker="o", capsize=3, label=f"DPO, {label}")
             ax.fill_between(xs, [v - e for v, e in zip(m, se)], [v + e for v, e in zip(m, se)], alpha=0.15)
             if "grpo_s1" in res:
-                g = [mean_score(r, metric, kind) for r in res["grpo_s1"].values()]
-                ax.scatter([1], [100 * sum(g) / len(g)], marker="*", s=90, zorder=3, label=f"GRPO (s = 1), {label}")
+                ax.scatter([1], [100 * arm(res["grpo_s1"], metric, kind)[0]], marker="*", s=90, zorder=3, label=f"GRPO (s = 1), {label}")
         ax.set_xscale("log", base=2)
         ax.set_xticks([s_value(n, a) for n in dpo], [n.removeprefix("dpo_s").replace("inf", "∞") for n in dpo])
         ax.set_xlabel("s: optimizer steps between syncs (log axis)")
