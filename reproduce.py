@@ -67,9 +67,12 @@ def arms(a):
             for name, (flags, evalset) in table.items() if a.arms is None or name in a.arms}
 
 
-def held_out_set(name, evalset, seed):
-    """Table 3's arms are scored on math and chat (seed 0 of online DPO is its "math only" row)."""
-    return "mix" if name == "online_dpo" and seed == 0 else evalset
+def held_out_set(name, evalset, seed, a):
+    """Table 3's arms are scored on math and chat; so is seed 0 of online DPO (its "math only" row) when
+    the sweep has Table 3's arms."""
+    if name != "online_dpo" or seed != 0:
+        return evalset
+    return "mix" if a.arms is None or {"chat_only", "math+chat"} & set(a.arms) else evalset
 
 
 def write_data(a):
@@ -97,7 +100,7 @@ def run_arm(name, flags, evalset, seed, a, paths, passthrough):
     """One train.py run (skipped when finished). The seed model's score on a held-out set is made by
     the first arm scored on that set and shared by all the others (every seed has the same rows)."""
     out = os.path.join(a.out, "runs", f"{name}-seed{seed}")
-    evalset = held_out_set(name, evalset, seed)
+    evalset = held_out_set(name, evalset, seed, a)
     before = os.path.join(a.out, "runs", f"before-{evalset}.json")   # the same rows for every seed: scored once
     if os.path.exists(os.path.join(out, "heldout_after.json")):
         return False
@@ -107,9 +110,17 @@ def run_arm(name, flags, evalset, seed, a, paths, passthrough):
             "--eval-samples", str(a.eval_samples), "--resume", "--save-every", "16", "--keep", "1", *passthrough]
     if os.path.exists(before):
         argv.append("--no-eval-before")
-    t = time.time()
+    segments = os.path.join(out, "segments.jsonl")   # a resumed run costs every segment, not its last
+    if os.path.exists(segments):   # the previous segment was stopped: it ended at the last file it wrote
+        last = max((os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs), default=0)
+        open(segments, "a").write(json.dumps({"end": last}) + "\n")
+    os.makedirs(out, exist_ok=True)
+    open(segments, "a").write(json.dumps({"start": time.time()}) + "\n")
     subprocess.run(argv, check=True, stdout=subprocess.DEVNULL if a.quiet else None)
-    json.dump({"wall_s": time.time() - t}, open(os.path.join(out, "wall.json"), "w"))
+    marks = [json.loads(line) for line in open(segments)] + [{"end": time.time()}]
+    starts, ends = [m["start"] for m in marks if "start" in m], [m["end"] for m in marks if "end" in m]
+    json.dump({"wall_s": sum(e - s for s, e in zip(starts, ends)), "segments": len(starts)}, open(os.path.join(out, "wall.json"), "w"))
+    os.remove(segments)
     if not os.path.exists(before):
         shutil.copy(os.path.join(out, "heldout_before.json"), before)
     for ckpt in [d for d in os.listdir(out) if d.startswith("ckpt-")]:   # the sweep keeps logs, not 0.5 GB of weights
@@ -118,7 +129,7 @@ def run_arm(name, flags, evalset, seed, a, paths, passthrough):
 
 
 def load_run(a, name, evalset, seed):
-    evalset = held_out_set(name, evalset, seed)
+    evalset = held_out_set(name, evalset, seed, a)
     out = os.path.join(a.out, "runs", f"{name}-seed{seed}")
     return {"records": [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))],
             "after": json.load(open(os.path.join(out, "heldout_after.json"))),

@@ -23,11 +23,13 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
 
 from data import POSITIVE_INT, HelpFormatter, make_writable, number, out_dir
+from eval import mean_se
 from reproduce import HERE, MARGIN, paired_scores, run_arm, summary, verdict, write_data
 
 METRICS = (("math", "final"), ("math", "second half"), ("math_sampled", "final"), ("math_sampled", "second half"))
@@ -98,10 +100,11 @@ def pilot_report(res, a, commit):
                 p = paired(res.get(x + suffix, {}), res.get(y + suffix, {}), metric, kind)
                 if p:
                     L.append(f"| {x} − {y} | {metric} {kind} | {design} | {p[3]} | {pct(p[0])} | {pct(p[2]) if p[2] is not None else '–'} | {pct(p[1])} |")
-    hours = {d: sum(r["wall_s"] for n, runs in res.items() if n.endswith("_nocrn") == (d == "no CRN") for r in runs.values()) / 3600
+    walls = {d: [r["wall_s"] for n, runs in res.items() if n.endswith("_nocrn") == (d == "no CRN") for r in runs.values()]
              for d in ("CRN", "no CRN")}
-    L += ["", f"Cost: CRN runs {hours['CRN']:.2f} h, no-CRN runs {hours['no CRN']:.2f} h of wall time on this machine "
-              f"(mean {sum(r['wall_s'] for runs in res.values() for r in runs.values()) / max(1, sum(map(len, res.values()))) / 60:.1f} min a run)."]
+    cost = lambda w: f"{len(w)} runs × {statistics.median(w) / 60:.1f} min = {len(w) * statistics.median(w) / 3600:.2f} h" if w else "none yet"
+    L += ["", f"Cost on this machine, runs × the median wall time of a run (a run resumed before its wall.json summed "
+              f"its segments counted only its last): CRN {cost(walls['CRN'])}; no CRN {cost(walls['no CRN'])}."]
     return "\n".join(L) + "\n"
 
 
@@ -110,7 +113,7 @@ def sweep_report(res, a, commit):
     b = next(iter(next(iter(res.values())).values()))["points"][0]
     L = [f"# s-curve sweep (commit {commit})", "", a.note, "",
          f"Seed model: greedy {pct(b['math']['mean'], b['math']['se'])} %, sampled {pct(b['math_sampled']['mean'], b['math_sampled']['se'])} %.", "",
-         "| arm | syncs | seeds | greedy final | greedy 2nd half | sampled final | sampled 2nd half | length, first → last quarter | wall (min) |",
+         "| arm | syncs | seeds | greedy final | greedy 2nd half | sampled final | sampled 2nd half | length, first → last quarter | wall (min, median) |",
          "|---|---|---|---|---|---|---|---|---|"]
     for name, runs in sorted(res.items(), key=lambda kv: (not kv[0].startswith("dpo_s"), s_value(kv[0], a) if kv[0].startswith("dpo_s") else 0)):
         rv = list(runs.values())
@@ -119,7 +122,7 @@ def sweep_report(res, a, commit):
         q = max(1, len(lengths) // 4)
         syncs = len({x["step"] - x["staleness"] for x in rv[0]["records"]})
         L.append(f"| {name} | {syncs} | {len(rv)} | {' | '.join(cells)} | {sum(lengths[:q]) / q:.1f} → {sum(lengths[-q:]) / q:.1f} | "
-                 f"{sum(r['wall_s'] for r in rv) / len(rv) / 60:.1f} |")
+                 f"{statistics.median(r['wall_s'] for r in rv) / 60:.1f} |")
     mid = f"dpo_s{a.middle}"
     rows = [("online ≫ offline", "dpo_s1", "dpo_sinf", ">"), ("semi-online ≈ online", mid, "dpo_s1", "≈"),
             ("semi-online ≫ offline", mid, "dpo_sinf", ">"), ("online DPO ≳ GRPO", "dpo_s1", "grpo_s1", "≳"),
@@ -173,6 +176,30 @@ def figures(res, a):
         fig.tight_layout()
         fig.savefig(os.path.join(a.out, "fig_ref_sync.png"), dpi=110)
         plt.close(fig)
+
+
+def curves(res, a):
+    """fig_curves.png: held-out accuracy against step per arm (mean ± SE over seeds; no CRN dashed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, (metric, label) in zip(axes, (("math", "greedy"), ("math_sampled", "sampled"))):
+        bases = sorted({n.removesuffix("_nocrn") for n in res})
+        for n, runs in sorted(res.items()):
+            steps = sorted(set.intersection(*(set(r["points"]) for r in runs.values())))
+            ms = [mean_se([r["points"][k][metric]["mean"] for r in runs.values()]) for k in steps]
+            m, se = [100 * x for x, _ in ms], [100 * e for _, e in ms]
+            style = dict(ls="--" if n.endswith("_nocrn") else "-", color=f"C{bases.index(n.removesuffix('_nocrn')) % 10}")
+            ax.plot(steps, m, marker=".", label=f"{n} ({len(runs)} seed{'s' * (len(runs) > 1)})", **style)
+            ax.fill_between(steps, [v - e for v, e in zip(m, se)], [v + e for v, e in zip(m, se)], alpha=0.12, color=style["color"])
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(f"held-out accuracy (%), {label}")
+        ax.set_title("mean ± SE over seeds; dashed: no common random numbers", fontsize=9)
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.tight_layout()
+    fig.savefig(os.path.join(a.out, "fig_curves.png"), dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None):
@@ -241,6 +268,7 @@ def main(argv=None):
     commits = sorted({r.get("commit", "?") for runs in res.values() for r in runs.values()})
     text = (pilot_report if a.pilot else sweep_report)(res, a, ", ".join(commits))
     open(os.path.join(a.out, "pilot.md" if a.pilot else "s_curve.md"), "w").write(text)
+    curves(res, a)
     if not a.pilot:
         figures(res, a)
     print(text)

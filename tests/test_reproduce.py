@@ -1,6 +1,8 @@
 """The reproduction sweep end to end, 2 steps per arm on a tiny random model (a smoke test:
 the numbers mean nothing here), and its paired statistics by hand.  Run: pytest tests/test_reproduce.py"""
+import json
 import os
+import time
 
 import pytest
 
@@ -72,3 +74,33 @@ def test_bad_flags_refused_before_any_run(tmp_path, capsys):
             reproduce.main(["--out", str(tmp_path / "o"), *argv])
         assert flag in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_wall_time_of_a_resumed_run_counts_every_segment(tmp_path, monkeypatch):
+    """A run stopped (SIGTERM: train.py checkpoints and exits; SIGKILL: it just dies) and resumed costs
+    both segments: wall.json sums them, the stopped one ending at its last file written."""
+    import subprocess as sp
+    from types import SimpleNamespace
+    a = SimpleNamespace(out=str(tmp_path), quiet=True, steps=2, eval_samples=1)
+    out = tmp_path / "runs" / "dpo-seed0"
+    calls = []
+
+    def fake_train(argv, check, stdout):
+        calls.append(argv)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "heldout_before.json").write_text("{}")
+        (out / "log.jsonl").write_text("{}\n")
+        if len(calls) == 1:   # the first segment: 100 s of work, then killed
+            t = time.time() + 100
+            os.utime(out / "log.jsonl", (t, t))
+            raise sp.CalledProcessError(-9, argv)
+        (out / "heldout_after.json").write_text("{}")
+
+    monkeypatch.setattr(reproduce.subprocess, "run", fake_train)
+    paths = {"train_math": "t.jsonl", "heldout_math": "h.jsonl"}
+    with pytest.raises(sp.CalledProcessError):
+        reproduce.run_arm("dpo", [], "math", 0, a, paths, [])
+    assert reproduce.run_arm("dpo", [], "math", 0, a, paths, [])
+    wall = json.load(open(out / "wall.json"))
+    assert wall["wall_s"] >= 100 and wall["segments"] == 2
+    assert not reproduce.run_arm("dpo", [], "math", 0, a, paths, [])   # finished: skipped

@@ -26,7 +26,7 @@ def test_pilot_and_sweep_smoke(tiny_model_dir, tmp_path, capsys):
     assert res["dpo_s1"][0]["wall_s"] == pilot["dpo_s1"][0]["wall_s"]
     text = open(out / "s_curve.md").read()
     assert "online ≫ offline" in text and "semi-online ≈ online" in text and "dpo_sepoch" in text
-    for fig in ("fig_s_curve.png", "fig_ref_sync.png"):
+    for fig in ("fig_s_curve.png", "fig_ref_sync.png", "fig_curves.png"):
         assert os.path.getsize(out / fig) > 5000
     assert not list((out / "runs").glob("*/ckpt-*"))
 
