@@ -104,3 +104,23 @@ def test_wall_time_of_a_resumed_run_counts_every_segment(tmp_path, monkeypatch):
     wall = json.load(open(out / "wall.json"))
     assert wall["wall_s"] >= 100 and wall["segments"] == 2
     assert not reproduce.run_arm("dpo", [], "math", 0, a, paths, [])   # finished: skipped
+
+
+def test_quick_says_whether_it_showed_online_over_offline(tmp_path, monkeypatch):
+    """--quick runs online vs offline DPO on its own defaults (flags given still win) and states its one
+    finding: reproduced, or in words that this run could not show it."""
+    seen = []
+    monkeypatch.setattr(reproduce, "run_arm", lambda name, flags, evalset, seed, a, paths, passthrough: seen.append((name, seed, a, passthrough)) or False)
+    with pytest.raises(SystemExit, match="no finished runs yet"):
+        reproduce.main(["--out", str(tmp_path), "--quick", "--steps", "8"])
+    assert sorted({(n, s) for n, s, _, _ in seen}) == [(n, s) for n in ("offline", "online_dpo") for s in range(3)]
+    a, passthrough = seen[0][2], seen[0][3]
+    assert (a.steps, a.pool, a.eval_problems, a.ref_sync_every) == (8, 256, 128, 16)
+    assert passthrough[passthrough.index("--lr") + 1] == "1e-5"
+    big = {s: fake_run([1, 1, 1, 0] if s else [1, 1, 1, 1]) for s in range(3)}
+    small = {s: fake_run([0, 0, 1, 0]) for s in range(3)}
+    text = reproduce.quick_finding({"online_dpo": big, "offline": small})
+    assert text.count("**reproduced**") == 2 and "not" not in text
+    noisy = {0: fake_run([1, 0, 0, 0]), 1: fake_run([0, 0, 1, 1]), 2: fake_run([0, 0, 0, 0])}   # d per seed 0, +¼, −¼
+    text = reproduce.quick_finding({"online_dpo": noisy, "offline": small})
+    assert "**inconclusive**" in text and "does **not** show online ≫ offline" in text
