@@ -52,13 +52,16 @@ def _grader_main():
     """The grader process: one JSON [response, answer] per line in, one JSON result per line out."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's; we end when stdin closes
     grade("\\boxed{1}", "1")   # the first parse imports and builds Math-Verify's parsers: off the clock
-    print('"ready"', flush=True)
-    for line in sys.stdin:
-        try:
-            out = grade(*json.loads(line))
-        except Exception as e:   # a line grade() cannot take (Math-Verify itself returns [] on odd input): scored 0, counted
-            out = f"{e.__class__.__name__}: {e}"
-        print(json.dumps(out), flush=True)
+    try:
+        print('"ready"', flush=True)
+        for line in sys.stdin:
+            try:
+                out = grade(*json.loads(line))
+            except Exception as e:   # a line grade() cannot take (Math-Verify itself returns [] on odd input): scored 0, counted
+                out = f"{e.__class__.__name__}: {e}"
+            print(json.dumps(out), flush=True)
+    except BrokenPipeError:   # the parent left without reading (a short script): end quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # Python's exit flush must not fail again
 
 
 def _spawn_grader():

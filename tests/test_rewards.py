@@ -145,3 +145,16 @@ def test_a_numeric_answer_must_be_a_number(response, answer, expected):
     for 799): on the built-in arithmetic, copying the question into \\boxed{} then earns full reward,
     and RL learns that instead of the arithmetic (s_curve.py's probes: two-digit products at 100 %)."""
     assert math_reward(response, answer) == expected
+
+
+def test_a_grader_whose_parent_left_exits_quietly():
+    """A parent that exits before reading "ready" (a 1-second script) closes the grader's stdout: the
+    grader ends without a BrokenPipeError traceback on the terminal."""
+    import subprocess
+    import sys
+    p = subprocess.Popen([sys.executable, rewards.__file__, "--grader"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()
+    p.stdin.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) == 0 and "Error" not in err, err
