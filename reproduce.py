@@ -262,7 +262,7 @@ def figures(res, a):
     fig.tight_layout()
     fig.savefig(os.path.join(a.out, "fig_accuracy.png"), dpi=110)
     plt.close(fig)
-    t3 = [n for n in ("online_dpo", "chat_only", "math+chat") if 0 in res.get(n, {})]
+    t3 = [n for n in ("online_dpo", "chat_only", "math+chat") if 0 in res.get(n, {}) and "chat" in res[n][0]["after"]]
     if t3:
         fig, ax = plt.subplots(figsize=(6, 3.8))
         for j, metric in enumerate(("math", "chat_win")):
@@ -347,7 +347,7 @@ def report(res, a, commit):
         L += [f"(d) entropy falls by > 10 % in every regime that samples from the trained model, offline within ±10 % "
               f"(its rollouts are the seed model's, so its logged entropy cannot move): **{'reproduced' if ok else 'not in every regime'}** "
               f"({', '.join(f'{n} {100 * c:+.0f} %' for n, c in change.items())})."]
-    t3 = [n for n in ("online_dpo", "chat_only", "math+chat") if 0 in res.get(n, {})]
+    t3 = [n for n in ("online_dpo", "chat_only", "math+chat") if 0 in res.get(n, {}) and "chat" in res[n][0]["after"]]
     if len(t3) == 3:
         L += ["", "## Table 3 analogue (seed 0; chat: greedy response vs the seed model's on the same prompt, same judge)", "",
               "| trained on | math held-out acc. (%) | chat win rate vs seed (%) |", "|---|---|---|"]

@@ -124,3 +124,17 @@ def test_quick_says_whether_it_showed_online_over_offline(tmp_path, monkeypatch)
     noisy = {0: fake_run([1, 0, 0, 0]), 1: fake_run([0, 0, 1, 1]), 2: fake_run([0, 0, 0, 0])}   # d per seed 0, +¼, −¼
     text = reproduce.quick_finding({"online_dpo": noisy, "offline": small})
     assert "**inconclusive**" in text and "does **not** show online ≫ offline" in text
+
+
+def test_quick_end_to_end(tiny_model_dir, tmp_path, capsys):
+    """--quick on a tiny model: two arms × its seeds, then its report, figures and finding (the numbers
+    mean nothing here); online DPO seed 0 is scored on math only, without Table 3's arms."""
+    out = tmp_path / "quick"
+    res = reproduce.main(["--quick", "--out", str(out), "--steps", "2", "--seeds", "2", "--eval-problems", "3",
+                          "--pool", "8", "--quiet", "--model", tiny_model_dir, "--n", "2", "--batch-prompts", "2",
+                          "--max-new-tokens", "4"])
+    assert sorted(res) == ["offline", "online_dpo"] and all(list(r) == [0, 1] for r in res.values())
+    assert "chat" not in res["online_dpo"][0]["after"] and not (out / "fig_table3.png").exists()
+    text = open(out / "results.md").read()
+    assert "## The quick look: online ≫ offline?" in text and "online DPO − offline DPO" in text
+    assert "The quick look" in capsys.readouterr().out
