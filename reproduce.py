@@ -188,6 +188,11 @@ def paired(runs_a, runs_b, metric):
     return p and (p[0], p[1], p[3])
 
 
+def table3_arms(res):
+    """Table 3's arms whose seed 0 was scored on chat too (online DPO seed 0 is only outside --quick)."""
+    return [n for n in ("online_dpo", "chat_only", "math+chat") if 0 in res.get(n, {}) and "chat" in res[n][0]["after"]]
+
+
 def verdict(d, se, expect):
     """expect ">": reproduced when d > 2 SE; "≈": equivalent when |d| + 2 SE < MARGIN, different
     when |d| > 2 SE (the paper's ≈ not seen); "≳": > or ≈."""
@@ -262,7 +267,7 @@ def figures(res, a):
     fig.tight_layout()
     fig.savefig(os.path.join(a.out, "fig_accuracy.png"), dpi=110)
     plt.close(fig)
-    t3 = [n for n in ("online_dpo", "chat_only", "math+chat") if 0 in res.get(n, {}) and "chat" in res[n][0]["after"]]
+    t3 = table3_arms(res)
     if t3:
         fig, ax = plt.subplots(figsize=(6, 3.8))
         for j, metric in enumerate(("math", "chat_win")):
@@ -347,7 +352,7 @@ def report(res, a, commit):
         L += [f"(d) entropy falls by > 10 % in every regime that samples from the trained model, offline within ±10 % "
               f"(its rollouts are the seed model's, so its logged entropy cannot move): **{'reproduced' if ok else 'not in every regime'}** "
               f"({', '.join(f'{n} {100 * c:+.0f} %' for n, c in change.items())})."]
-    t3 = [n for n in ("online_dpo", "chat_only", "math+chat") if 0 in res.get(n, {}) and "chat" in res[n][0]["after"]]
+    t3 = table3_arms(res)
     if len(t3) == 3:
         L += ["", "## Table 3 analogue (seed 0; chat: greedy response vs the seed model's on the same prompt, same judge)", "",
               "| trained on | math held-out acc. (%) | chat win rate vs seed (%) |", "|---|---|---|"]

@@ -184,8 +184,8 @@ def curves(res, a):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    bases = sorted({n.removesuffix("_nocrn") for n in res})   # an arm and its no-CRN twin share a colour
     for ax, (metric, label) in zip(axes, (("math", "greedy"), ("math_sampled", "sampled"))):
-        bases = sorted({n.removesuffix("_nocrn") for n in res})
         for n, runs in sorted(res.items()):
             steps = sorted(set.intersection(*(set(r["points"]) for r in runs.values())))
             ms = [mean_se([r["points"][k][metric]["mean"] for r in runs.values()]) for k in steps]
