@@ -211,7 +211,8 @@ def report(tag, parts, out):
     return summary
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """eval.py's flags, each checked (files, folders, engine) before any model loads."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", nargs="+", type=model_name, default=[DEFAULT_MODEL],
                    help=f"checkpoints, local model folders or HF ids, one table row each ({DEFAULT_MODEL}: SmolLM2-135M-Instruct "
@@ -252,6 +253,11 @@ def main(argv=None):
         if os.path.isdir(name) and not glob.glob(os.path.join(name, "*.safetensors")) + glob.glob(os.path.join(name, "*.bin")):
             p.error(f"argument --model: {name}: no weights (*.safetensors / *.bin) there")
     make_writable(a.out, "--out")
+    return a
+
+
+def main(argv=None):
+    a = parse_args(argv)
     if a.plot:   # logs.py: the runs' curves in one figure, their held-out numbers as a table
         from logs import heldout_table, plot_runs
         print(heldout_table(a.plot))

@@ -30,7 +30,7 @@ import time
 
 from data import POSITIVE_INT, HelpFormatter, make_writable, number, out_dir
 from eval import mean_se
-from reproduce import HERE, MARGIN, paired_scores, run_arm, summary, verdict, write_data
+from reproduce import HERE, MARGIN, paired_scores, run_arm, summary, trend, verdict, write_data
 
 METRICS = (("math", "final"), ("math", "second half"), ("math_sampled", "final"), ("math_sampled", "second half"))
 
@@ -87,6 +87,41 @@ def s_value(name, a):
     return {"inf": 2 * max(*a.s_values, a.epoch_s), "epoch": a.epoch_s}.get(s) or int(s)
 
 
+def slope(s, means, ses):
+    """Least-squares slope of accuracy against log2 s, per doubling of s, and its SE taking the arms as
+    independent: b = Σ (x − x̄)(y − ȳ) / Σ (x − x̄)², Var b = Σ (x − x̄)² SE² / (Σ (x − x̄)²)², x = log2 s.
+    (The arms share seeds and random numbers, so independent SEs overstate the slope's: conservative.)"""
+    x = [math.log2(v) for v in s]
+    xm, ym = sum(x) / len(x), sum(means) / len(means)
+    sxx = sum((v - xm) ** 2 for v in x)
+    b = sum((v - xm) * (y - ym) for v, y in zip(x, means)) / sxx
+    return b, math.sqrt(sum((v - xm) ** 2 * e ** 2 for v, e in zip(x, ses))) / sxx
+
+
+def shape_verdicts(res, a):
+    """The two verdicts fixed in README that are not one paired difference: the trend in s (greedy
+    second-half accuracy does not rise with s among the finite s, and ∞ is lowest) and the length
+    collapse without πref sync (its rollout length ends below half its start and below the synced arm's)."""
+    L = ["| finding | measured | verdict |", "|---|---|---|"]
+    finite = sorted([n for n in res if n.startswith("dpo_s") and n.removeprefix("dpo_s") in [*map(str, a.s_values), "epoch"]],
+                    key=lambda n: s_value(n, a))
+    if len(finite) >= 2 and "dpo_sinf" in res:
+        ms = [arm(res[n], "math", "second half") for n in finite]
+        b, se = slope([s_value(n, a) for n in finite], [m for m, _ in ms], [e for _, e in ms])
+        inf, low = arm(res["dpo_sinf"], "math", "second half")[0], min(m for m, _ in ms)
+        lowest = inf < low
+        v = ("rises with s (not the paper's)" if b > 2 * se else
+             "reproduced: not rising with s, ∞ lowest" if lowest else "not rising with s, but ∞ not lowest")
+        L.append(f"| trend in s | greedy 2nd half {100 * b:+.1f} ± {100 * se:.1f} points per doubling of s over "
+                 f"{', '.join(n.removeprefix('dpo_s') for n in finite)}; ∞ lowest: {'yes' if lowest else 'no'} "
+                 f"(∞ {100 * inf:.1f} %, lowest finite {100 * low:.1f} %) | {v} |")
+    if "dpo_s1" in res and "dpo_s1_no_ref_sync" in res:
+        (f0, f1), (s0, s1) = trend(res["dpo_s1_no_ref_sync"], "length"), trend(res["dpo_s1"], "length")
+        seen = f1 < f0 / 2 and f1 < s1
+        L.append(f"| length collapse without πref sync | {f0:.1f} → {f1:.1f} (synced: {s0:.1f} → {s1:.1f}) | {'seen' if seen else 'not seen'} |")
+    return L
+
+
 def pilot_report(res, a, commit):
     pct = lambda x: f"{100 * x:.1f}"
     L = [f"# s-curve pilot (commit {commit})", "", a.note, "",
@@ -136,6 +171,7 @@ def sweep_report(res, a, commit):
             p = paired(res.get(x, {}), res.get(y, {}), metric, kind)
             if p:
                 L.append(f"| {label} | {x} − {y} | {expect} | {metric} {kind} | {pct(*p[:2])} | {p[3]} | {verdict(p[0], p[1], expect)} |")
+    L += ["", "## The shape of the curve, and length without πref sync", "", *shape_verdicts(res, a)]
     return "\n".join(L) + "\n"
 
 

@@ -54,3 +54,24 @@ def test_bad_flags(tmp_path):
         s_curve.main(["--out", str(tmp_path), "--middle", "3"])
     with pytest.raises(SystemExit, match="2"):
         s_curve.main(["--out", str(tmp_path), "--steps", "10", "--points", "4"])
+
+
+def test_slope_against_log2_s_by_hand():
+    # accuracies 0.6, 0.5, 0.4 at s = 1, 2, 4: −0.1 per doubling; SEs 0.02 each
+    b, se = s_curve.slope([1, 2, 4], [0.6, 0.5, 0.4], [0.02, 0.02, 0.02])
+    assert b == pytest.approx(-0.1) and se == pytest.approx((2 * 0.02 ** 2) ** 0.5 / 2)
+
+
+def test_trend_and_length_verdicts():
+    a = type("A", (), {"s_values": [1, 2, 4], "epoch_s": 8})()
+    flat = lambda x: {0: fake({0: [0] * 4, 8: x})}
+    res = {"dpo_s1": flat([1, 1, 1, 0]), "dpo_s2": flat([1, 1, 0, 1]), "dpo_s4": flat([1, 0, 1, 1]), "dpo_sinf": flat([0, 0, 0, 1])}
+    lines = "\n".join(s_curve.shape_verdicts(res, a))
+    assert "∞ lowest: yes" in lines and "| trend in s |" in lines and "not rising" in lines
+    res["dpo_sinf"] = flat([1, 1, 1, 1])   # offline on top: the paper's shape not seen
+    assert "∞ lowest: no" in "\n".join(s_curve.shape_verdicts(res, a))
+    lengths = lambda xs: {0: {**fake({0: [0], 8: [0]}), "records": [{"length": x} for x in xs]}}
+    res.update(dpo_s1=lengths([20] * 8), dpo_s1_no_ref_sync=lengths([20, 20, 12, 10, 8, 6, 5, 4]))
+    assert "| length collapse without πref sync | 20.0 → 4.5 (synced: 20.0 → 20.0) | seen |" in "\n".join(s_curve.shape_verdicts(res, a))
+    res["dpo_s1_no_ref_sync"] = lengths([20] * 8)
+    assert "| not seen |" in "\n".join(s_curve.shape_verdicts(res, a))
