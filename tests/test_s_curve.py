@@ -75,3 +75,16 @@ def test_trend_and_length_verdicts():
     assert "| length collapse without πref sync | 20.0 → 4.5 (synced: 20.0 → 20.0) | seen |" in "\n".join(s_curve.shape_verdicts(res, a))
     res["dpo_s1_no_ref_sync"] = lengths([20] * 8)
     assert "| not seen |" in "\n".join(s_curve.shape_verdicts(res, a))
+
+
+def test_design_choice_picks_the_cheaper_design_for_the_equivalence_se():
+    a = type("A", (), {"middle": 4})()
+    one = lambda x: fake({0: [0] * 2, 8: x})
+    # CRN: differences 0 and 0.05 over 2 seeds (SD 3.5 points: 2 seeds); no CRN: 0 and 0.5 (SD 35 points: 200 seeds, 201 by float rounding)
+    res = {"dpo_s1": {0: one([0, 0]), 1: one([0, 0])}, "dpo_s4": {0: one([0, 0]), 1: one([0.1, 0])},
+           "dpo_s1_nocrn": {0: one([0, 0]), 1: one([0, 0])}, "dpo_s4_nocrn": {0: one([0, 0]), 1: one([1, 0])}}
+    text = "\n".join(s_curve.design_choice(res, a, {"CRN": [600, 600], "no CRN": [300]}))
+    assert "| CRN | 3.5 points | 2 seeds | 2 | 1.0 |" in text and "| no CRN | 35.4 points | 2 seeds | 201 | 50.2 |" in text
+    assert "**Choice: CRN**" in text
+    del res["dpo_s4_nocrn"]
+    assert "No choice yet" in "\n".join(s_curve.design_choice(res, a, {"CRN": [600], "no CRN": [300]}))
