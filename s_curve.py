@@ -132,13 +132,22 @@ def pilot_report(res, a, commit):
          "The paired difference of two arms per seed; its SD over seeds is the noise a sweep of this design has to beat "
          "(the SE of a k-seed mean is SD/√k). CRN: common random numbers (train.py's default); no CRN: one random stream.", "",
          "| difference | metric | design | seeds | mean (points) | SD over seeds | SE |", "|---|---|---|---|---|---|---|"]
-    pairs = [("dpo_s1", "dpo_sinf"), (f"dpo_s{a.middle}", "dpo_s1"), (f"dpo_s{a.middle}", "dpo_sinf")]
+    pairs, ratios = [("dpo_s1", "dpo_sinf"), (f"dpo_s{a.middle}", "dpo_s1"), (f"dpo_s{a.middle}", "dpo_sinf")], []
     for x, y in pairs:
         for metric, kind in METRICS:
+            sd = {}
             for design, suffix in (("CRN", ""), ("no CRN", "_nocrn")):
                 p = paired(res.get(x + suffix, {}), res.get(y + suffix, {}), metric, kind)
                 if p:
+                    sd[design] = p[2]
                     L.append(f"| {x} − {y} | {metric} {kind} | {design} | {p[3]} | {pct(p[0])} | {pct(p[2]) if p[2] is not None else '–'} | {pct(p[1])} |")
+            if None not in sd.values() and len(sd) == 2 and sd["CRN"] > 0:
+                ratios.append(sd["no CRN"] / sd["CRN"])
+    if ratios:
+        r = statistics.median(ratios)
+        L += ["", f"SD without CRN ÷ SD with CRN, over the {len(ratios)} rows measured in both: median {r:.2f} (range "
+                  f"{min(ratios):.2f}–{max(ratios):.2f}; CRN lower in {sum(x > 1 for x in ratios)}); the seeds for a given SE "
+                  f"scale with its square, {r ** 2:.1f}×."]
     walls = {d: [r["wall_s"] for n, runs in res.items() if n.endswith("_nocrn") == (d == "no CRN") for r in runs.values()]
              for d in ("CRN", "no CRN")}
     cost = lambda w: f"{len(w)} runs × {statistics.median(w) / 60:.1f} min = {len(w) * statistics.median(w) / 3600:.2f} h" if w else "none yet"

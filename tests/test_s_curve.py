@@ -88,3 +88,19 @@ def test_design_choice_picks_the_cheaper_design_for_the_equivalence_se():
     assert "**Choice: CRN**" in text
     del res["dpo_s4_nocrn"]
     assert "No choice yet" in "\n".join(s_curve.design_choice(res, a, {"CRN": [600], "no CRN": [300]}))
+
+
+def test_pilot_report_compares_the_noise_of_the_two_designs():
+    a = type("A", (), {"middle": 4, "note": "note"})()
+
+    def one(x):   # greedy and sampled scored alike
+        run = fake({0: [0] * 2, 8: x})
+        for point in run["points"].values():
+            point["math_sampled"] = point["math"]
+        return run
+    # greedy final s4 − s1 per seed: CRN 0, 0.5 (SD 0.354); no CRN 0, 1 (SD 0.707): ratio 2
+    res = {"dpo_s1": {0: one([0, 0]), 1: one([0, 0])}, "dpo_s4": {0: one([0, 0]), 1: one([1, 0])},
+           "dpo_s1_nocrn": {0: one([0, 0]), 1: one([0, 0])}, "dpo_s4_nocrn": {0: one([0, 0]), 1: one([1, 1])}}
+    text = s_curve.pilot_report(res, a, "abc")
+    assert "| dpo_s4 − dpo_s1 | math final | CRN | 2 seeds | 25.0 | 35.4 | 25.0 |" in text
+    assert "over the 4 rows measured in both: median 2.00 (range 2.00–2.00; CRN lower in 4)" in text and "4.0×" in text
