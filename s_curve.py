@@ -33,9 +33,10 @@ from eval import mean_se
 from reproduce import HERE, MARGIN, paired_scores, run_arm, summary, trend, verdict, write_data
 
 METRICS = (("math", "final"), ("math", "second half"), ("math_sampled", "final"), ("math_sampled", "second half"))
-# The paper's Table 1, MATH500 accuracy (%) of Llama-3.1-8B-Instruct trained on NuminaMath, by s (0: GRPO, s = 1).
-# ../shared/PAPER_NOTES.md does not carry Table 1; these are as transcribed in a public summary of the paper
-# (its s = 10 row, 57.2 in the paper as we recall it, is not in that summary and is left out).
+DESIGNS = (("CRN", ""), ("no CRN", "_nocrn"))   # the pilot's two designs and their arms' name suffix
+# The paper's Table 1, MATH500 accuracy (%) of Llama-3.1-8B-Instruct trained on NuminaMath: the seed model, DPO
+# by s, GRPO (s = 1). ../shared/PAPER_NOTES.md does not carry Table 1; these are as transcribed in a public
+# summary of the paper, which has no s = 10 row (left out here).
 TABLE1_MATH500 = {"seed": 47.4, "1": 58.7, "100": 58.9, "inf": 53.7, "grpo": 58.1}
 
 
@@ -136,7 +137,7 @@ def pilot_report(res, a, commit):
     for x, y in pairs:
         for metric, kind in METRICS:
             sd = {}
-            for design, suffix in (("CRN", ""), ("no CRN", "_nocrn")):
+            for design, suffix in DESIGNS:
                 p = paired(res.get(x + suffix, {}), res.get(y + suffix, {}), metric, kind)
                 if p:
                     sd[design] = p[2]
@@ -148,8 +149,8 @@ def pilot_report(res, a, commit):
         L += ["", f"SD without CRN ÷ SD with CRN, over the {len(ratios)} rows measured in both: median {r:.2f} (range "
                   f"{min(ratios):.2f}–{max(ratios):.2f}; CRN lower in {sum(x > 1 for x in ratios)}); the seeds for a given SE "
                   f"scale with its square, {r ** 2:.1f}×."]
-    walls = {d: [r["wall_s"] for n, runs in res.items() if n.endswith("_nocrn") == (d == "no CRN") for r in runs.values()]
-             for d in ("CRN", "no CRN")}
+    walls = {d: [r["wall_s"] for n, runs in res.items() if n.endswith("_nocrn") == bool(suffix) for r in runs.values()]
+             for d, suffix in DESIGNS}
     cost = lambda w: f"{len(w)} runs × {statistics.median(w) / 60:.1f} min = {len(w) * statistics.median(w) / 3600:.2f} h" if w else "none yet"
     L += ["", f"Cost on this machine, runs × the median wall time of a run (a run resumed before its wall.json summed "
               f"its segments counted only its last): CRN {cost(walls['CRN'])}; no CRN {cost(walls['no CRN'])}.",
@@ -163,7 +164,7 @@ def design_choice(res, a, walls):
     and the CPU hours of k seeds of the three headline arms at that design's median run."""
     L, need = ["| design | SD of middle s − s = 1 (greedy 2nd half) | over | seeds for SE ≤ "
                f"{50 * MARGIN:.1f} | CPU hours for them (3 arms) |", "|---|---|---|---|---|"], {}
-    for design, suffix in (("CRN", ""), ("no CRN", "_nocrn")):
+    for design, suffix in DESIGNS:
         p = paired(res.get(f"dpo_s{a.middle}{suffix}", {}), res.get(f"dpo_s1{suffix}", {}), "math", "second half")
         if not p or p[2] is None or not walls[design]:
             L.append(f"| {design} | – | {p[3] if p else 'no runs'} | – | – |")
@@ -181,9 +182,14 @@ def design_choice(res, a, walls):
     return L
 
 
+def seed_model(res):
+    """The seed model's held-out scores: step 0 of any run (every run starts from it, scored on the same rows)."""
+    return next(iter(next(iter(res.values())).values()))["points"][0]
+
+
 def sweep_report(res, a, commit):
     pct = lambda m, se: f"{100 * m:.1f} ± {100 * se:.1f}"
-    b = next(iter(next(iter(res.values())).values()))["points"][0]
+    b = seed_model(res)
     L = [f"# s-curve sweep (commit {commit})", "", a.note, "",
          f"Seed model: greedy {pct(b['math']['mean'], b['math']['se'])} %, sampled {pct(b['math_sampled']['mean'], b['math_sampled']['se'])} %.", "",
          "| arm | syncs | seeds | greedy final | greedy 2nd half | sampled final | sampled 2nd half | length, first → last quarter | wall (min, median) |",
@@ -225,8 +231,7 @@ def figures(res, a):
             ms = [arm(res[n], metric, kind) for n in dpo]
             m, se = [100 * x for x, _ in ms], [100 * e for _, e in ms]
             line = ax.errorbar(xs, m, yerr=se, marker="o", capsize=3, label=f"DPO, {label}")
-            seed_model = next(iter(res[dpo[0]].values()))["points"][0][metric]["mean"]
-            ax.axhline(100 * seed_model, ls=":", color=line[0].get_color(), label=f"seed model, {label}")
+            ax.axhline(100 * seed_model(res)[metric]["mean"], ls=":", color=line[0].get_color(), label=f"seed model, {label}")
             ax.fill_between(xs, [v - e for v, e in zip(m, se)], [v + e for v, e in zip(m, se)], alpha=0.15)
             if "grpo_s1" in res:
                 ax.scatter([1], [100 * arm(res["grpo_s1"], metric, kind)[0]], marker="*", s=90, zorder=3, label=f"GRPO (s = 1), {label}")

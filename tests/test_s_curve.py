@@ -80,11 +80,12 @@ def test_trend_and_length_verdicts():
 def test_design_choice_picks_the_cheaper_design_for_the_equivalence_se():
     a = type("A", (), {"middle": 4})()
     one = lambda x: fake({0: [0] * 2, 8: x})
-    # CRN: differences 0 and 0.05 over 2 seeds (SD 3.5 points: 2 seeds); no CRN: 0 and 0.5 (SD 35 points: 200 seeds, 201 by float rounding)
-    res = {"dpo_s1": {0: one([0, 0]), 1: one([0, 0])}, "dpo_s4": {0: one([0, 0]), 1: one([0.1, 0])},
-           "dpo_s1_nocrn": {0: one([0, 0]), 1: one([0, 0])}, "dpo_s4_nocrn": {0: one([0, 0]), 1: one([1, 0])}}
+    # seeds k = (SD / 0.025)², never on an integer boundary, where float rounding would decide the ceiling:
+    # CRN differences 0, 0.025 (SD 1.8 points: k 0.5, so the floor of 2); no CRN 0, 0, 0.5 (SD 28.9 points: k 133.3, so 134)
+    res = {"dpo_s1": {0: one([0, 0]), 1: one([0, 0])}, "dpo_s4": {0: one([0, 0]), 1: one([0.05, 0])},
+           "dpo_s1_nocrn": {s: one([0, 0]) for s in range(3)}, "dpo_s4_nocrn": {0: one([0, 0]), 1: one([0, 0]), 2: one([1, 0])}}
     text = "\n".join(s_curve.design_choice(res, a, {"CRN": [600, 600], "no CRN": [300]}))
-    assert "| CRN | 3.5 points | 2 seeds | 2 | 1.0 |" in text and "| no CRN | 35.4 points | 2 seeds | 201 | 50.2 |" in text
+    assert "| CRN | 1.8 points | 2 seeds | 2 | 1.0 |" in text and "| no CRN | 28.9 points | 3 seeds | 134 | 33.5 |" in text
     assert "**Choice: CRN**" in text
     del res["dpo_s4_nocrn"]
     assert "No choice yet" in "\n".join(s_curve.design_choice(res, a, {"CRN": [600], "no CRN": [300]}))
