@@ -120,10 +120,13 @@ def shape_verdicts(res, a):
         L.append(f"| trend in s | greedy 2nd half {100 * b:+.1f} ± {100 * se:.1f} points per doubling of s over "
                  f"{', '.join(n.removeprefix('dpo_s') for n in finite)}; ∞ lowest: {'yes' if lowest else 'no'} "
                  f"(∞ {100 * inf:.1f} %, lowest finite {100 * low:.1f} %) | {v} |")
-    if "dpo_s1" in res and "dpo_s1_no_ref_sync" in res:
-        (f0, f1), (s0, s1) = trend(res["dpo_s1_no_ref_sync"], "length"), trend(res["dpo_s1"], "length")
+    free = res.get("dpo_s1_no_ref_sync", {})   # set against the synced arm on the same seeds (paired, as every difference here)
+    synced = {s: r for s, r in res.get("dpo_s1", {}).items() if s in free}
+    if synced:
+        (f0, f1), (s0, s1) = trend(free, "length"), trend(synced, "length")
         seen = f1 < f0 / 2 and f1 < s1
-        L.append(f"| length collapse without πref sync | {f0:.1f} → {f1:.1f} (synced: {s0:.1f} → {s1:.1f}) | {'seen' if seen else 'not seen'} |")
+        L.append(f"| length collapse without πref sync | {f0:.1f} → {f1:.1f} (synced, same seeds: {s0:.1f} → {s1:.1f}) | "
+                 f"{'seen' if seen else 'not seen'} |")
     return L
 
 
@@ -197,10 +200,9 @@ def sweep_report(res, a, commit):
     for name, runs in sorted(res.items(), key=lambda kv: (not kv[0].startswith("dpo_s"), s_value(kv[0], a) if kv[0].startswith("dpo_s") else 0)):
         rv = list(runs.values())
         cells = [pct(*arm(runs, m, k)) for m, k in METRICS]
-        lengths = [x["length"] for x in rv[0]["records"]]
-        q = max(1, len(lengths) // 4)
+        first, last = trend(runs, "length")   # mean over seeds, as the other columns
         syncs = len({x["step"] - x["staleness"] for x in rv[0]["records"]})
-        L.append(f"| {name} | {syncs} | {len(rv)} | {' | '.join(cells)} | {sum(lengths[:q]) / q:.1f} → {sum(lengths[-q:]) / q:.1f} | "
+        L.append(f"| {name} | {syncs} | {len(rv)} | {' | '.join(cells)} | {first:.1f} → {last:.1f} | "
                  f"{statistics.median(r['wall_s'] for r in rv) / 60:.1f} |")
     mid = f"dpo_s{a.middle}"
     rows = [("online ≫ offline", "dpo_s1", "dpo_sinf", ">"), ("semi-online ≈ online", mid, "dpo_s1", "≈"),

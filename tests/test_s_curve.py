@@ -72,7 +72,7 @@ def test_trend_and_length_verdicts():
     assert "∞ lowest: no" in "\n".join(s_curve.shape_verdicts(res, a))
     lengths = lambda xs: {0: {**fake({0: [0], 8: [0]}), "records": [{"length": x} for x in xs]}}
     res.update(dpo_s1=lengths([20] * 8), dpo_s1_no_ref_sync=lengths([20, 20, 12, 10, 8, 6, 5, 4]))
-    assert "| length collapse without πref sync | 20.0 → 4.5 (synced: 20.0 → 20.0) | seen |" in "\n".join(s_curve.shape_verdicts(res, a))
+    assert "| length collapse without πref sync | 20.0 → 4.5 (synced, same seeds: 20.0 → 20.0) | seen |" in "\n".join(s_curve.shape_verdicts(res, a))
     res["dpo_s1_no_ref_sync"] = lengths([20] * 8)
     assert "| not seen |" in "\n".join(s_curve.shape_verdicts(res, a))
 
@@ -105,3 +105,21 @@ def test_pilot_report_compares_the_noise_of_the_two_designs():
     text = s_curve.pilot_report(res, a, "abc")
     assert "| dpo_s4 − dpo_s1 | math final | CRN | 2 seeds | 25.0 | 35.4 | 25.0 |" in text
     assert "over the 4 rows measured in both: median 2.00 (range 2.00–2.00; CRN lower in 4)" in text and "4.0×" in text
+
+
+def test_lengths_are_seed_means_and_the_collapse_verdict_is_paired():
+    """Review (session 19): the table's length column showed the first seed only while the other
+    columns are seed means, and the collapse verdict set one no-sync seed against the synced arm's
+    mean over all its seeds: a synced seed 1 with long responses hid a collapse seen on seed 0."""
+    a = type("A", (), {"s_values": [1], "epoch_s": 8, "middle": 1, "note": "note"})()
+    def run(xs):
+        r = {**fake({0: [0], 8: [1]}), "records": [{"length": x, "step": i + 1, "staleness": 0} for i, x in enumerate(xs)]}
+        for point in r["points"].values():
+            point["math"].update(mean=0.0, se=0.0)
+            point["math_sampled"] = point["math"]
+        return r
+    res = {"dpo_s1": {0: run([20] * 8), 1: run([60] * 8)}, "dpo_s1_no_ref_sync": {0: run([20, 20, 12, 10, 8, 6, 5, 4])}}
+    table = s_curve.sweep_report(res, a, "abc")
+    assert "| dpo_s1 | 8 | 2 |" in table and "| 40.0 → 40.0 |" in table   # the mean of 20 and 60, not seed 0's 20
+    verdict = "\n".join(s_curve.shape_verdicts(res, a))
+    assert "| length collapse without πref sync | 20.0 → 4.5 (synced, same seeds: 20.0 → 20.0) | seen |" in verdict
