@@ -110,16 +110,19 @@ def test_pilot_report_compares_the_noise_of_the_two_designs():
 def test_lengths_are_seed_means_and_the_collapse_verdict_is_paired():
     """Review (session 19): the table's length column showed the first seed only while the other
     columns are seed means, and the collapse verdict set one no-sync seed against the synced arm's
-    mean over all its seeds: a synced seed 1 with long responses hid a collapse seen on seed 0."""
+    mean over all its seeds: a synced seed 1 with short responses hid a collapse seen against seed 0."""
     a = type("A", (), {"s_values": [1], "epoch_s": 8, "middle": 1, "note": "note"})()
+
     def run(xs):
         r = {**fake({0: [0], 8: [1]}), "records": [{"length": x, "step": i + 1, "staleness": 0} for i, x in enumerate(xs)]}
         for point in r["points"].values():
             point["math"].update(mean=0.0, se=0.0)
             point["math_sampled"] = point["math"]
         return r
-    res = {"dpo_s1": {0: run([20] * 8), 1: run([60] * 8)}, "dpo_s1_no_ref_sync": {0: run([20, 20, 12, 10, 8, 6, 5, 4])}}
+    # without sync 40 → 12 on seed 0: below half its start and below the synced seed 0's 20, though above
+    # the synced arm's mean over both its seeds (20 and 2: 11), which the unpaired verdict compared it with
+    res = {"dpo_s1": {0: run([20] * 8), 1: run([2] * 8)}, "dpo_s1_no_ref_sync": {0: run([40, 40, 30, 25, 20, 16, 12, 12])}}
     table = s_curve.sweep_report(res, a, "abc")
-    assert "| dpo_s1 | 8 | 2 |" in table and "| 40.0 → 40.0 |" in table   # the mean of 20 and 60, not seed 0's 20
+    assert "| dpo_s1 | 8 | 2 |" in table and "| 11.0 → 11.0 |" in table   # the mean of 20 and 2, not seed 0's 20
     verdict = "\n".join(s_curve.shape_verdicts(res, a))
-    assert "| length collapse without πref sync | 20.0 → 4.5 (synced, same seeds: 20.0 → 20.0) | seen |" in verdict
+    assert "| length collapse without πref sync | 40.0 → 12.0 (synced, same seeds: 20.0 → 20.0) | seen |" in verdict
