@@ -111,3 +111,41 @@ def test_checkpoint_moves_between_world_sizes(setup):
     os.rename(tmp / "c", tmp / "d")
     one_then_two = launch(setup, "d", 2, 4, extra=["--resume"])
     assert_close(straight, one_then_two)
+
+
+FREED_PROBE = r"""
+import ctypes, sys, torch
+sys.path.insert(0, sys.argv[1])
+from distributed import setup_distributed
+
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Mallinfo2
+setup_distributed("cpu")
+before = libc.mallinfo2().hblkhd     # bytes in blocks mmapped on their own
+x = torch.ones(3 * 2 ** 20)          # 12 MB: under glibc's 32 MB cap, above its 128 KB starting threshold
+mapped = libc.mallinfo2().hblkhd - before
+del x
+held = libc.mallinfo2().arena        # the heap kept after the free
+print(mapped, held)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_cpu_runs_keep_freed_tensor_memory(tmp_path):
+    """On a CPU, setup_distributed has malloc serve a 12 MB tensor from its heap and keep it after
+    the free (distributed.keep_freed_memory): glibc's default maps such a block on its own and
+    unmaps it at the free, so the next step's tensor of that size page-faults in anew
+    (results/speed-cpu.md measures what it costs a training step)."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(FREED_PROBE)
+    out = subprocess.run([sys.executable, str(probe), ROOT], capture_output=True, text=True)
+    if "mallinfo2" in out.stderr:   # not glibc ≥ 2.33
+        pytest.skip("no mallinfo2 in this libc")
+    assert out.returncode == 0, out.stderr[-2000:]
+    mapped, held = map(int, out.stdout.split())
+    assert mapped < 2 ** 20, f"a 12 MB tensor was mmapped on its own ({mapped} bytes)"
+    assert held >= 12 * 2 ** 20, f"the heap gave the freed 12 MB back ({held} bytes kept)"
