@@ -8,16 +8,17 @@ every buffer sized from train.py's flags and the number of processes. Takes trai
 
 What a process holds (P parameters, W processes; per process):
   resident   πθ in fp32, its gradient and AdamW's two moments, sharded by FSDP: (4 + 4 + 8)·P/W;
-             πref in fp32, sharded: 4·P/W (when the loss uses it); the HF engine's whole copy
-             of the weights in the rollout dtype; the chat judge's whole fp32 copy; the runtime
-             (on CPU the process after its imports, measured; on CUDA 1 GiB for the context).
+             πref in fp32, sharded: 4·P/W (when the loss uses it); the chat judge's whole fp32
+             copy; the runtime (on CPU the process after its imports, measured; on CUDA 1 GiB for
+             the context).
   training   one micro-batch's forward and backward (train.loss_and_backward): the activations a
              decoder layer keeps for backward (activation_bytes), or with --grad-checkpointing each
              layer's input plus one layer recomputed; the response tokens' logits and their
              gradient in the compute dtype plus one fp32 chunk (dpo.token_logps); under FSDP the
              gathered root (embeddings, head) and two decoder layers, with their unreduced fp32
              gradients; on a CPU with bf16 autocast, autocast's bf16 copy of every weight.
-  rollout    the HF engine's KV cache for --gen-batch rows of prompt + --max-new-tokens; or vLLM's
+  rollout    the HF engine's whole copy of the weights in the rollout dtype (freed while πθ trains:
+             HFEngine.sleep) and its KV cache for --gen-batch rows of prompt + --max-new-tokens; or vLLM's
              --vllm-memory share of the GPU (weights, KV cache), asleep (on the host) while πθ trains.
 The plan's peak is resident + max(training, rollout): the two phases do not overlap in time.
 It is a planning figure (an upper bound where a pair-less prompt leaves a micro-batch short),
@@ -121,7 +122,7 @@ def plan(shape, a, world, prompt_tokens, gpu_bytes=None, runtime=None):
         out["resident", "vLLM weights + VLLM_CPU_KVCACHE_SPACE"] = br * P + float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", 1)) * 2 ** 30
     else:
         if not (s == 1 and world == 1 and br == 4):   # at s = 1 on one fp32 process the engine samples πθ itself
-            out["resident", "rollout engine copy (whole)"] = br * P
+            out["rollout", "rollout engine copy (whole)"] = br * P
         rows = min(a.gen_batch, math.ceil(a.batch_prompts / world) * a.n * s)
         out["rollout", f"KV cache ({rows} rows)"] = rows * (prompt_tokens + a.max_new_tokens) * L * 2 * shape["kv"] * br
     if cuda:   # the host's RAM, not the GPU's: not in the peak

@@ -268,9 +268,21 @@ class HFEngine:
         # weights change every step, so its fused copy is made per generate call instead
         self.fast = fast
         self.layers = fuse(self.model) if fast and not share else None
+        # the copy's weight storages (the fused q|k|v and gate|up once), with their sizes: what sleep frees
+        self.storages = {p.untyped_storage().data_ptr(): (p.untyped_storage(), p.untyped_storage().nbytes())
+                         for p in self.model.parameters()} if not share else {}
+        self.asleep = False
 
     def close(self):
         """Nothing to release (VLLMEngine's shuts vLLM down)."""
+
+    def sleep(self):
+        """Free the private copy's weights while πθ trains (the trainer calls this after the rollouts
+        of a sync: the copy is not read again before the next update_weights overwrites all of it),
+        as VLLMEngine sleeps; update_weights brings them back. A shared engine has none to free."""
+        for storage, _ in self.storages.values():
+            storage.resize_(0)
+        self.asleep = bool(self.storages)
 
     @torch.no_grad()
     def update_weights(self, state):
@@ -279,6 +291,10 @@ class HFEngine:
         parameter at a time from an FSDP-sharded policy (train.full_params)."""
         if self.shared:   # the engine's weights are the policy's
             return
+        if self.asleep:   # every parameter is written below
+            for storage, size in self.storages.values():
+                storage.resize_(size)
+            self.asleep = False
         if isinstance(state, dict):
             self.model.load_state_dict(state)
             return
@@ -295,6 +311,8 @@ class HFEngine:
         Sequences are ordered prompt-major, sorted by prompt length to cut padding, and
         generated at most `max_batch` at a time (with `desc`, under a progress bar of that name).
         """
+        if self.asleep:
+            raise RuntimeError("HFEngine.generate while asleep: its weights come back with update_weights (the sync)")
         flat = [(i, p, j) for i, p in enumerate(prompts) for j in range(n)]
         flat.sort(key=lambda ipj: len(ipj[1]))
         out = [[] for _ in prompts]

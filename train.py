@@ -354,6 +354,7 @@ def sync_and_generate(r, a, spent):
             for k in range(r.step, upto)]
     tick = clock(spent, "sync", tick)
     r.buffer, generated = rollouts(r.engine, plan, r.step, a, r.s == math.inf, r.chat_reward, spent)
+    r.engine.sleep()   # its weights are next read after a sync or evaluation's update_weights refills them
     gen_tok_s, tick = generated / spent["generate"], time.time()
     if r.stamp and len(r.buffer) > 1:
         with autocast(a):

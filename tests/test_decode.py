@@ -119,6 +119,29 @@ def test_sync_reaches_the_fused_weights(tiny_model_dir):
         assert torch.equal(gate_up, torch.cat([m.mlp.gate_proj.weight, m.mlp.up_proj.weight]))
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_sleep_frees_the_copy_and_the_sync_brings_it_back(tiny_model_dir, fast):
+    """HFEngine.sleep frees its private copy's weights (the fused matrices once, the rest each once);
+    update_weights, by state dict or parameter by parameter, brings them back, and the engine then
+    samples exactly what an engine that never slept samples. Generating while asleep is an error."""
+    from rollout import load_model
+    model, t = load_model(tiny_model_dir)
+    awake, slept = HFEngine(model, t, fast=fast), HFEngine(model, t, fast=fast)
+    weights = lambda e: sum(p.untyped_storage().nbytes() for p in {p.untyped_storage().data_ptr(): p for p in e.model.parameters()}.values())
+    full = weights(slept)
+    assert full >= sum(p.numel() * p.element_size() for p in model.parameters())
+    for state in (model.state_dict(), model.named_parameters()):
+        slept.sleep()
+        assert weights(slept) == 0
+        with pytest.raises(RuntimeError, match="asleep"):
+            slept.generate(prompts(t), n=1, max_new_tokens=2)
+        slept.update_weights(state if isinstance(state, dict) else list(state))
+        assert weights(slept) == full
+        for a, b in zip(*(e.generate(prompts(t), n=2, max_new_tokens=5, keys=[1, 2, 3]) for e in (awake, slept))):
+            assert [x.completion_ids for x in a] == [x.completion_ids for x in b]
+            assert [x.logps for x in a] == [x.logps for x in b]
+
+
 def test_a_shared_policy_is_left_as_it_is(tiny_model_dir):
     """share=True (online, the policy samples itself): the fused weights are copies made per generate
     call; the policy's parameters (which an optimizer holds) stay the same tensors."""
@@ -128,7 +151,9 @@ def test_a_shared_policy_is_left_as_it_is(tiny_model_dir):
     engine = HFEngine(model, t, share=True)
     assert engine.layers is None
     engine.generate(prompts(t), n=2, max_new_tokens=4, keys=[1, 2, 3])
-    assert all(a is b for a, b in zip(before, model.parameters()))
+    engine.sleep()   # the policy's weights are not the engine's to free
+    assert all(a is b for a, b in zip(before, model.parameters())) and not engine.asleep
+    assert all(p.untyped_storage().nbytes() > 0 for p in model.parameters())
 
 
 def test_other_architectures_keep_the_hf_forward(tok):
