@@ -297,6 +297,14 @@ def decode(a, rows_list=(1, 8, 64), steps=48):
             nbytes = weights + rows * (len(prompt) + steps / 2) * kv * kv_item
             out["rows"].setdefault(rows, {})[path] = {"step_s": step_s, "bytes_mb": nbytes / 1e6, "gbs": nbytes / step_s / 1e9,
                                                       "fraction": nbytes / step_s / 1e9 / out["bandwidth_gbs"]}
+        if fast and engine.layers:   # the ceiling of any step made of torch matmuls: the step's weight matmuls alone
+            mats = [layer[i] for layer in engine.layers for i in (1, 3, 5, 6)] + [engine.model.lm_head.weight]   # qkv, o, gate|up, down; head
+            for rows in rows_list:
+                cols = {w.shape[1]: torch.ones(w.shape[1], rows, device=a.device, dtype=dt) for w in mats}
+                step_s = 1 / calls_per_second(lambda: [w @ cols[w.shape[1]] for w in mats], a.device, 0.5)
+                nbytes = sum(w.numel() for w in mats) * dt.itemsize
+                out["rows"][rows]["matmuls only"] = {"step_s": step_s, "bytes_mb": nbytes / 1e6, "gbs": nbytes / step_s / 1e9,
+                                                     "fraction": nbytes / step_s / 1e9 / out["bandwidth_gbs"]}
         del engine
     return out
 
@@ -524,7 +532,9 @@ def decode_md(a, dec):
     lines = [f"Decode against memory bandwidth: this machine reads {dec['bandwidth_gbs']:.1f} GB/s in {a.rollout_dtype} (best of a "
              f"512 MB reduction and 8-row matmuls streaming a 256 MB matrix as x @ W and as W @ xᵀ, this run). A decode step reads "
              f"every weight once ({dec['weights_mb']:.0f} MB) plus the KV cache; no row stops, {a.temperature} temperature, our "
-             "engine's full step (sampling, log-probs and entropy included), with decode.py's step and with the HF forward.", ""]
+             "engine's full step (sampling, log-probs and entropy included), with decode.py's step and with the HF forward; "
+             "'matmuls only': the step's weight matmuls alone (decode.py's W @ xᵀ, nothing between them), the ceiling of any "
+             "step built on this machine's matmul.", ""]
     rows = [(rows, path, f"{1e3 * r['step_s']:.1f}", f"{r['bytes_mb']:.0f}", f"{r['gbs']:.1f}", f"**{r['fraction']:.0%}**",
              f"{by['hf']['step_s'] / r['step_s']:.2f}x")
             for rows, by in dec["rows"].items() for path, r in by.items()]

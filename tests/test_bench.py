@@ -22,5 +22,5 @@ def test_bench_smoke(tiny_model_dir, tmp_path):
     dec = raw["decode"]   # the decode step against the memory-bandwidth roofline, per batch size
     assert dec["bandwidth_gbs"] > 0 and set(dec["rows"]) == {"1", "8", "64"}
     assert all(r["step_s"] > 0 and 0 < r["fraction"] for by in dec["rows"].values() for r in by.values())
-    assert all(set(by) == {"hf", "decode.py"} for by in dec["rows"].values())   # both paths, same run
+    assert all(set(by) == {"hf", "decode.py", "matmuls only"} for by in dec["rows"].values())   # both paths and the ceiling, same run
     assert "Decode against memory bandwidth" in table and "fraction of the bandwidth" in table

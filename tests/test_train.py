@@ -60,7 +60,8 @@ def spy_generate(monkeypatch, holder):
 
     def gen(self, *a, **k):
         p = holder["policy"].state_dict()
-        calls.append(all(torch.equal(v, p[k]) for k, v in self.model.state_dict().items()))
+        holder["sampled_with"] = {k: v.clone() for k, v in self.model.state_dict().items()}   # the last call's
+        calls.append(all(torch.equal(v, p[k]) for k, v in holder["sampled_with"].items()))
         return orig_gen(self, *a, **k)
     monkeypatch.setattr(distributed, "load_model", load)
     monkeypatch.setattr(HFEngine, "generate", gen)
@@ -78,7 +79,9 @@ def test_sync_schedule(tiny_model_dir, data_file, tmp_path, monkeypatch, s, step
     assert len(calls) == n_calls and all(calls)
     # ... and between syncs the engine is stale: the policy has moved on since the last sync
     p = out["policy"].state_dict()
-    assert any(not torch.equal(v, p[k]) for k, v in out["engine"].model.state_dict().items())
+    assert any(not torch.equal(v, p[k]) for k, v in holder["sampled_with"].items())
+    # the engine slept between its rollouts and the next sync; the run returns it awake, holding πθ
+    assert not out["engine"].asleep and all(torch.equal(v, p[k]) for k, v in out["engine"].model.state_dict().items())
 
 
 def test_step_rows_one_order_per_seed_and_a_fresh_shuffle_each_epoch():
