@@ -149,3 +149,8 @@ def test_cpu_runs_keep_freed_tensor_memory(tmp_path):
     mapped, held = map(int, out.stdout.split())
     assert mapped < 2 ** 20, f"a 12 MB tensor was mmapped on its own ({mapped} bytes)"
     assert held >= 12 * 2 ** 20, f"the heap gave the freed 12 MB back ({held} bytes kept)"
+    # a malloc setting of the user's own (README: MALLOC_MMAP_THRESHOLD_=65536 under torchrun) is left as it is
+    out = subprocess.run([sys.executable, str(probe), ROOT], capture_output=True, text=True,
+                         env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[0]) >= 12 * 2 ** 20, "the user's MALLOC_MMAP_THRESHOLD_ was overridden"
