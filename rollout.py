@@ -251,7 +251,8 @@ def response_logps(model, batch, temperature=1.0, with_logits=False, share_promp
 
 
 class HFEngine:
-    """A KV-cache decode loop over a private copy of the weights (any Hugging Face causal LM)."""
+    """A KV-cache decode loop over a private copy of the weights (any Hugging Face causal LM). The
+    trainer lets it sleep (its weights freed) between a sync's rollouts and the next sync."""
 
     def __init__(self, model, tokenizer, max_batch=64, dtype=None, share=False, own=False, fast=True):
         """share=True samples from `model` itself (online, s = 1: the weights are always current),
