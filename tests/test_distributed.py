@@ -142,7 +142,8 @@ def test_cpu_runs_keep_freed_tensor_memory(tmp_path):
     (results/speed-cpu.md measures what it costs a training step)."""
     probe = tmp_path / "probe.py"
     probe.write_text(FREED_PROBE)
-    out = subprocess.run([sys.executable, str(probe), ROOT], capture_output=True, text=True)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    out = subprocess.run([sys.executable, str(probe), ROOT], capture_output=True, text=True, env=clean)
     if "mallinfo2" in out.stderr:   # not glibc ≥ 2.33
         pytest.skip("no mallinfo2 in this libc")
     assert out.returncode == 0, out.stderr[-2000:]
@@ -151,6 +152,6 @@ def test_cpu_runs_keep_freed_tensor_memory(tmp_path):
     assert held >= 12 * 2 ** 20, f"the heap gave the freed 12 MB back ({held} bytes kept)"
     # a malloc setting of the user's own (README: MALLOC_MMAP_THRESHOLD_=65536 under torchrun) is left as it is
     out = subprocess.run([sys.executable, str(probe), ROOT], capture_output=True, text=True,
-                         env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+                         env={**clean, "MALLOC_MMAP_THRESHOLD_": "65536"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert int(out.stdout.split()[0]) >= 12 * 2 ** 20, "the user's MALLOC_MMAP_THRESHOLD_ was overridden"
