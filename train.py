@@ -436,7 +436,8 @@ def main(argv=None):
 def finish(r, a, records, track, stopped, t_start):
     """After the last step: held-out scores of the trained πθ, the run's plot and summary, and the
     engine shut down before the process group (a colocated vLLM's groups live inside torchrun's)."""
-    if (r.heldout and not stopped) or getattr(r.engine, "asleep", False):   # the engine returned holds πθ, awake
+    # the engine returned holds πθ, awake (one process: under torchrun the processes end here, no gather)
+    if (r.heldout and not stopped) or (getattr(r.engine, "asleep", False) and not multiprocess()):
         r.engine.update_weights(full_params(r.policy))
     if r.heldout and not stopped:
         score_heldout(r.engine, r.tok, r.heldout[r.rank::r.world], r.chat_reward, a, "after")
