@@ -14,7 +14,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from rollout import free_port  # noqa: F401  (a TCP port nobody listens on: the tests' torchrun rendezvous)
+import distributed
+from rollout import HFEngine, free_port  # noqa: F401  (free_port: a TCP port nobody listens on, the tests' torchrun rendezvous)
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -74,3 +75,23 @@ def toy_score(rows, samples, chat_reward=None, length_penalty=0.0):
 def write_sums(path, n, plus):
     """A training file of n math rows "What is i + plus?" with their answers (JSONL)."""
     path.write_text("".join(json.dumps({"problem": f"What is {i} + {plus}?", "answer": str(i + plus)}) + "\n" for i in range(n)))
+
+
+def spy_generate(monkeypatch, holder):
+    """Record, at each generate call, whether the engine's weights equal the policy's (the first model
+    load_model built), and keep the last call's weights in holder["sampled_with"]."""
+    calls, orig_gen, orig_load = [], HFEngine.generate, distributed.load_model
+
+    def load(*a, **k):
+        m, t = orig_load(*a, **k)
+        holder.setdefault("policy", m)
+        return m, t
+
+    def gen(self, *a, **k):
+        p = holder["policy"].state_dict()
+        holder["sampled_with"] = {k: v.clone() for k, v in self.model.state_dict().items()}   # the last call's
+        calls.append(all(torch.equal(v, p[k]) for k, v in holder["sampled_with"].items()))
+        return orig_gen(self, *a, **k)
+    monkeypatch.setattr(distributed, "load_model", load)
+    monkeypatch.setattr(HFEngine, "generate", gen)
+    return calls

@@ -229,13 +229,8 @@ def test_offline_resumed_past_its_window_samples_the_seed_model(tiny_model_dir, 
     """Offline (s = ∞) resumed with more --steps: the new rollouts come from the seed model, not
     from the checkpoint's trained weights (the engine was built from the checkpoint)."""
     import train
-    from conftest import toy_score
-    from rollout import HFEngine
+    from conftest import spy_generate, toy_score
     monkeypatch.setattr(train, "score", toy_score)
-    sampled_with = []   # the engine's weights at each generate call
-    generate = HFEngine.generate
-    monkeypatch.setattr(HFEngine, "generate", lambda self, *args, **kw: (
-        sampled_with.append({k: v.clone() for k, v in self.model.state_dict().items()}), generate(self, *args, **kw))[1])
     data = tmp_path / "d.jsonl"
     write_sums(data, 8, 3)
     argv = ["--model", tiny_model_dir, "--train-data", str(data), "--eval-problems", "0", "--batch-prompts", "2",
@@ -243,7 +238,8 @@ def test_offline_resumed_past_its_window_samples_the_seed_model(tiny_model_dir, 
     first = train.main(argv + ["--steps", "2"])
     seed = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     assert any(not torch.equal(v, seed[k]) for k, v in first["policy"].state_dict().items())   # it trained
-    sampled_with.clear()
+    holder = {}
+    calls = spy_generate(monkeypatch, holder)   # the weights the resumed run's one generate call sampled with
     resumed = train.main(argv + ["--steps", "4", "--resume"])
-    assert [r["step"] for r in resumed["records"]] == [3, 4] and len(sampled_with) == 1
-    assert all(torch.equal(v, seed[k].to(v.dtype)) for k, v in sampled_with[0].items() if k in seed)
+    assert [r["step"] for r in resumed["records"]] == [3, 4] and len(calls) == 1
+    assert all(torch.equal(v, seed[k].to(v.dtype)) for k, v in holder["sampled_with"].items() if k in seed)

@@ -11,11 +11,10 @@ import math
 import pytest
 import torch
 
-import distributed
 import rewards
 import train
 from data import step_rows
-from conftest import toy_score, write_sums
+from conftest import spy_generate, toy_score, write_sums
 from rollout import HFEngine, chat_prompt_ids, cpu_has_bf16, load_model
 
 
@@ -47,25 +46,6 @@ def test_each_loss_and_regime_trains(tiny_model_dir, data_file, tmp_path, monkey
     assert any(not torch.equal(before[k], after[k]) for k in before), "weights did not change"
     assert [r["staleness"] for r in recs] == {"1": [0, 0, 0], "3": [0, 1, 2], "inf": [0, 1, 2]}[s]
     assert all(0 <= r["truncated"] <= 1 for r in recs) and any(r["truncated"] > 0 for r in recs)   # 8-token cap
-
-
-def spy_generate(monkeypatch, holder):
-    """Record, at each generate call, whether the engine's weights equal the policy's."""
-    calls, orig_gen, orig_load = [], HFEngine.generate, distributed.load_model
-
-    def load(*a, **k):
-        m, t = orig_load(*a, **k)
-        holder.setdefault("policy", m)
-        return m, t
-
-    def gen(self, *a, **k):
-        p = holder["policy"].state_dict()
-        holder["sampled_with"] = {k: v.clone() for k, v in self.model.state_dict().items()}   # the last call's
-        calls.append(all(torch.equal(v, p[k]) for k, v in holder["sampled_with"].items()))
-        return orig_gen(self, *a, **k)
-    monkeypatch.setattr(distributed, "load_model", load)
-    monkeypatch.setattr(HFEngine, "generate", gen)
-    return calls
 
 
 @pytest.mark.parametrize("s,steps,n_calls", [("2", 5, 3), ("inf", 5, 1), ("epoch", 6, 2)])
