@@ -72,6 +72,14 @@ def toy_score(rows, samples, chat_reward=None, length_penalty=0.0):
         i = j
 
 
+def assert_close(a, b, key, rel=1e-5, abs=1e-8):
+    """Logged values of two runs agree: None at the same places (a step with nothing of that kind,
+    e.g. groups_used of a pairwise loss), the rest to the tolerance. pytest.approx itself refuses
+    None with a relative tolerance (pytest >= 9)."""
+    assert [x is None for x in a] == [x is None for x in b], f"{key}: {a} vs {b}"
+    assert [x for x in a if x is not None] == pytest.approx([x for x in b if x is not None], rel=rel, abs=abs), key
+
+
 def write_sums(path, n, plus):
     """A training file of n math rows "What is i + plus?" with their answers (JSONL)."""
     path.write_text("".join(json.dumps({"problem": f"What is {i} + {plus}?", "answer": str(i + plus)}) + "\n" for i in range(n)))

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import free_port, write_sums
+from conftest import assert_close, free_port, write_sums
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = r'''
@@ -77,13 +77,11 @@ def launch(setup, name, procs, steps, loss="dpo", extra=()):
     return weights, logs, syncs
 
 
-def assert_close(a, b):
+def assert_runs_close(a, b):
     (wa, la, _), (wb, lb, _) = a, b
     assert [r["step"] for r in la] == [r["step"] for r in lb]
     for key in ("loss", "reward", "length", "pairs_used", "groups_used", "k3_trained"):
-        va, vb = [r.get(key) for r in la], [r.get(key) for r in lb]
-        if va != [None] * len(va):   # each run logs pairs_used (DPO) or groups_used (GRPO)
-            assert va == pytest.approx(vb, rel=1e-4, abs=1e-6), key
+        assert_close([r.get(key) for r in la], [r.get(key) for r in lb], key, rel=1e-4, abs=1e-6)
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-4), k   # AdamW (lr 1e-3): float noise moves a weight by < 0.1 lr
 
@@ -92,7 +90,7 @@ def assert_close(a, b):
 def test_two_processes_match_one(setup, loss):
     one = launch(setup, f"one-{loss}", 1, 4, loss)
     two = launch(setup, f"two-{loss}", 2, 4, loss)
-    assert_close(one, two)
+    assert_runs_close(one, two)
     # rollouts were generated at steps 0 and 2 on each rank, both times right after a sync
     assert two[2] == {"rank0": ["True", "True"], "rank1": ["True", "True"]}
 
@@ -106,11 +104,11 @@ def test_checkpoint_moves_between_world_sizes(setup):
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"], shards
     os.rename(tmp / "a", tmp / "b")
     two_then_one = launch(setup, "b", 1, 4, extra=["--resume"])
-    assert_close(straight, two_then_one)
+    assert_runs_close(straight, two_then_one)
     launch(setup, "c", 1, 2)
     os.rename(tmp / "c", tmp / "d")
     one_then_two = launch(setup, "d", 2, 4, extra=["--resume"])
-    assert_close(straight, one_then_two)
+    assert_runs_close(straight, one_then_two)
 
 
 FREED_PROBE = r"""
