@@ -260,6 +260,11 @@ class HFEngine:
         already that copy). fast=False decodes with the HF forward even where decode.py could."""
         self.shared = share
         self.model = model if share else (model if own else copy.deepcopy(model)).to(dtype or model.dtype).eval().requires_grad_(False)
+        if not share:   # weights loaded memory-mapped (safetensors) cannot be freed by sleep: own them
+            with torch.no_grad():
+                for p in self.model.parameters():
+                    if not p.untyped_storage().resizable():
+                        p.data = p.data.clone()
         self.tokenizer = tokenizer
         self.max_batch = max_batch   # sequences decoded together; bounds KV-cache memory
         extra = getattr(model.generation_config, "eos_token_id", None)   # e.g. Llama-3's <|eot_id|>

@@ -192,3 +192,17 @@ def test_bad_train_data_names_file_and_line(tiny_model_dir, tmp_path):
     bad.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": "2+2"}\n')
     with pytest.raises(SystemExit, match=r"bad.jsonl:2: missing field 'answer'"):
         train.main(["--model", tiny_model_dir, "--train-data", str(bad), "--out", str(tmp_path / "o")])
+
+
+@pytest.mark.parametrize("s", ["inf", "4"])
+def test_resume_from_the_command_line(tiny_model_dir, data_file, tmp_path, s):
+    """`python train.py ... --resume` as a user types it (no monkeypatch): 2 steps, then resumed to
+    4, in fp32, where the engine's copy of the seed model keeps the storage the checkpoint loader
+    memory-mapped (offline; sleep could not free it)."""
+    argv = [sys.executable, "train.py", "--model", tiny_model_dir, "--train-data", data_file, "--eval-problems", "0",
+            "--batch-prompts", "2", "--n", "4", "--max-new-tokens", "8", "--sync-every", s,
+            "--rollout-dtype", "float32", "--train-dtype", "float32", "--out", str(tmp_path / "o")]
+    for extra in (["--steps", "2"], ["--steps", "4", "--resume"]):
+        p = subprocess.run(argv + extra, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, f"{extra}: exit {p.returncode}\n{p.stderr[-3000:]}"
+    assert [json.loads(line)["step"] for line in open(tmp_path / "o" / "log.jsonl")] == [1, 2, 3, 4]
