@@ -75,7 +75,8 @@ def ours(a, loss, n, sync, steps, prompts, every_pair=False):
             "--batch-prompts", str(prompts), "--micro-groups", str(prompts),
             "--max-new-tokens", str(a.max_new_tokens), "--temperature", str(a.temperature), "--lr", str(a.lr),
             "--gen-batch", str(prompts * n * 8), "--eval-problems", "0", "--device", a.device,
-            "--rollout-dtype", a.rollout_dtype, "--train-dtype", a.train_dtype, "--out", out, "--seed", "0"]
+            "--rollout-dtype", a.rollout_dtype, "--train-dtype", a.train_dtype, "--out", out, "--seed", "0",
+            "--cut-responses", "grade"]   # as TRL, which grades every completion
     recs = train.main(argv)["records"]
     shutil.rmtree(out, ignore_errors=True)   # its final checkpoint is not needed
     return {"step_s": [r["step_s"] for r in recs], "tokens": [r["length"] * prompts * n for r in recs],

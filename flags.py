@@ -59,6 +59,9 @@ def parse(argv, description, losses, uses_reference):
     p.add_argument("--n", "--group-size", dest="n", type=number(int, 2), default=8,
                    help="responses sampled per prompt, >= 2 for a pair (under torchrun write --group-size: torchrun rejects --n)")
     p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=48, help="response length cap")
+    p.add_argument("--cut-responses", default="fail", choices=("fail", "grade"),
+                   help="a math response cut at --max-new-tokens: fail (reward 0, as Oat) or grade it as it stands "
+                        "(the paper's code; a cut response can be right by its last number and become DPO's chosen)")
     p.add_argument("--temperature", type=POSITIVE, default=0.8, help="sampling temperature")
     p.add_argument("--top-p", type=FRACTION, default=1.0, help="nucleus sampling")
     p.add_argument("--gen-batch", type=POSITIVE_INT, default=64, help="sequences decoded together (HF engine); lower it if rollouts run out of memory")

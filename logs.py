@@ -34,14 +34,19 @@ def rollout_metrics(batch, tasks, device):
     return rec
 
 
-def run_summary(records, grading, seconds, out):
-    """The lines a run ends with: rollout reward in the first vs the last quarter of the steps (with
-    at least 8), Math-Verify's timeouts and failures if any, the wall time and the log's path."""
-    lines = []
+def run_summary(records, grading, seconds, out, stats=None):
+    """The lines a run ends with: rollout reward and the share cut at the length cap in the first vs
+    the last quarter of the steps (with at least 8), how many chosen responses (a pair's first, a
+    group's above its mean) were cut, Math-Verify's timeouts and failures if any, the wall time and
+    the log's path."""
+    lines, stats = [], stats or {}
     if len(records) >= 8:
         first, last = records[:len(records) // 4], records[-(len(records) // 4):]
-        lines.append(f"rollout reward: first quarter {sum(r['reward'] for r in first) / len(first):.3f}"
-                     f" -> last quarter {sum(r['reward'] for r in last) / len(last):.3f}")
+        for key, name in (("reward", "rollout reward"), ("truncated", "cut at the cap")):
+            lines.append(f"{name}: first quarter {sum(r[key] for r in first) / len(first):.3f}"
+                         f" -> last quarter {sum(r[key] for r in last) / len(last):.3f}")
+    if stats.get("chosen"):
+        lines.append(f"chosen responses cut at the cap: {stats['chosen_cut']} of {stats['chosen']}")
     if grading["timeouts"] or grading["errors"]:
         lines.append(f"Math-Verify: {grading['graded']} responses graded on rank 0, {grading['timeouts']} ran out of time "
                      f"and {grading['errors']} failed (all scored 0)")

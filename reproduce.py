@@ -112,7 +112,8 @@ def run_arm(name, flags, evalset, seed, a, paths, passthrough):
     data = paths["train_" + {"chat_only": "chat", "math+chat": "mix"}.get(name, "math")]
     argv = [sys.executable, os.path.join(HERE, "train.py"), *flags, "--seed", str(seed), "--steps", str(a.steps),
             "--out", out, "--train-data", data, "--eval-data", paths["heldout_" + evalset],
-            "--eval-samples", str(a.eval_samples), "--resume", "--save-every", "16", "--keep", "1", *passthrough]
+            "--eval-samples", str(a.eval_samples), "--resume", "--save-every", "16", "--keep", "1",
+            "--cut-responses", "grade", *passthrough]   # grade: the rule the committed results were measured with
     if os.path.exists(before):
         argv.append("--no-eval-before")
     segments = os.path.join(out, "segments.jsonl")   # a resumed run costs every segment, not its last

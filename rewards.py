@@ -109,12 +109,14 @@ def math_reward(response: str, answer: str, time_limit: float | None = None) -> 
         return 0.0
 
 
-def score(rows, samples, chat_reward, length_penalty=0.0):
+def score(rows, samples, chat_reward, length_penalty=0.0, cut="grade"):
     """Rewards of responses, routed by each row's task: math -> Math-Verify 0/1, chat -> the
-    scalar reward (RM or judge) minus an optional length penalty. Sets sample.reward."""
+    scalar reward (RM or judge) minus an optional length penalty. Sets sample.reward.
+    cut="fail": a math response cut at the length cap scores 0, ungraded (train.py's default)."""
     for r, x in zip(rows, samples):
         if r["task"] == "math":
-            x.reward = math_reward(x.text, r["answer"])
+            cut_off = cut == "fail" and x.finish_reason == "length"
+            x.reward = 0.0 if cut_off else math_reward(x.text, r["answer"])
     chat = [(r, x) for r, x in zip(rows, samples) if r["task"] == "chat"]
     if chat:
         try:

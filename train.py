@@ -145,7 +145,8 @@ def rollouts(engine, plan, first, a, offline, chat_reward, spent):
                              keys=None if a.no_crn else [sample_key(a.seed, k, r["id"]) for k, r, _ in todo])
     tick = clock(spent, "generate", tick)
     # math: 1/0 by Math-Verify; chat: the reward model (or the judge)
-    score([r for _, r, _ in todo for _ in range(a.n)], [x for g in groups for x in g], chat_reward, a.length_penalty)
+    score([r for _, r, _ in todo for _ in range(a.n)], [x for g in groups for x in g], chat_reward, a.length_penalty,
+          a.cut_responses)
     clock(spent, "score", tick)
     made, it = {r["id"]: g for (_, r, _), g in zip(todo, groups)}, iter(groups)
     return [[(r, made[r["id"]] if offline else next(it)) for r, _ in p] for p in plan], \
@@ -398,10 +399,16 @@ def main(argv=None):
 
         # ---------------------------------------------------------------------
         # Log: one JSON line per step, summed over ranks
-        counts = dict(zip(("units", "skipped", "stop"), all_sum([len(units), len(batch) - len(units), len(stop)], a.device)))
+        chosen = [x for u in units for x in u if x.reward > sum(y.reward for y in u) / len(u)]   # a pair's first
+        counts = dict(zip(("units", "skipped", "stop", "chosen", "chosen_cut"), all_sum(
+            [len(units), len(batch) - len(units), len(stop), len(chosen), sum(x.finish_reason == "length" for x in chosen)],
+            a.device)))
+        for k in ("chosen", "chosen_cut"):
+            r.stats[k] = r.stats.get(k, 0) + int(counts[k])
         peak_gb = all_sum([peak_bytes(a.device) / GB], a.device, op="max")[0]   # the largest process's, as memory.py plans it
         rec = {"step": r.step, **rollout_metrics(batch, r.tasks, a.device), **metrics,
                "pairs_used" if pairwise(a) else "groups_used": int(counts["units"]), "skipped": int(counts["skipped"]),
+               "chosen_truncated": counts["chosen_cut"] / counts["chosen"] if counts["chosen"] else None,
                "grad_norm_pre_clip": grad_norm, "staleness": staleness, "rollout_tok_s": gen_tok_s and gen_tok_s * r.world,
                "peak_gb": round(peak_gb, 3), "step_s": time.time() - t0, "time": {k: round(v, 4) for k, v in spent.items()}}
         records.append(rec)
@@ -445,7 +452,7 @@ def finish(r, a, records, track, stopped, t_start):
         r.say(f"curves: {plot_run(a.out)}")
     if track:
         track[1]()
-    r.say(run_summary(records, grading, time.time() - t_start, a.out))
+    r.say(run_summary(records, grading, time.time() - t_start, a.out, r.stats))
     if multiprocess():
         r.engine.close()
         if dist.is_initialized():

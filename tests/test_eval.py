@@ -130,9 +130,12 @@ def test_cache_tag_changes_when_checkpoint_is_rewritten(tmp_path):
 
 
 def test_run_summary_reports_quarters_grading_failures_and_time():
-    records = [{"reward": r} for r in (0.0, 0.5, 0.5, 0.5, 0.5, 0.5, 1.0, 1.0)]
-    lines = logs.run_summary(records, {"graded": 8, "timeouts": 1, "errors": 0}, 12.4, "runs/x").splitlines()
+    records = [{"reward": r, "truncated": 1 - r} for r in (0.0, 0.5, 0.5, 0.5, 0.5, 0.5, 1.0, 1.0)]
+    lines = logs.run_summary(records, {"graded": 8, "timeouts": 1, "errors": 0}, 12.4, "runs/x",
+                             {"chosen": 20, "chosen_cut": 3}).splitlines()
     assert lines == ["rollout reward: first quarter 0.250 -> last quarter 1.000",
+                     "cut at the cap: first quarter 0.750 -> last quarter 0.000",
+                     "chosen responses cut at the cap: 3 of 20",
                      "Math-Verify: 8 responses graded on rank 0, 1 ran out of time and 0 failed (all scored 0)",
                      f"done in 12s; log: {os.path.join('runs/x', 'log.jsonl')}"]
     assert logs.run_summary(records[:3], {"graded": 3, "timeouts": 0, "errors": 0}, 1, "o").startswith("done in 1s")

@@ -158,3 +158,14 @@ def test_a_grader_whose_parent_left_exits_quietly():
     p.stdin.close()
     err = p.stderr.read().decode()
     assert p.wait(timeout=60) == 0 and "Error" not in err, err
+
+
+def test_a_cut_math_response_fails_unless_graded():
+    """--cut-responses: a right answer cut at the cap scores 0 under "fail", 1 under "grade"; a
+    response that stopped is graded either way."""
+    from rollout import Sample
+    rows = [{"task": "math", "answer": "7"}] * 2
+    for cut, expect in (("fail", [0.0, 1.0]), ("grade", [1.0, 1.0])):
+        xs = [Sample([1], [2], [0.0], [0.0], "3 + 4 = 7", reason) for reason in ("length", "stop")]
+        rewards.score(rows, xs, None, cut=cut)
+        assert [x.reward for x in xs] == expect, cut

@@ -466,3 +466,18 @@ def test_no_crn_draws_training_rollouts_from_one_stream(tiny_model_dir, data_fil
     keys.clear()
     run(tiny_model_dir, data_file, tmp_path, "--steps", "2", "--eval-problems", "0", name="crn")
     assert keys and all(k is not None for k in keys)
+
+
+@pytest.mark.parametrize("cut", ["fail", "grade"])
+def test_cut_responses_rule_reaches_the_rewards_and_the_log(tiny_model_dir, data_file, tmp_path, monkeypatch, cut):
+    """Every response graded right: under --cut-responses fail a step's reward is its uncut share,
+    under grade 1; chosen_truncated is logged and the run's stats count the chosen responses."""
+    import rewards
+    monkeypatch.setattr(rewards, "math_reward", lambda text, answer: 1.0)
+    out = run(tiny_model_dir, data_file, tmp_path, "--steps", "3", "--max-new-tokens", "3", "--cut-responses", cut)
+    recs = out["records"]
+    assert any(r["truncated"] > 0 for r in recs)
+    for r in recs:
+        assert r["reward"] == pytest.approx(1 - r["truncated"] if cut == "fail" else 1.0)
+        assert "chosen_truncated" in r
+        assert r["chosen_truncated"] in (None, 0.0)   # a chosen response is one that scored above the rest
