@@ -124,7 +124,8 @@ def plan(shape, a, world, prompt_tokens, gpu_bytes=None, runtime=None):
         if not (s == 1 and world == 1 and br == 4):   # at s = 1 on one fp32 process the engine samples πθ itself
             out["rollout", "rollout engine copy (whole)"] = br * P
         rows = min(a.gen_batch, math.ceil(a.batch_prompts / world) * a.n * s)
-        out["rollout", f"KV cache ({rows} rows)"] = rows * (prompt_tokens + a.max_new_tokens) * L * 2 * shape["kv"] * br
+        kv_bytes = br if cuda else 4   # decode.py keeps a CPU cache in fp32 whatever the weights
+        out["rollout", f"KV cache ({rows} rows)"] = rows * (prompt_tokens + a.max_new_tokens) * L * 2 * shape["kv"] * kv_bytes
     if cuda:   # the host's RAM, not the GPU's: not in the peak
         out["host", "rank 0 reads the weights (fp32, while loading)"] = 4 * P
         if a.engine == "vllm":

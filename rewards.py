@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 import select
 import signal
 import subprocess
@@ -35,17 +36,42 @@ stats = {"graded": 0, "timeouts": 0, "errors": 0}
 _grader, _spare, _grader_lock = None, None, threading.Lock()   # the grader, its warm spare
 
 
+# A number as written: 12, -0.5, 1,234, 6.72 \times 10^{-5}, 10^{6}, a fraction in lowest terms
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)((\\times|\\cdot)10\^(\{[-+]?\d+\}|\d))?|10\^(\{[-+]?\d+\}|\d)")
+_FRACTION = re.compile(r"[-+]?(\\frac\{(\d+)\}\{(\d+)\}|(\d+)/(\d+))")
+_DROP = re.compile(r"\\[,!;: ]|\\%|%|\\\$|\$|\s|\\left|\\right|\^\{?\\circ\}?|(?<=\d),(?=\d{3})")
+
+
+def written_as_number(side: str) -> bool:
+    """Whether one side of an answer is a number as written (the forms of _NUMBER and _FRACTION),
+    its text/bold wrappers, units of %, $ and degrees, spacing and thousands commas aside."""
+    side = re.sub(r"\\(?:text|textbf|mathbf|mathrm)\{([^{}]*)\}", r"\1", side)
+    side = _DROP.sub("", side.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac"))
+    while side.startswith("(") and side.endswith(")"):
+        side = side[1:-1]
+    if _NUMBER.fullmatch(side):
+        return True
+    f = _FRACTION.fullmatch(side)
+    num, den = (int(f[2] or f[4]), int(f[3] or f[5])) if f else (0, 0)
+    return den > 1 and math.gcd(num, den) == 1
+
+
 def grade(response: str, answer: str) -> float:
     """1.0 if the final answer of `response` equals `answer` (a LaTeX string) under Math-Verify,
-    else 0.0. A number as the reference must be answered with a number (or `x = number`):
-    Math-Verify also accepts an unevaluated expression equal to it, \\boxed{47 \\times 17} for 799,
-    which on the built-in arithmetic is the question copied into the box, and RL learns that
-    instead of the arithmetic. No time limit: call `math_reward`, which runs this in the grader process."""
+    else 0.0. A number as the reference must be answered with a number as written, alone or as one
+    side of an equation (`x = 7`, `799 = 47 \\times 17`): Math-Verify also accepts an unevaluated
+    expression equal to it, \\boxed{47 \\times 17} or \\boxed{100/10}, which on the built-in
+    arithmetic is the question copied into the box, and RL learns that instead of the arithmetic.
+    No time limit: call `math_reward`, which runs this in the grader process."""
     gold = parse(f"${answer}$", parsing_timeout=None) or parse(answer, parsing_timeout=None)
     pred = parse(response, parsing_timeout=None)
-    if gold and pred and getattr(gold[0], "is_Number", False) and not getattr(getattr(pred[0], "rhs", pred[0]), "is_Number", False):
+    if not (gold and pred):
         return 0.0
-    return float(bool(gold and pred and verify(gold, pred, timeout_seconds=None)))
+    if getattr(gold[0], "is_Number", False):
+        written = pred[-1] if isinstance(pred[-1], str) else str(pred[0])   # Math-Verify's extracted text
+        if not any(written_as_number(side) for side in written.split("=")):
+            return 0.0
+    return float(bool(verify(gold, pred, timeout_seconds=None)))
 
 
 def _grader_main():

@@ -1,6 +1,7 @@
 """memory.py: a run's memory planned from a config alone (the model built on the meta device), the
 README's 8B recipe checked against 80 GB GPUs, and the plan's terms checked against real tensors."""
 import json
+import math
 import os
 import re
 import shlex
@@ -134,3 +135,22 @@ def test_explicit_flags_are_kept_for_a_gpu_plan(llama8b):
     assert not any(what.startswith("vLLM") for _, what in plan) and any(what.startswith("KV cache") for _, what in plan)
     fp32, _ = memory.main(["--nproc", "8", "--gpu-gb", "80", "--model", llama8b, "--engine", "hf", "--train-dtype", "float32"])
     assert plan == fp32
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_kv_cache_term_is_the_bytes_decode_allocates(tiny_model_dir, monkeypatch, dtype):
+    """The plan's KV cache for one sync's rows equals what decode.py's static cache holds (on a CPU
+    its keys and values are fp32 whatever the rollout dtype)."""
+    from rollout import HFEngine, load_model
+    model, tok = load_model(tiny_model_dir)
+    a = train.parse_args(["--model", tiny_model_dir, "--device", "cpu", "--rollout-dtype", dtype, "--n", "2",
+                          "--batch-prompts", "2", "--sync-every", "1", "--max-new-tokens", "5", "--gen-batch", "4"])
+    prompt = [5, 6, 7]
+    plan = memory.plan(memory.shape_of(model.config), a, 1, len(prompt), runtime=0)
+    planned = [v for (phase, what), v in plan.items() if what.startswith("KV cache")]
+    sizes = []
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda t, *s, **k: sizes.append((s, k)) or torch.empty(*s, **k))
+    engine = HFEngine(model, tok, dtype=getattr(torch, dtype))
+    engine.generate([prompt, prompt], n=2, max_new_tokens=5)
+    (shape, kw), = [(s, k) for s, k in sizes if len(s) == 5]   # K [L, B, KVH, P + T, D]; V is its like
+    assert planned == [2 * math.prod(shape) * kw["dtype"].itemsize]

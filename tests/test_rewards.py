@@ -139,6 +139,21 @@ def test_shipped_data_files_load():
     (r"\boxed{\frac{1}{2}}", r"\frac{1}{2}", 1.0),
     (r"\boxed{0.5}", r"\frac{1}{2}", 1.0),
     (r"\boxed{\sqrt{2}}", r"\sqrt{2}", 1.0),       # a symbolic reference keeps Math-Verify's equivalence
+    # every correct form of a number (Math-Verify accepts them; the copied-question rule must not reject them)
+    (r"\boxed{50\%}", "50", 1.0),
+    (r"\boxed{6.72 \times 10^{-5}}", ".0000672", 1.0),
+    (r"\boxed{10^{6}}", "1000000", 1.0),
+    (r"\boxed{2 \times 10^3}", "2000", 1.0),
+    (r"\boxed{\text{6}}", "6", 1.0),
+    (r"\boxed{\textbf{2}}", "2", 1.0),
+    (r"\boxed{\mathbf{2}}", "2", 1.0),
+    (r"\boxed{799 = 47 \times 17}", "799", 1.0),   # the number, then how it came
+    (r"\boxed{-\dfrac{3}{4}}", "-0.75", 1.0),
+    # a copied question still scores 0, a division too
+    (r"\boxed{100/10}", "10", 0.0),
+    (r"\boxed{\frac{100}{10}}", "10", 0.0),
+    (r"\boxed{x = 47 \times 17}", "799", 0.0),
+    (r"\boxed{3 \cdot 4}", "12", 0.0),
 ])
 def test_a_numeric_answer_must_be_a_number(response, answer, expected):
     """Math-Verify counts an unevaluated expression equal to the reference as right (\\boxed{47 × 17}
