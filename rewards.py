@@ -36,24 +36,28 @@ stats = {"graded": 0, "timeouts": 0, "errors": 0}
 _grader, _spare, _grader_lock = None, None, threading.Lock()   # the grader, its warm spare
 
 
-# A number as written: 12, -0.5, 1,234, 6.72 \times 10^{-5}, 10^{6}, a fraction in lowest terms
-_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)((\\times|\\cdot)10\^(\{[-+]?\d+\}|\d))?|10\^(\{[-+]?\d+\}|\d)")
-_FRACTION = re.compile(r"[-+]?(\\frac\{(\d+)\}\{(\d+)\}|(\d+)/(\d+))")
+# A number as written: 12, -0.5, 1,234, 6.72 \times 10^{-5}, 10^{6}, 1011_2 (a base), 3:5 (a ratio);
+# or a fraction in lowest terms, proper after a whole part: \frac{1}{2}, \frac{-7}{23}, 3/4, 2\frac{1}{2}
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)((\\times|\\cdot)10\^(\{[-+]?\d+\}|\d))?(_\{?\d+\}?)?"
+                     r"|10\^(\{[-+]?\d+\}|\d)|\d+:\d+")
+_FRACTION = re.compile(r"[-+]?(\d+)?(\\frac\{([-+]?\d+)\}\{(\d+)\}|\\frac(\d)(\d)|(\d+)/(\d+))")
 _DROP = re.compile(r"\\[,!;: ]|\\%|%|\\\$|\$|\s|\\left|\\right|\^\{?\\circ\}?|(?<=\d),(?=\d{3})")
 
 
 def written_as_number(side: str) -> bool:
-    """Whether one side of an answer is a number as written (the forms of _NUMBER and _FRACTION),
-    its text/bold wrappers, units of %, $ and degrees, spacing and thousands commas aside."""
-    side = re.sub(r"\\(?:text|textbf|mathbf|mathrm)\{([^{}]*)\}", r"\1", side)
-    side = _DROP.sub("", side.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac"))
+    """Whether one side of an answer is a number as written (the forms above), its text/bold
+    wrappers, units (words, %, $, degrees), spacing and thousands commas aside."""
+    side = re.sub(r"\\(?:text|textbf|mathbf|mathrm)\{([^{}]*)\}", lambda m: m[1] if re.search(r"\d", m[1]) else "", side)
+    side = _DROP.sub("", side.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")).rstrip(".")
     while side.startswith("(") and side.endswith(")"):
         side = side[1:-1]
     if _NUMBER.fullmatch(side):
         return True
     f = _FRACTION.fullmatch(side)
-    num, den = (int(f[2] or f[4]), int(f[3] or f[5])) if f else (0, 0)
-    return den > 1 and math.gcd(num, den) == 1
+    if not f:
+        return False
+    num, den = (abs(int(x)) for x in next((f[i], f[i + 1]) for i in (3, 5, 7) if f[i] is not None))
+    return den > 1 and math.gcd(num, den) == 1 and (f[1] is None or num < den)
 
 
 def grade(response: str, answer: str) -> float:
@@ -67,9 +71,9 @@ def grade(response: str, answer: str) -> float:
     pred = parse(response, parsing_timeout=None)
     if not (gold and pred):
         return 0.0
-    if getattr(gold[0], "is_Number", False):
+    if written_as_number(answer):
         written = pred[-1] if isinstance(pred[-1], str) else str(pred[0])   # Math-Verify's extracted text
-        if not any(written_as_number(side) for side in written.split("=")):
+        if not any(written_as_number(side) for side in re.split(r"=|\\approx", written)):
             return 0.0
     return float(bool(verify(gold, pred, timeout_seconds=None)))
 

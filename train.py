@@ -423,6 +423,7 @@ def main(argv=None):
             # held-out on πθ now (the engine's weights are next read at the following sync, which refreshes them)
             r.engine.update_weights(full_params(r.policy))
             score_heldout(r.engine, r.tok, r.heldout[r.rank::r.world], r.chat_reward, a, f"step{r.step}")
+            r.engine.sleep()   # back to sleep while πθ trains, as after a sync's rollouts
 
         # ---------------------------------------------------------------------
         # Checkpoint: πθ (HF format), optimizer state, πref if synced, each rank's rollouts and RNG

@@ -51,7 +51,7 @@ def tiny_model_dir(tmp_path_factory):
     return str(d)
 
 
-def toy_score(rows, samples, chat_reward=None, length_penalty=0.0):
+def toy_score(rows, samples, chat_reward=None, length_penalty=0.0, cut="grade"):
     """Math rewards for the tiny random models (they cannot do arithmetic) that hold on any CPU and
     for any draw: among one prompt's responses (consecutive in `rows`) the shortest scores 1 (the
     first of ties), the others 0, so every group of two or more has a pair; a lone response scores
@@ -68,7 +68,7 @@ def toy_score(rows, samples, chat_reward=None, length_penalty=0.0):
             for k, x in enumerate(group):
                 x.reward = float(k == best) if len(group) > 1 else float(len(x.text) % 2 == 0)
         else:
-            rewards.score(rows[i:j], samples[i:j], chat_reward, length_penalty)
+            rewards.score(rows[i:j], samples[i:j], chat_reward, length_penalty, cut)
         i = j
 
 

@@ -56,7 +56,7 @@ def test_stale_grpo_with_top_p_compares_with_the_trainers_old_policy(tiny_model_
 def test_nll_term_never_trains_on_a_tied_group(tiny_model_dir, tmp_path, monkeypatch):
     """GRPO + KL + NLL: a group whose rewards all tie (all wrong) trains through its KL term, but
     it has no chosen response: the NLL term must not count its responses as chosen."""
-    def tied(rows, samples, chat_reward=None, length_penalty=0.0):
+    def tied(rows, samples, chat_reward=None, length_penalty=0.0, cut="grade"):
         for x in samples:
             x.reward = 0.0
     monkeypatch.setattr(train, "score", tied)

@@ -149,6 +149,13 @@ def test_shipped_data_files_load():
     (r"\boxed{\mathbf{2}}", "2", 1.0),
     (r"\boxed{799 = 47 \times 17}", "799", 1.0),   # the number, then how it came
     (r"\boxed{-\dfrac{3}{4}}", "-0.75", 1.0),
+    (r"\boxed{10001_2}", "10001_2", 1.0),             # MATH's reference solutions write these forms
+    (r"\boxed{10\frac{1}{12}}", r"10\frac{1}{12}", 1.0),
+    (r"\boxed{\frac{-7}{23}}", r"-\frac{7}{23}", 1.0),
+    (r"\boxed{3:5}", "3:5", 1.0),
+    (r"\boxed{7\text{ hours}.}", r"7\text{ hours}.", 1.0),
+    (r"\boxed{\begin{pmatrix} -1 & 0 \\ 0 & -1 \end{pmatrix}.}",
+     r"\begin{pmatrix} -1 & 0 \\ 0 & -1 \end{pmatrix}.", 1.0),   # a reference that is no number: Math-Verify alone
     # a copied question still scores 0, a division too
     (r"\boxed{100/10}", "10", 0.0),
     (r"\boxed{\frac{100}{10}}", "10", 0.0),

@@ -481,3 +481,14 @@ def test_cut_responses_rule_reaches_the_rewards_and_the_log(tiny_model_dir, data
         assert r["reward"] == pytest.approx(1 - r["truncated"] if cut == "fail" else 1.0)
         assert "chosen_truncated" in r
         assert r["chosen_truncated"] in (None, 0.0)   # a chosen response is one that scored above the rest
+
+
+def test_engine_sleeps_through_training_after_a_mid_run_evaluation(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    """--eval-every not a multiple of s: the evaluation wakes the engine (it needs πθ's weights);
+    the steps after it train with the engine asleep again, as the memory plan assumes."""
+    monkeypatch.setattr(train, "score", toy_score)
+    holder, asleep, orig_setup, orig_step = {}, [], train.setup, train.optimizer_step
+    monkeypatch.setattr(train, "setup", lambda a: holder.setdefault("r", orig_setup(a)))
+    monkeypatch.setattr(train, "optimizer_step", lambda *args: asleep.append(holder["r"].engine.asleep) or orig_step(*args))
+    run(tiny_model_dir, data_file, tmp_path, "--steps", "4", "--sync-every", "4", "--eval-every", "1")
+    assert asleep == [True] * 4
