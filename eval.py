@@ -163,7 +163,10 @@ def heldout_eval(engine, tok, rows, chat_reward, max_new_tokens, samples=0, temp
     decoding, and with samples=k also {"math_sampled": [(mean reward of k samples at `temperature`,
     mean length, row id), ...]} for the math rows: the sampled accuracy RL optimizes, per problem.
     crn: sample j of a row is drawn with uniforms keyed by the row's id (rollout.uniforms), so two
-    models, or one model at two points of a run, are scored on common random numbers, on any rank."""
+    models, or one model at two points of a run, are scored on common random numbers, on any rank.
+    The key leaves out --seed on purpose: runs of other seeds are scored on the same draws too, so a
+    difference between arms or seeds carries no held-out sampling noise (the SE over seeds then
+    leaves that noise out; it is the rows' SE, which report() prints, that holds it)."""
     prompts = [chat_prompt_ids(tok, row_prompt(r)) for r in rows]
     greedy = [g[0] for g in engine.generate(prompts, n=1, max_new_tokens=max_new_tokens, greedy=True, desc="held-out, greedy")]
     score(rows, greedy, chat_reward)
