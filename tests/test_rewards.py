@@ -33,10 +33,15 @@ def test_math_reward_known_cases(response, answer, expect):
     ("\\boxed{" + "9^{" * 30 + "9" + "}" * 30 + "}", "9^{9^{9}}"),
 ])
 def test_adversarial_latex_scores_zero_in_bounded_time(evil, answer):
+    """A response costs at most the time limit plus bringing up a grader (the warm spare may still
+    be importing), measured here on this machine as it is loaded now: no absolute bound."""
+    t = time.time()
+    rewards._ready(rewards._spawn_grader()).kill()
+    respawn = time.time() - t
     math_reward("\\boxed{1}", "1")                  # grader process started outside the timing
     t = time.time()
     assert math_reward(evil, answer, time_limit=0.5) == 0.0
-    assert time.time() - t < 3.0                      # a hang would be hours
+    assert time.time() - t < 0.5 + 2 * respawn + 1.0, f"respawn {respawn:.1f}s"   # a hang would be hours
     # whether it timed out or not, the next response is graded as usual
     assert math_reward("so \\boxed{42}", "42") == 1.0
 
