@@ -1,12 +1,9 @@
 """
-Training and evaluation problems: the built-in arithmetic task and JSON Lines files, and the
-checks every script's flags go through.
+Training and evaluation problems: the built-in arithmetic task and JSON Lines files.
 
 Every math row is {"problem": str, "answer": str} (extra fields such as "id" are kept); chat
-rows are {"prompt": str}. A bad file fails with the file, line and field named; a bad flag
-value fails in the parser, before any model loads, with the flag and the value named.
+rows are {"prompt": str}. A bad file fails with the file, line and field named.
 """
-import argparse
 import json
 import math
 import os
@@ -143,99 +140,3 @@ def load_jsonl(path, fields=("problem", "answer")):
     if not rows:
         raise ValueError(f"{path}: empty file, no rows")
     return rows
-
-
-# -----------------------------------------------------------------------------
-# Flag values: argparse `type=`s. A bad value exits 2 with "argument --flag: VALUE: why".
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help keeps the docstring's line breaks and shows every flag's default."""
-
-
-def number(kind=int, lo=None, hi=None, lo_open=False, hi_open=False):
-    """A finite int or float within [lo, hi] (either end open where asked, None: unbounded)."""
-    def parse(text):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text}: not {'an integer' if kind is int else 'a number'}") from None
-        if not math.isfinite(v):
-            raise argparse.ArgumentTypeError(f"{text}: must be finite")
-        if (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and (v >= hi if hi_open else v > hi)):
-            if hi is None:
-                why = f"must be {'>' if lo_open else '>='} {lo}"
-            else:
-                why = f"must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-            raise argparse.ArgumentTypeError(f"{text}: {why}")
-        return v
-    parse.__name__ = kind.__name__   # argparse names the type in some messages
-    return parse
-
-
-POSITIVE_INT = number(int, 1)                           # counts that must be >= 1
-COUNT = number(int, 0)                                  # counts where 0 means none / off
-POSITIVE = number(float, 0, lo_open=True)               # temperatures, β
-NONNEGATIVE = number(float, 0)                          # coefficients, lr, caps where 0 means off
-FRACTION = number(float, 0, 1, lo_open=True)            # probabilities and memory fractions, in (0, 1]
-
-
-def names_from(choices):
-    """Comma-separated names, each one of `choices` (--bench, --arms, --parts)."""
-    def parse(text):
-        names = text.split(",")
-        bad = [n for n in names if n not in choices]
-        if bad:
-            raise argparse.ArgumentTypeError(f"{text}: unknown {', '.join(bad)}; choose from {', '.join(choices)}")
-        return names
-    return parse
-
-
-def existing_file(text):
-    if not os.path.isfile(text):
-        raise argparse.ArgumentTypeError(f"{text}: no such file")
-    return text
-
-
-def out_dir(text):
-    """An output folder, created when first written; it must not be a file."""
-    if os.path.isfile(text):
-        raise argparse.ArgumentTypeError(f"{text}: is a file, not a directory")
-    return text
-
-
-def make_writable(path, flag):
-    """Create the output folder and check that this process can write there, or exit naming the flag
-    (before any model loads, so a bad --out costs nothing)."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write_test-{os.getpid()}")   # one per process: ranks share the folder
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise SystemExit(f"{flag} {path}: not writable ({e.strerror})")
-
-
-def device_name(text):
-    """A torch device: cpu, cuda or cuda:N, the last two only where this torch sees a GPU."""
-    import torch
-    if not (text == "cpu" or text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit())):
-        raise argparse.ArgumentTypeError(f"{text}: must be cpu, cuda or cuda:N")
-    if text != "cpu" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: this torch sees no CUDA device")
-    return text
-
-
-def existing_dir(text):
-    if not os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"{text}: no such directory")
-    return text
-
-
-def model_name(text):
-    """A hub id, the default name, or a local model folder (which must hold a config.json)."""
-    local = text.startswith((".", "/", "~")) or (os.sep in text and os.path.exists(os.path.dirname(text) or "."))
-    if local and not os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"{text}: no such directory")
-    if local and not os.path.exists(os.path.join(text, "config.json")):
-        raise argparse.ArgumentTypeError(f"{text}: no config.json there (not a model folder or checkpoint)")
-    return text

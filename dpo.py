@@ -97,6 +97,14 @@ def ipo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta):
     return ((h - 1 / (2 * beta)) ** 2).mean()
 
 
+def simpo_loss(pi_chosen, pi_rejected, len_chosen, len_rejected, beta, gamma):
+    """SimPO (Meng et al. 2024, arXiv 2405.14734; not in the paper): reference-free, each response's
+    log-probability normalized by its length, with a target margin γ:
+    L = -log σ(β/|yc| · log πθ(yc|x) - β/|yr| · log πθ(yr|x) - γ). Inputs [B]; returns the mean."""
+    _check(pi_chosen, pi_rejected, len_chosen, len_rejected)
+    return -F.logsigmoid(beta * pi_chosen / len_chosen - beta * pi_rejected / len_rejected - gamma).mean()
+
+
 def implicit_reward(pi_logps, ref_logps, beta):
     """DPO's implicit reward r̂(x, y) = β (log πθ(y|x) - log πref(y|x)); logged, not optimized."""
     return (beta * (pi_logps - ref_logps)).detach()

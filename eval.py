@@ -31,11 +31,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import FRACTION, HelpFormatter, NONNEGATIVE, POSITIVE_INT, device_name, existing_dir, load_jsonl, make_writable, model_name, names_from, \
-    out_dir, row_prompt, split_task
+from data import load_jsonl, row_prompt, split_task
 from distributed import gather, setup_distributed
+from flags import (FRACTION, NONNEGATIVE, POSITIVE_INT, HelpFormatter, device_name, existing_dir,
+                   make_writable, model_name, names_from, out_dir)
+from logs import heldout_table, mean_se, plot_runs
+from models import DEFAULT_MODEL, chat_prompt_ids, load_model
 from rewards import make_scalar_reward, math_reward, score
-from rollout import DEFAULT_MODEL, HFEngine, Sample, chat_prompt_ids, load_model, pick_engine, sample_key
+from rollout import HFEngine, Sample, pick_engine, sample_key
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCHES = {"math500": "math500.jsonl", "amc23": "amc23.jsonl", "gsm8k": "gsm8k_test.jsonl", "aime24": "aime24.jsonl",
@@ -44,15 +47,6 @@ CHAT_BENCHES = {"alpaca_eval", "arena_hard"}
 
 # -----------------------------------------------------------------------------
 # Statistics
-
-
-def mean_se(scores):
-    """(mean, standard error of the mean) with the N-1 sample variance; SE 0 for N < 2."""
-    n = len(scores)
-    m = sum(scores) / n
-    if n < 2:
-        return m, 0.0
-    return m, math.sqrt(sum((s - m) ** 2 for s in scores) / (n - 1) / n)
 
 
 def pass_at_k(n, c, k):
@@ -262,7 +256,6 @@ def parse_args(argv=None):
 def main(argv=None):
     a = parse_args(argv)
     if a.plot:   # logs.py: the runs' curves in one figure, their held-out numbers as a table
-        from logs import heldout_table, plot_runs
         print(heldout_table(a.plot))
         print(plot_runs(a.plot, os.path.join(a.out, "dynamics.png")))
         return

@@ -1,22 +1,132 @@
 """
-train.py's command line: every flag with its default, help and check, grouped as the paper's
-sections are (model and data, semi-online, objective, generation, optimization, runtime).
-Flags that name files, models or devices are checked here, before any model loads; `auto`
-precision and engine are resolved for this machine.
+Command lines: the flag value types every script uses (a bad value exits 2 with "argument
+--flag: VALUE: why", before any model loads), and train.py's flags, each with its default, help
+and check, grouped as the paper's sections are (model and data, semi-online, objective,
+generation, optimization, runtime). `auto` precision and engine are resolved for this machine.
 """
 import argparse
 import importlib.util
+import math
+import os
 
 import torch
 
-from data import COUNT, FRACTION, HelpFormatter, NONNEGATIVE, POSITIVE, POSITIVE_INT, device_name, existing_file, model_name, number, out_dir
 from grpo import TOKEN_AVERAGES
-from rollout import DEFAULT_MODEL, pick_engine, resolve_dtype
+from losses import LOSSES, uses_reference
+from models import DEFAULT_MODEL, resolve_dtype
+from rollout import pick_engine
+
+# -----------------------------------------------------------------------------
+# Flag value types (argparse `type=`)
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the docstring's line breaks and shows every flag's default."""
 
 
-def parse(argv, description, losses, uses_reference):
-    """train.py's parsed flags; errors name the flag (argparse exits with status 2). losses: train.LOSSES;
-    uses_reference(a): whether the objective looks at πref."""
+def number(kind=int, lo=None, hi=None, lo_open=False, hi_open=False):
+    """A finite int or float within [lo, hi] (either end open where asked, None: unbounded)."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text}: not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"{text}: must be finite")
+        if (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and (v >= hi if hi_open else v > hi)):
+            if hi is None:
+                why = f"must be {'>' if lo_open else '>='} {lo}"
+            else:
+                why = f"must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+            raise argparse.ArgumentTypeError(f"{text}: {why}")
+        return v
+    parse.__name__ = kind.__name__   # argparse names the type in some messages
+    return parse
+
+
+POSITIVE_INT = number(int, 1)                           # counts that must be >= 1
+COUNT = number(int, 0)                                  # counts where 0 means none / off
+POSITIVE = number(float, 0, lo_open=True)               # temperatures, β
+NONNEGATIVE = number(float, 0)                          # coefficients, lr, caps where 0 means off
+FRACTION = number(float, 0, 1, lo_open=True)            # probabilities and memory fractions, in (0, 1]
+
+
+def sync_every(text):
+    """--sync-every: a positive int, math.inf for 'inf' (offline) or 'epoch' (iterative: the run's
+    steps per pass over the data, which train.py counts once the data is loaded)."""
+    if text in ("inf", "epoch"):
+        return math.inf if text == "inf" else text
+    if not (text.isdigit() and int(text) > 0):
+        raise argparse.ArgumentTypeError(f"{text}: must be a positive integer, 'inf' or 'epoch'")
+    return int(text)
+
+
+def names_from(choices):
+    """Comma-separated names, each one of `choices` (--bench, --arms, --parts)."""
+    def parse(text):
+        names = text.split(",")
+        bad = [n for n in names if n not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"{text}: unknown {', '.join(bad)}; choose from {', '.join(choices)}")
+        return names
+    return parse
+
+
+def existing_file(text):
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    return text
+
+
+def out_dir(text):
+    """An output folder, created when first written; it must not be a file."""
+    if os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"{text}: is a file, not a directory")
+    return text
+
+
+def make_writable(path, flag):
+    """Create the output folder and check that this process can write there, or exit naming the flag
+    (before any model loads, so a bad --out costs nothing)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_test-{os.getpid()}")   # one per process: ranks share the folder
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"{flag} {path}: not writable ({e.strerror})")
+
+
+def device_name(text):
+    """A torch device: cpu, cuda or cuda:N, the last two only where this torch sees a GPU."""
+    if not (text == "cpu" or text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit())):
+        raise argparse.ArgumentTypeError(f"{text}: must be cpu, cuda or cuda:N")
+    if text != "cpu" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: this torch sees no CUDA device")
+    return text
+
+
+def existing_dir(text):
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text}: no such directory")
+    return text
+
+
+def model_name(text):
+    """A hub id, the default name, or a local model folder (which must hold a config.json)."""
+    local = text.startswith((".", "/", "~")) or (os.sep in text and os.path.exists(os.path.dirname(text) or "."))
+    if local and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text}: no such directory")
+    if local and not os.path.exists(os.path.join(text, "config.json")):
+        raise argparse.ArgumentTypeError(f"{text}: no config.json there (not a model folder or checkpoint)")
+    return text
+
+
+# -----------------------------------------------------------------------------
+# train.py's flags
+
+
+def parse(argv, description):
+    """train.py's parsed flags; errors name the flag (argparse exits with status 2)."""
     p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     # Model and data
     p.add_argument("--model", default=DEFAULT_MODEL, type=model_name,
@@ -40,21 +150,31 @@ def parse(argv, description, losses, uses_reference):
                    help="draw rollouts and held-out samples from one random stream in batch order, not common random numbers "
                         "keyed by (seed, step, prompt, response, token) (s_curve.py --pilot measures what CRN buys)")
     # Semi-online (§2.3)
-    p.add_argument("--sync-every", default="4", help="s: optimizer steps between rollout-weight syncs; int, 'inf' (offline) or 'epoch' (iterative)")
+    p.add_argument("--sync-every", default="4", type=sync_every, help="s: optimizer steps between rollout-weight syncs; int, 'inf' (offline) or 'epoch' (iterative)")
     p.add_argument("--ref-sync-every", type=COUNT, default=0,
                    help="copy the policy into the reference model every k optimizer steps (0: never); independent of s")
     # Objective (§2, §4.2)
-    p.add_argument("--loss", default="dpo", choices=list(losses), help="objective")
+    p.add_argument("--loss", default="dpo", choices=list(LOSSES), help="objective")
     p.add_argument("--beta", type=POSITIVE, default=0.1, help="β of DPO / GroupDPO")
     p.add_argument("--alpha", type=NONNEGATIVE, default=1.0, help="α of the combined loss GroupDPO + α·GRPO")
     p.add_argument("--clip-eps", type=number(float, 0, 1, lo_open=True, hi_open=True), default=0.2, help="ε of GRPO's clipped ratio")
     p.add_argument("--kl-coef", type=NONNEGATIVE, default=0.0, help="GRPO: weight of the k3 KL to the reference")
     p.add_argument("--token-average", default="sequence", choices=TOKEN_AVERAGES, help="GRPO token averaging")
-    p.add_argument("--no-std", action="store_true", help="GRPO advantages without the std division (Dr. GRPO)")
+    p.add_argument("--no-std", action="store_true", help="GRPO and combined: advantages r - mean(r), without the std "
+                   "division (one of Dr. GRPO's two changes; --loss dr_grpo makes both)")
     p.add_argument("--tis-cap", type=NONNEGATIVE, default=None,
                    help="GRPO: truncated IS weight min(πθ_old/μ, C) for sampler μ (0: off); default 2 for vLLM or bf16 rollouts, else 0")
     p.add_argument("--nll-coef", type=NONNEGATIVE, default=0.0, help="weight of the length-normalized NLL on chosen responses")
     p.add_argument("--entropy-coef", type=NONNEGATIVE, default=0.0, help="weight of the negative-entropy regularizer")
+    for name, entry in LOSSES.items():   # each loss's own hyperparameters, under its name in --help
+        params = entry.get("params", {})
+        group = p.add_argument_group(f"--loss {name}") if params else None
+        for dest, (default, text) in params.items():
+            flag = "--" + dest.replace("_", "-")
+            if flag not in p._option_string_actions:   # two losses may share one
+                kind = {"action": "store_true"} if isinstance(default, bool) else \
+                    {"type": number(type(default)) if type(default) in (int, float) else type(default)}
+                group.add_argument(flag, dest=dest, default=default, help=text, **kind)
     # Generation
     p.add_argument("--n", "--group-size", dest="n", type=number(int, 2), default=8,
                    help="responses sampled per prompt, >= 2 for a pair (under torchrun write --group-size: torchrun rejects --n)")
@@ -96,19 +216,23 @@ def parse(argv, description, losses, uses_reference):
                    help="also send each step's metrics to this tracker (an optional package; works offline, see README)")
     p.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and pairs (any integer)")
     p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu", help="torch device: cpu, cuda or cuda:N")
-    return checked(p, p.parse_args(argv), losses, uses_reference)
+    return checked(p, p.parse_args(argv))
 
 
-def checked(p, a, losses, uses_reference):
+def checked(p, a):
     """The checks one flag alone cannot make (p.error exits naming the flag), and `auto` precision and
     engine resolved for this machine."""
-    if a.sync_every not in ("inf", "epoch") and not (a.sync_every.isdigit() and int(a.sync_every) > 0):
-        p.error(f"argument --sync-every: {a.sync_every}: must be a positive integer, 'inf' or 'epoch'")
-    bad = [n for n, e in losses.items() if e.get("takes") not in ("pairs", "groups") or not callable(e.get("fn"))]
-    if bad:   # a new entry written wrong: say so before anything loads
-        p.error(f"LOSSES[{bad[0]!r}] in train.py: needs 'fn' (the objective) and 'takes': 'pairs' or 'groups'")
+    for name, e in LOSSES.items():   # a new entry written wrong: say so before anything loads
+        if e.get("takes") not in ("pairs", "groups") or not callable(e.get("fn")):
+            p.error(f"LOSSES[{name!r}] in losses.py: needs 'fn' (the objective) and 'takes': 'pairs' or 'groups'")
+        if e.get("reference", "always") not in ("always", "never", "kl"):
+            p.error(f"LOSSES[{name!r}] in losses.py: 'reference' is 'always', 'never' or 'kl'")
+    why = LOSSES[a.loss].get("check", lambda a: None)(a)
+    if why:
+        p.error(f"argument --loss: {a.loss}: {why}")
     if a.ref_sync_every and not uses_reference(a):
-        p.error(f"argument --ref-sync-every: {a.ref_sync_every}: GRPO without --kl-coef has no reference model to sync")
+        p.error(f"argument --ref-sync-every: {a.ref_sync_every}: --loss {a.loss} has no reference model to sync"
+                + (" without --kl-coef" if LOSSES[a.loss].get("reference") == "kl" else ""))
     if a.report_to != "none" and not importlib.util.find_spec(a.report_to):
         p.error(f"argument --report-to: {a.report_to}: the package is not installed (pip install {a.report_to})")
     try:

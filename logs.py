@@ -10,6 +10,15 @@ import os
 from distributed import all_sum
 
 
+def mean_se(scores):
+    """(mean, standard error of the mean) with the N-1 sample variance; SE 0 for N < 2."""
+    n = len(scores)
+    m = sum(scores) / n
+    if n < 2:
+        return m, 0.0
+    return m, math.sqrt(sum((s - m) ** 2 for s in scores) / (n - 1) / n)
+
+
 def rollout_metrics(batch, tasks, device):
     """The step's rollouts, summed over ranks: mean reward, math accuracy (None without math),
     length and entropy per token, the share cut at --max-new-tokens; with several tasks also
@@ -113,7 +122,6 @@ def plot_runs(runs, path):
 def heldout_table(runs):
     """Held-out numbers of each run as a markdown table: before and after ± SE, and the paired change
     over the same problems (mean and SE of the per-problem differences)."""
-    from eval import mean_se
     lines = ["| run | task | before | after | after - before (paired) | n |", "|---|---|---|---|---|---|"]
     for run in runs:
         h = heldout(run)

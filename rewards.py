@@ -187,7 +187,7 @@ def llm_judge(model, tok, batch_size=8, max_response_tokens=384):
     digits = [tok.convert_tokens_to_ids(str(k)) for k in range(1, 6)]
     if any(d is None or d == tok.unk_token_id for d in digits):
         raise ValueError("judge tokenizer has no single tokens for the digits 1-5")
-    from rollout import chat_prompt_ids
+    from models import chat_prompt_ids
     dev = next(model.parameters()).device
 
     @torch.inference_mode()
@@ -242,7 +242,7 @@ def make_scalar_reward(name=None, judge=None, device=None):
     if name:
         return reward_model(name, device)
     if judge is None:
-        from rollout import DEFAULT_MODEL, load_model
+        from models import DEFAULT_MODEL, load_model
         judge = load_model(DEFAULT_MODEL, device or "cpu")
     return llm_judge(*judge)
 

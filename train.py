@@ -38,94 +38,24 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import flags
-from data import epoch_steps, make_writable, row_prompt, split_task, step_rows
-from distributed import (all_sum, build_models, copy_params, full_params, gather, latest_checkpoint, load_checkpoint, merge_metrics, multiprocess,
-                         save_checkpoint, setup_distributed, spare_unit, stamp_old_logps)
-from dpo import dpo_loss, entropy_regularizer, group_dpo_loss, implicit_reward, ipo_loss, nll_loss, select_pair, token_entropy
+from checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from data import epoch_steps, row_prompt, split_task, step_rows
+from distributed import (all_sum, build_models, copy_params, full_params, gather, merge_metrics, multiprocess,
+                         setup_distributed, spare_unit, stamp_old_logps)
+from dpo import entropy_regularizer, nll_loss, select_pair, token_entropy
 from eval import score_heldout
-from grpo import combined_loss, grpo_advantages, grpo_loss, kl_k3
+from grpo import kl_k3
 from logs import plot_run, rollout_metrics, run_summary, tracker
+from losses import LOSSES, has_ratio, pairwise, uses_reference  # noqa: F401  (tests patch train.LOSSES)
 from memory import GB, for_run, peak_bytes, rss_bytes
+from models import chat_prompt_ids, collate, response_logps
 from rewards import score, stats as grading
-from rollout import chat_prompt_ids, collate, response_logps, sample_key
+from rollout import sample_key
 
 
 def parse_args(argv=None):
     """train.py's flags (flags.py: each flag, its default, its check), checked before anything loads."""
-    return flags.parse(argv, __doc__, LOSSES, uses_reference)
-
-
-def uses_reference(a):
-    """Whether the objective looks at πref: every loss but GRPO without its KL term (as TRL at β = 0)."""
-    return a.loss != "grpo" or a.kl_coef > 0
-
-
-# -----------------------------------------------------------------------------
-# Objectives: --loss picks one from LOSSES. Each maps a micro-batch to (loss, metrics).
-# b["pi"], b["ref"], b["old"], b["mask"]: [P*K, T] token log-probs and mask, unit by unit; b["rewards"]:
-# [P, K]. A loss that "takes" "pairs" gets one (chosen, rejected) pair per prompt (K = 2, chosen first);
-# one that takes "groups" gets all K = G responses of each prompt. The loss is this micro-batch's part
-# of the step's: b["share"] is its share of the step's preference units (pairs, or groups with a
-# preference), b["denom"] the step's GRPO denominator (responses or tokens), so that the micro-batches'
-# losses sum to the step's. A new loss is one function and one entry in LOSSES; tests/test_losses.py
-# then checks its wiring (README: "Add your own loss").
-
-def seq(b, key):
-    """Sequence log-probs log π(y|x) = Σ_t log π(y_t|x, y_<t), shaped [P, K]."""
-    return (b[key] * b["mask"]).sum(-1).view(b["rewards"].shape)
-
-
-def pair_rewards(pi, ref, a):
-    """The implicit rewards β·log π(y|x)/πref(y|x) of the chosen and rejected responses (logged; the plot shows their margin)."""
-    return {f"{k}_reward": implicit_reward(pi[:, i], ref[:, i], a.beta).mean().item() for i, k in enumerate(("chosen", "rejected"))}
-
-
-def dpo_objective(b, a):
-    pi, ref = seq(b, "pi"), seq(b, "ref")
-    return dpo_loss(pi[:, 0], pi[:, 1], ref[:, 0], ref[:, 1], a.beta) * b["share"], pair_rewards(pi, ref, a)
-
-
-def ipo_objective(b, a):
-    pi, ref = seq(b, "pi"), seq(b, "ref")
-    return ipo_loss(pi[:, 0], pi[:, 1], ref[:, 0], ref[:, 1], a.beta) * b["share"], pair_rewards(pi, ref, a)
-
-
-def group_dpo_objective(b, a):
-    loss, _ = group_dpo_loss(seq(b, "pi"), seq(b, "ref"), b["rewards"], a.beta)
-    return loss * b["share"], {}
-
-
-def grpo_objective(b, a):
-    adv = grpo_advantages(b["rewards"], scale_std=not a.no_std).flatten()
-    return grpo_loss(b["pi"], b["old"], b["ref"], adv, b["mask"], a.clip_eps, a.kl_coef, a.token_average,
-                     denom=b["denom"], is_weight=b["is_w"])
-
-
-def combined_objective(b, a):
-    return combined_loss(seq(b, "pi"), seq(b, "ref"), b["rewards"], b["pi"], b["old"], b["ref"], b["mask"],
-                         a.beta, a.alpha, scale_std=not a.no_std, dpo_weight=b["share"], clip_eps=a.clip_eps,
-                         kl_coef=a.kl_coef, token_average=a.token_average, denom=b["denom"], is_weight=b["is_w"])
-
-
-# name: the objective, what it takes ("pairs" or "groups"), and ratio=True for losses with GRPO's
-# importance ratio πθ/πθ_old (the loop then supplies the trainer's πθ_old and the TIS weights)
-LOSSES = {
-    "dpo": {"fn": dpo_objective, "takes": "pairs"},
-    "ipo": {"fn": ipo_objective, "takes": "pairs"},
-    "group_dpo": {"fn": group_dpo_objective, "takes": "groups"},
-    "grpo": {"fn": grpo_objective, "takes": "groups", "ratio": True},
-    "combined": {"fn": combined_objective, "takes": "groups", "ratio": True},
-}
-
-
-def pairwise(a):
-    """Whether --loss trains on one (chosen, rejected) pair per prompt (else on whole groups)."""
-    return LOSSES[a.loss]["takes"] == "pairs"
-
-
-def has_ratio(a):
-    """Whether --loss has GRPO's importance ratio πθ/πθ_old."""
-    return LOSSES[a.loss].get("ratio", False)
+    return flags.parse(argv, __doc__)
 
 
 # -----------------------------------------------------------------------------
@@ -203,7 +133,7 @@ def loss_and_backward(units, n_resp, n_tok, batch, a, policy, ref, staleness, ti
             continue
         b["rewards"] = torch.tensor([[x.reward for x in u] for u in mb], device=a.device)
         b["share"] = sum(prefers[i * a.micro_groups:(i + 1) * a.micro_groups]) / max(1, total_pref)
-        b["denom"] = total_resp if a.token_average == "sequence" else total_tok
+        b["responses"], b["tokens"] = total_resp, total_tok   # the step's, over all ranks
         tokens = b["mask"].sum().item()
         b["old"], b["is_w"], m = old_policy(b, staleness, tis, a)
         loss, extra = LOSSES[a.loss]["fn"](b, a)
@@ -299,7 +229,7 @@ def setup(a):
         sys.exit(f"--batch-prompts {a.batch_prompts} must be a multiple of the number of processes ({world})")
     random.seed(a.seed)
     torch.manual_seed(a.seed + rank)   # held-out sampling; training rollouts draw keyed numbers (rollouts)
-    make_writable(a.out, "--out")   # before any model loads
+    flags.make_writable(a.out, "--out")   # before any model loads
     try:
         r.train, r.heldout = split_task(a.task, a.train_data, a.difficulty, a.eval_problems, a.seed, eval_data=a.eval_data)
     except (OSError, ValueError) as e:
@@ -309,13 +239,14 @@ def setup(a):
     if a.batch_prompts > len(r.train):
         sys.exit(f"--batch-prompts {a.batch_prompts}: more than the {len(r.train)} training prompts")
     r.tasks = sorted({row["task"] for row in r.train})
-    r.s = {"inf": math.inf, "epoch": epoch_steps(r.train, a.batch_prompts)}.get(a.sync_every) or int(a.sync_every)
+    r.s = epoch_steps(r.train, a.batch_prompts) if a.sync_every == "epoch" else a.sync_every
     r.ckpt = latest_checkpoint(a.out) if a.resume else None
     if r.ckpt and not os.path.isdir(os.path.join(r.ckpt, "optimizer")):
         sys.exit(f"--resume: {r.ckpt} holds weights only (--keep-optimizer none); start from it with --init-from {r.ckpt}")
     r.policy, r.ref, r.tok, r.chat_reward, r.engine = build_models(a, r.s, r.ckpt, r.train + r.heldout, rank, world, uses_reference(a))
     if r.master:   # memory.py: what this run should take per process; `peak_gb` in the log is what it took
-        print(for_run(r.policy.config, a, world, max(len(chat_prompt_ids(r.tok, row_prompt(row))) for row in r.train[:512]), runtime))
+        longest = max(len(chat_prompt_ids(r.tok, row_prompt(row))) for row in r.train[:512])
+        print(for_run(r.policy.config, a, world, longest, runtime, r.s))
     with torch.device("meta"):   # an empty model of πθ's class and config, to write checkpoints through
         r.shell = type(r.policy)(r.policy.config)
     r.tis = has_ratio(a) and a.tis_cap > 0

@@ -80,6 +80,28 @@ def assert_close(a, b, key, rel=1e-5, abs=1e-8):
     assert [x for x in a if x is not None] == pytest.approx([x for x in b if x is not None], rel=rel, abs=abs), key
 
 
+def fixed_generate(self, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=8, greedy=False, desc=None,
+                   keys=None):
+    """HFEngine.generate's stand-in where a test needs the same rollouts on any CPU and in any session
+    (sampling a random model follows float rounding, which differs between CPU kinds): responses of
+    2-7 tokens, some cut at max_new_tokens, a function of the prompt and the draw's key alone."""
+    from rollout import Sample
+    V, eos = self.model.config.vocab_size, self.tokenizer.eos_token_id
+    out = []
+    for i, p in enumerate(prompts):
+        key = sum(p) if keys is None else keys[i] % 1000
+        group = []
+        for j in range(n):
+            length = min(2 + (key + 3 * j) % 6, max_new_tokens)
+            ids = [(key * (j + 3) + 7 * t) % (V - 3) + 3 for t in range(length)]
+            stop = length < max_new_tokens
+            ids = ids[:-1] + [eos] if stop else ids
+            group.append(Sample(p, ids, [-1.0] * len(ids), [0.5] * len(ids), self.tokenizer.decode(ids, skip_special_tokens=True),
+                                "stop" if stop else "length"))
+        out.append(group)
+    return out
+
+
 def write_sums(path, n, plus):
     """A training file of n math rows "What is i + plus?" with their answers (JSONL)."""
     path.write_text("".join(json.dumps({"problem": f"What is {i} + {plus}?", "answer": str(i + plus)}) + "\n" for i in range(n)))

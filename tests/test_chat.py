@@ -9,7 +9,8 @@ from transformers import LlamaConfig, LlamaForSequenceClassification
 import rewards
 import train
 from rewards import judge_score, llm_judge, make_scalar_reward
-from rollout import Sample, load_model
+from models import load_model
+from rollout import Sample
 
 
 def test_judge_score_from_fixed_logits():
@@ -27,7 +28,7 @@ def test_llm_judge_runs_on_tiny_model(tiny_model_dir):
     assert judge(["add 2 and 2"], ["4"])[0] == pytest.approx(s[1], abs=1e-4)
     # the plain way: logits at every position, the last one read (the judge keeps only that one)
     from rewards import JUDGE_TEMPLATE
-    from rollout import chat_prompt_ids
+    from models import chat_prompt_ids
     ids = torch.tensor([chat_prompt_ids(tok, JUDGE_TEMPLATE.format(prompt="say hi", response="hi"))])
     digits = [tok.convert_tokens_to_ids(str(k)) for k in range(1, 6)]
     with torch.no_grad():

@@ -7,7 +7,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 import decode
 from conftest import make_model, make_tokenizer
-from rollout import HFEngine, chat_prompt_ids, hf_decoder, left_pad, prefill
+from models import chat_prompt_ids, left_pad, prefill
+from rollout import HFEngine, hf_decoder
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,7 @@ def test_rows_leave_the_static_cache(tok):
 def test_engine_samples_what_the_hf_forward_samples(tiny_model_dir, greedy):
     """Same weights and draws (common random numbers), fp32: the two paths give the same responses, log-probs
     and entropies, with rows stopping whenever they emit an end token."""
-    from rollout import load_model
+    from models import load_model
     model, t = load_model(tiny_model_dir)
     ps = prompts(t)
     got = {}
@@ -103,7 +104,7 @@ def test_engine_samples_what_the_hf_forward_samples(tiny_model_dir, greedy):
 def test_sync_reaches_the_fused_weights(tiny_model_dir):
     """The engine's q/k/v and gate/up weights are views of the fused matrices (no second copy), so
     update_weights, by state dict or parameter by parameter, changes what decode.py reads."""
-    from rollout import load_model
+    from models import load_model
     model, t = load_model(tiny_model_dir)
     engine = HFEngine(model, t)
     layer, (_, qkv, _, _, _, gate_up, _) = engine.model.model.layers[0], engine.layers[0]
@@ -124,7 +125,7 @@ def test_sleep_frees_the_copy_and_the_sync_brings_it_back(tiny_model_dir, fast):
     """HFEngine.sleep frees its private copy's weights (the fused matrices once, the rest each once);
     update_weights, by state dict or parameter by parameter, brings them back, and the engine then
     samples exactly what an engine that never slept samples. Generating while asleep is an error."""
-    from rollout import load_model
+    from models import load_model
     model, t = load_model(tiny_model_dir)
     awake, slept = HFEngine(model, t, fast=fast), HFEngine(model, t, fast=fast)
     weights = lambda e: sum(p.untyped_storage().nbytes() for p in {p.untyped_storage().data_ptr(): p for p in e.model.parameters()}.values())
@@ -145,7 +146,7 @@ def test_sleep_frees_the_copy_and_the_sync_brings_it_back(tiny_model_dir, fast):
 def test_a_shared_policy_is_left_as_it_is(tiny_model_dir):
     """share=True (online, the policy samples itself): the fused weights are copies made per generate
     call; the policy's parameters (which an optimizer holds) stay the same tensors."""
-    from rollout import load_model
+    from models import load_model
     model, t = load_model(tiny_model_dir)
     before = [p for p in model.parameters()]
     engine = HFEngine(model, t, share=True)

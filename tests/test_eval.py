@@ -12,13 +12,14 @@ import logs
 import rewards
 import train
 from conftest import write_sums
-from rollout import HFEngine, load_model
+from models import load_model
+from rollout import HFEngine
 
 
 def test_mean_se_hand():
     # [1, 0, 1, 1]: mean 0.75, sample variance (3·0.0625 + 0.5625)/3 = 0.25, SE = sqrt(0.25/4) = 0.25
-    assert ev.mean_se([1, 0, 1, 1]) == pytest.approx((0.75, 0.25))
-    assert ev.mean_se([0.5]) == (0.5, 0.0)
+    assert logs.mean_se([1, 0, 1, 1]) == pytest.approx((0.75, 0.25))
+    assert logs.mean_se([0.5]) == (0.5, 0.0)
 
 
 def test_pass_at_k_hand():

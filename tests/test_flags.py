@@ -13,7 +13,8 @@ import eval as ev
 import reproduce
 import train
 from conftest import toy_score
-from rollout import HFEngine, load_model
+from models import load_model
+from rollout import HFEngine
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

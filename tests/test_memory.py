@@ -126,7 +126,7 @@ def test_plan_reads_other_architectures(tmp_path):
                                        num_key_value_heads=2, vocab_size=100))
     assert qwen["layers"] == 2 and qwen["kv"] == 32 and qwen["inter"] == 128
     a = train.parse_args(["--device", "cpu"])
-    assert memory.for_run(object(), a, 1, 16, 0).startswith("memory plan: not available")
+    assert memory.for_run(object(), a, 1, 16, 0, 4).startswith("memory plan: not available")
 
 
 def test_explicit_flags_are_kept_for_a_gpu_plan(llama8b):
@@ -141,7 +141,8 @@ def test_explicit_flags_are_kept_for_a_gpu_plan(llama8b):
 def test_kv_cache_term_is_the_bytes_decode_allocates(tiny_model_dir, monkeypatch, dtype):
     """The plan's KV cache for one sync's rows equals what decode.py's static cache holds (on a CPU
     its keys and values are fp32 whatever the rollout dtype)."""
-    from rollout import HFEngine, load_model
+    from models import load_model
+    from rollout import HFEngine
     model, tok = load_model(tiny_model_dir)
     a = train.parse_args(["--model", tiny_model_dir, "--device", "cpu", "--rollout-dtype", dtype, "--n", "2",
                           "--batch-prompts", "2", "--sync-every", "1", "--max-new-tokens", "5", "--gen-batch", "4"])

@@ -14,7 +14,7 @@ import torch
 import distributed
 import rewards
 import train
-from rollout import load_model
+from models import load_model
 from conftest import toy_score, write_sums
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -179,7 +179,7 @@ def test_grad_checkpointing_stamps_old_logps_with_the_kv_cache(tiny_model_dir, t
     import train
     from conftest import toy_score
     from distributed import stamp_old_logps
-    from rollout import collate, response_logps
+    from models import collate, response_logps
     monkeypatch.setattr(train, "score", toy_score)
     stamped = []
     monkeypatch.setattr(train, "stamp_old_logps", lambda model, groups, *a: (stamp_old_logps(model, groups, *a), stamped.append((model, groups))))

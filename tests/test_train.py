@@ -15,7 +15,8 @@ import rewards
 import train
 from data import step_rows
 from conftest import spy_generate, toy_score, write_sums
-from rollout import HFEngine, chat_prompt_ids, cpu_has_bf16, load_model
+from models import chat_prompt_ids, cpu_has_bf16, load_model
+from rollout import HFEngine
 
 
 @pytest.fixture
@@ -327,7 +328,7 @@ def test_engine_prefills_once_drops_finished_rows_and_matches_plain_generate(tin
     generate on the repeated, left-padded prompts; the prefill sees each distinct prompt once; a
     finished sequence leaves the batch."""
     import decode
-    from rollout import left_pad
+    from models import left_pad
     model, tok = load_model(tiny_model_dir)
     engine = HFEngine(model, tok, fast=fast)
     torch.manual_seed(0)

