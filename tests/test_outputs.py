@@ -73,5 +73,5 @@ def test_wandb_offline(tiny_model_dir, data_file, tmp_path, monkeypatch):
 def test_help_shows_defaults_and_choices():
     env = dict(os.environ, COLUMNS="200")   # argparse wraps to the terminal: a fixed width, so no default is split
     text = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--help"], capture_output=True, text=True, env=env).stdout
-    assert "(default: 24)" in text and "{dpo,ipo,group_dpo,grpo,combined}" in text and "{none,tensorboard,wandb}" in text
+    assert "(default: 24)" in text and "{dpo,ipo,simpo,group_dpo,grpo,dr_grpo,combined}" in text and "{none,tensorboard,wandb}" in text
     assert "torchrun --standalone --nproc_per_node 8 train.py" in text   # the docstring's examples keep their lines

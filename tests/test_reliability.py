@@ -153,7 +153,8 @@ def test_grading_timeouts_score_zero_and_are_reported(tiny_model_dir, data_file,
         return grade(text, answer, time_limit=0.3)
     monkeypatch.setattr(rewards, "math_reward", stalled)
     monkeypatch.setitem(rewards.stats, "timeouts", 0)
-    out = train.main(args(tiny_model_dir, data_file, str(tmp_path / "o"), steps=1) + ["--n", "2"])
+    # grade: every response goes to the grader, cut at the cap or not
+    out = train.main(args(tiny_model_dir, data_file, str(tmp_path / "o"), steps=1) + ["--n", "2", "--cut-responses", "grade"])
     r = out["records"][0]
     assert r["reward"] == 0.0 and r["pairs_used"] == 0 and r["skipped"] == 2
     assert rewards.stats["timeouts"] == 4
