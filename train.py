@@ -46,7 +46,7 @@ from dpo import entropy_regularizer, nll_loss, select_pair, token_entropy
 from eval import score_heldout
 from grpo import kl_k3
 from logs import plot_run, rollout_metrics, run_summary, tracker
-from losses import LOSSES, has_ratio, pairwise, uses_reference  # noqa: F401  (tests patch train.LOSSES)
+from losses import LOSSES, has_ratio, pairwise, uses_reference
 from memory import GB, for_run, peak_bytes, rss_bytes
 from models import chat_prompt_ids, collate, response_logps
 from rewards import score, stats as grading

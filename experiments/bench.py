@@ -601,7 +601,7 @@ def main(argv=None):
     passthrough = [x for k, v in vars(a).items() if k not in ("worker", "parts", "out", "smoke", "s_values", "shapes")
                    for x in (f"--{k.replace('_', '-')}", str(v))]
     try:
-        import trl  # noqa: F401  (only the benchmark uses TRL; it is not in requirements.txt)
+        import trl  # noqa: F401  (only the benchmark uses TRL)
         have_trl = not a.smoke
     except ImportError:
         have_trl = False

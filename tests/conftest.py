@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import distributed
-from rollout import HFEngine, free_port  # noqa: F401  (free_port: a TCP port nobody listens on, the tests' torchrun rendezvous)
+from rollout import HFEngine, free_port  # noqa: F401  (free_port: the tests' rendezvous port)
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

@@ -2,7 +2,11 @@
 (the numbers mean nothing here; the real table comes from `python bench.py`)."""
 import json
 
+import pytest
+
 import bench
+
+pytestmark = pytest.mark.slow   # the whole suite only: -m "not slow" leaves it out
 
 
 def test_bench_smoke(tiny_model_dir, tmp_path):

@@ -12,6 +12,8 @@ from rewards import judge_score, llm_judge, make_scalar_reward
 from models import load_model
 from rollout import Sample
 
+pytestmark = pytest.mark.slow   # the whole suite only: -m "not slow" leaves it out
+
 
 def test_judge_score_from_fixed_logits():
     z = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0], [-1e4, -1e4, -1e4, -1e4, 0.0], [0.0, math.log(3), -1e4, -1e4, -1e4]])

@@ -10,6 +10,8 @@ from conftest import make_model, make_tokenizer
 from models import chat_prompt_ids, left_pad, prefill
 from rollout import HFEngine, hf_decoder
 
+pytestmark = pytest.mark.slow   # the whole suite only: -m "not slow" leaves it out
+
 
 @pytest.fixture(scope="module")
 def tok():

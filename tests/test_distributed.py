@@ -116,6 +116,8 @@ import ctypes, sys, torch
 sys.path.insert(0, sys.argv[1])
 from distributed import setup_distributed
 
+pytestmark = pytest.mark.slow   # the whole suite only: -m "not slow" leaves it out
+
 class Mallinfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]

@@ -14,6 +14,8 @@ import distributed
 import train
 from conftest import make_tokenizer, toy_score, write_sums
 
+pytestmark = pytest.mark.slow   # the whole suite only: -m "not slow" leaves it out
+
 
 def math_data(tmp_path, n=8):
     p = tmp_path / "d.jsonl"

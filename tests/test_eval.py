@@ -15,6 +15,8 @@ from conftest import write_sums
 from models import load_model
 from rollout import HFEngine
 
+pytestmark = pytest.mark.slow   # the whole suite only: -m "not slow" leaves it out
+
 
 def test_mean_se_hand():
     # [1, 0, 1, 1]: mean 0.75, sample variance (3·0.0625 + 0.5625)/3 = 0.25, SE = sqrt(0.25/4) = 0.25

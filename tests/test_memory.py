@@ -13,6 +13,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import memory
 import train
 
+pytestmark = pytest.mark.slow   # the whole suite only: -m "not slow" leaves it out
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # meta-llama/Llama-3.1-8B-Instruct's config.json, written here: nothing is downloaded
 LLAMA_31_8B = {

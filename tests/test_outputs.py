@@ -11,6 +11,8 @@ import pytest
 import train
 from conftest import toy_score, write_sums
 
+pytestmark = pytest.mark.slow   # the whole suite only: -m "not slow" leaves it out
+
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

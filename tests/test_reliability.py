@@ -17,6 +17,8 @@ import train
 from models import load_model
 from conftest import toy_score, write_sums
 
+pytestmark = pytest.mark.slow   # the whole suite only: -m "not slow" leaves it out
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the tiny model cannot do arithmetic: train it on a toy reward (the shortest response of a group scores 1)
 RUNNER = ("import sys; sys.path.insert(0, 'tests'); import train; from conftest import toy_score; train.score = toy_score; "

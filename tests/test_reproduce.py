@@ -8,6 +8,8 @@ import pytest
 
 import reproduce
 
+pytestmark = pytest.mark.slow   # the whole suite only: -m "not slow" leaves it out
+
 
 def test_sweep_smoke(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "sweep"

@@ -7,6 +7,8 @@ import pytest
 
 import s_curve
 
+pytestmark = pytest.mark.slow   # the whole suite only: -m "not slow" leaves it out
+
 TINY = ["--steps", "2", "--points", "2", "--eval-problems", "3", "--eval-samples", "2", "--pool", "8", "--quiet",
         "--n", "2", "--batch-prompts", "2", "--max-new-tokens", "4", "--difficulty", "1"]
 

@@ -26,6 +26,8 @@ sys.path.insert(0, os.path.join(os.environ["SEMIONLINE_ROOT"], "tests"))
 import train
 from conftest import toy_score
 
+pytestmark = pytest.mark.slow   # the whole suite only: -m "not slow" leaves it out
+
 def tied(rows, samples, chat_reward=None, length_penalty=0.0, cut="grade"):
     for x in samples:
         x.reward = 1.0

@@ -18,6 +18,8 @@ from conftest import spy_generate, toy_score, write_sums
 from models import chat_prompt_ids, cpu_has_bf16, load_model
 from rollout import HFEngine
 
+pytestmark = pytest.mark.slow   # the whole suite only: -m "not slow" leaves it out
+
 
 @pytest.fixture
 def data_file(tmp_path):

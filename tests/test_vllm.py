@@ -19,6 +19,8 @@ from conftest import make_tokenizer, write_sums
 from models import load_model
 from rollout import HFEngine
 
+pytestmark = pytest.mark.slow   # the whole suite only: -m "not slow" leaves it out
+
 HAVE_VLLM = bool(importlib.util.find_spec("vllm"))
 if os.environ.get("SEMIONLINE_REQUIRE_VLLM") and not HAVE_VLLM:
     raise ImportError("SEMIONLINE_REQUIRE_VLLM is set but vllm is not importable")
