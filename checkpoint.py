@@ -17,7 +17,8 @@ from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, se
 
 from distributed import full_params, gather, multiprocess
 
-warnings.filterwarnings("ignore", message="torch.distributed is disabled")   # dcp in a single process: intended
+# dcp in a single process: intended
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
 
 def save_checkpoint(out, step, policy, opt, shell, tok, ref, state, keep, optimizers, master):
@@ -37,15 +38,16 @@ def save_checkpoint(out, step, policy, opt, shell, tok, ref, state, keep, optimi
     state = {**state, "ranks": gather(state["ranks"])}
     final = os.path.join(out, f"ckpt-{step:06d}")
     tmp = final + ".tmp"
-    try:   # disk full or unwritable: drop the half-written folder, keep the previous checkpoint, stop
+    # disk full or unwritable: drop the half-written folder, keep the previous checkpoint, stop
+    try:
         if master:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
         if multiprocess():
             dist.barrier()
         if optimizers != "none":
-            dcp.save({"optimizer": get_optimizer_state_dict(policy, opt)}, checkpoint_id=os.path.join(tmp, "optimizer"),
-                     no_dist=not multiprocess())
+            dcp.save({"optimizer": get_optimizer_state_dict(policy, opt)},
+                     checkpoint_id=os.path.join(tmp, "optimizer"), no_dist=not multiprocess())
         if master:
             shell.save_pretrained(tmp, state_dict=weights)
             tok.save_pretrained(tmp)
@@ -56,8 +58,9 @@ def save_checkpoint(out, step, policy, opt, shell, tok, ref, state, keep, optimi
         shutil.rmtree(tmp, ignore_errors=True)
         latest = os.path.join(out, "latest")
         kept = open(latest).read().strip() if os.path.exists(latest) else None
-        sys.exit(f"--out {out}: the checkpoint of step {step} could not be written ({e}); "
-                 + (f"the previous checkpoint {kept} is intact (--resume continues from it)" if kept else "no earlier checkpoint"))
+        sys.exit(f"--out {out}: the checkpoint of step {step} could not be written ({e}); " +
+                 (f"the previous checkpoint {kept} is "
+                  f"intact (--resume continues from it)" if kept else "no earlier checkpoint"))
     if master:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -90,14 +93,17 @@ def load_checkpoint(ckpt, policy, opt, world, rank, log, seed, my_rows):
     (row ids), so the window trains on what was sampled before, and sampling goes on with a
     fresh seed per rank."""
     st = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
-    osd = get_optimizer_state_dict(policy, opt)   # this run's (sharded) layout, filled from the saved shards
-    dcp.load({"optimizer": osd}, checkpoint_id=os.path.join(ckpt, "optimizer"), no_dist=not multiprocess())
+    # this run's (sharded) layout, filled from the saved shards
+    osd = get_optimizer_state_dict(policy, opt)
+    dcp.load({"optimizer": osd}, checkpoint_id=os.path.join(ckpt, "optimizer"),
+             no_dist=not multiprocess())
     set_optimizer_state_dict(policy, opt, osd)
     if rank == 0:
         keep = [line for line in open(log) if json.loads(line)["step"] <= st["step"]]
         with open(log, "w") as f:
             f.writelines(keep)
-    if len(st["ranks"]) == world:   # same number of processes: each rank takes back its rollouts and RNG
+    # same number of processes: each rank takes back its rollouts and RNG
+    if len(st["ranks"]) == world:
         buffer, rng_state, *cuda_rng = st["ranks"][rank]   # CUDA's RNG too where there was one
         torch.set_rng_state(rng_state)
         if cuda_rng and cuda_rng[0] is not None and torch.cuda.is_available():
@@ -105,8 +111,10 @@ def load_checkpoint(ckpt, policy, opt, world, rank, log, seed, my_rows):
     else:
         saved = [buf for buf, *_ in st["ranks"]]
         made = [{r["id"]: (r, g) for buf in saved for r, g in buf[j]} for j in range(len(saved[0]))]
-        buffer = [[made[j][i] for i in my_rows(st["step"] + j) if i in made[j]] for j in range(len(made))]
+        buffer = [[made[j][i] for i in my_rows(st["step"] + j) if i in made[j]]
+                  for j in range(len(made))]
         torch.manual_seed(seed + rank + 7919 * st["step"])
         if rank == 0:
-            print(f"resuming on {world} processes from a checkpoint of {len(st['ranks'])}: the saved rollouts split anew")
+            print(f"resuming on {world} processes from a checkpoint of "
+                  f"{len(st['ranks'])}: the saved rollouts split anew")
     return st["step"], st["last_sync"], st["stats"], buffer

@@ -15,7 +15,8 @@ PROMPT_SUFFIX = " Put your final answer in \\boxed{}."
 _WORD = [
     "{name} has {a} apples and buys {b} more. How many apples does {name} have now?",
     "A box holds {a} pens. {name} adds {b} pens. How many pens are in the box?",
-    "{name} walked {a} meters in the morning and {b} meters in the evening. How many meters in total?",
+    "{name} walked {a} meters in the morning and {b} "
+    "meters in the evening. How many meters in total?",
 ]
 _NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana"]
 
@@ -24,9 +25,9 @@ def arithmetic_problems(num, difficulty=2, seed=0):
     """The built-in verifiable task: procedurally generated sums and word problems.
 
     difficulty d: operands go up to 10·d; d >= 5 also mixes in a third, subtracted term; d >= 20
-    makes a third of the problems products a × b (a two-digit, b up to d / 2): a harder task, where a
-    135M model's arithmetic limits it (results/s-curve/probes.md).
-    Problems are a pure function of (num, difficulty, seed), so splits are reproducible.
+    makes a third of the problems products a × b (a two-digit, b up to d / 2): a harder task, where
+    a 135M model's arithmetic limits it (results/s-curve/probes.md). Problems are a pure function of
+    (num, difficulty, seed), so splits are reproducible.
     """
     rng = random.Random(f"arith-{difficulty}-{seed}")
     hi = 10 * difficulty
@@ -57,7 +58,8 @@ def row_prompt(row):
     return row["prompt"] if row["task"] == "chat" else math_prompt(row["problem"])
 
 
-def split_task(task, train_data, difficulty, eval_problems, seed, data_dir=DATA_DIR, eval_data=None):
+def split_task(task, train_data, difficulty, eval_problems, seed, data_dir=DATA_DIR,
+               eval_data=None):
     """(train rows, held-out rows) for --task math | chat | mix. With --train-data the file's
     rows (math and/or chat) are shuffled and the first `eval_problems` held out; otherwise math
     is the built-in arithmetic (held-out problems excluded from training) and chat the shipped
@@ -66,7 +68,10 @@ def split_task(task, train_data, difficulty, eval_problems, seed, data_dir=DATA_
     if eval_data:
         heldout = load_jsonl(eval_data, fields=None)
         seen = {row_prompt(h) for h in heldout}
-        return [r for r in split_task(task, train_data, difficulty, 0, seed, data_dir)[0] if row_prompt(r) not in seen], heldout
+        return [
+            r for r in split_task(task, train_data, difficulty, 0, seed, data_dir)[0]
+            if row_prompt(r) not in seen
+        ], heldout
     if train_data:
         rows = load_jsonl(train_data, fields=None)
         random.Random(seed).shuffle(rows)
@@ -75,7 +80,8 @@ def split_task(task, train_data, difficulty, eval_problems, seed, data_dir=DATA_
     if task in ("math", "mix"):
         held = arithmetic_problems(eval_problems, difficulty, seed=10_000 + seed)
         seen = {r["problem"] for r in held}
-        train += [r for r in arithmetic_problems(4000, difficulty, seed=seed) if r["problem"] not in seen]
+        train += [
+            r for r in arithmetic_problems(4000, difficulty, seed=seed) if r["problem"] not in seen]
         heldout += held
     if task in ("chat", "mix"):
         rows = load_jsonl(f"{data_dir}/chat_train.jsonl", fields=("prompt",))
@@ -87,7 +93,8 @@ def split_task(task, train_data, difficulty, eval_problems, seed, data_dir=DATA_
 
 
 def epoch_steps(rows, per_step):
-    """Optimizer steps in one pass over `rows` at `per_step` prompts a step (s = epoch syncs this often)."""
+    """Optimizer steps in one pass over `rows` at `per_step` prompts a step (s = epoch syncs this
+    often)."""
     return max(1, len(rows) // per_step)
 
 
@@ -114,15 +121,18 @@ def load_jsonl(path, fields=("problem", "answer")):
             try:
                 line = raw.decode("utf-8").strip()
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not UTF-8 ({e.reason} at byte {e.start})") from None
+                raise ValueError(f"{path}:{lineno}: not UTF-8 "
+                                 f"({e.reason} at byte {e.start})") from None
             if not line:
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
+                raise ValueError(f"{path}:{lineno}: malformed JSON "
+                                 f"({e.msg}, column {e.colno})") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+                raise ValueError(f"{path}:{lineno}: expected a JSON "
+                                 f"object, got {type(row).__name__}")
             need = fields or (("prompt",) if "prompt" in row else ("problem", "answer"))
             row.setdefault("task", "chat" if "prompt" in need else "math")
             for k in need:
@@ -131,7 +141,8 @@ def load_jsonl(path, fields=("problem", "answer")):
                 if isinstance(row[k], (int, float)) and k == "answer":
                     row[k] = str(row[k])
                 if not isinstance(row[k], str):
-                    raise ValueError(f"{path}:{lineno}: field {k!r} must be a string, got {type(row[k]).__name__}")
+                    raise ValueError(f"{path}:{lineno}: field {k!r} must be "
+                                     f"a string, got {type(row[k]).__name__}")
             rid = row.setdefault("id", f"{path}:{lineno}")
             if rid in seen:
                 raise ValueError(f"{path}:{lineno}: duplicate id {rid!r}")

@@ -6,7 +6,8 @@ Why by hand: a decode step of a few rows reads every weight once and does ~2 FLO
 row, so its ceiling is the memory bandwidth (bench.py --parts decode measures both). Three things
 bring it closer than Hugging Face's forward:
 - matmuls weight-first, W @ xᵀ with the activations as columns [features, B]: a CPU streams a
-  row-major W in this form at ~1.5-2x the rate of x @ Wᵀ (F.linear) for 8 rows (bench.py, 135M model);
+  row-major W in this form at ~1.5-2x the rate of x @ Wᵀ (F.linear) for 8 rows (bench.py, 135M
+  model);
 - q|k|v and gate|up as one matrix each (HF's modules become views of them: no extra memory), and
   the residual adds fused into the matmuls (addmm);
 - a KV cache allocated once for prompt + max_new_tokens: no per-token concatenation, and a row
@@ -22,7 +23,8 @@ with the HF forward. Prefill (the prompt, many tokens at once, compute-bound) st
 import torch
 import torch.nn.functional as F
 
-FAMILY = ("llama", "qwen2")   # RMSNorm, rotary q/k, GQA attention, SiLU-gated MLP; q/k/v biases allowed
+# RMSNorm, rotary q/k, GQA attention, SiLU-gated MLP; q/k/v biases allowed
+FAMILY = ("llama", "qwen2")
 
 
 def fuse(model, views=True):
@@ -36,17 +38,22 @@ def fuse(model, views=True):
     if c.model_type not in FAMILY or getattr(c, "hidden_act", None) != "silu" or getattr(c, "use_sliding_window", False) \
             or inner is None or not hasattr(inner, "rotary_emb"):
         return None
-    if any(hasattr(l.self_attn, "q_norm") or any(m.bias is not None for m in (l.self_attn.o_proj, l.mlp.gate_proj,
-                                                                               l.mlp.up_proj, l.mlp.down_proj))
-           for l in inner.layers):
+    if any(
+            hasattr(l.self_attn, "q_norm") or any(
+                m.bias is not None
+                for m in (l.self_attn.o_proj, l.mlp.gate_proj, l.mlp.up_proj, l.mlp.down_proj))
+            for l in inner.layers):
         return None
     out = []
     for layer in inner.layers:
         a, mlp = layer.self_attn, layer.mlp
         qkv = concat([a.q_proj, a.k_proj, a.v_proj], "weight", views)
-        bias = concat([a.q_proj, a.k_proj, a.v_proj], "bias", views) if a.q_proj.bias is not None else None
-        out.append((layer.input_layernorm, qkv, bias, a.o_proj.weight.detach(), layer.post_attention_layernorm,
-                    concat([mlp.gate_proj, mlp.up_proj], "weight", views), mlp.down_proj.weight.detach()))
+        bias = concat([a.q_proj, a.k_proj, a.v_proj], "bias",
+                      views) if a.q_proj.bias is not None else None
+        out.append(
+            (layer.input_layernorm, qkv, bias, a.o_proj.weight.detach(),
+             layer.post_attention_layernorm, concat([mlp.gate_proj, mlp.up_proj], "weight",
+                                                    views), mlp.down_proj.weight.detach()))
     return out
 
 
@@ -69,33 +76,41 @@ def rms_norm(x, norm):
     """Llama's RMSNorm, w · (x / sqrt(mean(x²) + ε)), over the features of x [features, B], rounded
     where HF rounds (normalized in fp32, cast back, then scaled)."""
     xf = x.float()
-    return norm.weight[:, None] * (xf * torch.rsqrt(xf.pow(2).mean(0, keepdim=True) + norm.variance_epsilon)).to(x.dtype)
+    return norm.weight[:, None] * (
+        xf * torch.rsqrt(xf.pow(2).mean(0, keepdim=True) + norm.variance_epsilon)).to(x.dtype)
 
 
 def rotate(x, cos, sin):
-    """Rotary position embedding of x [B, heads, D] (HF's half-split convention): x·cos + rot(x)·sin."""
+    """Rotary position embedding of x [B, heads, D] (HF's half-split convention): x·cos +
+    rot(x)·sin."""
     half = x.shape[-1] // 2
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
 
 
 def decode_step(model, layers, y, pos, K, V, n, bias):
-    """Next-token logits [B, vocab] of B rows whose newest tokens y [B] sit at positions pos [B].
-    K, V [layers, B, kv heads, slots, D]: the cache, filled up to slot n (exclusive), into which this
+    """Next-token logits [B, vocab] of B rows whose newest tokens y [B] sit at positions pos [B]. K,
+    V [layers, B, kv heads, slots, D]: the cache, filled up to slot n (exclusive), into which this
     step writes slot n; bias [B, heads, slots]: 0 where a row may attend, -inf at its left padding.
     Attention over slots 0..n, scaled by D^-1/2, softmax in fp32, as HF's eager attention."""
-    (_, _, KVH, _, D), H = K.shape, model.config.num_attention_heads   # the cache's shape holds the kv heads and head dim
+    # the cache's shape holds the kv heads and head dim
+    (_, _, KVH, _, D), H = K.shape, model.config.num_attention_heads
     B, G = len(y), H // KVH
-    x = model.model.embed_tokens.weight[y].t()                         # the residual stream [hidden, B]
+    # the residual stream [hidden, B]
+    x = model.model.embed_tokens.weight[y].t()
     cos, sin = model.model.rotary_emb(x, pos[:, None])                 # [B, 1, D]
     mask = bias[:, :, :n + 1].reshape(B * KVH, G, n + 1)
     for i, (norm1, qkv, b, wo, norm2, gate_up, down) in enumerate(layers):
         h = rms_norm(x, norm1)
-        t = (qkv @ h if b is None else torch.addmm(b[:, None], qkv, h)).t().reshape(B, H + 2 * KVH, D)
+        t = (qkv @ h if b is None else torch.addmm(b[:,
+                                                     None], qkv, h)).t().reshape(B, H + 2 * KVH, D)
         qk = rotate(t[:, :H + KVH], cos, sin)
         K[i, :, :, n], V[i, :, :, n] = qk[:, H:], t[:, H + KVH:]
-        k, v = K[i, :, :, :n + 1].reshape(B * KVH, n + 1, D), V[i, :, :, :n + 1].reshape(B * KVH, n + 1, D)
-        scores = torch.baddbmm(mask, qk[:, :H].reshape(B * KVH, G, D).to(k.dtype), k.transpose(1, 2), alpha=D ** -0.5)
-        att = torch.bmm(torch.softmax(scores, -1, dtype=torch.float32).to(v.dtype), v).reshape(B, H * D).to(x.dtype)
+        k, v = K[i, :, :, :n + 1].reshape(B * KVH, n + 1,
+                                          D), V[i, :, :, :n + 1].reshape(B * KVH, n + 1, D)
+        scores = torch.baddbmm(mask, qk[:, :H].reshape(B * KVH, G, D).to(k.dtype),
+                               k.transpose(1, 2), alpha=D**-0.5)
+        att = torch.bmm(torch.softmax(scores, -1, dtype=torch.float32).to(v.dtype),
+                        v).reshape(B, H * D).to(x.dtype)
         x = torch.addmm(x, wo, att.t())
         g = gate_up @ rms_norm(x, norm2)
         x = torch.addmm(x, down, F.silu(g[:len(g) // 2]) * g[len(g) // 2:])
@@ -103,18 +118,21 @@ def decode_step(model, layers, y, pos, K, V, n, bias):
 
 
 def static_decoder(model, layers, cache, attn, max_new_tokens):
-    """The decode loop's state after prefill: (step, drop). step(y) appends the tokens y [B] (one per
-    live row) and returns the next logits; drop(going) lets the rows where `going` is False leave and
-    returns, for each remaining row, the row it was before (the last live rows fill the holes, so only
-    they are copied). cache: HF's prefill cache; attn [B, P]: the prompts' attention mask."""
+    """The decode loop's state after prefill: (step, drop). step(y) appends the tokens y [B] (one
+    per live row) and returns the next logits; drop(going) lets the rows where `going` is False
+    leave and returns, for each remaining row, the row it was before (the last live rows fill the
+    holes, so only they are copied). cache: HF's prefill cache; attn [B, P]: the prompts' attention
+    mask."""
     B, P = attn.shape
     L, (_, KVH, _, D) = len(layers), cache.layers[0].keys.shape
     keys = cache.layers[0].keys
-    K = keys.new_empty(L, B, KVH, P + max_new_tokens, D, dtype=torch.float32 if keys.device.type == "cpu" else keys.dtype)
+    K = keys.new_empty(L, B, KVH, P + max_new_tokens, D,
+                       dtype=torch.float32 if keys.device.type == "cpu" else keys.dtype)
     V = torch.empty_like(K)
     for i, layer in enumerate(cache.layers):
         K[i, :, :, :P], V[i, :, :, :P] = layer.keys, layer.values
-    bias = torch.zeros(B, model.config.num_attention_heads, P + max_new_tokens, dtype=K.dtype, device=K.device)
+    bias = torch.zeros(B, model.config.num_attention_heads, P + max_new_tokens, dtype=K.dtype,
+                       device=K.device)
     bias[:, :, :P].masked_fill_(attn[:, None, :] == 0, float("-inf"))
     st = {"n": P, "pos": attn.sum(-1), "live": B}
 

@@ -45,8 +45,10 @@ def keep_freed_memory():
     are still mapped and unmapped), and the heap's free top is trimmed only past 2 GB: the policy
     pass ~10 % faster, the peak within tens of MB (results/speed-cpu.md); numbers unchanged.
     Linux/glibc only. One process only, and only where the user set no malloc variable: under
-    torchrun a kept heap holds FSDP's freed gather buffers too (README: MALLOC_MMAP_THRESHOLD_=65536)."""
-    if any(k.startswith("MALLOC_") for k in os.environ) or "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+    torchrun a kept heap holds FSDP's freed gather buffers too (README:
+    MALLOC_MMAP_THRESHOLD_=65536)."""
+    if any(k.startswith("MALLOC_")
+           for k in os.environ) or "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -80,12 +82,12 @@ def shard(device, train_dtype, *models):
 
 
 def from_rank0(full, blueprint, device, train_dtype=None, dtype=None, checkpointing=False):
-    """This rank's copy of rank 0's model `full` (on the CPU; None on the other ranks), built empty on
-    the meta device and filled by broadcast one tensor at a time: no rank but 0 reads the weights, and
-    the peak is one full tensor. With train_dtype, sharded by FSDP before it is filled (the policy and
-    the reference: no rank ever holds them whole, as torchtitan loads); else whole, in `dtype` (the
-    rollout engine's copy, the judge). blueprint = (class, config, generation config), the same on
-    every rank (blueprint_of)."""
+    """This rank's copy of rank 0's model `full` (on the CPU; None on the other ranks), built empty
+    on the meta device and filled by broadcast one tensor at a time: no rank but 0 reads the
+    weights, and the peak is one full tensor. With train_dtype, sharded by FSDP before it is filled
+    (the policy and the reference: no rank ever holds them whole, as torchtitan loads); else whole,
+    in `dtype` (the rollout engine's copy, the judge). blueprint = (class, config, generation
+    config), the same on every rank (blueprint_of)."""
     cls, config, generation = blueprint
     with torch.device("meta"):
         model = cls(config)
@@ -95,23 +97,30 @@ def from_rank0(full, blueprint, device, train_dtype=None, dtype=None, checkpoint
     if train_dtype is not None:
         shard(device, train_dtype, model)
     model.to_empty(device=device)
-    model.tie_weights()   # to_empty unties an unsharded model's tied embedding and LM head (FSDP keeps them tied)
+    # to_empty unties an unsharded model's tied embedding and LM head (FSDP keeps them tied)
+    model.tie_weights()
     if dtype is not None:
         model.to(dtype)
-    src = {**full.state_dict(keep_vars=True), **dict(full.named_buffers())} if full is not None else {}
+    src = {**full.state_dict(keep_vars=True), **dict(full.named_buffers())
+           } if full is not None else {}
     with torch.no_grad():
-        for name, t in [*model.named_parameters(), *model.named_buffers()]:   # buffers too: rotary tables are not in state_dict
-            whole = src[name].to(device, torch.float32) if src else torch.empty(t.shape, dtype=torch.float32, device=device)
+        # buffers too: rotary tables are not in state_dict
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            whole = src[name].to(device, torch.float32) if src else torch.empty(
+                t.shape, dtype=torch.float32, device=device)
             dist.broadcast(whole, 0)
             if isinstance(t, DTensor):   # this rank's shard of it
-                whole = distribute_tensor(whole, t.device_mesh, t.placements, src_data_rank=None).to_local()
+                whole = distribute_tensor(whole, t.device_mesh, t.placements,
+                                          src_data_rank=None).to_local()
             (t.to_local() if isinstance(t, DTensor) else t).copy_(whole)
     return model.eval()
 
 
 def checkpoint_activations(model):
-    """Recompute activations in backward (--grad-checkpointing), whichever name the Transformers version uses."""
-    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    """Recompute activations in backward (--grad-checkpointing), whichever name the Transformers
+    version uses."""
+    (getattr(model, "activation_checkpointing_enable", None) or
+     model.gradient_checkpointing_enable)()
 
 
 def blueprint_of(full):
@@ -184,7 +193,8 @@ def merge_metrics(parts):
 def spare_unit(batch, tok):
     """A one-response unit for a rank with nothing to train on, so that it still runs FSDP's
     collectives in step with the others (its loss is multiplied by zero)."""
-    return [[x] for _, g in batch for x in g][:1] or [[Sample([tok.eos_token_id], [tok.eos_token_id], [0.0], [0.0], "", "stop")]]
+    return [[x] for _, g in batch for x in g
+            ][:1] or [[Sample([tok.eos_token_id], [tok.eos_token_id], [0.0], [0.0], "", "stop")]]
 
 
 @torch.no_grad()
@@ -221,29 +231,36 @@ def load_ref(ckpt, ref):
 # Building a run's models: load once, then shard
 
 def build_models(a, s, ckpt, rows, rank, world, with_ref):
-    """(πθ, πref, tokenizer, chat reward, rollout engine). πθ comes from the checkpoint when resuming,
-    πref and the LLM judge from the seed model (πref then takes a synced copy the checkpoint saved).
-    with_ref False (GRPO without its KL term never looks at πref, as TRL at β = 0): none. The engine
-    keeps its own copy (at s = 1 on one process the HF engine samples from πθ itself); offline, of
-    the seed model. One process loads each model. Under torchrun rank 0 reads the weights and
-    every rank receives them by broadcast, πθ and πref straight into FSDP shards (no rank holds
-    either whole), the engine's and the judge's copies whole (distributed.from_rank0)."""
+    """(πθ, πref, tokenizer, chat reward, rollout engine). πθ comes from the checkpoint when
+    resuming, πref and the LLM judge from the seed model (πref then takes a synced copy the
+    checkpoint saved). with_ref False (GRPO without its KL term never looks at πref, as TRL at β =
+    0): none. The engine keeps its own copy (at s = 1 on one process the HF engine samples from πθ
+    itself); offline, of the seed model. One process loads each model. Under torchrun rank 0 reads
+    the weights and every rank receives them by broadcast, πθ and πref straight into FSDP shards (no
+    rank holds either whole), the engine's and the judge's copies whole (distributed.from_rank0)."""
     start, needs_chat = a.init_from or a.model, any(r["task"] == "chat" for r in rows)
-    sampled = start if s == math.inf else ckpt or start   # offline samples the seed model, after a resume too
+    # offline samples the seed model, after a resume too
+    sampled = start if s == math.inf else ckpt or start
     if not multiprocess():
         policy, tok = load_model(ckpt or start, a.device)
-        ref = (load_model(start, a.device)[0] if ckpt else copy.deepcopy(policy)) if with_ref else None
-        judge = (copy.deepcopy(ref) if ref is not None else load_model(start, a.device)[0]) if needs_chat and not a.reward_model else None
+        ref = (
+            load_model(start, a.device)[0] if ckpt else copy.deepcopy(policy)) if with_ref else None
+        judge = (copy.deepcopy(ref) if ref is not None else load_model(
+            start, a.device)[0]) if needs_chat and not a.reward_model else None
         load_ref(ckpt, ref)   # a synced πref, after the judge was copied from the seed
-        engine_model = None if a.engine == "vllm" else policy if sampled == (ckpt or start) else load_model(sampled, a.device)[0]
+        engine_model = None if a.engine == "vllm" else policy if sampled == (
+            ckpt or start) else load_model(sampled, a.device)[0]
         if a.grad_checkpointing:
             checkpoint_activations(policy)
     else:
-        seed, tok = load_model(start, "cpu") if rank == 0 else (None, None)   # on the CPU, rank 0 only
+        # on the CPU, rank 0 only
+        seed, tok = load_model(start, "cpu") if rank == 0 else (None, None)
         trained = load_model(ckpt, "cpu")[0] if rank == 0 and ckpt else seed
         tok, shape = from0(tok), blueprint_of(seed)
-        policy = from_rank0(trained, shape, a.device, a.train_dtype, checkpointing=a.grad_checkpointing)
-        synced = copy.deepcopy(seed) if rank == 0 and ckpt else seed   # the judge and an offline engine keep the seed itself
+        policy = from_rank0(trained, shape, a.device, a.train_dtype,
+                            checkpointing=a.grad_checkpointing)
+        # the judge and an offline engine keep the seed itself
+        synced = copy.deepcopy(seed) if rank == 0 and ckpt else seed
         if rank == 0:
             load_ref(ckpt, synced)
         ref = from_rank0(synced, shape, a.device, a.train_dtype) if with_ref else None
@@ -253,15 +270,18 @@ def build_models(a, s, ckpt, rows, rank, world, with_ref):
         del seed, trained, synced
     if ref is not None:
         ref.eval().requires_grad_(False)
-    chat_reward = make_scalar_reward(a.reward_model, judge=(judge, tok) if judge is not None else None) if needs_chat else None
+    chat_reward = make_scalar_reward(
+        a.reward_model, judge=(judge, tok) if judge is not None else None) if needs_chat else None
     if a.engine == "vllm":   # loads its weights itself; synced from πθ like the HF engine
-        # its KV cache sized for the longest prompt + --max-new-tokens, not the model's whole context (131k for Llama-3.1)
+        # its KV cache sized for the longest prompt + --max-new-tokens, not the model's whole
+        # context (131k for Llama-3.1)
         longest = max(len(chat_prompt_ids(tok, row_prompt(r))) for r in rows) + a.max_new_tokens
         context = getattr(policy.config, "max_position_embeddings", None) or longest
-        engine = VLLMEngine(sampled, memory=a.vllm_memory, seed=a.seed + rank, device=a.device, dtype=a.rollout_dtype,
-                            max_model_len=min(longest, context))
+        engine = VLLMEngine(sampled, memory=a.vllm_memory, seed=a.seed + rank, device=a.device,
+                            dtype=a.rollout_dtype, max_model_len=min(longest, context))
     else:
         dtype = getattr(torch, a.rollout_dtype)
-        engine = HFEngine(engine_model, tok, max_batch=a.gen_batch, dtype=dtype, own=engine_model is not policy,
-                          share=s == 1 and world == 1 and dtype == policy.dtype and engine_model is policy)
+        engine = HFEngine(
+            engine_model, tok, max_batch=a.gen_batch, dtype=dtype, own=engine_model is not policy,
+            share=s == 1 and world == 1 and dtype == policy.dtype and engine_model is policy)
     return policy, ref, tok, chat_reward, engine

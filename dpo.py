@@ -32,7 +32,8 @@ def token_logps(logits, labels, temperature=1.0, chunk=None):
     of 1024 tokens have 8 GB of fp32 logits).
     """
     shape, V = labels.shape, logits.shape[-1]
-    lp = _TokenLogps.apply(logits.reshape(-1, V), labels.reshape(-1), temperature, chunk or max(1, 2 ** 25 // V))
+    lp = _TokenLogps.apply(logits.reshape(-1, V), labels.reshape(-1), temperature, chunk or
+                           max(1, 2**25 // V))
     return lp.view(shape)
 
 
@@ -41,11 +42,13 @@ class _TokenLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, temperature, chunk):
-        out, lse = torch.empty(len(labels), device=logits.device), torch.empty(len(labels), device=logits.device)
+        out, lse = torch.empty(len(labels),
+                               device=logits.device), torch.empty(len(labels), device=logits.device)
         for i in range(0, len(labels), chunk):
             z = logits[i:i + chunk].float() / temperature
             lse[i:i + chunk] = torch.logsumexp(z, -1)
-            out[i:i + chunk] = z.gather(-1, labels[i:i + chunk, None]).squeeze(-1) - lse[i:i + chunk]
+            out[i:i +
+                chunk] = z.gather(-1, labels[i:i + chunk, None]).squeeze(-1) - lse[i:i + chunk]
         ctx.save_for_backward(logits, labels, lse)
         ctx.temperature, ctx.chunk = temperature, chunk
         return out
@@ -56,7 +59,9 @@ class _TokenLogps(torch.autograd.Function):
         out = torch.empty_like(logits)
         for i in range(0, len(labels), ctx.chunk):
             g = grad[i:i + ctx.chunk, None]
-            d = torch.exp(logits[i:i + ctx.chunk].float() / ctx.temperature - lse[i:i + ctx.chunk, None]) * -g   # -π_T · g
+            # -π_T · g
+            d = torch.exp(logits[i:i + ctx.chunk].float() / ctx.temperature -
+                          lse[i:i + ctx.chunk, None]) * -g
             d.scatter_add_(-1, labels[i:i + ctx.chunk, None], g)
             out[i:i + ctx.chunk] = d / ctx.temperature
         return out, None, None, None
@@ -102,7 +107,8 @@ def simpo_loss(pi_chosen, pi_rejected, len_chosen, len_rejected, beta, gamma):
     log-probability normalized by its length, with a target margin γ:
     L = -log σ(β/|yc| · log πθ(yc|x) - β/|yr| · log πθ(yr|x) - γ). Inputs [B]; returns the mean."""
     _check(pi_chosen, pi_rejected, len_chosen, len_rejected)
-    return -F.logsigmoid(beta * pi_chosen / len_chosen - beta * pi_rejected / len_rejected - gamma).mean()
+    return -F.logsigmoid(beta * pi_chosen / len_chosen - beta * pi_rejected / len_rejected -
+                         gamma).mean()
 
 
 def implicit_reward(pi_logps, ref_logps, beta):
@@ -141,7 +147,8 @@ def nll_loss(chosen_token_logps, mask):
 
 
 def token_entropy(logits, mask, temperature=1.0, chunk_rows=8):
-    """Mean next-token entropy H = -Σ_v π(v) log π(v) of π = softmax(logits / T), averaged over masked tokens.
+    """Mean next-token entropy H = -Σ_v π(v) log π(v) of π = softmax(logits / T), averaged over
+    masked tokens.
 
     logits [B, T, V], mask [B, T]. Computed a few rows at a time to bound the temporaries.
     """
@@ -171,4 +178,5 @@ def select_pair(rewards, verifiable, rng):
         good = [i for i, r in enumerate(rewards) if r > 0.5]
         bad = [i for i, r in enumerate(rewards) if r <= 0.5]
         return rng.choice(good), rng.choice(bad)
-    return max(range(len(rewards)), key=rewards.__getitem__), min(range(len(rewards)), key=rewards.__getitem__)
+    return max(range(len(rewards)), key=rewards.__getitem__), min(range(len(rewards)),
+                                                                  key=rewards.__getitem__)

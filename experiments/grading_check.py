@@ -11,7 +11,8 @@ import os
 import signal
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the reference's files
+# the reference's files
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from math_verify import parse  # noqa: E402
 
 import rewards  # noqa: E402
@@ -38,7 +39,8 @@ def main():
         counts, failed = collections.Counter(), []
         for line in open(os.path.join(DATA, f"{name}.jsonl")):
             row = json.loads(line)
-            answer = f"\\boxed{{{row['answer']}}}" if name.startswith("gsm8k") else last_boxed(row.get("solution", ""))
+            answer = f"\\boxed{{{row['answer']}}}" if name.startswith("gsm8k") else last_boxed(
+                row.get("solution", ""))
             signal.alarm(3)
             try:
                 gold = parse(f"${row['answer']}$")

@@ -3,10 +3,14 @@ Reproduce the paper's findings at small scale, as a paired experiment: offline �
 semi-online → online DPO, GRPO, GroupDPO (+ α·GRPO), reference sync, entropy and NLL terms,
 and the multi-task Table 3 (math only, chat only, both).
 
-    python experiments/reproduce.py                     # CPU default: SmolLM2-135M, built-in arithmetic, ~2.5 h on 2 cores with bf16
-    python experiments/reproduce.py --quick             # a first look: online vs offline DPO only, 3 seeds (~25 min)
-    python experiments/reproduce.py --model Qwen/Qwen2.5-0.5B-Instruct --train-data data/math_train.jsonl \
-        --steps 400 --batch-prompts 32 --max-new-tokens 512 --out runs/reproduce-gpu   # on a GPU box
+    python experiments/reproduce.py                     # CPU default: SmolLM2-135M, built-in
+    arithmetic, ~2.5 h on 2 cores with bf16
+    python experiments/reproduce.py --quick             # a first look: online vs offline DPO only,
+    3 seeds (~25 min)
+    python experiments/reproduce.py --model Qwen/Qwen2.5-0.5B-Instruct --train-data
+    data/math_train.jsonl \
+        --steps 400 --batch-prompts 32 --max-new-tokens 512 --out runs/reproduce-gpu   # on a GPU
+          box
 
 Design (README "Reproducing the paper" states the verdict rules, fixed before the run):
 - Paired: for a given seed every arm trains on the same prompts in the same order from the same
@@ -34,29 +38,35 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the reference's files
+# the reference's files
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from flags import COUNT, HelpFormatter, POSITIVE_INT, existing_file, make_writable, number, out_dir
 from data import arithmetic_problems, load_jsonl
 from eval import win_rate
 from logs import mean_se
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository root
-TRAIN_DEFAULTS = ["--n", "4"]   # 4 responses a prompt: half the rollout time of train.py's 8 (README: the pilot)
-# --quick: the paper's strongest effect, online ≫ offline, in ~25 min on 2 cores: the s-curve's task and
-# held-out design (s_curve.py), its lr doubled and its horizon halved (its pilot: at 5e-6 the gap opens
-# after step 64 of 128), three paired seeds
-QUICK = dict(arms="offline,online_dpo", seeds=3, steps=64, pool=256, eval_problems=128, eval_samples=2, ref_sync_every=16)
+# 4 responses a prompt: half the rollout time of train.py's 8 (README: the pilot)
+TRAIN_DEFAULTS = ["--n", "4"]
+# --quick: the paper's strongest effect, online ≫ offline, in ~25 min on 2 cores: the s-curve's task
+#   and held-out design (s_curve.py), its lr doubled and its horizon halved (its pilot: at 5e-6 the
+#   gap opens after step 64 of 128), three paired seeds
+QUICK = dict(arms="offline,online_dpo", seeds=3, steps=64, pool=256, eval_problems=128,
+             eval_samples=2, ref_sync_every=16)
 QUICK_TRAIN = ["--lr", "1e-5"]
-MARGIN = 0.05   # "equivalent": the 2-SE interval of a difference lies within ±5 points (stated in README)
+# "equivalent": the 2-SE interval of a difference lies within ±5 points (stated in README)
+MARGIN = 0.05
 
 
 def arms(a):
-    """arm -> (train.py flags, held-out set, seeds). Headline arms run every seed, the rest seed 0."""
+    """arm -> (train.py flags, held-out set, seeds). Headline arms run every seed, the rest seed
+    0."""
     ref = ["--ref-sync-every", str(a.ref_sync_every)]
     s1, s2 = a.s_values
     dpo = lambda s: ["--loss", "dpo", "--sync-every", s]
     table = {
-        "offline": (dpo("inf"), "math"),                    # the seed model's responses, πref = seed model
+        # the seed model's responses, πref = seed model
+        "offline": (dpo("inf"), "math"),
         "iterative": (dpo("epoch") + ref, "math"),
         f"semi_online_s{s1}": (dpo(str(s1)) + ref, "math"),
         f"semi_online_s{s2}": (dpo(str(s2)) + ref, "math"),
@@ -76,31 +86,41 @@ def arms(a):
 
 
 def held_out_set(name, evalset, seed, a):
-    """Table 3's arms are scored on math and chat; so is seed 0 of online DPO (its "math only" row) when
-    the sweep has Table 3's arms."""
+    """Table 3's arms are scored on math and chat; so is seed 0 of online DPO (its "math only" row)
+    when the sweep has Table 3's arms."""
     if name != "online_dpo" or seed != 0:
         return evalset
     return "mix" if a.arms is None or {"chat_only", "math+chat"} & set(a.arms) else evalset
 
 
 def write_data(a):
-    """The sweep's files: training pools (math; chat; both) and two held-out sets (math; math + chat),
-    disjoint from every pool. The built-in task, or --train-data's rows."""
-    paths = {k: os.path.join(a.out, f"{k}.jsonl") for k in ("train_math", "train_chat", "train_mix", "heldout_math", "heldout_mix")}
+    """The sweep's files: training pools (math; chat; both) and two held-out sets (math; math +
+    chat), disjoint from every pool. The built-in task, or --train-data's rows."""
+    paths = {
+        k: os.path.join(a.out, f"{k}.jsonl")
+        for k in ("train_math", "train_chat", "train_mix", "heldout_math", "heldout_mix")}
     if a.train_data:
         rows = load_jsonl(a.train_data, fields=None)
         math_rows = [r for r in rows if r["task"] == "math"]
     else:   # distinct problems (the generator repeats small sums), held-out first
-        math_rows = list({r["problem"]: r for r in arithmetic_problems(3 * (a.eval_problems + a.pool), a.difficulty, seed=123)}.values())
+        math_rows = list({
+            r["problem"]: r
+            for r in arithmetic_problems(3 * (a.eval_problems + a.pool), a.difficulty, seed=123)
+        }.values())
     math_rows = math_rows[:a.eval_problems + a.pool]
-    chat = [r for r in load_jsonl(os.path.join(HERE, "data", "chat_train.jsonl"), fields=("prompt",))
-            if len(r["prompt"]) <= a.chat_max_chars][:a.chat_problems + a.pool]
+    chat = [
+        r for r in load_jsonl(os.path.join(HERE, "data", "chat_train.jsonl"), fields=("prompt", ))
+        if len(r["prompt"]) <= a.chat_max_chars
+    ][:a.chat_problems + a.pool]
     held_m, pool_m = math_rows[:a.eval_problems], math_rows[a.eval_problems:]
     held_c, pool_c = chat[:a.chat_problems], chat[a.chat_problems:]
     for k, rows in {"train_math": pool_m, "train_chat": pool_c, "train_mix": pool_m + pool_c,
                     "heldout_math": held_m, "heldout_mix": held_m + held_c}.items():
         with open(paths[k], "w") as f:
-            f.writelines(json.dumps({x: r[x] for x in ("id", "problem", "answer", "prompt") if x in r}) + "\n" for r in rows)
+            f.writelines(
+                json.dumps({x: r[x]
+                            for x in ("id", "problem", "answer", "prompt") if x in r}) + "\n"
+                for r in rows)
     return paths
 
 
@@ -109,30 +129,58 @@ def run_arm(name, flags, evalset, seed, a, paths, passthrough):
     the first arm scored on that set and shared by all the others (every seed has the same rows)."""
     out = os.path.join(a.out, "runs", f"{name}-seed{seed}")
     evalset = held_out_set(name, evalset, seed, a)
-    before = os.path.join(a.out, "runs", f"before-{evalset}.json")   # the same rows for every seed: scored once
+    # the same rows for every seed: scored once
+    before = os.path.join(a.out, "runs", f"before-{evalset}.json")
     if os.path.exists(os.path.join(out, "heldout_after.json")):
         return False
     data = paths["train_" + {"chat_only": "chat", "math+chat": "mix"}.get(name, "math")]
-    argv = [sys.executable, os.path.join(HERE, "train.py"), *flags, "--seed", str(seed), "--steps", str(a.steps),
-            "--out", out, "--train-data", data, "--eval-data", paths["heldout_" + evalset],
-            "--eval-samples", str(a.eval_samples), "--resume", "--save-every", "16", "--keep", "1",
-            "--cut-responses", "grade", *passthrough]   # grade: the rule the committed results were measured with
+    argv = [
+        sys.executable,
+        os.path.join(HERE, "train.py"),
+        *flags,
+        "--seed",
+        str(seed),
+        "--steps",
+        str(a.steps),
+        "--out",
+        out,
+        "--train-data",
+        data,
+        "--eval-data",
+        paths["heldout_" + evalset],
+        "--eval-samples",
+        str(a.eval_samples),
+        "--resume",
+        "--save-every",
+        "16",
+        "--keep",
+        "1",
+    # grade: the rule the committed results were measured with
+        "--cut-responses",
+        "grade",
+        *passthrough]
     if os.path.exists(before):
         argv.append("--no-eval-before")
-    segments = os.path.join(out, "segments.jsonl")   # a resumed run costs every segment, not its last
-    if os.path.exists(segments):   # the previous segment was stopped: it ended at the last file it wrote
-        last = max((os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs), default=0)
+    # a resumed run costs every segment, not its last
+    segments = os.path.join(out, "segments.jsonl")
+    # the previous segment was stopped: it ended at the last file it wrote
+    if os.path.exists(segments):
+        last = max((os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs),
+                   default=0)
         open(segments, "a").write(json.dumps({"end": last}) + "\n")
     os.makedirs(out, exist_ok=True)
     open(segments, "a").write(json.dumps({"start": time.time()}) + "\n")
     subprocess.run(argv, check=True, stdout=subprocess.DEVNULL if a.quiet else None)
     marks = [json.loads(line) for line in open(segments)] + [{"end": time.time()}]
-    starts, ends = [m["start"] for m in marks if "start" in m], [m["end"] for m in marks if "end" in m]
-    json.dump({"wall_s": sum(e - s for s, e in zip(starts, ends)), "segments": len(starts)}, open(os.path.join(out, "wall.json"), "w"))
+    starts, ends = [m["start"] for m in marks
+                    if "start" in m], [m["end"] for m in marks if "end" in m]
+    json.dump({"wall_s": sum(e - s for s, e in zip(starts, ends)), "segments": len(starts)},
+              open(os.path.join(out, "wall.json"), "w"))
     os.remove(segments)
     if not os.path.exists(before):
         shutil.copy(os.path.join(out, "heldout_before.json"), before)
-    for ckpt in [d for d in os.listdir(out) if d.startswith("ckpt-")]:   # the sweep keeps logs, not 0.5 GB of weights
+    # the sweep keeps logs, not 0.5 GB of weights
+    for ckpt in [d for d in os.listdir(out) if d.startswith("ckpt-")]:
         shutil.rmtree(os.path.join(out, ckpt))
     return True
 
@@ -151,8 +199,8 @@ def load_run(a, name, evalset, seed):
 
 
 def chat_wins(run):
-    """Per held-out chat prompt: 1 / 0.5 / 0 as the trained model's greedy response beats / ties / loses
-    to the seed model's on the same prompt, both scored by the same judge (eval.win_rate)."""
+    """Per held-out chat prompt: 1 / 0.5 / 0 as the trained model's greedy response beats / ties /
+    loses to the seed model's on the same prompt, both scored by the same judge (eval.win_rate)."""
     after, before = run["after"]["chat"]["scores"], run["before"]["chat"]["scores"]
     return dict(zip(after, win_rate([after[i] for i in after], [before[i] for i in after])[0]))
 
@@ -163,8 +211,10 @@ def scores(run, metric):
 
 
 def summary(per_run):
-    """(mean, SE) of an arm from each run's {row: score}: over runs when there are several, else over rows."""
-    return mean_se([sum(x.values()) / len(x) for x in per_run]) if len(per_run) > 1 else mean_se(list(per_run[0].values()))
+    """(mean, SE) of an arm from each run's {row: score}: over runs when there are several, else
+    over rows."""
+    return mean_se([sum(x.values()) / len(x)
+                    for x in per_run]) if len(per_run) > 1 else mean_se(list(per_run[0].values()))
 
 
 def arm_summary(runs, metric):
@@ -193,8 +243,11 @@ def paired(runs_a, runs_b, metric):
 
 
 def table3_arms(res):
-    """Table 3's arms whose seed 0 was scored on chat too (online DPO seed 0 is only outside --quick)."""
-    return [n for n in ("online_dpo", "chat_only", "math+chat") if 0 in res.get(n, {}) and "chat" in res[n][0]["after"]]
+    """Table 3's arms whose seed 0 was scored on chat too (online DPO seed 0 is only outside
+    --quick)."""
+    return [
+        n for n in ("online_dpo", "chat_only", "math+chat")
+        if 0 in res.get(n, {}) and "chat" in res[n][0]["after"]]
 
 
 def verdict(d, se, expect):
@@ -237,7 +290,8 @@ def figures(res, a):
         ms = [mean_se([c[i] for c in curves if c[i] is not None]) for i in range(len(steps))]
         m, se = [x[0] for x in ms], [x[1] for x in ms]
         ax.plot(steps, m, label=f"{label or name} ({len(curves)} seed{'s' * (len(curves) > 1)})")
-        ax.fill_between(steps, [x - e for x, e in zip(m, se)], [x + e for x, e in zip(m, se)], alpha=0.2)
+        ax.fill_between(steps, [x - e for x, e in zip(m, se)], [x + e for x, e in zip(m, se)],
+                        alpha=0.2)
 
     def panel(names, keys, title, path):
         fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 3.8))
@@ -252,19 +306,24 @@ def figures(res, a):
         fig.savefig(os.path.join(a.out, path), dpi=110)
         plt.close(fig)
     s1, s2 = a.s_values
-    panel(["online_dpo", "online_dpo_no_ref_sync"], [("length", "rollout length (tokens)"), ("reward", "rollout reward")],
-          "Fig. 2 analogue: online DPO with and without reference sync (mean ± SE)", "fig2_ref_sync.png")
-    panel(["offline", "iterative", f"semi_online_s{s1}", f"semi_online_s{s2}", "online_dpo", "grpo"],
-          [("entropy", "rollout entropy (nats/token)"), ("length", "rollout length (tokens)")],
-          "Fig. 3 analogue: entropy and length per regime (mean ± SE)", "fig3_regimes.png")
+    panel(["online_dpo", "online_dpo_no_ref_sync"], [("length", "rollout length (tokens)"),
+                                                     ("reward", "rollout reward")],
+          "Fig. 2 analogue: online DPO with and "
+          "without reference sync (mean ± SE)", "fig2_ref_sync.png")
+    panel(
+        ["offline", "iterative", f"semi_online_s{s1}", f"semi_online_s{s2}", "online_dpo", "grpo"],
+        [("entropy", "rollout entropy (nats/token)"), ("length", "rollout length (tokens)")],
+        "Fig. 3 analogue: entropy and length per regime (mean ± SE)", "fig3_regimes.png")
     names = [n for n in res if n not in ("chat_only",)]
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names)), 4))
     for j, metric in enumerate(("math", "math_sampled")):
         ms = [arm_summary(list(res[n].values()), metric) for n in names]
-        ax.bar([i + 0.4 * j for i in range(len(names))], [100 * m for m, _ in ms], 0.4, yerr=[200 * se for _, se in ms],
-               capsize=3, label={"math": "greedy", "math_sampled": f"sampled (k={a.eval_samples})"}[metric])
+        ax.bar([i + 0.4 * j for i in range(len(names))], [100 * m for m, _ in ms], 0.4,
+               yerr=[200 * se for _, se in ms], capsize=3,
+               label={"math": "greedy", "math_sampled": f"sampled (k={a.eval_samples})"}[metric])
         b = next(iter(res[names[0]].values()))["before"][metric]["mean"]
-        ax.axhline(100 * b, ls=":", color=f"C{j}", label=f"seed model, {'greedy' if j == 0 else 'sampled'}")
+        ax.axhline(100 * b, ls=":", color=f"C{j}",
+                   label=f"seed model, {'greedy' if j == 0 else 'sampled'}")
     ax.set_xticks([i + 0.2 for i in range(len(names))], names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("held-out accuracy (%), ± 2 SE")
     ax.legend(fontsize=7)
@@ -276,9 +335,13 @@ def figures(res, a):
         fig, ax = plt.subplots(figsize=(6, 3.8))
         for j, metric in enumerate(("math", "chat_win")):
             ms = [arm_summary([res[n][0]], metric) for n in t3]
-            ax.bar([i + 0.4 * j for i in range(len(t3))], [100 * m for m, _ in ms], 0.4, yerr=[200 * se for _, se in ms],
-                   capsize=3, label={"math": "math held-out accuracy (greedy)", "chat_win": "chat win rate vs seed model"}[metric])
-        ax.set_xticks([i + 0.2 for i in range(len(t3))], ["math only", "chat only", "math + chat"][:len(t3)])
+            ax.bar([i + 0.4 * j for i in range(len(t3))], [100 * m for m, _ in ms], 0.4,
+                   yerr=[200 * se for _, se in ms], capsize=3, label={
+                       "math": "math held-out accuracy (greedy)",
+                       "chat_win": "chat win rate vs seed model"
+                   }[metric])
+        ax.set_xticks([i + 0.2 for i in range(len(t3))], ["math only", "chat only",
+                                                          "math + chat"][:len(t3)])
         ax.set_ylabel("%, ± 2 SE (seed 0)")
         ax.set_title("Table 3 analogue")
         ax.legend(fontsize=7)
@@ -295,38 +358,52 @@ def report(res, a, commit):
     s1, s2 = a.s_values
     semi, L = f"semi_online_s{s1}", []
     pct = lambda m, se: f"{100 * m:.1f} ± {100 * se:.1f}"
-    b = next(iter(next(iter(res.values())).values()))["before"]   # every arm starts from the same seed model
-    L += [f"# reproduce.py sweep (commit {commit})", "",
-          f"{a.steps} optimizer steps per arm, {a.batch_prompts_note}; held-out: {a.eval_problems} math problems "
-          f"(greedy, and {a.eval_samples} samples each at the training temperature)"
-          + (f", {a.chat_problems} chat prompts" if any(n in res for n in ("chat_only", "math+chat")) else "") + ". "
-          "Mean ± SE: over seeds where an arm has several, else over held-out rows.", "",
-          f"Seed model: greedy {pct(b['math']['mean'], b['math']['se'])} %, sampled "
-          f"{pct(b['math_sampled']['mean'], b['math_sampled']['se'])} % (SE over problems).", "",
-          "| arm | seeds | greedy acc. (%) | sampled acc. (%) | rollout reward, first → last quarter | "
-          "length | entropy | wall (s), mean |", "|---|---|---|---|---|---|---|---|"]
+    # every arm starts from the same seed model
+    b = next(iter(next(iter(res.values())).values()))["before"]
+    L += [
+        f"# reproduce.py sweep (commit {commit})", "",
+        f"{a.steps} optimizer steps per arm, {a.batch_prompts_note}; "
+        f"held-out: {a.eval_problems} math problems "
+        f"(greedy, and {a.eval_samples} samples each at the training temperature)" +
+        (f", {a.chat_problems} chat prompts" if any(n in res
+                                                    for n in ("chat_only", "math+chat")) else "") +
+        ". "
+        "Mean ± SE: over seeds where an arm has several, else over held-out rows.", "",
+        f"Seed model: greedy {pct(b['math']['mean'], b['math']['se'])} %, sampled "
+        f"{pct(b['math_sampled']['mean'], b['math_sampled']['se'])} % (SE over problems).", "",
+        "| arm | seeds | greedy acc. (%) | sampled acc. "
+        "(%) | rollout reward, first → last quarter | "
+        "length | entropy | wall (s), mean |", "|---|---|---|---|---|---|---|---|"]
     for name, runs in res.items():
         rv = list(runs.values())
-        cells = [pct(*arm_summary(rv, m)) if m in rv[0]["after"] else "" for m in ("math", "math_sampled")]
+        cells = [
+            pct(*arm_summary(rv, m)) if m in rv[0]["after"] else ""
+            for m in ("math", "math_sampled")]
         tr = ["{:.3g} → {:.3g}".format(*trend(runs, k)) for k in ("reward", "length", "entropy")]
-        L.append(f"| {name} | {len(rv)} | {' | '.join(cells)} | {' | '.join(tr)} | {sum(r['wall_s'] for r in rv) / len(rv):.0f} |")
-    comparisons = [("a", f"{semi} − offline", semi, "offline", ">"), ("a", "online_dpo − offline", "online_dpo", "offline", ">"),
-                   ("a", f"{semi} − online_dpo", semi, "online_dpo", "≈"),
-                   ("a", f"semi_online_s{s2} − offline", f"semi_online_s{s2}", "offline", ">"),
-                   ("a", "iterative − offline", "iterative", "offline", ">"),
-                   ("b", "online_dpo − grpo", "online_dpo", "grpo", "≳"),
-                   ("c", "online_dpo (ref sync) − no ref sync", "online_dpo", "online_dpo_no_ref_sync", ">"),
-                   ("e", "group_dpo − online_dpo", "group_dpo", "online_dpo", "≈"),
-                   ("e", "group_dpo+grpo − online_dpo", "group_dpo+grpo", "online_dpo", "≈"),
-                   ("–", "online_dpo+entropy − online_dpo", "online_dpo+entropy", "online_dpo", "≈"),
-                   ("–", "online_dpo+nll − online_dpo", "online_dpo+nll", "online_dpo", "≈")]
-    L += ["", "## Paired differences (percentage points)", "",
-          f"Verdicts: **reproduced** = the paper's sign and |d| > 2 SE; **equivalent** = |d| + 2 SE < {100 * MARGIN:.0f} "
-          "points (the 2-SE interval inside the margin); **reversed** = the other sign beyond 2 SE; **different** = the paper's ≈ "
-          "with |d| > 2 SE; else **inconclusive**. "
-          "For ≳ (the paper's gap is within its noise) either > or ≈ reproduces it.", "",
-          "| finding | difference | paper | greedy d ± SE | sampled d ± SE | paired over | verdict (greedy / sampled) |",
-          "|---|---|---|---|---|---|---|"]
+        L.append(f"| {name} | {len(rv)} | {' | '.join(cells)} | {' | '.join(tr)} "
+                 f"| {sum(r['wall_s'] for r in rv) / len(rv):.0f} |")
+    comparisons = [
+        ("a", f"{semi} − offline", semi, "offline", ">"),
+        ("a", "online_dpo − offline", "online_dpo", "offline", ">"),
+        ("a", f"{semi} − online_dpo", semi, "online_dpo", "≈"),
+        ("a", f"semi_online_s{s2} − offline", f"semi_online_s{s2}", "offline", ">"),
+        ("a", "iterative − offline", "iterative", "offline", ">"),
+        ("b", "online_dpo − grpo", "online_dpo", "grpo", "≳"),
+        ("c", "online_dpo (ref sync) − no ref sync", "online_dpo", "online_dpo_no_ref_sync", ">"),
+        ("e", "group_dpo − online_dpo", "group_dpo", "online_dpo", "≈"),
+        ("e", "group_dpo+grpo − online_dpo", "group_dpo+grpo", "online_dpo", "≈"),
+        ("–", "online_dpo+entropy − online_dpo", "online_dpo+entropy", "online_dpo", "≈"),
+        ("–", "online_dpo+nll − online_dpo", "online_dpo+nll", "online_dpo", "≈")]
+    L += [
+        "", "## Paired differences (percentage points)", "",
+        f"Verdicts: **reproduced** = the paper's sign and |d| > 2 "
+        f"SE; **equivalent** = |d| + 2 SE < {100 * MARGIN:.0f} "
+        "points (the 2-SE interval inside the margin); **reversed** = "
+        "the other sign beyond 2 SE; **different** = the paper's ≈ "
+        "with |d| > 2 SE; else **inconclusive**. "
+        "For ≳ (the paper's gap is within its noise) either > or ≈ reproduces it.", "",
+        "| finding | difference | paper | greedy d ± SE | sampled "
+        "d ± SE | paired over | verdict (greedy / sampled) |", "|---|---|---|---|---|---|---|"]
     verdicts = {}
     for f, label, x, y, expect in comparisons:
         if x not in res or y not in res:
@@ -336,37 +413,58 @@ def report(res, a, commit):
             continue
         v = [verdict(d, se, expect) for d, se, _ in (g, sm)]
         verdicts.setdefault(f, []).append((label, v))
-        L.append(f"| ({f}) | {label} | {expect} | {pct(*g[:2])} | {pct(*sm[:2])} | {g[2]} | {' / '.join(v)} |")
+        L.append(f"| ({f}) | {label} | {expect} | {pct(*g[:2])} "
+                 f"| {pct(*sm[:2])} | {g[2]} | {' / '.join(v)} |")
     # (c) length collapse, (d) entropy: trends of the rollouts
     L += ["", "## Rollout length and entropy, first → last quarter of steps (mean over seeds)", "",
           "| arm | length | entropy | entropy change |", "|---|---|---|---|"]
-    for name in [n for n in ("offline", "iterative", semi, f"semi_online_s{s2}", "online_dpo", "grpo", "online_dpo_no_ref_sync",
-                             "online_dpo+entropy") if n in res]:
+    for name in [
+            n for n in ("offline", "iterative", semi, f"semi_online_s{s2}", "online_dpo", "grpo",
+                        "online_dpo_no_ref_sync", "online_dpo+entropy") if n in res
+    ]:
         (l0, l1), (e0, e1) = trend(res[name], "length"), trend(res[name], "entropy")
-        L.append(f"| {name} | {l0:.1f} → {l1:.1f} | {e0:.3f} → {e1:.3f} | {100 * (e1 - e0) / e0:+.0f} % |")
+        L.append(f"| {name} | {l0:.1f} → {l1:.1f} | {e0:.3f} → "
+                 f"{e1:.3f} | {100 * (e1 - e0) / e0:+.0f} % |")
     if "online_dpo_no_ref_sync" in res and "online_dpo" in res:
-        (n0, n1), (_, y1) = trend(res["online_dpo_no_ref_sync"], "length"), trend(res["online_dpo"], "length")
+        (n0, n1), (_, y1) = trend(res["online_dpo_no_ref_sync"],
+                                  "length"), trend(res["online_dpo"], "length")
         collapsed = n1 < 0.5 * n0 and n1 < y1
-        L += ["", f"(c) length collapse without ref sync (last-quarter rollout length < half its first quarter and below the "
-                  f"synced arm's): {n0:.1f} → {n1:.1f} tokens without sync, {y1:.1f} with: **{'reproduced' if collapsed else 'not seen'}**."]
-    regimes = [n for n in ("iterative", semi, f"semi_online_s{s2}", "online_dpo", "grpo") if n in res]
+        L += [
+            "", f"(c) length collapse without ref sync (last-quarter "
+            f"rollout length < half its first quarter and below the "
+            f"synced arm's): {n0:.1f} → {n1:.1f} tokens without sync, "
+            f"{y1:.1f} with: **{'reproduced' if collapsed else 'not seen'}**."]
+    regimes = [
+        n for n in ("iterative", semi, f"semi_online_s{s2}", "online_dpo", "grpo") if n in res]
     if "offline" in res and regimes:
-        change = {n: (lambda e: (e[1] - e[0]) / e[0])(trend(res[n], "entropy")) for n in regimes + ["offline"]}
+        change = {
+            n: (lambda e: (e[1] - e[0]) / e[0])(trend(res[n], "entropy"))
+            for n in regimes + ["offline"]}
         ok = all(change[n] < -0.10 for n in regimes) and abs(change["offline"]) < 0.10
-        L += [f"(d) entropy falls by > 10 % in every regime that samples from the trained model, offline within ±10 % "
-              f"(its rollouts are the seed model's, so its logged entropy cannot move): **{'reproduced' if ok else 'not in every regime'}** "
-              f"({', '.join(f'{n} {100 * c:+.0f} %' for n, c in change.items())})."]
+        L += [
+            f"(d) entropy falls by > 10 % in every regime that "
+            f"samples from the trained model, offline within ±10 % "
+            f"(its rollouts are the seed model's, so its logged entropy cannot "
+            f"move): **{'reproduced' if ok else 'not in every regime'}** "
+            f"({', '.join(f'{n} {100 * c:+.0f} %' for n, c in change.items())})."]
     t3 = table3_arms(res)
     if len(t3) == 3:
-        L += ["", "## Table 3 analogue (seed 0; chat: greedy response vs the seed model's on the same prompt, same judge)", "",
-              "| trained on | math held-out acc. (%) | chat win rate vs seed (%) |", "|---|---|---|"]
+        L += [
+            "", "## Table 3 analogue (seed 0; chat: greedy response "
+            "vs the seed model's on the same prompt, same judge)", "",
+            "| trained on | math held-out acc. "
+            "(%) | chat win rate vs seed (%) |", "|---|---|---|"]
         for n, label in zip(t3, ("math only", "chat only", "math + chat")):
-            L.append(f"| {label} | {pct(*arm_summary([res[n][0]], 'math'))} | {pct(*arm_summary([res[n][0]], 'chat_win'))} |")
+            L.append(f"| {label} | {pct(*arm_summary([res[n][0]], 'math'))} "
+                     f"| {pct(*arm_summary([res[n][0]], 'chat_win'))} |")
         rows = [("math: math+chat − math only", "math+chat", "online_dpo", "math", "≳"),
                 ("chat: math+chat − chat only", "math+chat", "chat_only", "chat_win", "≳"),
                 ("math: math only − chat only (transfer)", "online_dpo", "chat_only", "math", ">"),
-                ("chat: chat only − math only (transfer)", "chat_only", "online_dpo", "chat_win", ">")]
-        L += ["", "| (f) difference | paper | d ± SE (rows of seed 0) | verdict |", "|---|---|---|---|"]
+                ("chat: chat only − math only (transfer)", "chat_only", "online_dpo", "chat_win",
+                 ">")]
+        L += [
+            "", "| (f) difference | paper | d ± "
+            "SE (rows of seed 0) | verdict |", "|---|---|---|---|"]
         for label, x, y, metric, expect in rows:
             d, se, _ = paired({0: res[x][0]}, {0: res[y][0]}, metric)
             L.append(f"| {label} | {expect} | {pct(d, se)} | {verdict(d, se, expect)} |")
@@ -381,73 +479,108 @@ def quick_finding(res):
         p = paired(res.get("online_dpo", {}), res.get("offline", {}), metric)
         if p:
             shown.append(verdict(p[0], p[1], ">") == "reproduced")
-            L.append(f"- held-out {label}: online DPO − offline DPO = {100 * p[0]:+.1f} ± {100 * p[1]:.1f} points ({p[2]}): "
+            L.append(f"- held-out {label}: online DPO − offline DPO = "
+                     f"{100 * p[0]:+.1f} ± {100 * p[1]:.1f} points ({p[2]}): "
                      f"**{verdict(p[0], p[1], '>')}**")
     if not shown:
         L.append("- not yet measured: online DPO and offline DPO need a seed in common")
     elif not all(shown):
-        L += ["", "This run does **not** show online ≫ offline beyond 2 SE on both metrics: at this horizon the gap is "
-                  "within its noise here. The full design (s_curve.py, README) is what decides it."]
+        L += [
+            "", "This run does **not** show online ≫ offline beyond "
+            "2 SE on both metrics: at this horizon the gap is "
+            "within its noise here. The full design (s_curve.py, README) is what decides it."]
     return "\n".join(L) + "\n\n"
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--out", type=out_dir, default="runs/reproduce", help="where runs, table and figures go")
-    p.add_argument("--quick", action="store_true", help="a first look, ~25 min: online vs offline DPO, 3 seeds, 64 steps at lr 1e-5")
-    p.add_argument("--seeds", type=POSITIVE_INT, default=4, help="seeds of the headline arms (offline, semi-online, online DPO, GRPO)")
+    p.add_argument("--out", type=out_dir, default="runs/reproduce",
+                   help="where runs, table and figures go")
+    p.add_argument(
+        "--quick", action="store_true", help="a first look, ~25 min: online vs offline "
+        "DPO, 3 seeds, 64 steps at lr 1e-5")
+    p.add_argument("--seeds", type=POSITIVE_INT, default=4,
+                   help="seeds of the headline arms (offline, "
+                   "semi-online, online DPO, GRPO)")
     p.add_argument("--steps", type=POSITIVE_INT, default=32, help="optimizer steps per arm")
-    p.add_argument("--s-values", type=lambda t: [POSITIVE_INT(x) for x in t.split(",")], default=[4, 16],
+    p.add_argument("--s-values", type=lambda t: [POSITIVE_INT(x) for x in t.split(",")],
+                   default=[4, 16],
                    help="the two semi-online s, comma-separated (the first is a headline arm)")
-    p.add_argument("--ref-sync-every", type=POSITIVE_INT, default=8, help="πref := πθ every k steps in the arms that sync it")
-    p.add_argument("--entropy-coef", type=number(float, 0, lo_open=True), default=0.01, help="the entropy-regularized arm's coefficient")
-    p.add_argument("--nll-coef", type=number(float, 0, lo_open=True), default=0.1, help="the NLL arm's coefficient")
-    p.add_argument("--eval-problems", type=POSITIVE_INT, default=192, help="held-out math problems (the same for every arm and seed)")
-    p.add_argument("--eval-samples", type=COUNT, default=3, help="sampled responses per held-out problem")
-    p.add_argument("--chat-problems", type=POSITIVE_INT, default=48, help="held-out chat prompts (Table 3 arms)")
-    p.add_argument("--chat-max-chars", type=POSITIVE_INT, default=300, help="chat prompts up to this long (a CPU's budget)")
-    p.add_argument("--pool", type=number(int, 2), default=96, help="training prompts of each task (built-in math, shipped chat)")
-    p.add_argument("--difficulty", type=POSITIVE_INT, default=2, help="built-in task difficulty (2: operands up to 20)")
-    p.add_argument("--train-data", default=None, type=existing_file, help="math rows from this JSONL instead of the built-in task")
+    p.add_argument("--ref-sync-every", type=POSITIVE_INT, default=8,
+                   help="πref := πθ every k steps "
+                   "in the arms that sync it")
+    p.add_argument("--entropy-coef", type=number(float, 0, lo_open=True), default=0.01,
+                   help="the entropy-regularized arm's coefficient")
+    p.add_argument("--nll-coef", type=number(float, 0, lo_open=True), default=0.1,
+                   help="the NLL arm's coefficient")
+    p.add_argument("--eval-problems", type=POSITIVE_INT, default=192,
+                   help="held-out math problems (the "
+                   "same for every arm and seed)")
+    p.add_argument("--eval-samples", type=COUNT, default=3,
+                   help="sampled responses per held-out problem")
+    p.add_argument("--chat-problems", type=POSITIVE_INT, default=48,
+                   help="held-out chat prompts (Table 3 arms)")
+    p.add_argument("--chat-max-chars", type=POSITIVE_INT, default=300,
+                   help="chat prompts up to this long (a CPU's budget)")
+    p.add_argument("--pool", type=number(int, 2), default=96, help="training prompts of each task "
+                   "(built-in math, shipped chat)")
+    p.add_argument("--difficulty", type=POSITIVE_INT, default=2,
+                   help="built-in task difficulty (2: operands up to 20)")
+    p.add_argument("--train-data", default=None, type=existing_file,
+                   help="math rows from this JSONL "
+                   "instead of the built-in task")
     p.add_argument("--arms", default=None, help="comma-separated subset of arms (default: all)")
     p.add_argument("--quiet", action="store_true", help="hide train.py output")
-    p.add_argument("--report-only", action="store_true", help="write results.md and figures from the runs finished so far")
+    p.add_argument("--report-only", action="store_true", help="write results.md and figures "
+                   "from the runs finished so far")
     a, passthrough = p.parse_known_args(argv)   # unknown flags go to every train.py run
     if a.quick:   # its own defaults; flags given still win
         p.set_defaults(**QUICK)
         a, passthrough = p.parse_known_args(argv)
-    passthrough = TRAIN_DEFAULTS + (QUICK_TRAIN if a.quick else []) + passthrough   # a flag given here wins (argparse keeps the last)
+    # a flag given here wins (argparse keeps the last)
+    passthrough = TRAIN_DEFAULTS + (QUICK_TRAIN if a.quick else []) + passthrough
     if len(a.s_values) != 2:
         p.error(f"argument --s-values: {a.s_values}: give two values, e.g. 4,16")
     names = list(arms(argparse.Namespace(**{**vars(a), "arms": None})))
     a.arms = a.arms and a.arms.split(",")
     if a.arms and set(a.arms) - set(names):
-        p.error(f"argument --arms: unknown {sorted(set(a.arms) - set(names))}; choose from {', '.join(names)}")
-    import train   # the flags passed through are train.py's: check them now, not in the first arm's process
+        p.error(f"argument --arms: unknown {sorted(set(a.arms) - set(names))}; "
+                f"choose from {', '.join(names)}")
+    # the flags passed through are train.py's: check them now, not in the first arm's process
+    import train
     try:
         ta = train.parse_args(passthrough + ["--out", os.path.join(a.out, "runs", "check")])
     except SystemExit as e:
         sys.exit(e.code)
-    a.batch_prompts_note = f"{ta.batch_prompts} prompts × {ta.n} responses a step, lr {ta.lr:g}, temperature {ta.temperature:g}, " \
-                           f"{ta.max_new_tokens} new tokens at most, {a.pool} training prompts per task"
+    a.batch_prompts_note = f"{ta.batch_prompts} prompts × {ta.n} responses a " f"step, lr {ta.lr:g}, temperature {ta.temperature:g}, " \
+                           f"{ta.max_new_tokens} new tokens at most, " f"{a.pool} training prompts per task"
     make_writable(a.out, "--out")
     os.makedirs(os.path.join(a.out, "runs"), exist_ok=True)
     paths = write_data(a)
-    plan = sorted([(name, flags, evalset, seed) for name, (flags, evalset, seeds) in arms(a).items() for seed in seeds],
-                  key=lambda x: x[3])   # seed 0 of every arm first: a partial sweep already speaks to every finding
+    plan = sorted(
+        [(name, flags, evalset, seed) for name, (flags, evalset, seeds) in arms(a).items()
+         for seed in seeds],
+    # seed 0 of every arm first: a partial sweep already speaks to every finding
+        key=lambda x: x[3])
     t0, done_now = time.time(), 0
     for i, (name, flags, evalset, seed) in enumerate([] if a.report_only else plan):
         print(f"[{i + 1}/{len(plan)}] {name} seed {seed}", flush=True)
         done_now += run_arm(name, flags, evalset, seed, a, paths, passthrough)
         if done_now:
             left = (time.time() - t0) / done_now * (len(plan) - i - 1)
-            print(f"  {(time.time() - t0) / 60:.0f} min so far; about {left / 60:.0f} min left", flush=True)
-    done = lambda name, seed: os.path.exists(os.path.join(a.out, "runs", f"{name}-seed{seed}", "wall.json"))
-    res = {name: {seed: load_run(a, name, evalset, seed) for seed in seeds if done(name, seed)} for name, (_, evalset, seeds) in arms(a).items()}
+            print(f"  {(time.time() - t0) / 60:.0f} min so "
+                  f"far; about {left / 60:.0f} min left", flush=True)
+    done = lambda name, seed: os.path.exists(
+        os.path.join(a.out, "runs", f"{name}-seed{seed}", "wall.json"))
+    res = {
+        name: {seed: load_run(a, name, evalset, seed)
+               for seed in seeds if done(name, seed)}
+        for name, (_, evalset, seeds) in arms(a).items()}
     res = {name: runs for name, runs in res.items() if runs}
     if not res:
         sys.exit(f"{a.out}: no finished runs yet")
-    commit = subprocess.run(["git", "-C", HERE, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "?"
+    commit = subprocess.run(["git", "-C", HERE, "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip() or "?"
     text = report(res, a, commit)
     if a.quick:
         text = text.replace("\n\n", "\n\n" + quick_finding(res), 1)   # after the title

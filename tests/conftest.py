@@ -17,28 +17,34 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 import distributed
 from rollout import HFEngine, free_port  # noqa: F401  (free_port: the tests' rendezvous port)
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def make_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    corpus = ["What is 3 + 4? Put your final answer in \\boxed{7}.", "Ana has 5 apples and buys 2 more."] * 20
+    corpus = [
+        "What is 3 + 4? Put your "
+        "final answer in \\boxed{7}.", "Ana has 5 apples and buys 2 more."
+    ] * 20
     tok.train_from_iterator(corpus, trainers.BpeTrainer(
         vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>")
     fast.chat_template = CHATML
     return fast
 
 
 def make_model(tok, seed=0):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
     return LlamaForCausalLM(cfg)
 
 
@@ -77,12 +83,14 @@ def assert_close(a, b, key, rel=1e-5, abs=1e-8):
     e.g. groups_used of a pairwise loss), the rest to the tolerance. pytest.approx itself refuses
     None with a relative tolerance (pytest >= 9)."""
     assert [x is None for x in a] == [x is None for x in b], f"{key}: {a} vs {b}"
-    assert [x for x in a if x is not None] == pytest.approx([x for x in b if x is not None], rel=rel, abs=abs), key
+    assert [x for x in a if x is not None] == pytest.approx([x for x in b if x is not None],
+                                                            rel=rel, abs=abs), key
 
 
-def fixed_generate(self, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=8, greedy=False, desc=None,
-                   keys=None):
-    """HFEngine.generate's stand-in where a test needs the same rollouts on any CPU and in any session
+def fixed_generate(self, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=8, greedy=False,
+                   desc=None, keys=None):
+    """HFEngine.generate's stand-in where a test needs the same rollouts on any CPU and in any
+    session
     (sampling a random model follows float rounding, which differs between CPU kinds): responses of
     2-7 tokens, some cut at max_new_tokens, a function of the prompt and the draw's key alone."""
     from rollout import Sample
@@ -96,20 +104,24 @@ def fixed_generate(self, prompts, n=1, temperature=1.0, top_p=1.0, max_new_token
             ids = [(key * (j + 3) + 7 * t) % (V - 3) + 3 for t in range(length)]
             stop = length < max_new_tokens
             ids = ids[:-1] + [eos] if stop else ids
-            group.append(Sample(p, ids, [-1.0] * len(ids), [0.5] * len(ids), self.tokenizer.decode(ids, skip_special_tokens=True),
-                                "stop" if stop else "length"))
+            group.append(
+                Sample(p, ids, [-1.0] * len(ids), [0.5] * len(ids),
+                       self.tokenizer.decode(ids, skip_special_tokens=True),
+                       "stop" if stop else "length"))
         out.append(group)
     return out
 
 
 def write_sums(path, n, plus):
     """A training file of n math rows "What is i + plus?" with their answers (JSONL)."""
-    path.write_text("".join(json.dumps({"problem": f"What is {i} + {plus}?", "answer": str(i + plus)}) + "\n" for i in range(n)))
+    path.write_text("".join(
+        json.dumps({"problem": f"What is {i} + {plus}?", "answer": str(i + plus)}) + "\n"
+        for i in range(n)))
 
 
 def spy_generate(monkeypatch, holder):
-    """Record, at each generate call, whether the engine's weights equal the policy's (the first model
-    load_model built), and keep the last call's weights in holder["sampled_with"]."""
+    """Record, at each generate call, whether the engine's weights equal the policy's (the first
+    model load_model built), and keep the last call's weights in holder["sampled_with"]."""
     calls, orig_gen, orig_load = [], HFEngine.generate, distributed.load_model
 
     def load(*a, **k):
@@ -119,7 +131,8 @@ def spy_generate(monkeypatch, holder):
 
     def gen(self, *a, **k):
         p = holder["policy"].state_dict()
-        holder["sampled_with"] = {k: v.clone() for k, v in self.model.state_dict().items()}   # the last call's
+        # the last call's
+        holder["sampled_with"] = {k: v.clone() for k, v in self.model.state_dict().items()}
         calls.append(all(torch.equal(v, p[k]) for k, v in holder["sampled_with"].items()))
         return orig_gen(self, *a, **k)
     monkeypatch.setattr(distributed, "load_model", load)

@@ -10,10 +10,13 @@ pytestmark = pytest.mark.slow   # the whole suite only: -m "not slow" leaves it 
 
 
 def test_bench_smoke(tiny_model_dir, tmp_path):
-    rows, s_rows, gen = bench.main(["--smoke", "--model", tiny_model_dir, "--out", str(tmp_path), "--n", "2",
-                                    "--batch-prompts", "2", "--max-new-tokens", "4", "--shapes", "1x2,2x2"])
+    rows, s_rows, gen = bench.main([
+        "--smoke", "--model", tiny_model_dir, "--out",
+        str(tmp_path), "--n", "2", "--batch-prompts", "2", "--max-new-tokens", "4", "--shapes",
+        "1x2,2x2"])
     assert [r["what"] for r in rows] == ["online GRPO 1x2", "online GRPO 2x2", "online DPO 2x2"]
-    assert all(r["ours_s"] > 0 and r["ours_mb"] > 50 and r["ours_tok"] > 0 and "trl_s" not in r for r in rows)
+    assert all(r["ours_s"] > 0 and r["ours_mb"] > 50 and r["ours_tok"] > 0 and "trl_s" not in r
+               for r in rows)
     assert all(set(r["time"]) >= {"generate", "score", "policy", "ref", "optimizer"} for r in rows)
     assert [r["s"] for r in s_rows] == ["1", "2"]
     assert all(r["total_s"] > 0 and r["rollouts_per_s"] > 0 for r in s_rows)
@@ -25,6 +28,8 @@ def test_bench_smoke(tiny_model_dir, tmp_path):
     assert len(raw["s=2"]["step_s"]) == 2 and raw["roofline"]["gflops_64"] > 0
     dec = raw["decode"]   # the decode step against the memory-bandwidth roofline, per batch size
     assert dec["bandwidth_gbs"] > 0 and set(dec["rows"]) == {"1", "8", "64"}
-    assert all(r["step_s"] > 0 and 0 < r["fraction"] for by in dec["rows"].values() for r in by.values())
-    assert all(set(by) == {"hf", "decode.py", "matmuls only"} for by in dec["rows"].values())   # both paths and the ceiling, same run
+    assert all(r["step_s"] > 0 and 0 < r["fraction"] for by in dec["rows"].values()
+               for r in by.values())
+    # both paths and the ceiling, same run
+    assert all(set(by) == {"hf", "decode.py", "matmuls only"} for by in dec["rows"].values())
     assert "Decode against memory bandwidth" in table and "fraction of the bandwidth" in table

@@ -21,9 +21,10 @@ def tok():
 def qwen2(tok):
     """A tiny random Qwen2: q/k/v biases, untied head."""
     torch.manual_seed(1)
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                         tie_word_embeddings=False, eos_token_id=tok.eos_token_id))
+    model = Qwen2ForCausalLM(
+        Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                    tie_word_embeddings=False, eos_token_id=tok.eos_token_id))
     with torch.no_grad():   # biases start at zero: make them count
         for layer in model.model.layers:
             for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
@@ -32,18 +33,22 @@ def qwen2(tok):
 
 
 def prompts(tok):
-    return [chat_prompt_ids(tok, t) for t in ("hi", "What is 3 + 4? Explain.", "Ana has 5 apples and buys 2 more.")]
+    return [
+        chat_prompt_ids(tok, t)
+        for t in ("hi", "What is 3 + 4? Explain.", "Ana has 5 apples and buys 2 more.")]
 
 
 def decoders(model, tok, max_new, drop_at=None, steps=6, feed=None):
-    """Next-token logits [steps + 1, B, V] (the prefill's first) from the HF decoder and decode.py's on the same tokens (the first
-    row's greedy choice fed to every row, or the tokens `feed`); with drop_at, rows 1 and 2 of 4 leave at that step."""
+    """Next-token logits [steps + 1, B, V] (the prefill's first) from the HF decoder and decode.py's
+    on the same tokens (the first row's greedy choice fed to every row, or the tokens `feed`); with
+    drop_at, rows 1 and 2 of 4 leave at that step."""
     ps = prompts(tok) + [prompts(tok)[0]]
     ids, attn = left_pad(ps, tok.pad_token_id)
     out = []
     with torch.inference_mode():
         layers = decode.fuse(model)
-        for make in (lambda c: hf_decoder(model, c, attn), lambda c: decode.static_decoder(model, layers, c, attn, max_new)):
+        for make in (lambda c: hf_decoder(model, c, attn),
+                     lambda c: decode.static_decoder(model, layers, c, attn, max_new)):
             cache, logits = prefill(model, ids, attn, torch.arange(len(ps)))
             step, drop = make(cache)
             seen, live = [logits], torch.arange(len(ps))
@@ -67,8 +72,9 @@ def test_decode_step_matches_the_hf_forward(tok, arch):
 
 
 def test_bf16_logits_are_as_close_to_fp32_as_the_hf_forwards(tok):
-    """In bf16 (on a CPU decode.py's cache and attention stay fp32): its logits are no further from the
-    fp32 HF forward's than the bf16 HF forward's are, up to rounding noise, on the same tokens."""
+    """In bf16 (on a CPU decode.py's cache and attention stay fp32): its logits are no further from
+    the fp32 HF forward's than the bf16 HF forward's are, up to rounding noise, on the same
+    tokens."""
     model, feed = make_model(tok).eval(), [5, 40, 41, 7, 100, 3]
     exact, _ = decoders(model, tok, max_new=8, feed=feed)
     hf, ours = decoders(model.to(torch.bfloat16), tok, max_new=8, feed=feed)
@@ -77,17 +83,18 @@ def test_bf16_logits_are_as_close_to_fp32_as_the_hf_forwards(tok):
 
 
 def test_rows_leave_the_static_cache(tok):
-    """Rows 1 and 2 of 4 finish at step 2: the last row moves into the hole, and every remaining row's
-    logits stay equal to the HF decoder's, which drops rows by copying its whole cache."""
+    """Rows 1 and 2 of 4 finish at step 2: the last row moves into the hole, and every remaining
+    row's logits stay equal to the HF decoder's, which drops rows by copying its whole cache."""
     hf, ours = decoders(make_model(tok).eval(), tok, max_new=8, drop_at=2)
-    assert torch.isnan(ours[-1, 1]).all() and torch.isnan(ours[-1, 2]).all() and not torch.isnan(ours[-1, 3]).any()
+    assert torch.isnan(ours[-1, 1]).all() and torch.isnan(
+        ours[-1, 2]).all() and not torch.isnan(ours[-1, 3]).any()
     assert torch.allclose(hf.nan_to_num(), ours.nan_to_num(), atol=1e-5)
 
 
 @pytest.mark.parametrize("greedy", [False, True])
 def test_engine_samples_what_the_hf_forward_samples(tiny_model_dir, greedy):
-    """Same weights and draws (common random numbers), fp32: the two paths give the same responses, log-probs
-    and entropies, with rows stopping whenever they emit an end token."""
+    """Same weights and draws (common random numbers), fp32: the two paths give the same responses,
+    log-probs and entropies, with rows stopping whenever they emit an end token."""
     from models import load_model
     model, t = load_model(tiny_model_dir)
     ps = prompts(t)
@@ -95,12 +102,15 @@ def test_engine_samples_what_the_hf_forward_samples(tiny_model_dir, greedy):
     for fast in (False, True):
         engine = HFEngine(model, t, fast=fast)
         assert (engine.layers is not None) == fast
-        engine.stop_ids |= {int(i) for i in torch.arange(40, 60)}   # more end tokens: rows stop at different steps
-        got[fast] = [x for g in engine.generate(ps, n=4, temperature=0.9, max_new_tokens=12, greedy=greedy, keys=[3, 4, 5])
-                     for x in g]
+        # more end tokens: rows stop at different steps
+        engine.stop_ids |= {int(i) for i in torch.arange(40, 60)}
+        got[fast] = [
+            x for g in engine.generate(ps, n=4, temperature=0.9, max_new_tokens=12, greedy=greedy,
+                                       keys=[3, 4, 5]) for x in g]
     for a, b in zip(got[False], got[True]):
         assert a.completion_ids == b.completion_ids and a.finish_reason == b.finish_reason
-        assert a.logps == pytest.approx(b.logps, abs=1e-4) and a.entropy == pytest.approx(b.entropy, abs=1e-4)
+        assert a.logps == pytest.approx(b.logps, abs=1e-4) and a.entropy == pytest.approx(
+            b.entropy, abs=1e-4)
 
 
 def test_sync_reaches_the_fused_weights(tiny_model_dir):
@@ -110,7 +120,8 @@ def test_sync_reaches_the_fused_weights(tiny_model_dir):
     model, t = load_model(tiny_model_dir)
     engine = HFEngine(model, t)
     layer, (_, qkv, _, _, _, gate_up, _) = engine.model.model.layers[0], engine.layers[0]
-    assert layer.self_attn.k_proj.weight.data_ptr() == qkv[layer.self_attn.q_proj.weight.shape[0]:].data_ptr()
+    assert layer.self_attn.k_proj.weight.data_ptr() == qkv[layer.self_attn.q_proj.weight.
+                                                           shape[0]:].data_ptr()
     moved = load_model(tiny_model_dir)[0]
     with torch.no_grad():
         for p in moved.parameters():
@@ -118,19 +129,25 @@ def test_sync_reaches_the_fused_weights(tiny_model_dir):
     for state in (moved.state_dict(), moved.named_parameters()):
         engine.update_weights(state if isinstance(state, dict) else list(state))
         m = moved.model.layers[0]
-        assert torch.equal(qkv, torch.cat([m.self_attn.q_proj.weight, m.self_attn.k_proj.weight, m.self_attn.v_proj.weight]))
+        assert torch.equal(
+            qkv,
+            torch.cat(
+                [m.self_attn.q_proj.weight, m.self_attn.k_proj.weight, m.self_attn.v_proj.weight]))
         assert torch.equal(gate_up, torch.cat([m.mlp.gate_proj.weight, m.mlp.up_proj.weight]))
 
 
 @pytest.mark.parametrize("fast", [True, False])
 def test_sleep_frees_the_copy_and_the_sync_brings_it_back(tiny_model_dir, fast):
-    """HFEngine.sleep frees its private copy's weights (the fused matrices once, the rest each once);
-    update_weights, by state dict or parameter by parameter, brings them back, and the engine then
-    samples exactly what an engine that never slept samples. Generating while asleep is an error."""
+    """HFEngine.sleep frees its private copy's weights (the fused matrices once, the rest each
+    once); update_weights, by state dict or parameter by parameter, brings them back, and the engine
+    then samples exactly what an engine that never slept samples. Generating while asleep is an
+    error."""
     from models import load_model
     model, t = load_model(tiny_model_dir)
     awake, slept = HFEngine(model, t, fast=fast), HFEngine(model, t, fast=fast)
-    weights = lambda e: sum(p.untyped_storage().nbytes() for p in {p.untyped_storage().data_ptr(): p for p in e.model.parameters()}.values())
+    weights = lambda e: sum(p.untyped_storage().nbytes() for p in
+                            {p.untyped_storage().data_ptr(): p
+                             for p in e.model.parameters()}.values())
     full = weights(slept)
     assert full >= sum(p.numel() * p.element_size() for p in model.parameters())
     for state in (model.state_dict(), model.named_parameters()):
@@ -140,14 +157,15 @@ def test_sleep_frees_the_copy_and_the_sync_brings_it_back(tiny_model_dir, fast):
             slept.generate(prompts(t), n=1, max_new_tokens=2)
         slept.update_weights(state if isinstance(state, dict) else list(state))
         assert weights(slept) == full
-        for a, b in zip(*(e.generate(prompts(t), n=2, max_new_tokens=5, keys=[1, 2, 3]) for e in (awake, slept))):
+        for a, b in zip(*(e.generate(prompts(t), n=2, max_new_tokens=5, keys=[1, 2, 3])
+                          for e in (awake, slept))):
             assert [x.completion_ids for x in a] == [x.completion_ids for x in b]
             assert [x.logps for x in a] == [x.logps for x in b]
 
 
 def test_a_shared_policy_is_left_as_it_is(tiny_model_dir):
-    """share=True (online, the policy samples itself): the fused weights are copies made per generate
-    call; the policy's parameters (which an optimizer holds) stay the same tensors."""
+    """share=True (online, the policy samples itself): the fused weights are copies made per
+    generate call; the policy's parameters (which an optimizer holds) stay the same tensors."""
     from models import load_model
     model, t = load_model(tiny_model_dir)
     before = [p for p in model.parameters()]
@@ -160,11 +178,13 @@ def test_a_shared_policy_is_left_as_it_is(tiny_model_dir):
 
 
 def test_other_architectures_keep_the_hf_forward(tok):
-    """A feature decode.py does not implement (here MLP biases) leaves the model untouched and the engine on the HF forward."""
+    """A feature decode.py does not implement (here MLP biases) leaves the model untouched and the
+    engine on the HF forward."""
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=4, num_key_value_heads=2, mlp_bias=True,
-                                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                    num_attention_heads=4, num_key_value_heads=2, mlp_bias=True,
+                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
     engine = HFEngine(model, tok, own=True)
     assert engine.layers is None
     assert len(engine.generate(prompts(tok), n=2, max_new_tokens=3, keys=[1, 2, 3])[0]) == 2

@@ -60,11 +60,15 @@ def setup(tmp_path, tiny_model_dir):
 def launch(setup, name, procs, steps, loss="dpo", extra=()):
     tmp, model, data, runner = setup
     out = tmp / name
-    argv = ["--model", model, "--train-data", data, "--eval-problems", "0", "--batch-prompts", "4", "--group-size", "4",
-            "--micro-groups", "1", "--lr", "1e-3", "--sync-every", "2", "--save-every", "2", "--steps", str(steps),
-            "--loss", loss, "--train-dtype", "float32", "--out", str(out), *extra]
+    argv = [
+        "--model", model, "--train-data", data, "--eval-problems", "0", "--batch-prompts", "4",
+        "--group-size", "4", "--micro-groups", "1", "--lr", "1e-3", "--sync-every", "2",
+        "--save-every", "2", "--steps",
+        str(steps), "--loss", loss, "--train-dtype", "float32", "--out",
+        str(out), *extra]
     os.makedirs(tmp / f"sync-{name}", exist_ok=True)
-    env = dict(os.environ, SYNC_LOG=str(tmp / f"sync-{name}"), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=ROOT)
+    env = dict(os.environ, SYNC_LOG=str(tmp / f"sync-{name}"), OMP_NUM_THREADS="1",
+               CUDA_VISIBLE_DEVICES="", PYTHONPATH=ROOT)
     cmd = [sys.executable, runner, *argv] if procs == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", str(free_port()),
          runner, *argv]
@@ -73,7 +77,9 @@ def launch(setup, name, procs, steps, loss="dpo", extra=()):
     ckpt = out / open(out / "latest").read().strip()
     weights = AutoModelForCausalLM.from_pretrained(ckpt).state_dict()
     logs = [json.loads(line) for line in open(out / "log.jsonl")]
-    syncs = {f: open(tmp / f"sync-{name}" / f).read().split() for f in os.listdir(tmp / f"sync-{name}")}
+    syncs = {
+        f: open(tmp / f"sync-{name}" / f).read().split()
+        for f in os.listdir(tmp / f"sync-{name}")}
     return weights, logs, syncs
 
 
@@ -83,7 +89,8 @@ def assert_runs_close(a, b):
     for key in ("loss", "reward", "length", "pairs_used", "groups_used", "k3_trained"):
         assert_close([r.get(key) for r in la], [r.get(key) for r in lb], key, rel=1e-4, abs=1e-6)
     for k in wa:
-        assert torch.allclose(wa[k], wb[k], atol=1e-4), k   # AdamW (lr 1e-3): float noise moves a weight by < 0.1 lr
+        # AdamW (lr 1e-3): float noise moves a weight by < 0.1 lr
+        assert torch.allclose(wa[k], wb[k], atol=1e-4), k
 
 
 @pytest.mark.parametrize("loss", ["dpo", "grpo"])
@@ -142,16 +149,21 @@ def test_cpu_runs_keep_freed_tensor_memory(tmp_path):
     (results/speed-cpu.md measures what it costs a training step)."""
     probe = tmp_path / "probe.py"
     probe.write_text(FREED_PROBE)
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
-    out = subprocess.run([sys.executable, str(probe), ROOT], capture_output=True, text=True, env=clean)
+    clean = {
+        k: v
+        for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    out = subprocess.run([sys.executable, str(probe), ROOT], capture_output=True, text=True,
+                         env=clean)
     if "mallinfo2" in out.stderr:   # not glibc ≥ 2.33
         pytest.skip("no mallinfo2 in this libc")
     assert out.returncode == 0, out.stderr[-2000:]
     mapped, held = map(int, out.stdout.split())
     assert mapped < 2 ** 20, f"a 12 MB tensor was mmapped on its own ({mapped} bytes)"
     assert held >= 12 * 2 ** 20, f"the heap gave the freed 12 MB back ({held} bytes kept)"
-    # a malloc setting of the user's own (README: MALLOC_MMAP_THRESHOLD_=65536 under torchrun) is left as it is
+    # a malloc setting of the user's own (README: MALLOC_MMAP_THRESHOLD_=65536 under torchrun) is
+    # left as it is
     out = subprocess.run([sys.executable, str(probe), ROOT], capture_output=True, text=True,
                          env={**clean, "MALLOC_MMAP_THRESHOLD_": "65536"})
     assert out.returncode == 0, out.stderr[-2000:]
-    assert int(out.stdout.split()[0]) >= 12 * 2 ** 20, "the user's MALLOC_MMAP_THRESHOLD_ was overridden"
+    assert int(
+        out.stdout.split()[0]) >= 12 * 2**20, "the user's MALLOC_MMAP_THRESHOLD_ " "was overridden"

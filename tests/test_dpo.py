@@ -5,23 +5,26 @@ import random
 import pytest
 import torch
 
-from dpo import (dpo_loss, entropy_regularizer, group_dpo_loss, implicit_reward, ipo_loss, nll_loss, select_pair,
-                 sequence_logps, token_entropy, token_logps)
+from dpo import (dpo_loss, entropy_regularizer, group_dpo_loss, implicit_reward, ipo_loss, nll_loss,
+                 select_pair, sequence_logps, token_entropy, token_logps)
 
 
-@pytest.mark.parametrize("T,chunk,dtype", [(1.0, 4, torch.float32), (0.7, 3, torch.float32), (0.7, None, torch.float32),
-                                            (0.8, 5, torch.bfloat16)])
+@pytest.mark.parametrize("T,chunk,dtype", [(1.0, 4, torch.float32), (0.7, 3, torch.float32),
+                                           (0.7, None, torch.float32), (0.8, 5, torch.bfloat16)])
 def test_token_logps_and_its_gradient_match_log_softmax_gather(T, chunk, dtype):
-    """The chunked log-probs with their own backward equal log_softmax(z / T)[y] and its autograd gradient."""
+    """The chunked log-probs with their own backward equal log_softmax(z / T)[y] and its autograd
+    gradient."""
     torch.manual_seed(0)
-    logits, labels, g = torch.randn(5, 7, 11).to(dtype), torch.randint(0, 11, (5, 7)), torch.randn(5, 7)
+    logits, labels, g = torch.randn(5, 7, 11).to(dtype), torch.randint(0, 11,
+                                                                       (5, 7)), torch.randn(5, 7)
     z1, z2 = logits.clone().requires_grad_(), logits.clone().requires_grad_()
     ref = torch.log_softmax(z1.float() / T, -1).gather(-1, labels[..., None]).squeeze(-1)
     got = token_logps(z2, labels, T, chunk=chunk)
     assert got.dtype == torch.float32 and torch.allclose(got, ref, atol=1e-6)
     (ref * g).sum().backward()
     (got * g).sum().backward()
-    assert z2.grad.dtype == dtype and torch.allclose(z2.grad.float(), z1.grad.float(), atol=1e-6 if dtype == torch.float32 else 1e-2)
+    assert z2.grad.dtype == dtype and torch.allclose(z2.grad.float(), z1.grad.float(),
+                                                     atol=1e-6 if dtype == torch.float32 else 1e-2)
 
 
 def test_sequence_logps_hand():
@@ -33,18 +36,23 @@ def test_sequence_logps_hand():
 
 def test_dpo_loss_hand():
     # margin = (-1 - -2) - (-3 - -2) = 1 - (-1) = 2; β = 0.5 -> -log σ(1) = log(1 + e^-1)
-    loss = dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), 0.5)
+    loss = dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]),
+                    torch.tensor([-2.0]), 0.5)
     assert loss.item() == pytest.approx(math.log(1 + math.exp(-1)))
     # mean over pairs: second pair has margin 0 -> log 2
-    loss2 = dpo_loss(torch.tensor([-1.0, 0.0]), torch.tensor([-3.0, 0.0]), torch.tensor([-2.0, 0.0]),
+    loss2 = dpo_loss(torch.tensor([-1.0, 0.0]), torch.tensor([-3.0, 0.0]), torch.tensor([-2.0,
+                                                                                         0.0]),
                      torch.tensor([-2.0, 0.0]), 0.5)
     assert loss2.item() == pytest.approx((math.log(1 + math.exp(-1)) + math.log(2)) / 2)
-    assert implicit_reward(torch.tensor([-1.0]), torch.tensor([-2.0]), 0.5).item() == pytest.approx(0.5)
+    assert implicit_reward(torch.tensor([-1.0]), torch.tensor([-2.0]),
+                           0.5).item() == pytest.approx(0.5)
 
 
 def test_dpo_loss_falls_when_chosen_logp_rises():
     ref = torch.tensor([-5.0])
-    losses = [dpo_loss(torch.tensor([c]), torch.tensor([-5.0]), ref, ref, 0.1).item() for c in (-6, -5, -4, -3)]
+    losses = [
+        dpo_loss(torch.tensor([c]), torch.tensor([-5.0]), ref, ref, 0.1).item()
+        for c in (-6, -5, -4, -3)]
     assert losses == sorted(losses, reverse=True) and losses[0] > losses[-1]
     pi_c = torch.tensor([-5.0], requires_grad=True)
     dpo_loss(pi_c, torch.tensor([-5.0]), ref, ref, 0.1).backward()
@@ -66,7 +74,9 @@ def test_group_dpo_equals_double_loop():
     correct = torch.tensor([True, False, True, False, False, True])
     loss, n = group_dpo_loss(pi, ref, correct, 0.3)
     C, R = [i for i in range(6) if correct[i]], [i for i in range(6) if not correct[i]]
-    expect = sum(dpo_loss(pi[i:i + 1], pi[j:j + 1], ref[i:i + 1], ref[j:j + 1], 0.3) for i in C for j in R) / (len(C) * len(R))
+    expect = sum(
+        dpo_loss(pi[i:i + 1], pi[j:j + 1], ref[i:i + 1], ref[j:j + 1], 0.3) for i in C
+        for j in R) / (len(C) * len(R))
     assert n == 1 and loss.item() == pytest.approx(expect.item(), rel=1e-6)
 
 
@@ -81,10 +91,12 @@ def test_group_dpo_one_pair_equals_dpo_and_batches_groups():
 
 def test_group_dpo_without_pairs_is_zero_and_counted():
     pi = torch.randn(2, 4, requires_grad=True)
-    loss, n = group_dpo_loss(pi, torch.zeros(2, 4), torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]]).bool(), 0.1)
+    loss, n = group_dpo_loss(pi, torch.zeros(2, 4),
+                             torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]]).bool(), 0.1)
     assert n == 0 and loss.item() == 0.0 and not loss.requires_grad
     # a group without pairs next to one with pairs does not dilute the mean
-    loss, n = group_dpo_loss(pi, torch.zeros(2, 4), torch.tensor([[1, 0, 0, 0], [0, 0, 0, 0]]).bool(), 0.1)
+    loss, n = group_dpo_loss(pi, torch.zeros(2, 4),
+                             torch.tensor([[1, 0, 0, 0], [0, 0, 0, 0]]).bool(), 0.1)
     l0, _ = group_dpo_loss(pi[:1], torch.zeros(1, 4), torch.tensor([[1, 0, 0, 0]]).bool(), 0.1)
     assert n == 1 and loss.item() == pytest.approx(l0.item())
 
@@ -125,10 +137,12 @@ def test_token_logps_agrees_with_trl():
     try:
         from trl.trainer.utils import selective_log_softmax
     except Exception as e:   # not installed, or its own dependencies missing
-        pytest.skip(f"TRL not importable ({e.__class__.__name__}: {e}); pip install trl to run this cross-check")
+        pytest.skip(f"TRL not importable ({e.__class__.__name__}: "
+                    f"{e}); pip install trl to run this cross-check")
     torch.manual_seed(3)
     logits, labels = torch.randn(4, 9, 50), torch.randint(0, 50, (4, 9))
-    assert torch.allclose(token_logps(logits, labels), selective_log_softmax(logits, labels), atol=1e-6)
+    assert torch.allclose(token_logps(logits, labels), selective_log_softmax(logits, labels),
+                          atol=1e-6)
 
 
 def test_ipo_loss_known_values():

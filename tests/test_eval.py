@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow   # the whole suite only: -m "not slow" leaves it 
 
 
 def test_mean_se_hand():
-    # [1, 0, 1, 1]: mean 0.75, sample variance (3·0.0625 + 0.5625)/3 = 0.25, SE = sqrt(0.25/4) = 0.25
+    # [1, 0, 1, 1]: mean 0.75, sample variance (3·0.0625 + 0.5625)/3 = 0.25, SE = sqrt(0.25/4) =
+    # 0.25
     assert logs.mean_se([1, 0, 1, 1]) == pytest.approx((0.75, 0.25))
     assert logs.mean_se([0.5]) == (0.5, 0.0)
 
@@ -57,7 +58,8 @@ def test_length_normalized_selection_discounts_length():
 
 
 def test_render_table():
-    t = ev.render_table({"seed": {"math500": {"mean": 0.474, "se": 0.012}}, "ours": {}}, ["math500", "amc23"])
+    t = ev.render_table({"seed": {"math500": {"mean": 0.474, "se": 0.012}}, "ours": {}},
+                        ["math500", "amc23"])
     assert "| seed | 47.4 (1.2) |  |" in t and t.startswith("| model | math500 | amc23 |")
 
 
@@ -75,8 +77,11 @@ def test_plot_writes_png(tmp_path):
         os.makedirs(tmp_path / name)
         with open(tmp_path / name / "log.jsonl", "w") as f:
             for s in range(1, 4):
-                f.write(json.dumps({"step": s, "reward": s / 4, "accuracy": s / 4, "length": 10 + s,
-                                    "entropy": 1 / s, "k3_trained": None if s == 1 else 0.1 * s}) + "\n")
+                f.write(
+                    json.dumps({
+                        "step": s, "reward": s / 4, "accuracy": s / 4, "length": 10 + s,
+                        "entropy": 1 / s, "k3_trained": None if s == 1 else 0.1 * s
+                    }) + "\n")
     path = logs.plot_runs([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "fig.png"))
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(path) > 5000
 
@@ -84,14 +89,16 @@ def test_plot_writes_png(tmp_path):
 def test_generation_cache_continues_interrupted_eval(tiny_model_dir, tmp_path, monkeypatch):
     model, tok = load_model(tiny_model_dir)
     engine = HFEngine(model, tok)
-    rows = [{"id": str(i), "problem": f"What is {i}+1?", "answer": str(i + 1), "task": "math"} for i in range(5)]
+    rows = [{"id": str(i), "problem": f"What is {i}+1?", "answer": str(i + 1), "task": "math"}
+            for i in range(5)]
     cache = str(tmp_path / "c.jsonl")
     ev.generate_cached(engine, tok, rows[:2], cache, 1, 0.0, 4)
     with open(cache, "a") as f:
         f.write('{"id": "2", "respo')   # a line cut by a kill
     asked = []
     orig = HFEngine.generate
-    monkeypatch.setattr(HFEngine, "generate", lambda self, p, **k: asked.append(len(p)) or orig(self, p, **k))
+    monkeypatch.setattr(HFEngine, "generate",
+                        lambda self, p, **k: asked.append(len(p)) or orig(self, p, **k))
     gens = ev.generate_cached(engine, tok, rows, cache, 1, 0.0, 4)
     assert asked == [3] and sorted(gens) == ["0", "1", "2", "3", "4"]
 
@@ -99,10 +106,13 @@ def test_generation_cache_continues_interrupted_eval(tiny_model_dir, tmp_path, m
 def test_eval_main_prints_table(tiny_model_dir, tmp_path, capsys):
     d = tmp_path / "data"
     d.mkdir()
-    (d / "math500.jsonl").write_text("".join(json.dumps({"id": f"m{i}", "problem": f"{i}+{i}?", "answer": str(2 * i)}) + "\n"
-                                             for i in range(6)))
-    res = ev.main(["--model", tiny_model_dir, "--bench", "math500", "--limit", "4", "--data-dir", str(d),
-                   "--max-new-tokens", "4", "--k", "2", "--temperature", "1.0", "--out", str(tmp_path / "out")])
+    (d / "math500.jsonl").write_text("".join(
+        json.dumps({"id": f"m{i}", "problem": f"{i}+{i}?", "answer": str(2 * i)}) + "\n"
+        for i in range(6)))
+    res = ev.main([
+        "--model", tiny_model_dir, "--bench", "math500", "--limit", "4", "--data-dir",
+        str(d), "--max-new-tokens", "4", "--k", "2", "--temperature", "1.0", "--out",
+        str(tmp_path / "out")])
     r = res[tiny_model_dir]["math500"]
     assert 0 <= r["mean"] <= 1 and "pass@2" in r
     assert "| model | math500 |" in capsys.readouterr().out
@@ -116,8 +126,11 @@ def test_select_picks_a_checkpoint(tiny_model_dir, tmp_path, monkeypatch, capsys
     write_sums(data, 8, 1)
     monkeypatch.setattr(rewards, "math_reward", lambda text, answer: float(len(text) % 2 == 0))
     run = tmp_path / "run"
-    train.main(["--model", tiny_model_dir, "--train-data", str(data), "--eval-problems", "2", "--batch-prompts", "2",
-                "--n", "4", "--max-new-tokens", "6", "--steps", "2", "--save-every", "1", "--out", str(run)])
+    train.main([
+        "--model", tiny_model_dir, "--train-data",
+        str(data), "--eval-problems", "2", "--batch-prompts", "2", "--n", "4", "--max-new-tokens",
+        "6", "--steps", "2", "--save-every", "1", "--out",
+        str(run)])
     best = ev.main(["--select", str(run), "--max-new-tokens", "6", "--out", str(tmp_path / "sel")])
     out = capsys.readouterr().out
     assert best.endswith(("ckpt-000001", "ckpt-000002")) and "length-normalized reward" in out
@@ -136,12 +149,14 @@ def test_run_summary_reports_quarters_grading_failures_and_time():
     records = [{"reward": r, "truncated": 1 - r} for r in (0.0, 0.5, 0.5, 0.5, 0.5, 0.5, 1.0, 1.0)]
     lines = logs.run_summary(records, {"graded": 8, "timeouts": 1, "errors": 0}, 12.4, "runs/x",
                              {"chosen": 20, "chosen_cut": 3}).splitlines()
-    assert lines == ["rollout reward: first quarter 0.250 -> last quarter 1.000",
-                     "cut at the cap: first quarter 0.750 -> last quarter 0.000",
-                     "chosen responses cut at the cap: 3 of 20",
-                     "Math-Verify: 8 responses graded on rank 0, 1 ran out of time and 0 failed (all scored 0)",
-                     f"done in 12s; log: {os.path.join('runs/x', 'log.jsonl')}"]
-    assert logs.run_summary(records[:3], {"graded": 3, "timeouts": 0, "errors": 0}, 1, "o").startswith("done in 1s")
+    assert lines == [
+        "rollout reward: first quarter 0.250 -> last quarter 1.000",
+        "cut at the cap: first quarter 0.750 -> last quarter 0.000",
+        "chosen responses cut at the cap: 3 of 20", "Math-Verify: 8 responses graded on rank 0, 1 "
+        "ran out of time and 0 failed (all scored 0)",
+        f"done in 12s; log: {os.path.join('runs/x', 'log.jsonl')}"]
+    assert logs.run_summary(records[:3], {"graded": 3, "timeouts": 0, "errors": 0}, 1,
+                            "o").startswith("done in 1s")
 
 
 def test_eval_on_two_processes_scores_as_one(tiny_model_dir, tmp_path):
@@ -152,10 +167,13 @@ def test_eval_on_two_processes_scores_as_one(tiny_model_dir, tmp_path):
     import sys
     d = tmp_path / "data"
     d.mkdir()
-    (d / "math500.jsonl").write_text("".join(json.dumps({"id": f"m{i}", "problem": f"{i}+{i}?", "answer": str(2 * i)}) + "\n"
-                                             for i in range(7)))
+    (d / "math500.jsonl").write_text("".join(
+        json.dumps({"id": f"m{i}", "problem": f"{i}+{i}?", "answer": str(2 * i)}) + "\n"
+        for i in range(7)))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    argv = ["eval.py", "--model", tiny_model_dir, "--bench", "math500", "--data-dir", str(d), "--max-new-tokens", "6", "--device", "cpu"]
+    argv = [
+        "eval.py", "--model", tiny_model_dir, "--bench", "math500", "--data-dir",
+        str(d), "--max-new-tokens", "6", "--device", "cpu"]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     from conftest import free_port
     port = free_port()
@@ -164,30 +182,36 @@ def test_eval_on_two_processes_scores_as_one(tiny_model_dir, tmp_path):
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), *argv, "--out", str(tmp_path / out)]
         p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    per = {out: [json.loads(line) for line in open(next((tmp_path / out).glob("*.results.jsonl")))] for out in ("one", "two")}
+    per = {
+        out: [json.loads(line) for line in open(next((tmp_path / out).glob("*.results.jsonl")))]
+        for out in ("one", "two")}
     assert len(per["one"]) == 7 and per["two"] == per["one"]
     assert open(tmp_path / "two" / "table.md").read() == open(tmp_path / "one" / "table.md").read()
 
 
 def test_four_runs_compare_at_a_glance(tmp_path, monkeypatch):
-    """eval.py --plot of four runs: every run's held-out markers visible (none on top of another), one
-    legend outside the panels, losses of different scales on one axis, a margin panel for the two
-    preference runs, and a printed table of held-out numbers with SE and the paired change."""
+    """eval.py --plot of four runs: every run's held-out markers visible (none on top of another),
+    one legend outside the panels, losses of different scales on one axis, a margin panel for the
+    two preference runs, and a printed table of held-out numbers with SE and the paired change."""
     import matplotlib.pyplot as plt
     losses = {"dpo-s1": 0.69, "ipo-s1": 25.0, "dpo-s4": 0.69, "grpo-s1": 0.001}
     for i, (name, loss) in enumerate(losses.items()):
         os.makedirs(tmp_path / name)
         with open(tmp_path / name / "log.jsonl", "w") as f:
             for s in range(1, 5):
-                rec = {"step": s, "reward": s / 5, "accuracy": s / 5, "length": 20 - s, "entropy": 1 / s, "loss": loss / s,
-                       "k3_trained": 0.1 * s, "grad_norm_pre_clip": 10.0 / s}
+                rec = {
+                    "step": s, "reward": s / 5, "accuracy": s / 5, "length": 20 - s,
+                    "entropy": 1 / s, "loss": loss / s, "k3_trained": 0.1 * s,
+                    "grad_norm_pre_clip": 10.0 / s}
                 if name.startswith(("dpo", "ipo")):
                     rec |= {"chosen_reward": 0.1 * s, "rejected_reward": -0.1 * s}
                 f.write(json.dumps(rec) + "\n")
-        for tag, scores in (("before", {"a": 1.0, "b": 0.0, "c": 0.0}), ("after", {"a": 1.0, "b": 1.0, "c": float(i % 2)})):
+        for tag, scores in (("before", {"a": 1.0, "b": 0.0, "c": 0.0}),
+                            ("after", {"a": 1.0, "b": 1.0, "c": float(i % 2)})):
             mean = sum(scores.values()) / 3   # every run scored on the same rows: the same "before"
-            json.dump({"math": {"mean": mean, "se": 0.27, "length": 10.0, "n": 3, "scores": scores}},
-                      open(tmp_path / name / f"heldout_{tag}.json", "w"))
+            json.dump(
+                {"math": {"mean": mean, "se": 0.27, "length": 10.0, "n": 3, "scores": scores}},
+                open(tmp_path / name / f"heldout_{tag}.json", "w"))
     figs = []
     monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig))
     runs = [str(tmp_path / n) for n in losses]
@@ -195,9 +219,11 @@ def test_four_runs_compare_at_a_glance(tmp_path, monkeypatch):
     fig = figs[0]
     held = fig.axes[2]
     xs = [x for c in held.containers for x in c.lines[0].get_xdata()]   # one errorbar per marker
-    assert len(xs) == 8 and len({round(float(x), 3) for x in xs}) == 8   # 4 runs x before/after, each at its own place
+    # 4 runs x before/after, each at its own place
+    assert len(xs) == 8 and len({round(float(x), 3) for x in xs}) == 8
     assert all(ax.get_legend() is None for ax in fig.axes) and len(fig.legends) == 1
-    assert fig.axes[5].get_yscale() == "symlog" and len(fig.axes[6].lines) == 3   # loss axis; margins of the three preference runs, none of grpo
+    # loss axis; margins of the three preference runs, none of grpo
+    assert fig.axes[5].get_yscale() == "symlog" and len(fig.axes[6].lines) == 3
     table = logs.heldout_table(runs)
     assert "| dpo-s1 | math | 0.333 ± 0.270 | 0.667 ± 0.270 | +0.333 ± 0.333 | 3 |" in table
     assert "| ipo-s1 | math | 0.333 ± 0.270 | 1.000 ± 0.270 | +0.667 ± 0.333 | 3 |" in table

@@ -34,9 +34,12 @@ def data(tmp_path, monkeypatch):
 
 
 def argv(model, data, out, loss, *extra):
-    return ["--model", model, "--train-data", data, "--eval-problems", "0", "--batch-prompts", "4", "--group-size", "4",
-            "--max-new-tokens", "6", "--lr", str(LR), "--rollout-dtype", "float32", "--train-dtype", "float32",
-            "--sync-every", "1", "--steps", "2", "--loss", loss, "--out", str(out), *extra]
+    return [
+        "--model", model, "--train-data", data, "--eval-problems", "0", "--batch-prompts", "4",
+        "--group-size", "4", "--max-new-tokens", "6", "--lr",
+        str(LR), "--rollout-dtype", "float32", "--train-dtype", "float32", "--sync-every", "1",
+        "--steps", "2", "--loss", loss, "--out",
+        str(out), *extra]
 
 
 def run(*args):
@@ -50,7 +53,8 @@ def spy(monkeypatch, loss):
 
     def recorded(b, a):
         out = fn(b, a)
-        calls.append(({k: v.detach().clone() if torch.is_tensor(v) else v for k, v in b.items()}, out[0].item()))
+        calls.append(({k: v.detach().clone() if torch.is_tensor(v) else v
+                       for k, v in b.items()}, out[0].item()))
         return out
     monkeypatch.setitem(train.LOSSES, loss, dict(train.LOSSES[loss], fn=recorded))
     return calls, fn
@@ -63,45 +67,55 @@ def check_micro_batch_invariance(model, data, tmp_path, loss):
     for key in ("loss", "grad_norm_pre_clip"):
         a, b = [r[key] for r in whole["records"]], [r[key] for r in split["records"]]
         assert None not in a and b == pytest.approx(a, rel=1e-4, abs=1e-6), \
-            f"{loss}: {key} {b} with --micro-groups 1 vs {a} with 4: does the loss take its share " \
+            f"{loss}: {key} {b} with --micro-groups 1 vs " f"{a} with 4: does the loss take its share " \
             "(b['share'], or b['responses'] / b['tokens'])?"
-    for k, v in whole["policy"].state_dict().items():   # AdamW: float noise moves a weight by a fraction of lr
+    # AdamW: float noise moves a weight by a fraction of lr
+    for k, v in whole["policy"].state_dict().items():
         assert torch.allclose(v, split["policy"].state_dict()[k], atol=0.1 * LR), k
 
 
 def check_units(model, data, tmp_path, monkeypatch, loss):
-    """Pairs arrive chosen first; a group loss is the same whatever the order of a group's responses."""
+    """Pairs arrive chosen first; a group loss is the same whatever the order of a group's
+    responses."""
     calls, fn = spy(monkeypatch, loss)
     res, a = run(model, data, tmp_path / f"{loss}-units", loss, "--micro-groups", "4")
     for b, _ in calls:
         P, K = b["rewards"].shape
         if train.LOSSES[loss]["takes"] == "pairs":
-            assert K == 2 and (b["rewards"][:, 0] > b["rewards"][:, 1]).all(), f"{loss}: pairs must come (chosen, rejected)"
+            assert K == 2 and (b["rewards"][:, 0] > b["rewards"][:, 1]
+                               ).all(), f"{loss}: pairs must come (chosen, rejected)"
             continue
         assert K == 4
         perm = torch.tensor([3, 0, 2, 1])
         rows = (torch.arange(P)[:, None] * K + perm).flatten()
-        shuffled = {k: v[rows] if torch.is_tensor(v) and v.dim() == 2 and v.shape[0] == P * K else v for k, v in b.items()}
+        shuffled = {
+            k: v[rows] if torch.is_tensor(v) and v.dim() == 2 and v.shape[0] == P * K else v
+            for k, v in b.items()}
         shuffled["rewards"] = b["rewards"][:, perm]
         assert fn(shuffled, a)[0].item() == pytest.approx(fn(b, a)[0].item(), rel=1e-5, abs=1e-7), \
-            f"{loss}: the loss of a group depends on the order of its responses: a pairwise loss declared as 'groups'?"
+            f"{loss}: the loss of a group depends on the order of " f"its responses: a pairwise loss declared as 'groups'?"
     assert all(math.isfinite(r["grad_norm_pre_clip"]) for r in res["records"])
 
 
 def check_logged_loss_is_the_objective(model, data, tmp_path, monkeypatch, loss):
-    """At step 1 (one micro-batch, nothing stale) the logged loss is the objective evaluated on log-probs
-    computed here, from the seed model, for the same responses: the loop feeds it πθ, πref and πθ_old right."""
+    """At step 1 (one micro-batch, nothing stale) the logged loss is the objective evaluated on
+    log-probs computed here, from the seed model, for the same responses: the loop feeds it πθ, πref
+    and πθ_old right."""
     calls, fn = spy(monkeypatch, loss)
-    res, a = run(model, data, tmp_path / f"{loss}-hand", loss, "--micro-groups", "4", "--steps", "1")
+    res, a = run(model, data, tmp_path / f"{loss}-hand", loss, "--micro-groups", "4", "--steps",
+                 "1")
     (b, returned), = calls
     seed = load_model(model)[0].eval()
     with torch.no_grad():
         fresh = response_logps(seed, b, temperature=a.temperature)
-    assert torch.allclose(b["pi"], fresh, atol=1e-5) and (b["ref"] is None or torch.allclose(b["ref"], fresh, atol=1e-5))
-    assert (b["ref"] is not None) == losses.uses_reference(a), f"{loss}: πref given {b['ref'] is not None}, declared otherwise"
+    assert torch.allclose(b["pi"], fresh, atol=1e-5) and (b["ref"] is None or torch.allclose(
+        b["ref"], fresh, atol=1e-5))
+    assert (b["ref"] is not None) == losses.uses_reference(
+        a), f"{loss}: πref given {b['ref'] is not None}, " f"declared otherwise"
     by_hand = fn(dict(b, pi=fresh, ref=None if b["ref"] is None else fresh, old=fresh), a)[0].item()
     extra = res["records"][0]["loss"]
-    assert returned == pytest.approx(by_hand, rel=1e-4, abs=1e-6) and extra == pytest.approx(returned, rel=1e-6, abs=1e-7)
+    assert returned == pytest.approx(by_hand, rel=1e-4, abs=1e-6) and extra == pytest.approx(
+        returned, rel=1e-6, abs=1e-7)
 
 
 def check_direction(model_dir, loss):
@@ -109,14 +123,17 @@ def check_direction(model_dir, loss):
     of the higher-reward responses of a unit relative to the lower-reward ones (responses of equal
     length, so that no loss's length normalization decides the sign)."""
     model, tok = load_model(model_dir)
-    a = train.parse_args(["--model", model_dir, "--loss", loss, "--rollout-dtype", "float32", "--train-dtype", "float32"])
+    a = train.parse_args([
+        "--model", model_dir, "--loss", loss, "--rollout-dtype", "float32", "--train-dtype",
+        "float32"])
     pairs = train.LOSSES[loss]["takes"] == "pairs"
     rewards = [1.0, 0.0] if pairs else [1.0, 0.0, 0.0, 1.0]
     prompt = chat_prompt_ids(tok, "What is 2 + 3?")
     units = [[Sample(prompt, [5 + 7 * j + t for t in range(4)], [0.0] * 4, [0.0] * 4, "", "stop", r)
               for j, r in enumerate(rewards)]]
     b = collate(units, "cpu")
-    b.update(rewards=torch.tensor([rewards]), share=1.0, responses=len(rewards), tokens=4 * len(rewards), is_w=None)
+    b.update(rewards=torch.tensor([rewards]), share=1.0, responses=len(rewards),
+             tokens=4 * len(rewards), is_w=None)
     high = torch.tensor(rewards) > 0.5
 
     def margin():
@@ -132,8 +149,8 @@ def check_direction(model_dir, loss):
         for p in model.parameters():
             p -= 1e-3 * p.grad
         after = margin()
-    assert after > before, f"{loss}: a gradient step lowered the higher-reward responses' log-probability " \
-                           f"against the lower ones ({before:.6f} -> {after:.6f}): is the loss's sign flipped?"
+    assert after > before, f"{loss}: a gradient step lowered the " f"higher-reward responses' log-probability " \
+                           f"against the lower ones ({before:.6f} -> " f"{after:.6f}): is the loss's sign flipped?"
 
 
 @pytest.mark.parametrize("loss", list(train.LOSSES))
@@ -161,28 +178,35 @@ def flipped_simpo(b, a):
     return -loss, metrics
 
 
-def test_conformance_fails_for_a_loss_missing_its_scaling(tiny_model_dir, data, tmp_path, monkeypatch):
+def test_conformance_fails_for_a_loss_missing_its_scaling(tiny_model_dir, data, tmp_path,
+                                                          monkeypatch):
     monkeypatch.setitem(train.LOSSES, "ipo_unscaled", {"fn": unscaled_ipo, "takes": "pairs"})
     with pytest.raises(AssertionError, match="share"):
         check_micro_batch_invariance(tiny_model_dir, data, tmp_path, "ipo_unscaled")
 
 
-def test_conformance_fails_for_a_pairwise_loss_declared_as_groups(tiny_model_dir, data, tmp_path, monkeypatch):
-    monkeypatch.setitem(train.LOSSES, "ipo_on_groups", {"fn": losses.ipo_objective, "takes": "groups"})
+def test_conformance_fails_for_a_pairwise_loss_declared_as_groups(tiny_model_dir, data, tmp_path,
+                                                                  monkeypatch):
+    monkeypatch.setitem(train.LOSSES, "ipo_on_groups",
+                        {"fn": losses.ipo_objective, "takes": "groups"})
     with pytest.raises(AssertionError, match="order of its responses"):
         check_units(tiny_model_dir, data, tmp_path, monkeypatch, "ipo_on_groups")
 
 
 def test_conformance_fails_for_a_flipped_sign(tiny_model_dir, monkeypatch):
-    monkeypatch.setitem(train.LOSSES, "simpo_flipped", dict(train.LOSSES["simpo"], fn=flipped_simpo))
+    monkeypatch.setitem(train.LOSSES, "simpo_flipped", dict(train.LOSSES["simpo"],
+                                                            fn=flipped_simpo))
     with pytest.raises(AssertionError, match="simpo_flipped: a gradient step lowered"):
         check_direction(tiny_model_dir, "simpo_flipped")
 
 
-def test_conformance_fails_for_a_loss_that_misdeclares_its_reference(tiny_model_dir, data, tmp_path, monkeypatch):
+def test_conformance_fails_for_a_loss_that_misdeclares_its_reference(tiny_model_dir, data, tmp_path,
+                                                                     monkeypatch):
     monkeypatch.setitem(train.LOSSES, "dpo_no_ref", dict(train.LOSSES["dpo"], reference="never"))
-    with pytest.raises(TypeError):   # DPO reads b["ref"], which a loss declared reference-free does not get
-        check_logged_loss_is_the_objective(tiny_model_dir, data, tmp_path, monkeypatch, "dpo_no_ref")
+    # DPO reads b["ref"], which a loss declared reference-free does not get
+    with pytest.raises(TypeError):
+        check_logged_loss_is_the_objective(tiny_model_dir, data, tmp_path, monkeypatch,
+                                           "dpo_no_ref")
 
 
 def test_a_malformed_entry_is_refused_before_anything_loads(monkeypatch, capsys):
@@ -214,7 +238,9 @@ def test_a_loss_takes_its_own_hyperparameters_and_checks_them_first(capsys):
 def test_a_reference_free_loss_builds_no_reference(tiny_model_dir, data, tmp_path):
     res, a = run(tiny_model_dir, data, tmp_path / "simpo", "simpo")
     assert res["ref"] is None and not losses.uses_reference(a)
-    assert train.parse_args(["--loss", "grpo"]).kl_coef == 0 and not losses.uses_reference(train.parse_args(["--loss", "grpo"]))
+    assert train.parse_args([
+        "--loss", "grpo"
+    ]).kl_coef == 0 and not losses.uses_reference(train.parse_args(["--loss", "grpo"]))
     assert losses.uses_reference(train.parse_args(["--loss", "dr_grpo", "--kl-coef", "0.1"]))
 
 
@@ -227,17 +253,20 @@ def group_batch(rewards):
     g = len(rewards)
     torch.manual_seed(0)
     old = -torch.rand(g, 5)
-    return dict(pi=old + 0.05 * torch.randn(g, 5), old=old, ref=None, mask=torch.ones(g, 5), rewards=torch.tensor([rewards]), share=1.0,
-                responses=g, tokens=5 * g, is_w=None)
+    return dict(pi=old + 0.05 * torch.randn(g, 5), old=old, ref=None, mask=torch.ones(g, 5),
+                rewards=torch.tensor([rewards]), share=1.0, responses=g, tokens=5 * g, is_w=None)
 
 
 def test_dr_grpo_loss_scales_with_the_rewards_and_grpo_does_not():
-    """Dr. GRPO's advantage r - mean(r) has no std: rewards × 3 make its loss × 3; GRPO's is unchanged."""
+    """Dr. GRPO's advantage r - mean(r) has no std: rewards × 3 make its loss × 3; GRPO's is
+    unchanged."""
     r = [1.0, 0.0, 0.0, 0.5]
     b, b3 = group_batch(r), group_batch([3 * x for x in r])
     dr, grpo = (train.parse_args(["--loss", name]) for name in ("dr_grpo", "grpo"))
-    assert losses.dr_grpo_objective(b3, dr)[0].item() == pytest.approx(3 * losses.dr_grpo_objective(b, dr)[0].item(), rel=1e-4)
-    assert losses.grpo_objective(b3, grpo)[0].item() == pytest.approx(losses.grpo_objective(b, grpo)[0].item(), rel=1e-3)
+    assert losses.dr_grpo_objective(b3, dr)[0].item() == pytest.approx(
+        3 * losses.dr_grpo_objective(b, dr)[0].item(), rel=1e-4)
+    assert losses.grpo_objective(b3, grpo)[0].item() == pytest.approx(
+        losses.grpo_objective(b, grpo)[0].item(), rel=1e-3)
 
 
 def test_simpo_is_dpo_free_of_the_reference_and_normalized_by_length():

@@ -24,8 +24,10 @@ def data_file(tmp_path):
 
 
 def tiny_run(model, data, out, *extra):
-    return train.main(["--model", model, "--train-data", data, "--eval-problems", "2", "--batch-prompts", "2", "--n", "2",
-                       "--max-new-tokens", "4", "--lr", "1e-3", "--out", str(out), *extra])
+    return train.main([
+        "--model", model, "--train-data", data, "--eval-problems", "2", "--batch-prompts", "2",
+        "--n", "2", "--max-new-tokens", "4", "--lr", "1e-3", "--out",
+        str(out), *extra])
 
 
 def test_run_directory_explains_itself(tiny_model_dir, data_file, tmp_path, monkeypatch):
@@ -33,21 +35,28 @@ def test_run_directory_explains_itself(tiny_model_dir, data_file, tmp_path, monk
     out = tmp_path / "run"
     tiny_run(tiny_model_dir, data_file, out, "--steps", "3", "--save-every", "1", "--keep", "2")
     names = set(os.listdir(out))
-    assert {"log.jsonl", "heldout_before.json", "heldout_after.json", "curves.png", "latest", "ckpt-000002", "ckpt-000003"} == names
+    assert {
+        "log.jsonl", "heldout_before.json", "heldout_after.json", "curves.png", "latest",
+        "ckpt-000002", "ckpt-000003"
+    } == names
     assert os.path.getsize(out / "curves.png") > 20_000
     # --keep 2, --keep-optimizer last: the older kept checkpoint holds weights only
-    assert not (out / "ckpt-000002" / "optimizer").exists() and (out / "ckpt-000003" / "optimizer").is_dir()
+    assert not (out / "ckpt-000002" / "optimizer").exists() and (out / "ckpt-000003" /
+                                                                 "optimizer").is_dir()
     assert glob.glob(str(out / "ckpt-000002" / "*.safetensors"))
-    tiny_run(tiny_model_dir, data_file, tmp_path / "all", "--steps", "2", "--save-every", "1", "--keep-optimizer", "all",
-             "--eval-problems", "0")
+    tiny_run(tiny_model_dir, data_file, tmp_path / "all", "--steps", "2", "--save-every", "1",
+             "--keep-optimizer", "all", "--eval-problems", "0")
     assert (tmp_path / "all" / "ckpt-000001" / "optimizer").is_dir()
 
 
 def test_weights_only_checkpoints(tiny_model_dir, data_file, tmp_path, capsys):
-    """--keep-optimizer none (throwaway runs): no optimizer state on disk; --resume then says why it cannot."""
+    """--keep-optimizer none (throwaway runs): no optimizer state on disk; --resume then says why it
+    cannot."""
     out = tmp_path / "w"
-    tiny_run(tiny_model_dir, data_file, out, "--steps", "2", "--keep-optimizer", "none", "--eval-problems", "0")
-    assert glob.glob(str(out / "ckpt-000002" / "*.safetensors")) and not (out / "ckpt-000002" / "optimizer").exists()
+    tiny_run(tiny_model_dir, data_file, out, "--steps", "2", "--keep-optimizer", "none",
+             "--eval-problems", "0")
+    assert glob.glob(str(out / "ckpt-000002" /
+                         "*.safetensors")) and not (out / "ckpt-000002" / "optimizer").exists()
     with pytest.raises(SystemExit, match="--keep-optimizer none.*--init-from"):
         tiny_run(tiny_model_dir, data_file, out, "--steps", "3", "--resume", "--eval-problems", "0")
 
@@ -55,7 +64,8 @@ def test_weights_only_checkpoints(tiny_model_dir, data_file, tmp_path, capsys):
 def test_tensorboard_offline(tiny_model_dir, data_file, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    tiny_run(tiny_model_dir, data_file, tmp_path / "tb", "--steps", "2", "--eval-problems", "0", "--report-to", "tensorboard")
+    tiny_run(tiny_model_dir, data_file, tmp_path / "tb", "--steps", "2", "--eval-problems", "0",
+             "--report-to", "tensorboard")
     acc = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
     acc.Reload()
     logged = [json.loads(line) for line in open(tmp_path / "tb" / "log.jsonl")]
@@ -67,13 +77,17 @@ def test_wandb_offline(tiny_model_dir, data_file, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    tiny_run(tiny_model_dir, data_file, tmp_path / "wb", "--steps", "2", "--eval-problems", "0", "--report-to", "wandb")
+    tiny_run(tiny_model_dir, data_file, tmp_path / "wb", "--steps", "2", "--eval-problems", "0",
+             "--report-to", "wandb")
     runs = glob.glob(str(tmp_path / "wb" / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(runs) == 1 and os.path.getsize(runs[0]) > 0
 
 
 def test_help_shows_defaults_and_choices():
-    env = dict(os.environ, COLUMNS="200")   # argparse wraps to the terminal: a fixed width, so no default is split
-    text = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--help"], capture_output=True, text=True, env=env).stdout
+    # argparse wraps to the terminal: a fixed width, so no default is split
+    env = dict(os.environ, COLUMNS="200")
+    text = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--help"],
+                          capture_output=True, text=True, env=env).stdout
     assert "(default: 24)" in text and "{dpo,ipo,simpo,group_dpo,grpo,dr_grpo,combined}" in text and "{none,tensorboard,wandb}" in text
-    assert "torchrun --standalone --nproc_per_node 8 train.py" in text   # the docstring's examples keep their lines
+    # the docstring's examples keep their lines
+    assert "torchrun --standalone --nproc_per_node 8 train.py" in text

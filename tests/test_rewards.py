@@ -13,7 +13,8 @@ from rewards import math_reward
 
 @pytest.mark.parametrize("response,answer,expect", [
     ("so the answer is \\boxed{42}", "42", 1.0),
-    ("17 + 25 = 42", "42", 1.0),                        # no \boxed{}: Math-Verify takes the last expression
+    # no \boxed{}: Math-Verify takes the last expression
+    ("17 + 25 = 42", "42", 1.0),
     ("The answer is \\boxed{41}", "42", 0.0),
     ("I have no idea", "42", 0.0),
     ("\\boxed{\\frac{1}{2}}", "0.5", 1.0),
@@ -29,7 +30,8 @@ def test_math_reward_known_cases(response, answer, expect):
     # sympy spends hours in one C-level integer power on these on some CPUs and finishes in time
     # on others; either way the response scores 0 within the limit (SIGALRM could not stop it)
     ("\\boxed{9^{9^{9^{9}}}}", "1"),
-    ("\\boxed{9^{9^{9^{9}}}}", "\\sqrt{2}"),   # a symbolic reference: the power is evaluated (a numeric one rejects it first)
+    # a symbolic reference: the power is evaluated (a numeric one rejects it first)
+    ("\\boxed{9^{9^{9^{9}}}}", "\\sqrt{2}"),
     ("\\boxed{" + "9^{" * 30 + "9" + "}" * 30 + "}", "9^{9^{9}}"),
 ])
 def test_adversarial_latex_scores_zero_in_bounded_time(evil, answer):
@@ -41,7 +43,8 @@ def test_adversarial_latex_scores_zero_in_bounded_time(evil, answer):
     math_reward("\\boxed{1}", "1")                  # grader process started outside the timing
     t = time.time()
     assert math_reward(evil, answer, time_limit=0.5) == 0.0
-    assert time.time() - t < 0.5 + 2 * respawn + 1.0, f"respawn {respawn:.1f}s"   # a hang would be hours
+    # a hang would be hours
+    assert time.time() - t < 0.5 + 2 * respawn + 1.0, f"respawn {respawn:.1f}s"
     # whether it timed out or not, the next response is graded as usual
     assert math_reward("so \\boxed{42}", "42") == 1.0
 
@@ -54,7 +57,8 @@ def test_timeout_kills_the_grader_and_the_warm_spare_takes_over():
     assert math_reward("\\boxed{2}", "2", time_limit=0.3) == 0.0
     assert rewards.stats["timeouts"] == before["timeouts"] + 1
     assert stuck.poll() is not None                   # killed
-    assert rewards._grader is spare                   # the spare, started before the timeout: no restart waited for
+    # the spare, started before the timeout: no restart waited for
+    assert rewards._grader is spare
     assert rewards._spare is not None and rewards._spare is not spare
     assert math_reward("so \\boxed{42}", "42") == 1.0
 
@@ -65,9 +69,11 @@ def test_a_dead_grader_scores_zero_is_counted_and_restarted(monkeypatch):
     before = dict(rewards.stats)
     killer = threading.Timer(0.3, rewards._grader.kill)  # dies in the middle of a response
     killer.start()
-    assert math_reward("\\boxed{9^{9^{9^{9}}}}", "\\sqrt{2}", time_limit=30) == 0.0   # seconds to hours of sympy
+    # seconds to hours of sympy
+    assert math_reward("\\boxed{9^{9^{9^{9}}}}", "\\sqrt{2}", time_limit=30) == 0.0
     killer.join()
-    assert rewards.stats["errors"] == before["errors"] + 1 and rewards.stats["timeouts"] == before["timeouts"]
+    assert rewards.stats["errors"] == before["errors"] + 1 and rewards.stats["timeouts"] == before[
+        "timeouts"]
     rewards._grader.kill()                            # and one that died between calls
     rewards._grader.wait()
     assert math_reward("\\boxed{3}", "3") == 1.0
@@ -91,7 +97,8 @@ def test_harder_arithmetic_tiers_have_right_answers(d):
     assert kinds == ({"+", "-", "×"} if d >= 20 else {"+", "-"})
     for r in rows:
         nums = [int(t) for t in r["problem"].replace("?", " ").split() if t.isdigit()]
-        want = nums[0] * nums[1] if "×" in r["problem"] else nums[0] + nums[1] - (nums[2] if " - " in r["problem"] else 0)
+        want = nums[0] * nums[1] if "×" in r["problem"] else nums[0] + nums[1] - (
+            nums[2] if " - " in r["problem"] else 0)
         assert int(r["answer"]) == want, r
         if "×" in r["problem"]:
             assert 11 <= nums[0] <= 99 and 2 <= nums[1] <= d // 2
@@ -102,7 +109,9 @@ def test_lower_difficulties_keep_their_problems():
     before it (commit 6fbd6a7's data.py), so earlier runs and sweeps stay comparable."""
     import hashlib
     import json
-    got = {d: hashlib.sha1(json.dumps(arithmetic_problems(60, d, seed=1)).encode()).hexdigest()[:12] for d in (1, 2, 5, 10)}
+    got = {
+        d: hashlib.sha1(json.dumps(arithmetic_problems(60, d, seed=1)).encode()).hexdigest()[:12]
+        for d in (1, 2, 5, 10)}
     assert got == {1: "50898f004dcb", 2: "19bebb7013df", 5: "d97e489b0716", 10: "f844dbb2c06c"}
 
 
@@ -113,7 +122,8 @@ def test_lower_difficulties_keep_their_problems():
     (b'\n\n', "bad.jsonl: empty file"),
     (b'{"problem": "\xff", "answer": "1"}\n', "bad.jsonl:1: not UTF-8"),
     (b'[1, 2]\n', "bad.jsonl:1: expected a JSON object"),
-    (b'{"id": 1, "problem": "a", "answer": "1"}\n{"id": 1, "problem": "b", "answer": "2"}\n', "bad.jsonl:2: duplicate id"),
+    (b'{"id": 1, "problem": "a", "answer": "1"}\n{"id": 1, "problem": "b", "answer": "2"}\n',
+     "bad.jsonl:2: duplicate id"),
 ])
 def test_load_jsonl_errors_name_file_line_field(tmp_path, content, msg):
     p = tmp_path / "bad.jsonl"
@@ -134,49 +144,57 @@ def test_shipped_data_files_load():
         assert len(load_jsonl(f"data/{f}.jsonl")) >= 30
 
 
-@pytest.mark.parametrize("response,answer,expected", [
-    (r"\boxed{47 \times 17}", "799", 0.0),          # the problem copied into the box: not an answer
-    (r"\boxed{181 + 303 - 23}", "461", 0.0),
-    (r"181 + 303 - 23 = \boxed{461}", "461", 1.0),
-    (r"\boxed{799}", "799", 1.0),
-    (r"\boxed{x = 799}", "799", 1.0),
-    (r"\boxed{1,234}", "1234", 1.0),
-    (r"\boxed{\frac{1}{2}}", r"\frac{1}{2}", 1.0),
-    (r"\boxed{0.5}", r"\frac{1}{2}", 1.0),
-    (r"\boxed{\sqrt{2}}", r"\sqrt{2}", 1.0),       # a symbolic reference keeps Math-Verify's equivalence
-    # every correct form of a number (Math-Verify accepts them; the copied-question rule must not reject them)
-    (r"\boxed{50\%}", "50", 1.0),
-    (r"\boxed{6.72 \times 10^{-5}}", ".0000672", 1.0),
-    (r"\boxed{10^{6}}", "1000000", 1.0),
-    (r"\boxed{2 \times 10^3}", "2000", 1.0),
-    (r"\boxed{\text{6}}", "6", 1.0),
-    (r"\boxed{\textbf{2}}", "2", 1.0),
-    (r"\boxed{\mathbf{2}}", "2", 1.0),
-    (r"\boxed{799 = 47 \times 17}", "799", 1.0),   # the number, then how it came
-    (r"\boxed{-\dfrac{3}{4}}", "-0.75", 1.0),
-    (r"\boxed{10001_2}", "10001_2", 1.0),             # MATH's reference solutions write these forms
-    (r"\boxed{10\frac{1}{12}}", r"10\frac{1}{12}", 1.0),
-    (r"\boxed{\frac{-7}{23}}", r"-\frac{7}{23}", 1.0),
-    (r"\boxed{3:5}", "3:5", 1.0),
-    (r"\boxed{7\text{ hours}.}", r"7\text{ hours}.", 1.0),
-    (r"\boxed{\begin{pmatrix} -1 & 0 \\ 0 & -1 \end{pmatrix}.}",
-     r"\begin{pmatrix} -1 & 0 \\ 0 & -1 \end{pmatrix}.", 1.0),   # a reference that is no number: Math-Verify alone
-    # a copied question still scores 0, a division too
-    (r"\boxed{100/10}", "10", 0.0),
-    (r"\boxed{\frac{100}{10}}", "10", 0.0),
-    (r"\boxed{x = 47 \times 17}", "799", 0.0),
-    (r"\boxed{3 \cdot 4}", "12", 0.0),
-])
+@pytest.mark.parametrize(
+    "response,answer,expected",
+    [
+        (r"\boxed{47 \times 17}", "799", 0.0),   # the problem copied into the box: not an answer
+        (r"\boxed{181 + 303 - 23}", "461", 0.0),
+        (r"181 + 303 - 23 = \boxed{461}", "461", 1.0),
+        (r"\boxed{799}", "799", 1.0),
+        (r"\boxed{x = 799}", "799", 1.0),
+        (r"\boxed{1,234}", "1234", 1.0),
+        (r"\boxed{\frac{1}{2}}", r"\frac{1}{2}", 1.0),
+        (r"\boxed{0.5}", r"\frac{1}{2}", 1.0),
+   # a symbolic reference keeps Math-Verify's equivalence
+        (r"\boxed{\sqrt{2}}", r"\sqrt{2}", 1.0),
+   # every correct form of a number (Math-Verify accepts them; the copied-question rule must not
+   # reject them)
+        (r"\boxed{50\%}", "50", 1.0),
+        (r"\boxed{6.72 \times 10^{-5}}", ".0000672", 1.0),
+        (r"\boxed{10^{6}}", "1000000", 1.0),
+        (r"\boxed{2 \times 10^3}", "2000", 1.0),
+        (r"\boxed{\text{6}}", "6", 1.0),
+        (r"\boxed{\textbf{2}}", "2", 1.0),
+        (r"\boxed{\mathbf{2}}", "2", 1.0),
+        (r"\boxed{799 = 47 \times 17}", "799", 1.0),   # the number, then how it came
+        (r"\boxed{-\dfrac{3}{4}}", "-0.75", 1.0),
+        (r"\boxed{10001_2}", "10001_2", 1.0),   # MATH's reference solutions write these forms
+        (r"\boxed{10\frac{1}{12}}", r"10\frac{1}{12}", 1.0),
+        (r"\boxed{\frac{-7}{23}}", r"-\frac{7}{23}", 1.0),
+        (r"\boxed{3:5}", "3:5", 1.0),
+        (r"\boxed{7\text{ hours}.}", r"7\text{ hours}.", 1.0),
+        (
+            r"\boxed{\begin{pmatrix} -1 & 0 \\ 0 & -1 \end{pmatrix}.}",
+   # a reference that is no number: Math-Verify alone
+            r"\begin{pmatrix} -1 & 0 \\ 0 & -1 \end{pmatrix}.",
+            1.0),
+   # a copied question still scores 0, a division too
+        (r"\boxed{100/10}", "10", 0.0),
+        (r"\boxed{\frac{100}{10}}", "10", 0.0),
+        (r"\boxed{x = 47 \times 17}", "799", 0.0),
+        (r"\boxed{3 \cdot 4}", "12", 0.0),
+    ])
 def test_a_numeric_answer_must_be_a_number(response, answer, expected):
-    """Math-Verify counts an unevaluated expression equal to the reference as right (\\boxed{47 × 17}
-    for 799): on the built-in arithmetic, copying the question into \\boxed{} then earns full reward,
-    and RL learns that instead of the arithmetic (s_curve.py's probes: two-digit products at 100 %)."""
+    """Math-Verify counts an unevaluated expression equal to the reference as right (\\boxed{47 ×
+    17} for 799): on the built-in arithmetic, copying the question into \\boxed{} then earns full
+    reward, and RL learns that instead of the arithmetic (s_curve.py's probes: two-digit products at
+    100 %)."""
     assert math_reward(response, answer) == expected
 
 
 def test_a_grader_whose_parent_left_exits_quietly():
-    """A parent that exits before reading "ready" (a 1-second script) closes the grader's stdout: the
-    grader ends without a BrokenPipeError traceback on the terminal."""
+    """A parent that exits before reading "ready" (a 1-second script) closes the grader's stdout:
+    the grader ends without a BrokenPipeError traceback on the terminal."""
     import subprocess
     import sys
     p = subprocess.Popen([sys.executable, rewards.__file__, "--grader"], stdin=subprocess.PIPE,

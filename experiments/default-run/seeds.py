@@ -20,7 +20,8 @@ def paired(before, after):
 
 def row(runs, k):
     out = os.path.join(runs, f"seed{k}")
-    b, a = (json.load(open(os.path.join(out, f"heldout_{t}.json")))["math"] for t in ("before", "after"))
+    b, a = (json.load(open(os.path.join(out, f"heldout_{t}.json")))["math"]
+            for t in ("before", "after"))
     recs = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     log = open(os.path.join(runs, f"seed{k}.log"), errors="replace").read()
     q = len(recs) // 4
@@ -29,9 +30,11 @@ def row(runs, k):
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", log)[1]
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", log)[1]) / 1e6
     d, se = paired(b["scores"], a["scores"])
-    return (f"| {k} | {b['mean']:.3f} | {a['mean']:.3f} ± {a['se']:.3f} | {d:+.3f} ± {se:.3f} | {d / se:.1f} | "
+    return (f"| {k} | {b['mean']:.3f} | {a['mean']:.3f} ± "
+            f"{a['se']:.3f} | {d:+.3f} ± {se:.3f} | {d / se:.1f} | "
             f"{'yes' if d >= 2 * se else '**no**'} | {cut(recs[:q]):.2f} → {cut(recs[-q:]):.2f} | "
-            f"{chosen[1] if chosen else 0} of {chosen[2] if chosen else 0} | {wall} | {rss:.2f} |"), d >= 2 * se
+            f"{chosen[1] if chosen else 0} of "
+            f"{chosen[2] if chosen else 0} | {wall} | {rss:.2f} |"), d >= 2 * se
 
 
 def main(runs):
