@@ -98,10 +98,12 @@ def load_checkpoint(ckpt, policy, opt, world, rank, log, seed, my_rows):
     dcp.load({"optimizer": osd}, checkpoint_id=os.path.join(ckpt, "optimizer"),
              no_dist=not multiprocess())
     set_optimizer_state_dict(policy, opt, osd)
-    if rank == 0:
-        keep = [line for line in open(log) if json.loads(line)["step"] <= st["step"]]
-        with open(log, "w") as f:
-            f.writelines(keep)
+    # rank 0's step files (log.jsonl, samples.jsonl) lose what a killed run wrote after it
+    for path in [log, os.path.join(os.path.dirname(log), "samples.jsonl")] if rank == 0 else []:
+        if os.path.exists(path):
+            keep = [line for line in open(path) if json.loads(line)["step"] <= st["step"]]
+            with open(path, "w") as f:
+                f.writelines(keep)
     # same number of processes: each rank takes back its rollouts and RNG
     if len(st["ranks"]) == world:
         buffer, rng_state, *cuda_rng = st["ranks"][rank]   # CUDA's RNG too where there was one

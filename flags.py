@@ -290,6 +290,9 @@ def parse(argv, description):
         "none: weights only, a run that cannot be resumed)")
     p.add_argument("--resume", action="store_true", help="continue from the last "
                    "complete checkpoint in --out")
+    p.add_argument("--log-samples", type=COUNT, default=2,
+                   help="prompts a step whose responses, rewards and pairs or advantages go to "
+                   "samples.jsonl (rank 0's; 0: none)")
     p.add_argument(
         "--report-to", default="none", choices=("none", "tensorboard", "wandb"),
         help="also send each step's metrics to this tracker "

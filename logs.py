@@ -1,13 +1,18 @@
 """
-A run's record: what a training step logs of its rollouts (log.jsonl), the lines a run ends with,
-its curves (curves.png) and the comparison of several runs (`python eval.py --plot RUN...`: one
-figure and a table of held-out numbers), and the optional experiment trackers.
+A run's record: what a training step logs of its rollouts (log.jsonl), a few prompts' responses
+with their rewards and what the loss did with them (samples.jsonl; `python logs.py RUN --samples
+STEP` prints a step's), the lines a run ends with, its curves with the syncs marked (curves.png)
+and the comparison of several runs (`python eval.py --plot RUN...`), and the optional trackers.
 """
 import json
 import math
 import os
 
+import torch
+
 from distributed import all_sum
+from grpo import grpo_advantages
+from losses import pairwise
 
 
 def mean_se(scores):
@@ -70,6 +75,63 @@ def run_summary(records, grading, seconds, out, stats=None):
     return "\n".join(lines + [f"done in {seconds:.0f}s; log: {os.path.join(out, 'log.jsonl')}"])
 
 
+def samples_record(step, sampled_at, row, group, unit, advantages=None):
+    """One prompt's rollouts of a step, for samples.jsonl: the prompt, each response's text,
+    reward, length, whether it was cut at the cap, and what the loss did with it: "chosen",
+    "rejected" or "unused" for a pairwise loss (unit: the pair, or None), else its advantage."""
+    def role(i, x):
+        if advantages is not None:
+            return {"advantage": round(float(advantages[i]), 4)}
+        picked = {id(y): name for y, name in zip(unit or (), ("chosen", "rejected"))}
+        return {"role": picked.get(id(x), "unused")}
+    responses = [{"text": x.text, "reward": x.reward, "tokens": len(x.completion_ids),
+                  "cut": x.finish_reason == "length", **role(i, x)} for i, x in enumerate(group)]
+    return {"step": step, "sampled_at": sampled_at, "task": row["task"],
+            "prompt": row.get("problem") or row.get("prompt"), "answer": row.get("answer"),
+            "responses": responses}
+
+
+def samples_lines(batch, units, a, step, sampled_at):
+    """samples.jsonl's lines for the first --log-samples prompts of this rank's step."""
+    lines = []
+    for row, group in batch[:a.log_samples]:
+        unit = next((u for u in units if any(u[0] is x for x in group)), None)
+        rewards = torch.tensor([[x.reward for x in group]])
+        adv = None if pairwise(a) else grpo_advantages(rewards, scale_std=not a.no_std)[0].tolist()
+        lines.append(json.dumps(samples_record(step, sampled_at, row, group, unit, adv)) + "\n")
+    return lines
+
+
+def show_samples(run, step):
+    """A step's samples.jsonl entries as text: each prompt, then its responses, chosen first."""
+    entries = [json.loads(line) for line in open(os.path.join(run, "samples.jsonl"))]
+    here = [e for e in entries if e["step"] == step]
+    if not here:
+        steps = sorted({e["step"] for e in entries}) or ["none"]
+        return f"{run}: no samples at step {step} (steps {steps[0]}-{steps[-1]})"
+    order = {"chosen": 0, "rejected": 1, "unused": 2}
+    lines = []
+    for e in here:
+        staleness = e["step"] - 1 - e["sampled_at"]
+        answer = f" -> {e['answer']}" if e["answer"] else ""
+        lines.append(f"step {e['step']}, sampled at step "
+                     f"{e['sampled_at']} (staleness {staleness}): "
+                     f"{e['prompt']!r}{answer}")
+        for x in sorted(e["responses"],
+                        key=lambda x: order.get(x.get("role"), -x.get("advantage", 0))):
+            what = x["role"] if "role" in x else f"A {x['advantage']:+.2f}"
+            cut = " CUT" if x["cut"] else "    "
+            lines.append(f"  {what:>9}  reward {x['reward']:.2f}  "
+                         f"{x['tokens']:>3} tokens{cut}  {x['text']!r}")
+    return "\n".join(lines)
+
+
+def sync_steps(recs):
+    """The steps whose rollouts were generated right before them, after πθ_old ← πθ (staleness
+    0)."""
+    return [r["step"] for r in recs if r.get("staleness") == 0]
+
+
 PANELS = [("reward", "rollout reward (mean)"), ("accuracy", "rollout accuracy (math)"),
           (None, "held-out accuracy (greedy) ± SE"), ("length", "rollout length (tokens)"),
           ("entropy", "rollout entropy (nats/token)"), ("loss", "loss (symlog)"),
@@ -108,9 +170,15 @@ def plot_runs(runs, path):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(3, 3, figsize=(14, 10), layout="constrained")
     names = [os.path.basename(os.path.normpath(run)) for run in runs]
-    for i, run in enumerate(runs):
-        recs, h = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))], heldout(run)
-        for ax, (key, label) in zip(axes.flat, PANELS):
+    logs = [[json.loads(line) for line in open(os.path.join(run, "log.jsonl"))] for run in runs]
+    panels = PANELS
+    # math only: reward and accuracy are one curve, drawn once
+    if all(r.get("accuracy") == r["reward"] for recs in logs for r in recs):
+        panels = [("reward", "rollout reward = accuracy (math)")] + PANELS[2:]
+        axes.flat[-1].set_axis_off()
+    for i, (run, recs) in enumerate(zip(runs, logs)):
+        h = heldout(run)
+        for ax, (key, label) in zip(axes.flat, panels):
             ax.set_ylabel(label, fontsize=9)
             if key is None:   # held-out: x = the run
                 for dx, (tag, fill) in zip((-0.12, 0.12), (("before", "none"), ("after", f"C{i}"))):
@@ -122,11 +190,18 @@ def plot_runs(runs, path):
             # a run without the metric (a margin without pairs) draws nothing there
             if (xy := curve(recs, key))[0]:
                 ax.plot(*xy, color=f"C{i}", label=names[i] if ax is axes.flat[0] else None)
+            # the syncs πθ_old ← πθ (light lines) and πref ← πθ (dashed) at the steps they came
+            # before
+            for k in sync_steps(recs):
+                ax.axvline(k - 0.5, color=f"C{i}", alpha=0.15, lw=0.8)
+            for k in (r["step"] for r in recs if r.get("ref_synced")):
+                ax.axvline(k + 0.5, color=f"C{i}", alpha=0.4, lw=0.8, ls="--")
             ax.set_xlabel("optimizer step", fontsize=9)
             if key in SCALES and ax.lines:
                 ax.set_yscale(SCALES[key], linthresh=0.01)
     fig.legend(loc="outside lower center", ncol=min(len(runs), 4), fontsize=9,
-               title="runs (held-out panel: hollow before, filled after training)")
+               title="runs (held-out panel: hollow before, filled after training; light lines: "
+               "rollout-weight syncs, dashed: πref syncs)")
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
@@ -183,3 +258,19 @@ def tracker(kind, out, config):
     run = wandb.init(project="semionline", name=os.path.basename(os.path.normpath(out)), dir=out,
                      config=config)
     return lambda rec: run.log(numbers(rec), step=rec["step"]), run.finish
+
+
+def main(argv=None):
+    """python logs.py RUN --samples STEP: that step's prompts, responses, rewards and pairs."""
+    import argparse
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("run", help="a run directory (train.py --out)")
+    p.add_argument("--samples", type=int, required=True, metavar="STEP", help="the optimizer step")
+    a = p.parse_args(argv)
+    if not os.path.exists(os.path.join(a.run, "samples.jsonl")):
+        p.error(f"{a.run}: no samples.jsonl (train.py --log-samples 0?)")
+    print(show_samples(a.run, a.samples))
+
+
+if __name__ == "__main__":
+    main()

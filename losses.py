@@ -91,7 +91,9 @@ def combined_objective(b, a):
 
 
 def constant_denominator(a):
-    return "--token-average does not apply: " "it divides by a constant" if a.token_average != "sequence" else None
+    if a.token_average != "sequence":
+        return "--token-average does not apply: it divides by a constant"
+    return None
 
 
 LOSSES = {

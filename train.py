@@ -45,7 +45,7 @@ from distributed import (all_sum, build_models, copy_params, full_params, gather
 from dpo import entropy_regularizer, nll_loss, select_pair, token_entropy
 from eval import score_heldout
 from grpo import kl_k3
-from logs import plot_run, rollout_metrics, run_summary, tracker
+from logs import plot_run, rollout_metrics, run_summary, samples_lines, tracker
 from losses import LOSSES, has_ratio, pairwise, uses_reference
 from memory import GB, for_run, peak_bytes, rss_bytes
 from models import chat_prompt_ids, collate, response_logps
@@ -342,8 +342,10 @@ def main(argv=None):
     if not r.ckpt and r.heldout and not a.no_eval_before:
         score_heldout(r.engine, r.tok, r.heldout[r.rank::r.world], r.chat_reward, a, "before")
     # a resumed run appends to its log; a fresh run in an old directory starts a new one
-    log, records = open(os.path.join(a.out, "log.jsonl"),
-                        "a" if r.ckpt else "w") if r.master else None, []
+    mode = "a" if r.ckpt else "w"
+    log, records = open(os.path.join(a.out, "log.jsonl"), mode) if r.master else None, []
+    samples = open(os.path.join(a.out, "samples.jsonl"), mode) if r.master and a.log_samples \
+        else None
     track = tracker(a.report_to, a.out, vars(a)) if r.master else None
     stop = []   # SIGTERM / Ctrl-C: finish the step, checkpoint, exit
     handlers = {
@@ -374,40 +376,38 @@ def main(argv=None):
                                    r.step)
         clock(spent, "optimizer", tick)
         r.step += 1
-        if a.ref_sync_every and r.step % a.ref_sync_every == 0:   # πref ← πθ
+        ref_synced = bool(a.ref_sync_every) and r.step % a.ref_sync_every == 0
+        if ref_synced:   # πref ← πθ
             copy_params(r.ref, r.policy)
 
         # ---------------------------------------------------------------------
-        # Log: one JSON line per step, summed over ranks
-        # a pair's first
+        # Log: one JSON line per step, summed over ranks (chosen: a pair's first, a group's best)
         chosen = [x for u in units for x in u if x.reward > sum(y.reward for y in u) / len(u)]
-        counts = dict(
-            zip(("units", "skipped", "stop", "chosen", "chosen_cut"),
-                all_sum([
-                    len(units),
-                    len(batch) - len(units),
-                    len(stop),
-                    len(chosen),
-                    sum(x.finish_reason == "length" for x in chosen)
-                ], a.device)))
+        sums = [len(units), len(batch) - len(units), len(stop), len(chosen),
+                sum(x.finish_reason == "length" for x in chosen)]
+        names = ("units", "skipped", "stop", "chosen", "chosen_cut")
+        counts = dict(zip(names, all_sum(sums, a.device)))
         for k in ("chosen", "chosen_cut"):
             r.stats[k] = r.stats.get(k, 0) + int(counts[k])
-        # the largest process's, as memory.py plans it
+        # the largest process's peak, as memory.py plans it
         peak_gb = all_sum([peak_bytes(a.device) / GB], a.device, op="max")[0]
-        rec = {
-            "step": r.step, **rollout_metrics(batch, r.tasks, a.device),
-            **metrics, "pairs_used" if pairwise(a) else "groups_used": int(counts["units"]),
-            "skipped": int(counts["skipped"]
-                           ), "chosen_truncated": counts["chosen_cut"] /
-                                                  counts["chosen"] if counts["chosen"] else None,
-            "grad_norm_pre_clip": grad_norm, "staleness": staleness,
-            "rollout_tok_s": gen_tok_s and gen_tok_s * r.world, "peak_gb": round(peak_gb, 3),
-            "step_s": time.time() - t0, "time": {k: round(v, 4)
-                                                 for k, v in spent.items()}}
+        rec = {"step": r.step, **rollout_metrics(batch, r.tasks, a.device), **metrics,
+               "pairs_used" if pairwise(a) else "groups_used": int(counts["units"]),
+               "skipped": int(counts["skipped"]),
+               "chosen_truncated":
+                   counts["chosen_cut"] / counts["chosen"] if counts["chosen"] else None,
+               "grad_norm_pre_clip": grad_norm, "staleness": staleness,
+               "rollout_tok_s": gen_tok_s and gen_tok_s * r.world, "peak_gb": round(peak_gb, 3),
+               "step_s": time.time() - t0, "time": {k: round(v, 4) for k, v in spent.items()}}
+        if ref_synced:
+            rec["ref_synced"] = True
         records.append(rec)
         if r.master:
             log.write(json.dumps(rec) + "\n")
             log.flush()
+            if samples:
+                samples.writelines(samples_lines(batch, units, a, r.step, r.last_sync))
+                samples.flush()
             if track:
                 track[0](rec)
         bar.set_postfix(reward=f"{rec['reward']:.3f}", len=f"{rec['length']:.0f}")

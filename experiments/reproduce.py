@@ -174,8 +174,8 @@ def run_arm(name, flags, evalset, seed, a, paths, passthrough):
     marks = [json.loads(line) for line in open(segments)] + [{"end": time.time()}]
     starts, ends = [m["start"] for m in marks
                     if "start" in m], [m["end"] for m in marks if "end" in m]
-    json.dump({"wall_s": sum(e - s for s, e in zip(starts, ends)), "segments": len(starts)},
-              open(os.path.join(out, "wall.json"), "w"))
+    json.dump({"wall_s": sum(e - s for s, e in zip(starts, ends)), "segments": len(starts),
+               "commit": head_commit()}, open(os.path.join(out, "wall.json"), "w"))
     os.remove(segments)
     if not os.path.exists(before):
         shutil.copy(os.path.join(out, "heldout_before.json"), before)
@@ -185,13 +185,20 @@ def run_arm(name, flags, evalset, seed, a, paths, passthrough):
     return True
 
 
+def head_commit():
+    """The code's commit, which a finished run records and its report names."""
+    return subprocess.run(["git", "-C", HERE, "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip() or "?"
+
+
 def load_run(a, name, evalset, seed):
     evalset = held_out_set(name, evalset, seed, a)
     out = os.path.join(a.out, "runs", f"{name}-seed{seed}")
+    wall = json.load(open(os.path.join(out, "wall.json")))
     return {"records": [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))],
             "after": json.load(open(os.path.join(out, "heldout_after.json"))),
             "before": json.load(open(os.path.join(a.out, "runs", f"before-{evalset}.json"))),
-            "wall_s": json.load(open(os.path.join(out, "wall.json")))["wall_s"]}
+            "wall_s": wall["wall_s"], "commit": wall.get("commit", "?")}
 
 
 # -----------------------------------------------------------------------------
@@ -361,7 +368,7 @@ def report(res, a, commit):
     # every arm starts from the same seed model
     b = next(iter(next(iter(res.values())).values()))["before"]
     L += [
-        f"# reproduce.py sweep (commit {commit})", "",
+        f"# reproduce.py sweep (runs at commit {commit})", "",
         f"{a.steps} optimizer steps per arm, {a.batch_prompts_note}; "
         f"held-out: {a.eval_problems} math problems "
         f"(greedy, and {a.eval_samples} samples each at the training temperature)" +
@@ -579,9 +586,8 @@ def main(argv=None):
     res = {name: runs for name, runs in res.items() if runs}
     if not res:
         sys.exit(f"{a.out}: no finished runs yet")
-    commit = subprocess.run(["git", "-C", HERE, "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip() or "?"
-    text = report(res, a, commit)
+    # the runs' code, so that --report-only writes the same report at any later commit
+    text = report(res, a, ", ".join(sorted({r["commit"] for runs in res.values() for r in runs.values()})))
     if a.quick:
         text = text.replace("\n\n", "\n\n" + quick_finding(res), 1)   # after the title
     open(os.path.join(a.out, "results.md"), "w").write(text)

@@ -57,6 +57,23 @@ def tiny_model_dir(tmp_path_factory):
     return str(d)
 
 
+@pytest.fixture
+def data_file(tmp_path):
+    """The tests' training file: 8 rows "What is i + 1?"."""
+    p = tmp_path / "train.jsonl"
+    write_sums(p, 8, 1)
+    return str(p)
+
+
+@pytest.fixture
+def mp_env(tmp_path, tiny_model_dir):
+    """What a multi-process test launches with: the tiny model, 16 training rows, and the path its
+    runner script (a module's RUNNER: train.main behind its patches) is written to."""
+    data = tmp_path / "mp-train.jsonl"
+    write_sums(data, 16, 3)
+    return {"tmp": tmp_path, "model": tiny_model_dir, "data": str(data), "runner": str(tmp_path / "runner.py")}
+
+
 def toy_score(rows, samples, chat_reward=None, length_penalty=0.0, cut="grade"):
     """Math rewards for the tiny random models (they cannot do arithmetic) that hold on any CPU and
     for any draw: among one prompt's responses (consecutive in `rows`) the shortest scores 1 (the

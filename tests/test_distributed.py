@@ -14,7 +14,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import assert_close, free_port, write_sums
+from conftest import assert_close, free_port
+
+pytestmark = pytest.mark.slow   # the whole suite only: -m "not slow" leaves it out
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = r'''
@@ -49,12 +51,9 @@ train.main(sys.argv[1:])
 
 
 @pytest.fixture
-def setup(tmp_path, tiny_model_dir):
-    data = tmp_path / "train.jsonl"
-    write_sums(data, 16, 3)
-    runner = tmp_path / "runner.py"
-    runner.write_text(RUNNER)
-    return tmp_path, tiny_model_dir, str(data), str(runner)
+def setup(mp_env):
+    open(mp_env["runner"], "w").write(RUNNER)
+    return mp_env["tmp"], mp_env["model"], mp_env["data"], mp_env["runner"]
 
 
 def launch(setup, name, procs, steps, loss="dpo", extra=()):
@@ -122,8 +121,6 @@ FREED_PROBE = r"""
 import ctypes, sys, torch
 sys.path.insert(0, sys.argv[1])
 from distributed import setup_distributed
-
-pytestmark = pytest.mark.slow   # the whole suite only: -m "not slow" leaves it out
 
 class Mallinfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in

@@ -217,13 +217,15 @@ def test_four_runs_compare_at_a_glance(tmp_path, monkeypatch):
     runs = [str(tmp_path / n) for n in losses]
     logs.plot_runs(runs, str(tmp_path / "cmp.png"))
     fig = figs[0]
-    held = fig.axes[2]
+    panel = lambda label: next(ax for ax in fig.axes if ax.get_ylabel().startswith(label))   # noqa: E731
+    held = panel("held-out")
     xs = [x for c in held.containers for x in c.lines[0].get_xdata()]   # one errorbar per marker
     # 4 runs x before/after, each at its own place
     assert len(xs) == 8 and len({round(float(x), 3) for x in xs}) == 8
     assert all(ax.get_legend() is None for ax in fig.axes) and len(fig.legends) == 1
     # loss axis; margins of the three preference runs, none of grpo
-    assert fig.axes[5].get_yscale() == "symlog" and len(fig.axes[6].lines) == 3
+    assert panel("loss").get_yscale() == "symlog" and len(panel("implicit reward margin").lines) == 3
+    assert panel("rollout reward = accuracy")   # math only: one panel for both
     table = logs.heldout_table(runs)
     assert "| dpo-s1 | math | 0.333 ± 0.270 | 0.667 ± 0.270 | +0.333 ± 0.333 | 3 |" in table
     assert "| ipo-s1 | math | 0.333 ± 0.270 | 1.000 ± 0.270 | +0.667 ± 0.333 | 3 |" in table

@@ -16,7 +16,7 @@ import torch
 
 import losses
 import train
-from conftest import fixed_generate, toy_score, write_sums
+from conftest import fixed_generate, toy_score
 from dpo import ipo_loss, simpo_loss
 from models import chat_prompt_ids, collate, load_model, response_logps
 from rollout import HFEngine, Sample
@@ -25,12 +25,11 @@ LR = 1e-3
 
 
 @pytest.fixture
-def data(tmp_path, monkeypatch):
+def data(data_file, monkeypatch):
+    """The training file, with toy rewards and the same rollouts on any machine."""
     monkeypatch.setattr(train, "score", toy_score)
     monkeypatch.setattr(HFEngine, "generate", fixed_generate)
-    p = tmp_path / "d.jsonl"
-    write_sums(p, 8, 1)
-    return str(p)
+    return data_file
 
 
 def argv(model, data, out, loss, *extra):

@@ -8,19 +8,13 @@ import sys
 
 import pytest
 
+import logs
 import train
-from conftest import toy_score, write_sums
+from conftest import toy_score
 
 pytestmark = pytest.mark.slow   # the whole suite only: -m "not slow" leaves it out
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture
-def data_file(tmp_path):
-    p = tmp_path / "train.jsonl"
-    write_sums(p, 8, 1)
-    return str(p)
 
 
 def tiny_run(model, data, out, *extra):
@@ -35,10 +29,8 @@ def test_run_directory_explains_itself(tiny_model_dir, data_file, tmp_path, monk
     out = tmp_path / "run"
     tiny_run(tiny_model_dir, data_file, out, "--steps", "3", "--save-every", "1", "--keep", "2")
     names = set(os.listdir(out))
-    assert {
-        "log.jsonl", "heldout_before.json", "heldout_after.json", "curves.png", "latest",
-        "ckpt-000002", "ckpt-000003"
-    } == names
+    assert {"log.jsonl", "samples.jsonl", "heldout_before.json", "heldout_after.json", "curves.png",
+            "latest", "ckpt-000002", "ckpt-000003"} == names
     assert os.path.getsize(out / "curves.png") > 20_000
     # --keep 2, --keep-optimizer last: the older kept checkpoint holds weights only
     assert not (out / "ckpt-000002" / "optimizer").exists() and (out / "ckpt-000003" /
@@ -47,6 +39,46 @@ def test_run_directory_explains_itself(tiny_model_dir, data_file, tmp_path, monk
     tiny_run(tiny_model_dir, data_file, tmp_path / "all", "--steps", "2", "--save-every", "1",
              "--keep-optimizer", "all", "--eval-problems", "0")
     assert (tmp_path / "all" / "ckpt-000001" / "optimizer").is_dir()
+
+
+@pytest.mark.parametrize("loss", ["dpo", "grpo"])
+def test_samples_show_what_the_loss_trained_on(tiny_model_dir, data_file, tmp_path, monkeypatch, capsys,
+                                               loss):
+    """samples.jsonl: --log-samples prompts a step, each response with its reward, length and cut,
+    and its role in the pair (DPO) or its advantage (GRPO); `python logs.py RUN --samples STEP`."""
+    monkeypatch.setattr(train, "score", toy_score)   # a group's shortest response scores 1: a pair
+    out = tmp_path / loss
+    tiny_run(tiny_model_dir, data_file, out, "--steps", "3", "--loss", loss, "--sync-every", "2",
+             "--eval-problems", "0", "--batch-prompts", "4", "--log-samples", "2")
+    entries = [json.loads(line) for line in open(out / "samples.jsonl")]
+    assert [(e["step"], e["sampled_at"]) for e in entries] == [(1, 0), (1, 0), (2, 0), (2, 0), (3, 2), (3, 2)]
+    for e in entries:
+        assert e["task"] == "math" and e["prompt"].startswith("What is") and e["answer"]
+        xs = e["responses"]
+        assert len(xs) == 2 and all({"text", "reward", "tokens", "cut"} <= set(x) for x in xs)
+        best = max(xs, key=lambda x: x["reward"])
+        if loss == "dpo":
+            assert sorted(x["role"] for x in xs) == ["chosen", "rejected"] and best["role"] == "chosen"
+        else:
+            assert sum(x["advantage"] for x in xs) == pytest.approx(0, abs=1e-3) and best["advantage"] > 0
+    capsys.readouterr()
+    logs.main([str(out), "--samples", "3"])
+    text = capsys.readouterr().out
+    assert text.startswith("step 3, sampled at step 2 (staleness 0)") and text.count(" reward ") == 4
+    assert ("chosen" in text) == (loss == "dpo")
+
+
+def test_resumed_samples_are_not_written_twice(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    """A run killed after step 3's log but before its checkpoint resumes from step 2: the steps
+    after the checkpoint are written once, in log.jsonl and samples.jsonl alike."""
+    monkeypatch.setattr(train, "score", toy_score)
+    out = tmp_path / "run"
+    tiny_run(tiny_model_dir, data_file, out, "--steps", "3", "--save-every", "2", "--eval-problems", "0",
+             "--keep-optimizer", "all")
+    (out / "latest").write_text("ckpt-000002")   # as if killed before step 3's checkpoint
+    tiny_run(tiny_model_dir, data_file, out, "--steps", "4", "--resume", "--eval-problems", "0")
+    steps = lambda f: [json.loads(line)["step"] for line in open(out / f)]   # noqa: E731
+    assert steps("log.jsonl") == [1, 2, 3, 4] and steps("samples.jsonl") == [1, 1, 2, 2, 3, 3, 4, 4]
 
 
 def test_weights_only_checkpoints(tiny_model_dir, data_file, tmp_path, capsys):

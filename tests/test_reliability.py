@@ -15,7 +15,7 @@ import distributed
 import rewards
 import train
 from models import load_model
-from conftest import toy_score, write_sums
+from conftest import toy_score
 
 pytestmark = pytest.mark.slow   # the whole suite only: -m "not slow" leaves it out
 
@@ -25,13 +25,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = ("import sys; sys.path.insert(0, 'tests'); import train; "
           "from conftest import toy_score; train.score = toy_score; "
           "train.main(sys.argv[1:])")
-
-
-@pytest.fixture
-def data_file(tmp_path):
-    p = tmp_path / "train.jsonl"
-    write_sums(p, 12, 2)
-    return str(p)
 
 
 def args(model, data, out, steps=6):

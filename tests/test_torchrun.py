@@ -17,6 +17,8 @@ from transformers import AutoModelForCausalLM
 import train
 from conftest import assert_close, free_port, write_sums
 
+pytestmark = pytest.mark.slow   # the whole suite only: -m "not slow" leaves it out
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # train.py as it is, with rewards a tiny random model can earn (tests/conftest.toy_score), optional
 # all-tied rewards, and an optional kill -9 right after the checkpoint of a given step
@@ -25,8 +27,6 @@ import os, sys
 sys.path.insert(0, os.path.join(os.environ["SEMIONLINE_ROOT"], "tests"))
 import train
 from conftest import toy_score
-
-pytestmark = pytest.mark.slow   # the whole suite only: -m "not slow" leaves it out
 
 def tied(rows, samples, chat_reward=None, length_penalty=0.0, cut="grade"):
     for x in samples:
@@ -46,12 +46,9 @@ train.main(sys.argv[1:])
 
 
 @pytest.fixture
-def env(tmp_path, tiny_model_dir):
-    data = tmp_path / "train.jsonl"
-    write_sums(data, 16, 3)
-    runner = tmp_path / "runner.py"
-    runner.write_text(RUNNER)
-    return {"tmp": tmp_path, "model": tiny_model_dir, "data": str(data), "runner": str(runner)}
+def env(mp_env):
+    open(mp_env["runner"], "w").write(RUNNER)
+    return mp_env
 
 
 def launch(env, name, procs, *extra, toy="short", die_after=0, expect_rc=0, timeout=240):
@@ -137,6 +134,8 @@ def one_vs_two(env, arm, flags):
     one, _ = launch(env, f"{arm}-1", 1, *argv)
     two, _ = launch(env, f"{arm}-2", 2, *argv)
     assert [r["step"] for r in two] == [1, 2, 3, 4]
+    samples = [json.loads(line) for line in open(env["tmp"] / f"{arm}-2" / "samples.jsonl")]
+    assert [e["step"] for e in samples] == [1, 1, 2, 2, 3, 3, 4, 4]   # rank 0's 2 prompts a step, once
     for key in ("reward", "length", "entropy", "pairs_used", "groups_used", "skipped", "staleness"):
         assert_close([r.get(key) for r in two], [r.get(key) for r in one], key)
     # null where a step had nothing to train on, in both

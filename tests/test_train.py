@@ -14,18 +14,11 @@ import torch
 import rewards
 import train
 from data import step_rows
-from conftest import spy_generate, toy_score, write_sums
+from conftest import spy_generate, toy_score
 from models import chat_prompt_ids, cpu_has_bf16, load_model
 from rollout import HFEngine
 
 pytestmark = pytest.mark.slow   # the whole suite only: -m "not slow" leaves it out
-
-
-@pytest.fixture
-def data_file(tmp_path):
-    p = tmp_path / "train.jsonl"
-    write_sums(p, 8, 1)
-    return str(p)
 
 
 def run(tiny_model_dir, data_file, tmp_path, *extra, name="run"):
@@ -596,3 +589,19 @@ def test_engine_sleeps_through_training_after_a_mid_run_evaluation(tiny_model_di
     run(tiny_model_dir, data_file, tmp_path, "--steps", "4", "--sync-every", "4", "--eval-every",
         "1")
     assert asleep == [True] * 4
+
+
+@pytest.mark.parametrize("s,syncs", [("1", [1, 2, 3, 4, 5, 6]), ("4", [1, 5]), ("epoch", [1, 5]),
+                                     ("inf", [1])])
+def test_curves_mark_the_syncs_where_they_were(tiny_model_dir, data_file, tmp_path, monkeypatch, s,
+                                               syncs):
+    """The curves' sync marks (logs.sync_steps): the steps right after πθ_old ← πθ, for s = 1, 4,
+    epoch (8 rows, 2 a step: 4 steps) and ∞ (one generation, before step 1); πref syncs where
+    --ref-sync-every says."""
+    import logs
+    monkeypatch.setattr(train, "score", toy_score)
+    out = run(tiny_model_dir, data_file, tmp_path, "--sync-every", s, "--steps", "6", "--eval-problems",
+              "0", "--ref-sync-every", "2", "--loss", "dpo")
+    assert logs.sync_steps(out["records"]) == syncs
+    assert [r["step"] for r in out["records"] if r.get("ref_synced")] == [2, 4, 6]
+
