@@ -196,7 +196,7 @@ def test_checkpoint_on_a_full_disk_keeps_the_previous_one(tiny_model_dir, tmp_pa
             "--max-new-tokens", "4", "--steps", "3", "--save-every", "1", "--rollout-dtype",
             "float32", "--out",
             str(out)])
-    assert sorted(os.listdir(out)) == ["ckpt-000001", "latest", "log.jsonl"]
+    assert sorted(os.listdir(out)) == ["ckpt-000001", "latest", "log.jsonl", "samples.jsonl"]
     assert open(out / "latest").read() == "ckpt-000001"
 
 
