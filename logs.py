@@ -193,7 +193,7 @@ def plot_runs(runs, path):
             # the syncs πθ_old ← πθ (light lines) and πref ← πθ (dashed) at the steps they came
             # before
             for k in sync_steps(recs):
-                ax.axvline(k - 0.5, color=f"C{i}", alpha=0.15, lw=0.8)
+                ax.axvline(k - 0.5, color=f"C{i}", alpha=0.3, lw=0.8)
             for k in (r["step"] for r in recs if r.get("ref_synced")):
                 ax.axvline(k + 0.5, color=f"C{i}", alpha=0.4, lw=0.8, ls="--")
             ax.set_xlabel("optimizer step", fontsize=9)
