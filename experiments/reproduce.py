@@ -187,8 +187,9 @@ def run_arm(name, flags, evalset, seed, a, paths, passthrough):
 
 def head_commit():
     """The code's commit, which a finished run records and its report names."""
-    return subprocess.run(["git", "-C", HERE, "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip() or "?"
+    git = subprocess.Popen(["git", "-C", HERE, "rev-parse", "--short", "HEAD"], text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    return git.communicate()[0].strip() or "?"
 
 
 def load_run(a, name, evalset, seed):
