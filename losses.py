@@ -99,14 +99,12 @@ def constant_denominator(a):
 LOSSES = {
     "dpo": {"fn": dpo_objective, "takes": "pairs"},
     "ipo": {"fn": ipo_objective, "takes": "pairs"},
-    "simpo": {
-        "fn": simpo_objective, "takes": "pairs", "reference": "never", "params": {
-            "simpo_beta": (2.0, "SimPO's β"), "simpo_gamma": (0.5, "SimPO's target margin γ")}},
+    "simpo": {"fn": simpo_objective, "takes": "pairs", "reference": "never",
+              "params": {"simpo_beta": (2.0, "SimPO's β"), "simpo_gamma": (0.5, "SimPO's margin")}},
     "group_dpo": {"fn": group_dpo_objective, "takes": "groups"},
     "grpo": {"fn": grpo_objective, "takes": "groups", "ratio": True, "reference": "kl"},
-    "dr_grpo": {
-        "fn": dr_grpo_objective, "takes": "groups", "ratio": True, "reference": "kl",
-        "check": constant_denominator},
+    "dr_grpo": {"fn": dr_grpo_objective, "takes": "groups", "ratio": True, "reference": "kl",
+                "check": constant_denominator},
     "combined": {"fn": combined_objective, "takes": "groups", "ratio": True},
 }
 
