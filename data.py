@@ -5,7 +5,6 @@ Every math row is {"problem": str, "answer": str} (extra fields such as "id" are
 rows are {"prompt": str}. A bad file fails with the file, line and field named.
 """
 import json
-import math
 import os
 import random
 

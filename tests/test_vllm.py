@@ -138,7 +138,7 @@ def test_train_with_vllm_engine(model_dir, tmp_path, monkeypatch, loss, extra):
         "--model", model_dir, "--engine", "vllm", "--device", DEVICE, "--train-data",
         str(data), "--loss", loss, *extra, "--steps", "3", "--batch-prompts", "2", "--n", "4",
         "--max-new-tokens", "8", "--lr", "1e-3", "--eval-problems", "2", "--vllm-memory", "0.2",
-        "--rollout-dtype", "float32", "--out",
+        "--rollout-dtype", "float32", "--cut-responses", "grade", "--out",
         str(tmp_path / "run")])
     recs = out["records"]
     assert [r["step"] for r in recs] == [1, 2, 3] and any(r["loss"] is not None for r in recs)
