@@ -139,8 +139,12 @@ def one_vs_two(env, arm, flags):
     for key in ("reward", "length", "entropy", "pairs_used", "groups_used", "skipped", "staleness"):
         assert_close([r.get(key) for r in two], [r.get(key) for r in one], key)
     # null where a step had nothing to train on, in both
-    for key in ("loss", "k3_trained", "grad_norm_pre_clip"):
+    for key in ("loss", "grad_norm_pre_clip"):
         assert_close([r[key] for r in two], [r[key] for r in one], key, rel=1e-3, abs=1e-5)
+    # k3 of weights that float noise, through AdamW, moved by up to 1e-4 (the weights' check below):
+    # ~1e-3 values differed by 2.4e-5 at step 4 in one run of the group-dpo arm out of four
+    assert_close([r["k3_trained"] for r in two], [r["k3_trained"] for r in one], "k3_trained",
+                 rel=1e-3, abs=1e-4)
     assert any(r["loss"] is not None for r in two)
     wa, wb = final_weights(env["tmp"] / f"{arm}-1"), final_weights(env["tmp"] / f"{arm}-2")
     # AdamW: float noise moves a weight by < 0.1 lr
