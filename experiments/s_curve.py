@@ -27,7 +27,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -35,7 +34,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from flags import POSITIVE_INT, HelpFormatter, make_writable, number, out_dir
 from logs import mean_se
-from reproduce import HERE, MARGIN, paired_scores, run_arm, summary, trend, verdict, write_data
+from reproduce import MARGIN, paired_scores, run_arm, summary, trend, verdict, write_data
 
 METRICS = (("math", "final"), ("math", "second half"), ("math_sampled", "final"), ("math_sampled",
                                                                                    "second half"))
@@ -450,17 +449,13 @@ def main(argv=None):
     # reproduce.write_data's math files (the chat ones unused)
     a.train_data, a.chat_problems, a.chat_max_chars = None, 1, 300
     paths = write_data(a)
-    commit = subprocess.run(["git", "-C", HERE, "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip() or "?"
     # seed 0 of every arm first
     plan = sorted([(n, f, s) for n, (f, seeds) in table.items() for s in seeds], key=lambda x: x[2])
     t0, done_now = time.time(), 0
     for i, (name, flags, seed) in enumerate([] if a.report_only else plan):
         print(f"[{i + 1}/{len(plan)}] {name} seed {seed}", flush=True)
         if run_arm(name, flags, "math", seed, a, paths, passthrough):
-            done_now += 1
-            wall = os.path.join(a.out, "runs", f"{name}-seed{seed}", "wall.json")
-            json.dump({**json.load(open(wall)), "commit": commit}, open(wall, "w"))
+            done_now += 1   # its wall.json records the code's commit (reproduce.run_arm)
             print(
                 f"  {(time.time() - t0) / 60:.0f} min so far; about "
                 f"{(time.time() - t0) / done_now * (len(plan) - i - 1) / 60:.0f} min left",
