@@ -84,6 +84,11 @@ def latest_checkpoint(out):
     return os.path.join(out, open(f).read().strip()) if os.path.exists(f) else None
 
 
+def saved_args(ckpt):
+    """The flags the run that wrote `ckpt` ran with (after `auto`s were resolved), as a dict."""
+    return torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False).get("args", {})
+
+
 def load_checkpoint(ckpt, policy, opt, world, rank, log, seed, my_rows):
     """Resume from `ckpt`: the optimizer state (saved sharded; loaded into this run's layout, any
     number of processes) and the trainer state; the `log` (rank 0's log.jsonl) loses the lines a

@@ -20,6 +20,8 @@ The HF forward stays the definition: tests/test_decode.py checks these logits an
 samples against it; `fuse` returns None for any other architecture, which HFEngine then decodes
 with the HF forward. Prefill (the prompt, many tokens at once, compute-bound) stays HF's.
 """
+import time
+
 import torch
 import torch.nn.functional as F
 
@@ -72,12 +74,126 @@ def concat(modules, name, views):
     return whole
 
 
+def weight_first(x, w, add=None):
+    """x [B, in] @ wᵀ (+ add: a bias [out] or a residual [B, out]) computed as w @ xᵀ, the weights
+    streamed row by row, the activations as columns; the result is a transposed view."""
+    if add is None:
+        return (w @ x.t()).t()
+    return torch.addmm(add.t() if add.dim() == 2 else add[:, None], w, x.t()).t()
+
+
+def linear(x, w, add=None):
+    """x [B, in] @ wᵀ (+ add), the activations as rows: torch's F.linear."""
+    return F.linear(x, w) if add is None else torch.addmm(add, x, w.t())
+
+
+def onednn(x, packed, add=None):
+    """x [B, in] @ wᵀ (+ add) by oneDNN on weights it has laid out for itself (onednn_pack)."""
+    if add is None or add.dim() == 1:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, add, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(x, add, packed, None, "add")
+
+
+def onednn_pack(w):
+    """w [out, in] in oneDNN's blocked layout for its linear (a copy: the engine makes it per
+    generate call, so it follows every sync and is freed with the call)."""
+    return torch.ops.mkldnn._reorder_linear_weight(w, None)
+
+
+# the forms of a decode step's weight matmul: name -> (weights prepared once per generate call, the
+# matmul). Each equals F.linear to rounding; which is fastest depends on the machine, the dtype and
+# the number of rows (weight_first at 8 bf16 rows on an AMX Xeon, oneDNN's at 8 fp32 rows on an
+# AVX2 EPYC: experiments/bench/speed-cpu.md), so the engine measures them (choose).
+MATMULS = {"weight-first": (None, weight_first), "linear": (None, linear),
+           "onednn": (onednn_pack, onednn)}
+ROWS = (1, 4, 16, 64)   # a plan's row counts: each choice holds from its count to the next
+_CHOSEN = {}            # this process's measurements, by model shape, dtype and rows
+
+
+def available(device):
+    """The MATMULS this device runs (oneDNN's on a CPU build of torch that has it)."""
+    cpu = torch.device(device).type == "cpu"
+    return [m for m in MATMULS if m != "onednn" or (cpu and torch.backends.mkldnn.is_available())]
+
+
+def packed(layers, head, name):
+    """(layers, head) with every weight matrix prepared for MATMULS[name] (the same when the form
+    needs no preparation)."""
+    prep = MATMULS[name][0]
+    if prep is None:
+        return layers, head
+    return [(n1, prep(qkv), b, prep(wo), n2, prep(gu), prep(down))
+            for n1, qkv, b, wo, n2, gu, down in layers], prep(head)
+
+
+def plan_text(plan):
+    """A plan [(rows from, matmul name)] as `1:onednn,16:weight-first` (--decode-matmul's form)."""
+    return ",".join(f"{r}:{m}" for r, m in plan)
+
+
+def parse_plan(text, device="cpu"):
+    """--decode-matmul's value as a plan: one MATMULS name (every row count) or `rows:name,...`
+    from 1 row up. Raises ValueError naming what is wrong."""
+    parts = [p.split(":") if ":" in p else ("1", p) for p in text.split(",")]
+    plan = [(int(r) if r.isdigit() else -1, m) for r, m in parts]
+    for r, m in plan:
+        if m not in available(device):
+            raise ValueError(f"{m!r} is not a matmul this machine runs "
+                             f"(one of {', '.join(available(device))})")
+        if r < 1:
+            raise ValueError(f"{text!r}: each part is rows:name, rows a positive integer")
+    if plan[0][0] != 1 or [r for r, _ in plan] != sorted({r for r, _ in plan}):
+        raise ValueError(f"{text!r}: the row counts must start at 1 and increase")
+    return plan
+
+
+def matrices(layers, head):
+    """The weight matrices one decode step multiplies by, in order (4 a layer, then the head)."""
+    return [w for l in layers for w in (l[1], l[3], l[5], l[6])] + [head]
+
+
+def choose(layers, head, max_rows, reps=2):
+    """The fastest MATMULS form at each of ROWS up to max_rows, measured here on the model's own
+    weights (the head and the first quarter of the layers: more than a CPU's caches hold), best of
+    `reps` after a warm-up, forms interleaved. Returns the plan, merged where neighbours agree;
+    measured once per process for a model shape, dtype and max_rows."""
+    key = (head.shape, head.dtype, head.device, len(layers), layers[0][1].shape, max_rows)
+    if key not in _CHOSEN:
+        some = layers[:max(1, len(layers) // 4)]
+        forms = {m: matrices(*packed(some, head, m)) for m in available(head.device)}
+        best, plan = {}, []
+        with torch.inference_mode():
+            for rows in [r for r in ROWS if r <= max_rows] or [1]:
+                xs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=head.dtype,
+                                              device=head.device) for w in forms["linear"]}
+                for rep in range(reps + 1):
+                    for m, ws in forms.items():
+                        t = time.perf_counter()
+                        for w in ws:
+                            MATMULS[m][1](xs[w.shape[1]], w)
+                        if rep:   # the first round warms up
+                            best[rows, m] = min(best.get((rows, m), 1e9), time.perf_counter() - t)
+                fastest = min(forms, key=lambda m: best[rows, m])
+                if not plan or plan[-1][1] != fastest:
+                    plan.append((rows, fastest))
+        _CHOSEN[key] = plan
+    return _CHOSEN[key]
+
+
+def matmul_plan(text, layers, head, max_rows):
+    """--decode-matmul resolved: auto measures on a CPU (choose) and keeps W @ xᵀ elsewhere (a GPU
+    runs vLLM for speed); anything else is parsed (parse_plan)."""
+    if text != "auto":
+        return parse_plan(text, head.device)
+    return choose(layers, head, max_rows) if head.device.type == "cpu" else [(1, "weight-first")]
+
+
 def rms_norm(x, norm):
-    """Llama's RMSNorm, w · (x / sqrt(mean(x²) + ε)), over the features of x [features, B], rounded
+    """Llama's RMSNorm, w · (x / sqrt(mean(x²) + ε)), over the features of x [B, features], rounded
     where HF rounds (normalized in fp32, cast back, then scaled)."""
     xf = x.float()
-    return norm.weight[:, None] * (
-        xf * torch.rsqrt(xf.pow(2).mean(0, keepdim=True) + norm.variance_epsilon)).to(x.dtype)
+    return norm.weight * (
+        xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)).to(x.dtype)
 
 
 def rotate(x, cos, sin):
@@ -87,44 +203,51 @@ def rotate(x, cos, sin):
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
 
 
-def decode_step(model, layers, y, pos, K, V, n, bias):
+def decode_step(model, layers, head, linear, y, pos, K, V, n, bias):
     """Next-token logits [B, vocab] of B rows whose newest tokens y [B] sit at positions pos [B]. K,
     V [layers, B, kv heads, slots, D]: the cache, filled up to slot n (exclusive), into which this
     step writes slot n; bias [B, heads, slots]: 0 where a row may attend, -inf at its left padding.
-    Attention over slots 0..n, scaled by D^-1/2, softmax in fp32, as HF's eager attention."""
+    layers and head: the weights in `linear`'s form (a MATMULS path). Attention over slots 0..n,
+    scaled by D^-1/2, softmax in fp32, as HF's eager attention."""
     # the cache's shape holds the kv heads and head dim
     (_, _, KVH, _, D), H = K.shape, model.config.num_attention_heads
     B, G = len(y), H // KVH
-    # the residual stream [hidden, B]
-    x = model.model.embed_tokens.weight[y].t()
+    x = model.model.embed_tokens.weight[y]                              # the residual [B, hidden]
     cos, sin = model.model.rotary_emb(x, pos[:, None])                 # [B, 1, D]
     mask = bias[:, :, :n + 1].reshape(B * KVH, G, n + 1)
     for i, (norm1, qkv, b, wo, norm2, gate_up, down) in enumerate(layers):
-        h = rms_norm(x, norm1)
-        t = (qkv @ h if b is None else torch.addmm(b[:,
-                                                     None], qkv, h)).t().reshape(B, H + 2 * KVH, D)
+        t = linear(rms_norm(x, norm1), qkv, b).reshape(B, H + 2 * KVH, D)
         qk = rotate(t[:, :H + KVH], cos, sin)
         K[i, :, :, n], V[i, :, :, n] = qk[:, H:], t[:, H + KVH:]
-        k, v = K[i, :, :, :n + 1].reshape(B * KVH, n + 1,
-                                          D), V[i, :, :, :n + 1].reshape(B * KVH, n + 1, D)
+        k = K[i, :, :, :n + 1].reshape(B * KVH, n + 1, D)
+        v = V[i, :, :, :n + 1].reshape(B * KVH, n + 1, D)
         scores = torch.baddbmm(mask, qk[:, :H].reshape(B * KVH, G, D).to(k.dtype),
                                k.transpose(1, 2), alpha=D**-0.5)
         att = torch.bmm(torch.softmax(scores, -1, dtype=torch.float32).to(v.dtype),
                         v).reshape(B, H * D).to(x.dtype)
-        x = torch.addmm(x, wo, att.t())
-        g = gate_up @ rms_norm(x, norm2)
-        x = torch.addmm(x, down, F.silu(g[:len(g) // 2]) * g[len(g) // 2:])
-    return (model.lm_head.weight @ rms_norm(x, model.model.norm)).t().contiguous()
+        x = linear(att, wo, x)
+        g = linear(rms_norm(x, norm2), gate_up)
+        half = g.shape[1] // 2
+        x = linear(F.silu(g[:, :half]) * g[:, half:], down, x)
+    return linear(rms_norm(x, model.model.norm), head).contiguous()
 
 
-def static_decoder(model, layers, cache, attn, max_new_tokens):
+def prepared(layers, head, plan):
+    """A plan's forms, ready for static_decoder: [(rows from, matmul, layers, head)], each form's
+    weights prepared once however many row counts use it."""
+    ready = {m: packed(layers, head, m) for m in {m for _, m in plan}}
+    return [(rows, MATMULS[m][1], *ready[m]) for rows, m in plan]
+
+
+def static_decoder(model, forms, cache, attn, max_new_tokens):
     """The decode loop's state after prefill: (step, drop). step(y) appends the tokens y [B] (one
-    per live row) and returns the next logits; drop(going) lets the rows where `going` is False
+    per live row) and returns the next logits, by the form of `forms` (prepared) for that many
+    rows; drop(going) lets the rows where `going` is False
     leave and returns, for each remaining row, the row it was before (the last live rows fill the
     holes, so only they are copied). cache: HF's prefill cache; attn [B, P]: the prompts' attention
     mask."""
     B, P = attn.shape
-    L, (_, KVH, _, D) = len(layers), cache.layers[0].keys.shape
+    L, (_, KVH, _, D) = len(forms[0][2]), cache.layers[0].keys.shape
     keys = cache.layers[0].keys
     K = keys.new_empty(L, B, KVH, P + max_new_tokens, D,
                        dtype=torch.float32 if keys.device.type == "cpu" else keys.dtype)
@@ -138,7 +261,9 @@ def static_decoder(model, layers, cache, attn, max_new_tokens):
 
     def step(y):
         m, n = st["live"], st["n"]
-        logits = decode_step(model, layers, y, st["pos"], K[:, :m], V[:, :m], n, bias[:m])
+        _, matmul, layers, head = [f for f in forms if f[0] <= m][-1]
+        logits = decode_step(model, layers, head, matmul, y, st["pos"], K[:, :m], V[:, :m], n,
+                             bias[:m])
         st["n"], st["pos"] = n + 1, st["pos"] + 1
         return logits
 

@@ -283,5 +283,8 @@ def build_models(a, s, ckpt, rows, rank, world, with_ref):
         dtype = getattr(torch, a.rollout_dtype)
         engine = HFEngine(
             engine_model, tok, max_batch=a.gen_batch, dtype=dtype, own=engine_model is not policy,
-            share=s == 1 and world == 1 and dtype == policy.dtype and engine_model is policy)
+            share=s == 1 and world == 1 and dtype == policy.dtype and engine_model is policy,
+            matmul=a.decode_matmul)
+        if world > 1:   # every rank decodes by rank 0's measured plan: one run, one rounding
+            engine.plan = from0(engine.plan)
     return policy, ref, tok, chat_reward, engine

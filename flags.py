@@ -12,6 +12,7 @@ import os
 import torch
 
 from grpo import TOKEN_AVERAGES
+from decode import parse_plan
 from losses import LOSSES, uses_reference
 from models import DEFAULT_MODEL, resolve_dtype
 from rollout import pick_engine
@@ -241,6 +242,11 @@ def parse(argv, description):
         help="sequences decoded together (HF engine); "
         "lower it if rollouts run out of memory")
     p.add_argument(
+        "--decode-matmul", default="auto", metavar="PLAN",
+        help="the HF engine's weight matmuls (decode.py): auto measures weight-first, linear and "
+        "onednn here at start-up and takes the fastest per row count (a resumed run keeps its "
+        "plan); or one of them, or a plan such as 1:onednn,16:weight-first")
+    p.add_argument(
         "--rollout-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
         help="rollout engine weights; auto: bfloat16 on CUDA "
         "and on CPUs with avx512_bf16 / AMX, else float32")
@@ -324,6 +330,11 @@ def checked(p, a):
     if a.report_to != "none" and not importlib.util.find_spec(a.report_to):
         p.error(f"argument --report-to: {a.report_to}: the package "
                 f"is not installed (pip install {a.report_to})")
+    if a.decode_matmul != "auto":
+        try:
+            parse_plan(a.decode_matmul, a.device)
+        except ValueError as e:
+            p.error(f"argument --decode-matmul: {e}")
     try:
         a.engine, a.rollout_dtype = pick_engine(a.engine, a.rollout_dtype, a.device, a.init_from or
                                                 a.model)

@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 from transformers import TopPLogitsWarper
 
-from decode import fuse, static_decoder
+from decode import fuse, matmul_plan, prepared, static_decoder
 from models import CACHE, DEFAULT_MODEL, left_pad, prefill, resolve_dtype
 
 
@@ -120,10 +120,12 @@ class HFEngine:
     trainer lets it sleep (its weights freed) between a sync's rollouts and the next sync."""
 
     def __init__(self, model, tokenizer, max_batch=64, dtype=None, share=False, own=False,
-                 fast=True):
+                 fast=True, matmul="auto"):
         """share=True samples from `model` itself (online, s = 1: the weights are always current),
         else from a private copy in `dtype` that only update_weights changes (own=True: `model` is
-        already that copy). fast=False decodes with the HF forward even where decode.py could."""
+        already that copy). fast=False decodes with the HF forward even where decode.py could.
+        matmul: decode.py's weight matmuls, a plan (--decode-matmul) or auto: measured here on a
+        CPU (decode.choose, once per process), W @ xᵀ elsewhere."""
         self.shared = share
         self.model = model if share else (model if own else copy.deepcopy(model)).to(
             dtype or model.dtype).eval().requires_grad_(False)
@@ -144,6 +146,10 @@ class HFEngine:
         # policy's weights change every step, so its fused copy is made per generate call instead
         self.fast = fast
         self.layers = fuse(self.model) if fast and not share else None
+        # decode.py's matmul forms by row count, [(rows from, name)] (None: the HF forward)
+        layers = self.layers or (fuse(self.model, views=False) if fast and share else None)
+        self.plan = matmul_plan(matmul, layers, self.model.lm_head.weight.detach(),
+                                max_batch) if layers else None
         # the copy's weight storages (the fused q|k|v and gate|up once), with their sizes: what sleep frees
         self.storages = {
             p.untyped_storage().data_ptr(): (p.untyped_storage(), p.untyped_storage().nbytes())
@@ -202,6 +208,8 @@ class HFEngine:
         self.model.eval()
         layers = self.layers or (fuse(self.model, views=False)
                                  if self.fast and self.shared else None)
+        # the plan's weights (oneDNN's layout: a copy made here, so it follows every sync)
+        forms = prepared(layers, self.model.lm_head.weight.detach(), self.plan) if layers else None
         for start in tqdm(range(0, len(flat), self.max_batch), desc=desc, disable=desc is None,
                           leave=False, dynamic_ncols=True):
             chunk = flat[start:start + self.max_batch]
@@ -209,7 +217,7 @@ class HFEngine:
                 [uniforms(keys[i], j, max_new_tokens) for i, _, j in chunk])
             try:
                 batch = self._generate_batch([p for _, p, _ in chunk], temperature, top_p,
-                                             max_new_tokens, greedy, u, layers)
+                                             max_new_tokens, greedy, u, forms)
             # CPU: "DefaultCPUAllocator: can't allocate memory"
             except (torch.OutOfMemoryError, RuntimeError) as e:
                 if not isinstance(e, torch.OutOfMemoryError) and "memory" not in str(e):
@@ -224,9 +232,9 @@ class HFEngine:
         return out
 
     def _generate_batch(self, prompts, temperature, top_p, max_new_tokens, greedy, u=None,
-                        layers=None):
-        """One batch, decoded token by token with the KV cache (by decode.py's step when `layers`
-        holds its fused weights, else the HF forward). Per step it samples from
+                        forms=None):
+        """One batch, decoded token by token with the KV cache (by decode.py's step when `forms`
+        holds its prepared weights, else the HF forward). Per step it samples from
         π_T = softmax(logits / T) (renormalized over the top-p nucleus when top_p < 1) and
         records the sampled token's log-prob under that distribution and the entropy of π_T. A
         sequence leaves the batch (and its rows leave the cache) as soon as it emits an end token,
@@ -240,7 +248,7 @@ class HFEngine:
         new = torch.tensor([i == 0 or prompts[i] != prompts[i - 1] for i in range(len(prompts))],
                            device=dev)
         cache, logits = prefill(self.model, ids[new], attn[new], owner=new.cumsum(0) - 1)
-        step, drop = (static_decoder(self.model, layers, cache, attn, max_new_tokens) if layers
+        step, drop = (static_decoder(self.model, forms, cache, attn, max_new_tokens) if forms
                       else hf_decoder(self.model, cache, attn))
         # decode.py copied it into its static cache: free the prefill's (the HF decoder holds its
         # own)

@@ -38,10 +38,11 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import flags
-from checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, saved_args
 from data import epoch_steps, row_prompt, split_task, step_rows
 from distributed import (all_sum, build_models, copy_params, full_params, gather, merge_metrics,
                          multiprocess, setup_distributed, spare_unit, stamp_old_logps)
+from decode import plan_text
 from dpo import entropy_regularizer, nll_loss, select_pair, token_entropy
 from eval import score_heldout
 from grpo import kl_k3
@@ -269,6 +270,8 @@ def setup(a):
     if r.ckpt and not os.path.isdir(os.path.join(r.ckpt, "optimizer")):
         sys.exit(f"--resume: {r.ckpt} holds weights only (--keep-optimizer "
                  f"none); start from it with --init-from {r.ckpt}")
+    if r.ckpt and a.decode_matmul == "auto":   # a resumed run decodes as it did (its rounding)
+        a.decode_matmul = saved_args(r.ckpt).get("decode_matmul", "auto")
     r.policy, r.ref, r.tok, r.chat_reward, r.engine = build_models(a, r.s, r.ckpt,
                                                                    r.train + r.heldout, rank, world,
                                                                    uses_reference(a))
@@ -276,6 +279,11 @@ def setup(a):
     if r.master:
         longest = max(len(chat_prompt_ids(r.tok, row_prompt(row))) for row in r.train[:512])
         print(for_run(r.policy.config, a, world, longest, runtime, r.s))
+    if getattr(r.engine, "plan", None):   # what auto measured, saved with the checkpoints' args
+        measured = a.decode_matmul == "auto"
+        a.decode_matmul = plan_text(r.engine.plan)
+        r.say(f"decode matmuls (rows from:form; --decode-matmul): {a.decode_matmul}"
+              + (" (measured here)" if measured else ""))
     # an empty model of πθ's class and config, to write checkpoints through
     with torch.device("meta"):
         r.shell = type(r.policy)(r.policy.config)

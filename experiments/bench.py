@@ -333,12 +333,14 @@ def read_bandwidth(device, dtype, seconds=0.5):
 
 
 def decode(a, rows_list=(1, 8, 64), steps=48):
-    """The decode step of our engine against the bandwidth roofline, with decode.py's step and with
-    the HF forward (HFEngine fast=False), same weights, prompt and draws: per batch size, the
-    seconds of one step (all rows decode `steps` tokens, no row stops: (time of `steps` tokens −
-    time of 1) /
-    (steps − 1), so the prefill cancels) and the bytes it must read (every weight once, plus the KV
-    cache at the mean context, in the cache's dtype), as a fraction of read_bandwidth."""
+    """The decode step of our engine against the bandwidth roofline: the HF forward (HFEngine
+    fast=False), decode.py's step with each matmul form pinned, and with the plan auto measures
+    here; same weights, prompt and draws. Per batch size: the seconds of one step (all rows decode
+    `steps` tokens, no row stops: (time of `steps` tokens − time of 1) / (steps − 1), so the
+    prefill cancels) and the bytes it must read (every weight once, plus the KV cache at the mean
+    context, in the cache's dtype), as a fraction of read_bandwidth; and each form's weight
+    matmuls alone, the ceiling of a step built on it."""
+    import decode as dec
     from data import row_prompt, split_task
     from memory import kv_width
     from models import chat_prompt_ids, load_model
@@ -352,9 +354,16 @@ def decode(a, rows_list=(1, 8, 64), steps=48):
     out = {
         "bandwidth_gbs": read_bandwidth(a.device, a.rollout_dtype), "weights_mb": weights / 1e6,
         "rows": {}}
-    for path, fast in (("hf", False), ("decode.py", True)):
-        engine = HFEngine(model, tok, max_batch=max(rows_list), dtype=dt, fast=fast)
+    fraction = lambda nbytes, step_s: {
+        "step_s": step_s, "bytes_mb": nbytes / 1e6, "gbs": nbytes / step_s / 1e9,
+        "fraction": nbytes / step_s / 1e9 / out["bandwidth_gbs"]}
+    paths = [("hf", {"fast": False})] + [(f"decode.py {m}", {"matmul": m})
+                                         for m in dec.available(a.device)] + [("decode.py auto", {})]
+    for path, kw in paths:
+        engine = HFEngine(model, tok, max_batch=max(rows_list), dtype=dt, **kw)
         engine.stop_ids = {-1}   # no row stops: every step decodes all rows
+        if path == "decode.py auto":
+            out["plan"] = dec.plan_text(engine.plan)
         for rows in rows_list:
             timed = {}
             for n_tok in (1, steps, 1, steps):   # twice each; the second of each kept (warm)
@@ -362,28 +371,23 @@ def decode(a, rows_list=(1, 8, 64), steps=48):
                 engine.generate([prompt], n=rows, temperature=a.temperature, max_new_tokens=n_tok,
                                 keys=[0])
                 timed[n_tok] = time.time() - t
-            step_s = (timed[steps] - timed[1]) / (steps - 1)
             # decode.py's cache is fp32 on a CPU
-            kv_item = 4 if fast and a.device == "cpu" else dt.itemsize
+            kv_item = 4 if engine.layers and a.device == "cpu" else dt.itemsize
             nbytes = weights + rows * (len(prompt) + steps / 2) * kv * kv_item
-            out["rows"].setdefault(rows, {})[path] = {
-                "step_s": step_s, "bytes_mb": nbytes / 1e6, "gbs": nbytes / step_s / 1e9,
-                "fraction": nbytes / step_s / 1e9 / out["bandwidth_gbs"]}
-        # the ceiling of any step made of torch matmuls: the step's weight matmuls alone
-        if fast and engine.layers:
-            # qkv, o, gate|up, down; head
-            mats = [layer[i] for layer in engine.layers
-                    for i in (1, 3, 5, 6)] + [engine.model.lm_head.weight]
+            out["rows"].setdefault(rows, {})[path] = fraction(nbytes,
+                                                              (timed[steps] - timed[1]) / (steps - 1))
+        # the ceiling of any step made of this form's matmuls: the step's weight matmuls alone
+        if engine.layers and path != "decode.py auto":
+            m = kw["matmul"]
+            mats = dec.matrices(*dec.packed(engine.layers, engine.model.lm_head.weight, m))
+            nbytes = sum(w.numel() for w in dec.matrices(engine.layers,
+                                                         engine.model.lm_head.weight)) * dt.itemsize
             for rows in rows_list:
-                cols = {
-                    w.shape[1]: torch.ones(w.shape[1], rows, device=a.device, dtype=dt)
-                    for w in mats}
-                step_s = 1 / calls_per_second(lambda: [w @ cols[w.shape[1]]
-                                                       for w in mats], a.device, 0.5)
-                nbytes = sum(w.numel() for w in mats) * dt.itemsize
-                out["rows"][rows]["matmuls only"] = {
-                    "step_s": step_s, "bytes_mb": nbytes / 1e6, "gbs": nbytes / step_s / 1e9,
-                    "fraction": nbytes / step_s / 1e9 / out["bandwidth_gbs"]}
+                xs = {w.shape[1]: torch.ones(rows, w.shape[1], device=a.device, dtype=dt)
+                      for w in mats}
+                step_s = 1 / calls_per_second(
+                    lambda: [dec.MATMULS[m][1](xs[w.shape[1]], w) for w in mats], a.device, 0.5)
+                out["rows"][rows][f"{m}, matmuls only"] = fraction(nbytes, step_s)
         del engine
     return out
 
@@ -677,9 +681,11 @@ def decode_md(a, dec):
         f"KV cache; no row stops, {a.temperature} temperature, our "
         "engine's full step (sampling, log-probs and entropy "
         "included), with decode.py's step and with the HF forward; "
-        "'matmuls only': the step's weight matmuls alone (decode.py's "
-        "W @ xᵀ, nothing between them), the ceiling of any "
-        "step built on this machine's matmul.", ""]
+        "decode.py with each of its matmul forms pinned, and with "
+        f"the plan auto measured here ({dec.get('plan')}); "
+        "'matmuls only': the step's weight matmuls alone in that "
+        "form, nothing between them, the ceiling of a step built "
+        "on it.", ""]
     rows = [(rows, path, f"{1e3 * r['step_s']:.1f}", f"{r['bytes_mb']:.0f}", f"{r['gbs']:.1f}",
              f"**{r['fraction']:.0%}**", f"{by['hf']['step_s'] / r['step_s']:.2f}x")
             for rows, by in dec["rows"].items() for path, r in by.items()]

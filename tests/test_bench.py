@@ -5,6 +5,7 @@ import json
 import pytest
 
 import bench
+import decode
 
 pytestmark = pytest.mark.slow   # the whole suite only: -m "not slow" leaves it out
 
@@ -30,6 +31,9 @@ def test_bench_smoke(tiny_model_dir, tmp_path):
     assert dec["bandwidth_gbs"] > 0 and set(dec["rows"]) == {"1", "8", "64"}
     assert all(r["step_s"] > 0 and 0 < r["fraction"] for by in dec["rows"].values()
                for r in by.values())
-    # both paths and the ceiling, same run
-    assert all(set(by) == {"hf", "decode.py", "matmuls only"} for by in dec["rows"].values())
+    # the HF forward, decode.py in each matmul form and by its measured plan, each form's ceiling
+    forms = decode.available("cpu")
+    assert all(set(by) == {"hf", "decode.py auto"} | {f"decode.py {m}" for m in forms}
+               | {f"{m}, matmuls only" for m in forms} for by in dec["rows"].values())
+    assert decode.parse_plan(dec["plan"]) and dec["plan"] in table
     assert "Decode against memory bandwidth" in table and "fraction of the bandwidth" in table

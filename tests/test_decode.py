@@ -3,6 +3,7 @@ same samples through the engine, finished rows leaving, syncs reaching the fused
 HF forward kept for architectures the step does not cover."""
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import decode
@@ -38,17 +39,19 @@ def prompts(tok):
         for t in ("hi", "What is 3 + 4? Explain.", "Ana has 5 apples and buys 2 more.")]
 
 
-def decoders(model, tok, max_new, drop_at=None, steps=6, feed=None):
+def decoders(model, tok, max_new, drop_at=None, steps=6, feed=None, plan=((1, "weight-first"),)):
     """Next-token logits [steps + 1, B, V] (the prefill's first) from the HF decoder and decode.py's
-    on the same tokens (the first row's greedy choice fed to every row, or the tokens `feed`); with
-    drop_at, rows 1 and 2 of 4 leave at that step."""
+    (its matmuls by `plan`) on the same tokens (the first row's greedy choice fed to every row, or
+    the tokens `feed`); with drop_at, rows 1 and 2 of 4 leave at that step."""
     ps = prompts(tok) + [prompts(tok)[0]]
     ids, attn = left_pad(ps, tok.pad_token_id)
     out = []
     with torch.inference_mode():
         layers = decode.fuse(model)
         for make in (lambda c: hf_decoder(model, c, attn),
-                     lambda c: decode.static_decoder(model, layers, c, attn, max_new)):
+                     lambda c: decode.static_decoder(
+                         model, decode.prepared(layers, model.lm_head.weight, plan), c, attn,
+                         max_new)):
             cache, logits = prefill(model, ids, attn, torch.arange(len(ps)))
             step, drop = make(cache)
             seen, live = [logits], torch.arange(len(ps))
@@ -64,11 +67,71 @@ def decoders(model, tok, max_new, drop_at=None, steps=6, feed=None):
     return out
 
 
+@pytest.mark.parametrize("matmul", decode.available("cpu"))
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_decode_step_matches_the_hf_forward(tok, arch):
+def test_decode_step_matches_the_hf_forward(tok, arch, matmul):
     model = (make_model(tok) if arch == "llama" else qwen2(tok)).eval()
-    hf, ours = decoders(model, tok, max_new=8)
+    hf, ours = decoders(model, tok, max_new=8, plan=[(1, matmul)])
     assert torch.allclose(hf, ours, atol=1e-5), (hf - ours).abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("matmul", decode.available("cpu"))
+def test_each_matmul_form_is_f_linear(matmul, dtype):
+    """Every form decode.py may pick computes x @ Wᵀ (+ a bias or a residual) as F.linear does, to
+    the dtype's rounding, at the row counts a decode runs."""
+    torch.manual_seed(0)
+    prep, mm = decode.MATMULS[matmul]
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for rows in (1, 3, 8, 64):
+        w, x = torch.randn(48, 40, dtype=dtype), torch.randn(rows, 40, dtype=dtype)
+        bias, res = torch.randn(48, dtype=dtype), torch.randn(rows, 48, dtype=dtype)
+        ready = prep(w) if prep else w
+        for add, want in ((None, F.linear(x, w)), (bias, F.linear(x, w, bias)),
+                          (res, res + F.linear(x, w))):
+            got = mm(x, ready, add)
+            assert got.shape == want.shape and got.dtype == dtype
+            assert torch.allclose(got.float(), want.float(), atol=tol, rtol=tol), (rows, add)
+
+
+def test_a_plan_of_several_forms_decodes_as_the_hf_forward(tok):
+    """Rows leave mid-decode (4 → 2), crossing from one form to the next: every step's logits stay
+    the HF forward's, whichever form ran it."""
+    forms = decode.available("cpu")
+    plan = [(1, forms[-1]), (3, forms[0])]
+    hf, ours = decoders(make_model(tok).eval(), tok, max_new=8, drop_at=2, plan=plan)
+    assert torch.allclose(hf.nan_to_num(), ours.nan_to_num(), atol=1e-5)
+
+
+def test_the_engine_measures_its_plan_once(tiny_model_dir, monkeypatch):
+    """auto: the engine times the available forms here, starts its plan at 1 row with row counts
+    up to its batch, and a second engine on the same shapes reuses the measurement; a plan given
+    is taken as it is."""
+    from models import load_model
+    model, t = load_model(tiny_model_dir)
+    monkeypatch.setattr(decode, "_CHOSEN", {})
+    engine = HFEngine(model, t, max_batch=16)
+    assert engine.plan[0][0] == 1 and all(m in decode.available("cpu") for _, m in engine.plan)
+    assert [r for r, _ in engine.plan] == sorted({r for r, _ in engine.plan})
+    assert all(r <= 16 for r, _ in engine.plan) and len(decode._CHOSEN) == 1
+    calls = []
+    monkeypatch.setattr(decode.time, "perf_counter", lambda: calls.append(1) or 0.0)
+    assert HFEngine(model, t, max_batch=16).plan == engine.plan and not calls
+    assert HFEngine(model, t, matmul="1:linear,4:weight-first").plan == [(1, "linear"),
+                                                                         (4, "weight-first")]
+
+
+@pytest.mark.parametrize("text, why", [("cublas", "not a matmul"), ("4:linear", "start at 1"),
+                                       ("1:linear,x:weight-first", "positive integer"),
+                                       ("1:linear,8:linear,4:weight-first", "increase")])
+def test_a_bad_plan_is_refused(text, why, capsys):
+    """By decode.parse_plan, and by the flag before anything loads, naming it."""
+    with pytest.raises(ValueError, match=why):
+        decode.parse_plan(text, "cpu")
+    from train import parse_args
+    with pytest.raises(SystemExit):
+        parse_args(["--decode-matmul", text])
+    assert "--decode-matmul" in capsys.readouterr().err
 
 
 def test_bf16_logits_are_as_close_to_fp32_as_the_hf_forwards(tok):

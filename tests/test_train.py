@@ -326,6 +326,25 @@ def test_resume_matches_uninterrupted(tiny_model_dir, data_file, tmp_path, monke
         assert torch.allclose(v, resumed["policy"].state_dict()[k], atol=1e-6), k
 
 
+def test_a_resumed_run_decodes_by_its_saved_plan(tiny_model_dir, data_file, tmp_path, monkeypatch,
+                                                 capsys):
+    """The matmul plan a run decoded with (measured or given) is printed and saved with its
+    checkpoints; --resume with auto takes it back rather than measuring anew (another plan rounds
+    differently and samples other tokens)."""
+    monkeypatch.setattr(train, "score", toy_score)
+    common = ["--sync-every", "2", "--save-every", "2", "--eval-problems", "0"]
+    plan = "1:linear,4:weight-first"
+    run(tiny_model_dir, data_file, tmp_path, *common, "--steps", "2", "--decode-matmul", plan)
+    assert f"decode matmuls (rows from:form; --decode-matmul): {plan}\n" in capsys.readouterr().out
+    assert train.saved_args(str(tmp_path / "run" / "ckpt-000002"))["decode_matmul"] == plan
+    resumed = run(tiny_model_dir, data_file, tmp_path, *common, "--steps", "4", "--resume")
+    assert train.plan_text(resumed["engine"].plan) == plan
+    fresh = run(tiny_model_dir, data_file, tmp_path, *common, "--steps", "2", name="auto")
+    assert "(measured here)" in capsys.readouterr().out
+    assert train.saved_args(str(tmp_path / "auto" / "ckpt-000002"))["decode_matmul"] == \
+        train.plan_text(fresh["engine"].plan)
+
+
 def test_bad_flags_exit_with_message(tiny_model_dir, data_file, tmp_path, capsys):
     """(Every flag's range: tests/test_flags.py.)"""
     for flags, msg in [(["--sync-every", "0"], "--sync-every"), (["--n", "1"], "--n"),
