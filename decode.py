@@ -5,9 +5,11 @@ token's logits for B rows over a static KV cache, the loop HFEngine runs once pe
 Why by hand: a decode step of a few rows reads every weight once and does ~2 FLOPs per weight per
 row, so its ceiling is the memory bandwidth (bench.py --parts decode measures both). Three things
 bring it closer than Hugging Face's forward:
-- matmuls weight-first, W @ xᵀ with the activations as columns [features, B]: a CPU streams a
-  row-major W in this form at ~1.5-2x the rate of x @ Wᵀ (F.linear) for 8 rows (bench.py, 135M
-  model);
+- each weight matmul in the form that is fastest on this machine for that many rows: W @ xᵀ (the
+  activations as columns), x @ Wᵀ (F.linear) or oneDNN's linear on weights it has laid out for
+  itself. Which wins differs by CPU, dtype and rows (experiments/bench/speed-cpu.md), so the engine
+  measures them once at start-up (choose) and keeps the plan for the run; every form equals
+  F.linear to rounding (tests/test_decode.py), and a run resumed decodes by the plan it began with;
 - q|k|v and gate|up as one matrix each (HF's modules become views of them: no extra memory), and
   the residual adds fused into the matmuls (addmm);
 - a KV cache allocated once for prompt + max_new_tokens: no per-token concatenation, and a row

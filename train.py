@@ -275,15 +275,15 @@ def setup(a):
     r.policy, r.ref, r.tok, r.chat_reward, r.engine = build_models(a, r.s, r.ckpt,
                                                                    r.train + r.heldout, rank, world,
                                                                    uses_reference(a))
-    # memory.py: what this run should take per process; `peak_gb` in the log is what it took
-    if r.master:
-        longest = max(len(chat_prompt_ids(r.tok, row_prompt(row))) for row in r.train[:512])
-        print(for_run(r.policy.config, a, world, longest, runtime, r.s))
     if getattr(r.engine, "plan", None):   # what auto measured, saved with the checkpoints' args
         measured = a.decode_matmul == "auto"
         a.decode_matmul = plan_text(r.engine.plan)
         r.say(f"decode matmuls (rows from:form; --decode-matmul): {a.decode_matmul}"
               + (" (measured here)" if measured else ""))
+    # memory.py: what this run should take per process; `peak_gb` in the log is what it took
+    if r.master:
+        longest = max(len(chat_prompt_ids(r.tok, row_prompt(row))) for row in r.train[:512])
+        print(for_run(r.policy.config, a, world, longest, runtime, r.s))
     # an empty model of πθ's class and config, to write checkpoints through
     with torch.device("meta"):
         r.shell = type(r.policy)(r.policy.config)

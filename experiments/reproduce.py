@@ -155,9 +155,12 @@ def run_arm(name, flags, evalset, seed, a, paths, passthrough):
         "16",
         "--keep",
         "1",
-    # grade: the rule the committed results were measured with
+    # grade: the rule the committed results were measured with; weight-first: the matmul form they
+    # decoded with (another form rounds differently, so it samples other tokens)
         "--cut-responses",
         "grade",
+        "--decode-matmul",
+        "weight-first",
         *passthrough]
     if os.path.exists(before):
         argv.append("--no-eval-before")

@@ -120,6 +120,8 @@ def test_wall_time_of_a_resumed_run_counts_every_segment(tmp_path, monkeypatch):
     assert reproduce.run_arm("dpo", [], "math", 0, a, paths, [])
     wall = json.load(open(out / "wall.json"))
     assert wall["wall_s"] >= 100 and wall["segments"] == 2
+    # the committed runs' decode, bit for bit: not a plan measured on whatever machine reruns them
+    assert " --decode-matmul weight-first " in " ".join(calls[0]) + " "
     assert not reproduce.run_arm("dpo", [], "math", 0, a, paths, [])   # finished: skipped
 
 
