@@ -154,15 +154,21 @@ def matrices(layers, head):
     return [w for l in layers for w in (l[1], l[3], l[5], l[6])] + [head]
 
 
-def choose(layers, head, max_rows, reps=2):
+def choose(layers, head, max_rows, horizon=64, reps=2):
     """The fastest MATMULS form at each of ROWS up to max_rows, measured here on the model's own
     weights (the head and the first quarter of the layers: more than a CPU's caches hold), best of
-    `reps` after a warm-up, forms interleaved. Returns the plan, merged where neighbours agree;
-    measured once per process for a model shape, dtype and max_rows."""
-    key = (head.shape, head.dtype, head.device, len(layers), layers[0][1].shape, max_rows)
+    `reps` after a warm-up, forms interleaved. A form that lays the weights out anew pays that
+    once per `horizon` decode steps (the engine prepares them again after each sync). Returns the
+    plan, merged where neighbours agree; measured once per process for a model shape, dtype,
+    max_rows and horizon."""
+    key = (head.shape, head.dtype, head.device, len(layers), layers[0][1].shape, max_rows, horizon)
     if key not in _CHOSEN:
         some = layers[:max(1, len(layers) // 4)]
-        forms = {m: matrices(*packed(some, head, m)) for m in available(head.device)}
+        forms, prep_s = {}, {}
+        for m in available(head.device):
+            t = time.perf_counter()
+            forms[m] = matrices(*packed(some, head, m))
+            prep_s[m] = (time.perf_counter() - t) if MATMULS[m][0] else 0.0
         best, plan = {}, []
         with torch.inference_mode():
             for rows in [r for r in ROWS if r <= max_rows] or [1]:
@@ -175,19 +181,21 @@ def choose(layers, head, max_rows, reps=2):
                             MATMULS[m][1](xs[w.shape[1]], w)
                         if rep:   # the first round warms up
                             best[rows, m] = min(best.get((rows, m), 1e9), time.perf_counter() - t)
-                fastest = min(forms, key=lambda m: best[rows, m])
+                fastest = min(forms, key=lambda m: best[rows, m] + prep_s[m] / horizon)
                 if not plan or plan[-1][1] != fastest:
                     plan.append((rows, fastest))
         _CHOSEN[key] = plan
     return _CHOSEN[key]
 
 
-def matmul_plan(text, layers, head, max_rows):
+def matmul_plan(text, layers, head, max_rows, horizon=64):
     """--decode-matmul resolved: auto measures on a CPU (choose) and keeps W @ xᵀ elsewhere (a GPU
     runs vLLM for speed); anything else is parsed (parse_plan)."""
     if text != "auto":
         return parse_plan(text, head.device)
-    return choose(layers, head, max_rows) if head.device.type == "cpu" else [(1, "weight-first")]
+    if head.device.type != "cpu":
+        return [(1, "weight-first")]
+    return choose(layers, head, max_rows, horizon)
 
 
 def rms_norm(x, norm):

@@ -120,12 +120,13 @@ class HFEngine:
     trainer lets it sleep (its weights freed) between a sync's rollouts and the next sync."""
 
     def __init__(self, model, tokenizer, max_batch=64, dtype=None, share=False, own=False,
-                 fast=True, matmul="auto"):
+                 fast=True, matmul="auto", horizon=64):
         """share=True samples from `model` itself (online, s = 1: the weights are always current),
         else from a private copy in `dtype` that only update_weights changes (own=True: `model` is
         already that copy). fast=False decodes with the HF forward even where decode.py could.
         matmul: decode.py's weight matmuls, a plan (--decode-matmul) or auto: measured here on a
-        CPU (decode.choose, once per process), W @ xᵀ elsewhere."""
+        CPU (decode.choose, once per process), W @ xᵀ elsewhere; horizon: the decode steps the
+        engine expects between two syncs (what a form that lays out the weights anew is worth)."""
         self.shared = share
         self.model = model if share else (model if own else copy.deepcopy(model)).to(
             dtype or model.dtype).eval().requires_grad_(False)
@@ -148,8 +149,9 @@ class HFEngine:
         self.layers = fuse(self.model) if fast and not share else None
         # decode.py's matmul forms by row count, [(rows from, name)] (None: the HF forward)
         layers = self.layers or (fuse(self.model, views=False) if fast and share else None)
-        self.plan = matmul_plan(matmul, layers, self.model.lm_head.weight.detach(),
-                                max_batch) if layers else None
+        self.plan = matmul_plan(matmul, layers, self.model.lm_head.weight.detach(), max_batch,
+                                horizon) if layers else None
+        self.forms = None   # the plan's prepared weights, kept until the weights change
         # the copy's weight storages (the fused q|k|v and gate|up once), with their sizes: what sleep frees
         self.storages = {
             p.untyped_storage().data_ptr(): (p.untyped_storage(), p.untyped_storage().nbytes())
@@ -167,13 +169,14 @@ class HFEngine:
         free."""
         for storage, _ in self.storages.values():
             storage.resize_(0)
-        self.asleep = bool(self.storages)
+        self.asleep, self.forms = bool(self.storages), None
 
     @torch.no_grad()
     def update_weights(self, state):
         """The sync of §2.3: copy the trained weights into the rollout model, in place. `state` is
         a state dict, or an iterable of (parameter name, full tensor) that may gather one
         parameter at a time from an FSDP-sharded policy (train.full_params)."""
+        self.forms = None   # prepared from the weights before this sync
         if self.shared:   # the engine's weights are the policy's
             return
         if self.asleep:   # every parameter is written below
@@ -206,10 +209,13 @@ class HFEngine:
         # a shared policy may be in train mode (dropout): sample in eval
         training = self.model.training
         self.model.eval()
-        layers = self.layers or (fuse(self.model, views=False)
-                                 if self.fast and self.shared else None)
-        # the plan's weights (oneDNN's layout: a copy made here, so it follows every sync)
-        forms = prepared(layers, self.model.lm_head.weight.detach(), self.plan) if layers else None
+        # the plan's weights (oneDNN's layout is a copy: made again after each sync; a shared
+        # policy's change every step)
+        forms = self.forms
+        if forms is None and self.plan:
+            forms = prepared(self.layers or fuse(self.model, views=False),
+                             self.model.lm_head.weight.detach(), self.plan)
+            self.forms = None if self.shared else forms
         for start in tqdm(range(0, len(flat), self.max_batch), desc=desc, disable=desc is None,
                           leave=False, dynamic_ncols=True):
             chunk = flat[start:start + self.max_batch]

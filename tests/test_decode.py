@@ -1,6 +1,8 @@
 """decode.py's hand-written decode step against the HF forward it replaces: the same logits, the
 same samples through the engine, finished rows leaving, syncs reaching the fused weights, and the
 HF forward kept for architectures the step does not cover."""
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -119,6 +121,44 @@ def test_the_engine_measures_its_plan_once(tiny_model_dir, monkeypatch):
     assert HFEngine(model, t, max_batch=16).plan == engine.plan and not calls
     assert HFEngine(model, t, matmul="1:linear,4:weight-first").plan == [(1, "linear"),
                                                                          (4, "weight-first")]
+
+
+def test_prepared_weights_last_until_the_weights_change(tiny_model_dir):
+    """A form that lays the weights out anew (oneDNN's, where torch has it) does so once per sync:
+    the engine keeps its prepared weights between generate calls and drops them at update_weights
+    and sleep, so after a sync it samples what an engine made from the new weights samples."""
+    from models import load_model
+    model, t = load_model(tiny_model_dir)
+    form = decode.available("cpu")[-1]
+    engine = HFEngine(model, t, matmul=form)
+    greedy = lambda e: [[x.completion_ids for x in g]
+                        for g in e.generate(prompts(t), n=1, max_new_tokens=6, greedy=True)]
+    greedy(engine)
+    kept = engine.forms
+    greedy(engine)
+    assert kept is not None and engine.forms is kept
+    moved = load_model(tiny_model_dir)[0]
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.mul_(1.5)
+    engine.update_weights(moved.state_dict())
+    assert engine.forms is None
+    assert greedy(engine) == greedy(HFEngine(moved, t, matmul=form))
+    engine.sleep()
+    assert engine.forms is None
+
+
+def test_a_layout_that_costs_more_than_it_saves_is_not_chosen(tiny_model_dir, monkeypatch):
+    """choose charges a form's preparation to the decode steps between two syncs (horizon): one
+    that takes 10 ms a matrix to prepare loses at a horizon of 1 step."""
+    from models import load_model
+    model, t = load_model(tiny_model_dir)
+    slow = (lambda w: time.sleep(0.01) or w, decode.linear)
+    monkeypatch.setattr(decode, "MATMULS", {**decode.MATMULS, "slow-layout": slow})
+    monkeypatch.setattr(decode, "_CHOSEN", {})
+    plan = decode.choose(decode.fuse(model, views=False), model.lm_head.weight.detach(), 16,
+                         horizon=1)
+    assert "slow-layout" not in {m for _, m in plan}
 
 
 @pytest.mark.parametrize("text, why", [("cublas", "not a matmul"), ("4:linear", "start at 1"),
