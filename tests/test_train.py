@@ -421,7 +421,8 @@ def test_engine_prefills_once_drops_finished_rows_and_matches_plain_generate(
         lambda self, *a, **k: rows.append(k["input_ids"].shape) or orig(self, *a, **k))
     monkeypatch.setattr(
         decode, "decode_step",
-        lambda m, layers, y, *a: rows.append(y[:, None].shape) or orig_step(m, layers, y, *a))
+        lambda m, layers, head, mm, y, *a: rows.append(y[:, None].shape) or orig_step(
+            m, layers, head, mm, y, *a))
     groups = engine.generate(prompts, n=3, max_new_tokens=12, greedy=True)
     monkeypatch.undo()
     assert rows[0][0] == 2 and rows[1][0] == 6   # prefill: 2 distinct prompts; then 6 sequences
