@@ -39,14 +39,14 @@ def setup_distributed(device):
 
 def keep_freed_memory():
     """On a CPU, let glibc's malloc keep the memory torch frees, to hand it out again: by default it
-    gives blocks over its adaptive mmap threshold back to the kernel at once, and the next tensor of
-    that size page-faults in every 4 KiB page anew (a training step frees and re-allocates tensors
-    of 2-32 MB hundreds of times). The threshold is fixed at glibc's maximum, 32 MB (larger blocks
-    are still mapped and unmapped), and the heap's free top is trimmed only past 2 GB: the policy
-    pass ~10 % faster, the peak within tens of MB (results/speed-cpu.md); numbers unchanged.
-    Linux/glibc only. One process only, and only where the user set no malloc variable: under
-    torchrun a kept heap holds FSDP's freed gather buffers too (README:
-    MALLOC_MMAP_THRESHOLD_=65536)."""
+    maps every block over its adaptive threshold (32 MB at most) on its own and unmaps it at the
+    free, so the next tensor of that size page-faults in every 4 KiB page anew (a training step
+    frees and re-allocates tensors of 2-113 MB hundreds of times: SmolLM2's [49152, 576]
+    embedding gradient is zero-filled at ~0.5 GB/s that way). Here every block comes from the heap
+    and its free top is trimmed only past 2 GB: the fp32 policy pass ~20 % faster, the peak tens of
+    MB higher (experiments/bench/speed-cpu.md); numbers unchanged. Linux/glibc only. One process
+    only, and only where the user set no malloc variable: under torchrun a kept heap holds FSDP's
+    freed gather buffers too (README: MALLOC_MMAP_THRESHOLD_=65536)."""
     if any(k.startswith("MALLOC_")
            for k in os.environ) or "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return
@@ -54,8 +54,8 @@ def keep_freed_memory():
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    libc.mallopt(M_MMAP_THRESHOLD, 32 * 2 ** 20)
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    libc.mallopt(M_MMAP_MAX, 0)                    # no block mapped on its own
     libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)   # bytes; mallopt takes a C int
 
 

@@ -130,7 +130,7 @@ libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = Mallinfo2
 setup_distributed("cpu")
 before = libc.mallinfo2().hblkhd     # bytes in blocks mmapped on their own
-x = torch.ones(3 * 2 ** 20)          # 12 MB: under glibc's 32 MB cap, above its 128 KB starting threshold
+x = torch.ones(int(sys.argv[2]))     # fp32
 mapped = libc.mallinfo2().hblkhd - before
 del x
 held = libc.mallinfo2().arena        # the heap kept after the free
@@ -139,28 +139,30 @@ print(mapped, held)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
-def test_cpu_runs_keep_freed_tensor_memory(tmp_path):
-    """On a CPU, setup_distributed has malloc serve a 12 MB tensor from its heap and keep it after
-    the free (distributed.keep_freed_memory): glibc's default maps such a block on its own and
-    unmaps it at the free, so the next step's tensor of that size page-faults in anew
-    (results/speed-cpu.md measures what it costs a training step)."""
+@pytest.mark.parametrize("mb", [12, 113])
+def test_cpu_runs_keep_freed_tensor_memory(tmp_path, mb):
+    """On a CPU, setup_distributed has malloc serve a tensor from its heap and keep it after the
+    free (distributed.keep_freed_memory): glibc's default maps a block over 128 KB on its own (over
+    32 MB whatever its threshold) and unmaps it at the free, so the next step's tensor of that size
+    page-faults in anew. 12 MB: a layer's activations; 113 MB: SmolLM2's embedding gradient
+    (experiments/bench/speed-cpu.md measures what they cost a training step)."""
     probe = tmp_path / "probe.py"
     probe.write_text(FREED_PROBE)
     clean = {
         k: v
         for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
-    out = subprocess.run([sys.executable, str(probe), ROOT], capture_output=True, text=True,
+    n = str(mb * 2**20 // 4)
+    out = subprocess.run([sys.executable, str(probe), ROOT, n], capture_output=True, text=True,
                          env=clean)
     if "mallinfo2" in out.stderr:   # not glibc ≥ 2.33
         pytest.skip("no mallinfo2 in this libc")
     assert out.returncode == 0, out.stderr[-2000:]
     mapped, held = map(int, out.stdout.split())
-    assert mapped < 2 ** 20, f"a 12 MB tensor was mmapped on its own ({mapped} bytes)"
-    assert held >= 12 * 2 ** 20, f"the heap gave the freed 12 MB back ({held} bytes kept)"
+    assert mapped < 2 ** 20, f"a {mb} MB tensor was mmapped on its own ({mapped} bytes)"
+    assert held >= mb * 2 ** 20, f"the heap gave the freed {mb} MB back ({held} bytes kept)"
     # a malloc setting of the user's own (README: MALLOC_MMAP_THRESHOLD_=65536 under torchrun) is
     # left as it is
-    out = subprocess.run([sys.executable, str(probe), ROOT], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, str(probe), ROOT, n], capture_output=True, text=True,
                          env={**clean, "MALLOC_MMAP_THRESHOLD_": "65536"})
     assert out.returncode == 0, out.stderr[-2000:]
-    assert int(
-        out.stdout.split()[0]) >= 12 * 2**20, "the user's MALLOC_MMAP_THRESHOLD_ " "was overridden"
+    assert int(out.stdout.split()[0]) >= mb * 2**20, "the user's MALLOC_MMAP_THRESHOLD_ was overridden"
