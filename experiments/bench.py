@@ -357,8 +357,8 @@ def decode(a, rows_list=(1, 8, 64), steps=48):
     fraction = lambda nbytes, step_s: {
         "step_s": step_s, "bytes_mb": nbytes / 1e6, "gbs": nbytes / step_s / 1e9,
         "fraction": nbytes / step_s / 1e9 / out["bandwidth_gbs"]}
-    paths = [("hf", {"fast": False})] + [(f"decode.py {m}", {"matmul": m})
-                                         for m in dec.available(a.device)] + [("decode.py auto", {})]
+    forms = [(f"decode.py {m}", {"matmul": m}) for m in dec.available(a.device)]
+    paths = [("hf", {"fast": False})] + forms + [("decode.py auto", {})]
     for path, kw in paths:
         engine = HFEngine(model, tok, max_batch=max(rows_list), dtype=dt, **kw)
         engine.stop_ids = {-1}   # no row stops: every step decodes all rows
@@ -374,8 +374,8 @@ def decode(a, rows_list=(1, 8, 64), steps=48):
             # decode.py's cache is fp32 on a CPU
             kv_item = 4 if engine.layers and a.device == "cpu" else dt.itemsize
             nbytes = weights + rows * (len(prompt) + steps / 2) * kv * kv_item
-            out["rows"].setdefault(rows, {})[path] = fraction(nbytes,
-                                                              (timed[steps] - timed[1]) / (steps - 1))
+            step_s = (timed[steps] - timed[1]) / (steps - 1)
+            out["rows"].setdefault(rows, {})[path] = fraction(nbytes, step_s)
         # the ceiling of any step made of this form's matmuls: the step's weight matmuls alone
         if engine.layers and path != "decode.py auto":
             m = kw["matmul"]

@@ -165,4 +165,5 @@ def test_cpu_runs_keep_freed_tensor_memory(tmp_path, mb):
     out = subprocess.run([sys.executable, str(probe), ROOT, n], capture_output=True, text=True,
                          env={**clean, "MALLOC_MMAP_THRESHOLD_": "65536"})
     assert out.returncode == 0, out.stderr[-2000:]
-    assert int(out.stdout.split()[0]) >= mb * 2**20, "the user's MALLOC_MMAP_THRESHOLD_ was overridden"
+    assert int(out.stdout.split()[0]) >= mb * 2**20, \
+        "the user's MALLOC_MMAP_THRESHOLD_ was overridden"
