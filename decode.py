@@ -97,13 +97,13 @@ def onednn(x, packed, add=None):
 
 
 def onednn_pack(w):
-    """w [out, in] in oneDNN's blocked layout for its linear (a copy: the engine makes it per
-    generate call, so it follows every sync and is freed with the call)."""
+    """w [out, in] in oneDNN's blocked layout for its linear (a copy: the engine makes it again
+    after each sync and frees it when it sleeps)."""
     return torch.ops.mkldnn._reorder_linear_weight(w, None)
 
 
-# the forms of a decode step's weight matmul: name -> (weights prepared once per generate call, the
-# matmul). Each equals F.linear to rounding; which is fastest depends on the machine, the dtype and
+# the forms of a decode step's weight matmul: name -> (how the weights are prepared, once a sync;
+# the matmul). Each equals F.linear to rounding; which is fastest depends on the machine, the dtype and
 # the number of rows (weight_first at 8 bf16 rows on an AMX Xeon, oneDNN's at 8 fp32 rows on an
 # AVX2 EPYC: experiments/bench/speed-cpu.md), so the engine measures them (choose).
 MATMULS = {"weight-first": (None, weight_first), "linear": (None, linear),

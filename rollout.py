@@ -145,7 +145,6 @@ class HFEngine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         # Llama-family models decode by decode.py's step (the HF forward otherwise); a shared
         # policy's weights change every step, so its fused copy is made per generate call instead
-        self.fast = fast
         self.layers = fuse(self.model) if fast and not share else None
         # decode.py's matmul forms by row count, [(rows from, name)] (None: the HF forward)
         layers = self.layers or (fuse(self.model, views=False) if fast and share else None)
