@@ -39,8 +39,9 @@ def fuse(model, views=True):
     is (a policy that is training). None when the model is not of FAMILY or has a feature this step
     does not implement (sliding window, o/MLP biases, q/k norms, another activation)."""
     c, inner = model.config, getattr(model, "model", None)
-    if c.model_type not in FAMILY or getattr(c, "hidden_act", None) != "silu" or getattr(c, "use_sliding_window", False) \
-            or inner is None or not hasattr(inner, "rotary_emb"):
+    if (c.model_type not in FAMILY or getattr(c, "hidden_act", None) != "silu"
+            or getattr(c, "use_sliding_window", False) or inner is None
+            or not hasattr(inner, "rotary_emb")):
         return None
     if any(
             hasattr(l.self_attn, "q_norm") or any(
@@ -103,8 +104,8 @@ def onednn_pack(w):
 
 
 # the forms of a decode step's weight matmul: name -> (how the weights are prepared, once a sync;
-# the matmul). Each equals F.linear to rounding; which is fastest depends on the machine, the dtype and
-# the number of rows (weight_first at 8 bf16 rows on an AMX Xeon, oneDNN's at 8 fp32 rows on an
+# the matmul). Each equals F.linear to rounding; which is fastest depends on the machine, the dtype
+# and the number of rows (weight_first at 8 bf16 rows on an AMX Xeon, oneDNN's at 8 fp32 rows on an
 # AVX2 EPYC: experiments/bench/speed-cpu.md), so the engine measures them (choose).
 MATMULS = {"weight-first": (None, weight_first), "linear": (None, linear),
            "onednn": (onednn_pack, onednn)}
@@ -154,6 +155,15 @@ def matrices(layers, head):
     return [w for l in layers for w in (l[1], l[3], l[5], l[6])] + [head]
 
 
+def seconds(matmul, ws, xs):
+    """Wall time of one `matmul` of each weight in ws by the activations xs[its input width]."""
+    t = time.perf_counter()
+    for w in ws:
+        matmul(xs[w.shape[1]], w)
+    return time.perf_counter() - t
+
+
+@torch.inference_mode()
 def choose(layers, head, max_rows, horizon=64, reps=2):
     """The fastest MATMULS form at each of ROWS up to max_rows, measured here on the model's own
     weights (the head and the first quarter of the layers: more than a CPU's caches hold), best of
@@ -162,30 +172,26 @@ def choose(layers, head, max_rows, horizon=64, reps=2):
     plan, merged where neighbours agree; measured once per process for a model shape, dtype,
     max_rows and horizon."""
     key = (head.shape, head.dtype, head.device, len(layers), layers[0][1].shape, max_rows, horizon)
-    if key not in _CHOSEN:
-        some = layers[:max(1, len(layers) // 4)]
-        forms, prep_s = {}, {}
-        for m in available(head.device):
-            t = time.perf_counter()
-            forms[m] = matrices(*packed(some, head, m))
-            prep_s[m] = (time.perf_counter() - t) if MATMULS[m][0] else 0.0
-        best, plan = {}, []
-        with torch.inference_mode():
-            for rows in [r for r in ROWS if r <= max_rows] or [1]:
-                xs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=head.dtype,
-                                              device=head.device) for w in forms["linear"]}
-                for rep in range(reps + 1):
-                    for m, ws in forms.items():
-                        t = time.perf_counter()
-                        for w in ws:
-                            MATMULS[m][1](xs[w.shape[1]], w)
-                        if rep:   # the first round warms up
-                            best[rows, m] = min(best.get((rows, m), 1e9), time.perf_counter() - t)
-                fastest = min(forms, key=lambda m: best[rows, m] + prep_s[m] / horizon)
-                if not plan or plan[-1][1] != fastest:
-                    plan.append((rows, fastest))
-        _CHOSEN[key] = plan
-    return _CHOSEN[key]
+    if key in _CHOSEN:
+        return _CHOSEN[key]
+    some = layers[:max(1, len(layers) // 4)]
+    forms, prep_s = {}, {}
+    for m in available(head.device):
+        t = time.perf_counter()
+        forms[m] = matrices(*packed(some, head, m))
+        prep_s[m] = time.perf_counter() - t if MATMULS[m][0] else 0.0
+    plan = []
+    for rows in [r for r in ROWS if r <= max_rows] or [1]:
+        xs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=head.dtype, device=head.device)
+              for w in forms["linear"]}
+        # round 0 warms up
+        rounds = [{m: seconds(MATMULS[m][1], ws, xs) for m, ws in forms.items()}
+                  for _ in range(reps + 1)][1:]
+        fastest = min(forms, key=lambda m: min(r[m] for r in rounds) + prep_s[m] / horizon)
+        if not plan or plan[-1][1] != fastest:
+            plan.append((rows, fastest))
+    _CHOSEN[key] = plan
+    return plan
 
 
 def matmul_plan(text, layers, head, max_rows, horizon=64):
@@ -252,10 +258,9 @@ def prepared(layers, head, plan):
 def static_decoder(model, forms, cache, attn, max_new_tokens):
     """The decode loop's state after prefill: (step, drop). step(y) appends the tokens y [B] (one
     per live row) and returns the next logits, by the form of `forms` (prepared) for that many
-    rows; drop(going) lets the rows where `going` is False
-    leave and returns, for each remaining row, the row it was before (the last live rows fill the
-    holes, so only they are copied). cache: HF's prefill cache; attn [B, P]: the prompts' attention
-    mask."""
+    rows; drop(going) lets the rows where `going` is False leave and returns, for each remaining
+    row, the row it was before (the last live rows fill the holes, so only they are copied).
+    cache: HF's prefill cache; attn [B, P]: the prompts' attention mask."""
     B, P = attn.shape
     L, (_, KVH, _, D) = len(forms[0][2]), cache.layers[0].keys.shape
     keys = cache.layers[0].keys

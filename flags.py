@@ -11,8 +11,8 @@ import os
 
 import torch
 
-from grpo import TOKEN_AVERAGES
 from decode import parse_plan
+from grpo import TOKEN_AVERAGES
 from losses import LOSSES, uses_reference
 from models import DEFAULT_MODEL, resolve_dtype
 from rollout import pick_engine
