@@ -22,6 +22,7 @@ The HF forward stays the definition: tests/test_decode.py checks these logits an
 samples against it; `fuse` returns None for any other architecture, which HFEngine then decodes
 with the HF forward. Prefill (the prompt, many tokens at once, compute-bound) stays HF's.
 """
+import functools
 import time
 
 import torch
@@ -113,10 +114,22 @@ ROWS = (1, 4, 16, 64)   # a plan's row counts: each choice holds from its count 
 _CHOSEN = {}            # this process's measurements, by model shape, dtype and rows
 
 
-def available(device):
-    """The MATMULS this device runs (oneDNN's on a CPU build of torch that has it)."""
-    cpu = torch.device(device).type == "cpu"
-    return [m for m in MATMULS if m != "onednn" or (cpu and torch.backends.mkldnn.is_available())]
+def available(device, dtype=torch.float32):
+    """The MATMULS this device runs in this dtype: a form that lays the weights out anew only where
+    it can (oneDNN's needs a CPU build of torch with it, and for bf16 AVX-512 or AVX-NE-CONVERT:
+    an AVX2 CPU raises), tried once on a small matrix."""
+    return [m for m, (prep, _) in MATMULS.items()
+            if prep is None or prepares(prep, str(torch.device(device)), dtype)]
+
+
+@functools.lru_cache(maxsize=None)
+def prepares(prep, device, dtype):
+    """Whether prep lays out a weight matrix of this dtype on this device."""
+    try:
+        prep(torch.zeros(8, 8, dtype=dtype, device=device))
+        return True
+    except (RuntimeError, AttributeError):   # no such path here, or no such operator in torch
+        return False
 
 
 def packed(layers, head, name):
@@ -134,15 +147,15 @@ def plan_text(plan):
     return ",".join(f"{r}:{m}" for r, m in plan)
 
 
-def parse_plan(text, device="cpu"):
+def parse_plan(text, device="cpu", dtype=torch.float32):
     """--decode-matmul's value as a plan: one MATMULS name (every row count) or `rows:name,...`
     from 1 row up. Raises ValueError naming what is wrong."""
     parts = [p.split(":") if ":" in p else ("1", p) for p in text.split(",")]
     plan = [(int(r) if r.isdigit() else -1, m) for r, m in parts]
     for r, m in plan:
-        if m not in available(device):
-            raise ValueError(f"{m!r} is not a matmul this machine runs "
-                             f"(one of {', '.join(available(device))})")
+        if m not in available(device, dtype):
+            raise ValueError(f"{m!r} is not a matmul this machine runs in {dtype} "
+                             f"(one of {', '.join(available(device, dtype))})")
         if r < 1:
             raise ValueError(f"{text!r}: each part is rows:name, rows a positive integer")
     if plan[0][0] != 1 or [r for r, _ in plan] != sorted({r for r, _ in plan}):
@@ -176,7 +189,7 @@ def choose(layers, head, max_rows, horizon=64, reps=2):
         return _CHOSEN[key]
     some = layers[:max(1, len(layers) // 4)]
     forms, prep_s = {}, {}
-    for m in available(head.device):
+    for m in available(head.device, head.dtype):
         t = time.perf_counter()
         forms[m] = matrices(*packed(some, head, m))
         prep_s[m] = time.perf_counter() - t if MATMULS[m][0] else 0.0
@@ -198,7 +211,7 @@ def matmul_plan(text, layers, head, max_rows, horizon=64):
     """--decode-matmul resolved: auto measures on a CPU (choose) and keeps W @ xᵀ elsewhere (a GPU
     runs vLLM for speed); anything else is parsed (parse_plan)."""
     if text != "auto":
-        return parse_plan(text, head.device)
+        return parse_plan(text, head.device, head.dtype)
     if head.device.type != "cpu":
         return [(1, "weight-first")]
     return choose(layers, head, max_rows, horizon)

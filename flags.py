@@ -330,17 +330,17 @@ def checked(p, a):
     if a.report_to != "none" and not importlib.util.find_spec(a.report_to):
         p.error(f"argument --report-to: {a.report_to}: the package "
                 f"is not installed (pip install {a.report_to})")
-    if a.decode_matmul != "auto":
-        try:
-            parse_plan(a.decode_matmul, a.device)
-        except ValueError as e:
-            p.error(f"argument --decode-matmul: {e}")
     try:
         a.engine, a.rollout_dtype = pick_engine(a.engine, a.rollout_dtype, a.device, a.init_from or
                                                 a.model)
         a.train_dtype = resolve_dtype(a.train_dtype, a.device)
     except ValueError as e:
         p.error(str(e))
+    if a.decode_matmul != "auto":   # after --rollout-dtype is resolved: a form may lack a dtype
+        try:
+            parse_plan(a.decode_matmul, a.device, getattr(torch, a.rollout_dtype))
+        except ValueError as e:
+            p.error(f"argument --decode-matmul: {e}")
     # on where sampler and trainer disagree beyond float rounding, as TRL's default
     if a.tis_cap is None:
         a.tis_cap = 2.0 if a.engine == "vllm" or a.rollout_dtype == "bfloat16" else 0.0

@@ -357,7 +357,7 @@ def decode(a, rows_list=(1, 8, 64), steps=48):
     fraction = lambda nbytes, step_s: {
         "step_s": step_s, "bytes_mb": nbytes / 1e6, "gbs": nbytes / step_s / 1e9,
         "fraction": nbytes / step_s / 1e9 / out["bandwidth_gbs"]}
-    forms = [(f"decode.py {m}", {"matmul": m}) for m in dec.available(a.device)]
+    forms = [(f"decode.py {m}", {"matmul": m}) for m in dec.available(a.device, dt)]
     paths = [("hf", {"fast": False})] + forms + [("decode.py auto", {})]
     for path, kw in paths:
         engine = HFEngine(model, tok, max_batch=max(rows_list), dtype=dt, **kw)

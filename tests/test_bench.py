@@ -3,9 +3,11 @@
 import json
 
 import pytest
+import torch
 
 import bench
 import decode
+from models import resolve_dtype
 
 pytestmark = pytest.mark.slow   # the whole suite only: -m "not slow" leaves it out
 
@@ -32,7 +34,7 @@ def test_bench_smoke(tiny_model_dir, tmp_path):
     assert all(r["step_s"] > 0 and 0 < r["fraction"] for by in dec["rows"].values()
                for r in by.values())
     # the HF forward, decode.py in each matmul form and by its measured plan, each form's ceiling
-    forms = decode.available("cpu")
+    forms = decode.available("cpu", getattr(torch, resolve_dtype("auto", "cpu")))
     assert all(set(by) == {"hf", "decode.py auto"} | {f"decode.py {m}" for m in forms}
                | {f"{m}, matmuls only" for m in forms} for by in dec["rows"].values())
     assert decode.parse_plan(dec["plan"]) and dec["plan"] in table

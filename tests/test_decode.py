@@ -82,6 +82,8 @@ def test_decode_step_matches_the_hf_forward(tok, arch, matmul):
 def test_each_matmul_form_is_f_linear(matmul, dtype):
     """Every form decode.py may pick computes x @ Wᵀ (+ a bias or a residual) as F.linear does, to
     the dtype's rounding, at the row counts a decode runs."""
+    if matmul not in decode.available("cpu", dtype):   # oneDNN's bf16 on an AVX2 CPU
+        pytest.skip(f"{matmul} has no {dtype} path on this CPU (decode.available leaves it out)")
     torch.manual_seed(0)
     prep, mm = decode.MATMULS[matmul]
     tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -161,6 +163,29 @@ def test_a_layout_that_costs_more_than_it_saves_is_not_chosen(tiny_model_dir, mo
     plan = decode.choose(decode.fuse(model, views=False), model.lm_head.weight.detach(), 16,
                          horizon=1)
     assert "slow-layout" not in {m for _, m in plan}
+
+
+def test_a_form_this_cpu_cannot_prepare_in_the_dtype_is_left_out(tiny_model_dir, monkeypatch):
+    """oneDNN's bf16 layout needs AVX-512 or AVX-NE-CONVERT (an AVX2 CPU raises): such a form is
+    not offered, measured or accepted as a plan in that dtype, and the engine starts with the
+    others."""
+    from models import load_model
+    model, t = load_model(tiny_model_dir)
+
+    def fp32_only(w):
+        if w.dtype != torch.float32:
+            raise RuntimeError("no bf16 path on this cpu")
+        return w
+    monkeypatch.setattr(decode, "MATMULS", {**decode.MATMULS, "fp32-only": (fp32_only,
+                                                                             decode.linear)})
+    monkeypatch.setattr(decode, "_CHOSEN", {})
+    assert "fp32-only" in decode.available("cpu", torch.float32)
+    assert "fp32-only" not in decode.available("cpu", torch.bfloat16)
+    with pytest.raises(ValueError, match="not a matmul"):
+        decode.parse_plan("fp32-only", "cpu", torch.bfloat16)
+    engine = HFEngine(model, t, dtype=torch.bfloat16)
+    assert "fp32-only" not in {m for _, m in engine.plan}
+    assert len(engine.generate(prompts(t), n=2, max_new_tokens=3, keys=[1, 2, 3])[0]) == 2
 
 
 @pytest.mark.parametrize("text, why", [("cublas", "not a matmul"), ("4:linear", "start at 1"),
