@@ -98,26 +98,45 @@ def onednn(x, packed, add=None):
     return torch.ops.mkldnn._linear_pointwise(x, add, packed, None, "add")
 
 
-def onednn_pack(w):
-    """w [out, in] in oneDNN's blocked layout for its linear (a copy: the engine makes it again
-    after each sync and frees it when it sleeps)."""
+def onednn_pack(w, rows):
+    """w [out, in] in oneDNN's blocked layout for its linear, for any number of rows (a copy: the
+    engine makes it again after each sync and frees it when it sleeps)."""
     return torch.ops.mkldnn._reorder_linear_weight(w, None)
 
 
-# the forms of a decode step's weight matmul: name -> (how the weights are prepared, once a sync;
-# the matmul). Each equals F.linear to rounding; which is fastest depends on the machine, the dtype
-# and the number of rows (weight_first at 8 bf16 rows on an AMX Xeon, oneDNN's at 8 fp32 rows on an
-# AVX2 EPYC: experiments/bench/speed-cpu.md), so the engine measures them (choose).
+def mkl(x, packed, add=None):
+    """x [B, in] @ wᵀ (+ add) by MKL's sgemm on weights packed for R ≥ B rows (mkl_pack): fewer
+    rows are padded with zeros to R. A decode step reads every weight whatever the rows, and at a
+    few fp32 rows the packed R-row product beats every form at B (bench: 8 rows 31 vs 43-51 ms
+    for the model's matmuls); MKL falls back to its plain product for more than R rows."""
+    p, w, R = packed
+    B, bias = len(x), add if add is not None and add.dim() == 1 else None
+    y = torch.ops.mkl._mkl_linear(F.pad(x, (0, 0, 0, R - B)) if B < R else x, p, w, bias, R)[:B]
+    return y + add if bias is None and add is not None else y
+
+
+def mkl_pack(w, rows):
+    """w [out, in] packed by MKL for products of exactly `rows` rows, fp32 only (a copy, as
+    oneDNN's; with w, which the product needs for other row counts)."""
+    return torch.ops.mkl._mkl_reorder_linear_weight(w, rows), w, rows
+
+
+# the forms of a decode step's weight matmul: name -> (how the weights are prepared for a number of
+# rows, once a sync; the matmul). Each equals F.linear to rounding; which is fastest depends on the
+# machine, the dtype and the rows (weight_first at 8 bf16 rows on an AMX Xeon, oneDNN's at 8 fp32
+# rows on an AVX2 EPYC: experiments/bench/speed-cpu.md), so the engine measures them (choose).
 MATMULS = {"weight-first": (None, weight_first), "linear": (None, linear),
-           "onednn": (onednn_pack, onednn)}
-ROWS = (1, 4, 16, 64)   # a plan's row counts: each choice holds from its count to the next
-_CHOSEN = {}            # this process's measurements, by model shape, dtype and rows
+           "onednn": (onednn_pack, onednn), "mkl": (mkl_pack, mkl)}
+PADS = {"mkl"}   # prepared for one row count, the largest of its part of a plan; fewer are padded
+# a plan's row counts: each choice holds from its count to the next, so its parts end at powers of 2
+ROWS = (1, 2, 3, 5, 9, 17, 33, 65)
+_CHOSEN = {}     # this process's measurements, by model shape, dtype, rows and horizon
 
 
 def available(device, dtype=torch.float32):
     """The MATMULS this device runs in this dtype: a form that lays the weights out anew only where
     it can (oneDNN's needs a CPU build of torch with it, and for bf16 AVX-512 or AVX-NE-CONVERT:
-    an AVX2 CPU raises), tried once on a small matrix."""
+    an AVX2 CPU raises; MKL's, an x86 build and fp32), tried once on a small matrix."""
     return [m for m, (prep, _) in MATMULS.items()
             if prep is None or prepares(prep, str(torch.device(device)), dtype)]
 
@@ -126,20 +145,20 @@ def available(device, dtype=torch.float32):
 def prepares(prep, device, dtype):
     """Whether prep lays out a weight matrix of this dtype on this device."""
     try:
-        prep(torch.zeros(8, 8, dtype=dtype, device=device))
+        prep(torch.zeros(8, 8, dtype=dtype, device=device), 8)
         return True
     except (RuntimeError, AttributeError):   # no such path here, or no such operator in torch
         return False
 
 
-def packed(layers, head, name):
-    """(layers, head) with every weight matrix prepared for MATMULS[name] (the same when the form
-    needs no preparation)."""
+def packed(layers, head, name, rows):
+    """(layers, head) with every weight matrix prepared for MATMULS[name] at `rows` rows (the same
+    when the form needs no preparation)."""
     prep = MATMULS[name][0]
     if prep is None:
         return layers, head
-    return [(n1, prep(qkv), b, prep(wo), n2, prep(gu), prep(down))
-            for n1, qkv, b, wo, n2, gu, down in layers], prep(head)
+    return [(n1, prep(qkv, rows), b, prep(wo, rows), n2, prep(gu, rows), prep(down, rows))
+            for n1, qkv, b, wo, n2, gu, down in layers], prep(head, rows)
 
 
 def plan_text(plan):
@@ -163,46 +182,81 @@ def parse_plan(text, device="cpu", dtype=torch.float32):
     return plan
 
 
+def tops(plan, max_rows):
+    """The largest row count of each part of a plan: the next part's first − 1, the last's
+    max_rows (a form in PADS is prepared for it)."""
+    return [r - 1 for r, _ in plan[1:]] + [max(max_rows, plan[-1][0])]
+
+
 def matrices(layers, head):
     """The weight matrices one decode step multiplies by, in order (4 a layer, then the head)."""
     return [w for l in layers for w in (l[1], l[3], l[5], l[6])] + [head]
 
 
-def seconds(matmul, ws, xs):
-    """Wall time of one `matmul` of each weight in ws by the activations xs[its input width]."""
+def seconds(matmul, ready, xs):
+    """Wall time of one `matmul` by each prepared weight in ready, each of the activations xs."""
     t = time.perf_counter()
-    for w in ws:
-        matmul(xs[w.shape[1]], w)
+    for w, x in zip(ready, xs):
+        matmul(x, w)
     return time.perf_counter() - t
+
+
+def timings(layers, head, starts, ends, reps=2):
+    """{(form, rows): (seconds of a decode step's weight products, seconds to prepare the
+    weights)}: each form at the first row count of each part of a plan (starts), a form in PADS at
+    the last (ends), prepared for it. All the weights, as a step reads them (a part of them can sit
+    in a large cache and time faster than the step would). Best of reps after a warm-up, forms
+    interleaved."""
+    forms, out, ready = available(head.device, head.dtype), {}, {}
+
+    def prepare(m, rows):   # the second time: a sync's preparation reuses the last one's memory
+        for _ in range(2 if MATMULS[m][0] else 1):
+            ready.pop(m, None)
+            t = time.perf_counter()
+            ready[m] = matrices(*packed(layers, head, m, rows))
+        return time.perf_counter() - t if MATMULS[m][0] else 0.0
+    prep = {m: prepare(m, None) for m in forms if m not in PADS}
+    for rows in sorted(set(starts) | set(ends)):
+        here = [m for m in forms if rows in (ends if m in PADS else starts)]
+        prep |= {m: prepare(m, rows) for m in here if m in PADS}   # a copy at a time
+        xs = [torch.randn(rows, w.shape[1], dtype=head.dtype, device=head.device)
+              for w in matrices(layers, head)]
+        rounds = [[seconds(MATMULS[m][1], ready[m], xs) for m in here]
+                  for _ in range(reps + 1)][1:]   # round 0 warms up
+        out |= {(m, rows): (min(r[k] for r in rounds), prep[m]) for k, m in enumerate(here)}
+    return out
 
 
 @torch.inference_mode()
 def choose(layers, head, max_rows, horizon=64, reps=2):
-    """The fastest MATMULS form at each of ROWS up to max_rows, measured here on the model's own
-    weights (the head and the first quarter of the layers: more than a CPU's caches hold), best of
-    `reps` after a warm-up, forms interleaved. A form that lays the weights out anew pays that
-    once per `horizon` decode steps (the engine prepares them again after each sync). Returns the
-    plan, merged where neighbours agree; measured once per process for a model shape, dtype,
-    max_rows and horizon."""
+    """The plan for decoding up to max_rows rows at once, measured here on the model's weights
+    (timings): per part of
+    the plan (ROWS), the fastest form at its first row count, and the one stretch of parts where a
+    form in PADS, prepared for the stretch's largest count and padding fewer rows to it, saves
+    most (at most one more copy of the weights). A form that lays the weights out anew pays that
+    once per `horizon` decode steps (the engine prepares them again after each sync); each row
+    count counts alike. Measured once per process for a model shape, dtype, max_rows and horizon."""
     key = (head.shape, head.dtype, head.device, len(layers), layers[0][1].shape, max_rows, horizon)
     if key in _CHOSEN:
         return _CHOSEN[key]
-    some = layers[:max(1, len(layers) // 4)]
-    forms, prep_s = {}, {}
-    for m in available(head.device, head.dtype):
-        t = time.perf_counter()
-        forms[m] = matrices(*packed(some, head, m))
-        prep_s[m] = time.perf_counter() - t if MATMULS[m][0] else 0.0
+    starts = [r for r in ROWS if r <= max_rows] or [1]
+    ends = tops([(r, None) for r in starts], max_rows)
+    t = timings(layers, head, starts, ends, reps)
+    cost = lambda m, rows: t[m, rows][0] + t[m, rows][1] / horizon
+    plain = [min((m for m, r in t if r == s and m not in PADS), key=lambda m: cost(m, s))
+             for s in starts]
+    base = [cost(m, s) for m, s in zip(plain, starts)]
+    width = [e - s + 1 for s, e in zip(starts, ends)]
+    # (saving, form, first part, last part) of each stretch a padding form could take
+    stretches = [(sum(width[k] * (base[k] - cost(m, ends[j])) for k in range(i, j + 1)), m, i, j)
+                 for m in {m for m, _ in t if m in PADS} for j in range(len(starts))
+                 for i in range(j + 1)]
+    gain, m, i, j = max(stretches, default=(0, None, 0, -1))
+    forms = plain[:i] + [m] * (j - i + 1) + plain[j + 1:] if gain > 0 else plain
     plan = []
-    for rows in [r for r in ROWS if r <= max_rows] or [1]:
-        xs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=head.dtype, device=head.device)
-              for w in forms["linear"]}
-        # round 0 warms up
-        rounds = [{m: seconds(MATMULS[m][1], ws, xs) for m, ws in forms.items()}
-                  for _ in range(reps + 1)][1:]
-        fastest = min(forms, key=lambda m: min(r[m] for r in rounds) + prep_s[m] / horizon)
-        if not plan or plan[-1][1] != fastest:
-            plan.append((rows, fastest))
+    for s, f in zip(starts, forms):
+        if not plan or plan[-1][1] != f:
+            plan.append((s, f))
     _CHOSEN[key] = plan
     return plan
 
@@ -261,11 +315,13 @@ def decode_step(model, layers, head, linear, y, pos, K, V, n, bias):
     return linear(rms_norm(x, model.model.norm), head).contiguous()
 
 
-def prepared(layers, head, plan):
+def prepared(layers, head, plan, max_rows):
     """A plan's forms, ready for static_decoder: [(rows from, matmul, layers, head)], each form's
-    weights prepared once however many row counts use it."""
-    ready = {m: packed(layers, head, m) for m in {m for _, m in plan}}
-    return [(rows, MATMULS[m][1], *ready[m]) for rows, m in plan]
+    weights prepared once however many parts use it (a form in PADS once per part: for its
+    largest row count, tops)."""
+    keys = [(m, top if m in PADS else None) for (_, m), top in zip(plan, tops(plan, max_rows))]
+    ready = {k: packed(layers, head, k[0], k[1]) for k in set(keys)}
+    return [(rows, MATMULS[m][1], *ready[k]) for (rows, m), k in zip(plan, keys)]
 
 
 def static_decoder(model, forms, cache, attn, max_new_tokens):

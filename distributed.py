@@ -286,7 +286,8 @@ def build_models(a, s, ckpt, rows, rank, world, with_ref):
         engine = HFEngine(
             engine_model, tok, max_batch=a.gen_batch, dtype=dtype, own=engine_model is not policy,
             share=s == 1 and world == 1 and dtype == policy.dtype and engine_model is policy,
-            matmul=a.decode_matmul, horizon=a.max_new_tokens * math.ceil(rows / a.gen_batch))
+            matmul=a.decode_matmul, horizon=a.max_new_tokens * math.ceil(rows / a.gen_batch),
+            rows=rows)
         if world > 1:   # every rank decodes by rank 0's measured plan: one run, one rounding
             engine.plan = from0(engine.plan)
     return policy, ref, tok, chat_reward, engine

@@ -143,8 +143,11 @@ def plan(shape, a, world, prompt_tokens, gpu_bytes=None, runtime=None, s=None):
         # at s = 1 on one fp32 process the engine samples πθ itself
         if not (s == 1 and world == 1 and br == 4):
             out["rollout", "rollout engine copy (whole)"] = br * P
-        if "onednn" in getattr(a, "decode_matmul", ""):   # a plan with it: decode.onednn_pack
+        forms = [p.split(":")[-1] for p in getattr(a, "decode_matmul", "").split(",")]
+        if "onednn" in forms:   # a plan with it: decode.onednn_pack
             out["rollout", "oneDNN's layout of the matrices"] = br * P
+        if "mkl" in forms:   # decode.mkl_pack, once per part of the plan that has it
+            out["rollout", "MKL's packed matrices"] = forms.count("mkl") * br * P
         rows = min(a.gen_batch, math.ceil(a.batch_prompts / world) * a.n * s)
         kv_bytes = br if cuda else 4   # decode.py keeps a CPU cache in fp32 whatever the weights
         out["rollout",

@@ -120,13 +120,15 @@ class HFEngine:
     trainer lets it sleep (its weights freed) between a sync's rollouts and the next sync."""
 
     def __init__(self, model, tokenizer, max_batch=64, dtype=None, share=False, own=False,
-                 fast=True, matmul="auto", horizon=64):
+                 fast=True, matmul="auto", horizon=64, rows=None):
         """share=True samples from `model` itself (online, s = 1: the weights are always current),
         else from a private copy in `dtype` that only update_weights changes (own=True: `model` is
         already that copy). fast=False decodes with the HF forward even where decode.py could.
         matmul: decode.py's weight matmuls, a plan (--decode-matmul) or auto: measured here on a
         CPU (decode.choose, once per process), W @ xᵀ elsewhere; horizon: the decode steps the
-        engine expects between two syncs (what a form that lays out the weights anew is worth)."""
+        engine expects between two syncs (what a form that lays out the weights anew is worth);
+        rows: the most rows a sync's generate call decodes at once, where known (the plan is made
+        for up to min(rows, max_batch))."""
         self.shared = share
         self.model = model if share else (model if own else copy.deepcopy(model)).to(
             dtype or model.dtype).eval().requires_grad_(False)
@@ -148,7 +150,8 @@ class HFEngine:
         self.layers = fuse(self.model) if fast and not share else None
         # decode.py's matmul forms by row count, [(rows from, name)] (None: the HF forward)
         layers = self.layers or (fuse(self.model, views=False) if fast and share else None)
-        self.plan = matmul_plan(matmul, layers, self.model.lm_head.weight.detach(), max_batch,
+        self.plan_rows = min(rows or max_batch, max_batch)
+        self.plan = matmul_plan(matmul, layers, self.model.lm_head.weight.detach(), self.plan_rows,
                                 horizon) if layers else None
         self.forms = None   # the plan's prepared weights, kept until the weights change
         # the copy's weight storages (the fused q|k|v and gate|up once), with their sizes: what sleep frees
@@ -213,7 +216,7 @@ class HFEngine:
         forms = self.forms
         if forms is None and self.plan:
             forms = prepared(self.layers or fuse(self.model, views=False),
-                             self.model.lm_head.weight.detach(), self.plan)
+                             self.model.lm_head.weight.detach(), self.plan, self.plan_rows)
             self.forms = None if self.shared else forms
         for start in tqdm(range(0, len(flat), self.max_batch), desc=desc, disable=desc is None,
                           leave=False, dynamic_ncols=True):

@@ -360,11 +360,11 @@ def decode(a, rows_list=(1, 8, 64), steps=48):
     forms = [(f"decode.py {m}", {"matmul": m}) for m in dec.available(a.device, dt)]
     paths = [("hf", {"fast": False})] + forms + [("decode.py auto", {})]
     for path, kw in paths:
-        engine = HFEngine(model, tok, max_batch=max(rows_list), dtype=dt, **kw)
-        engine.stop_ids = {-1}   # no row stops: every step decodes all rows
-        if path == "decode.py auto":
-            out["plan"] = dec.plan_text(engine.plan)
-        for rows in rows_list:
+        for rows in rows_list:   # an engine per batch: a plan, and MKL's packing, are per rows
+            engine = HFEngine(model, tok, max_batch=max(rows_list), rows=rows, dtype=dt, **kw)
+            engine.stop_ids = {-1}   # no row stops: every step decodes all rows
+            if path == "decode.py auto":
+                out.setdefault("plan", {})[rows] = dec.plan_text(engine.plan)
             timed = {}
             for n_tok in (1, steps, 1, steps):   # twice each; the second of each kept (warm)
                 t = time.time()
@@ -376,19 +376,18 @@ def decode(a, rows_list=(1, 8, 64), steps=48):
             nbytes = weights + rows * (len(prompt) + steps / 2) * kv * kv_item
             step_s = (timed[steps] - timed[1]) / (steps - 1)
             out["rows"].setdefault(rows, {})[path] = fraction(nbytes, step_s)
-        # the ceiling of any step made of this form's matmuls: the step's weight matmuls alone
-        if engine.layers and path != "decode.py auto":
-            m = kw["matmul"]
-            mats = dec.matrices(*dec.packed(engine.layers, engine.model.lm_head.weight, m))
-            nbytes = sum(w.numel() for w in dec.matrices(engine.layers,
-                                                         engine.model.lm_head.weight)) * dt.itemsize
-            for rows in rows_list:
-                xs = {w.shape[1]: torch.ones(rows, w.shape[1], device=a.device, dtype=dt)
-                      for w in mats}
+            # the ceiling of any step made of this form's matmuls: the step's weight matmuls alone
+            if engine.layers and path != "decode.py auto":
+                m, head = kw["matmul"], engine.model.lm_head.weight
+                mats = dec.matrices(*dec.packed(engine.layers, head, m, rows))
+                xs = [torch.ones(rows, w.shape[1], device=a.device, dtype=dt)
+                      for w in dec.matrices(engine.layers, head)]
+                nbytes = sum(x.shape[1] * w.shape[0] for x, w in
+                             zip(xs, dec.matrices(engine.layers, head))) * dt.itemsize
                 step_s = 1 / calls_per_second(
-                    lambda: [dec.MATMULS[m][1](xs[w.shape[1]], w) for w in mats], a.device, 0.5)
+                    lambda: [dec.MATMULS[m][1](x, w) for x, w in zip(xs, mats)], a.device, 0.5)
                 out["rows"][rows][f"{m}, matmuls only"] = fraction(nbytes, step_s)
-        del engine
+            del engine
     return out
 
 
@@ -682,7 +681,9 @@ def decode_md(a, dec):
         "engine's full step (sampling, log-probs and entropy "
         "included), with decode.py's step and with the HF forward; "
         "decode.py with each of its matmul forms pinned, and with "
-        f"the plan auto measured here ({dec.get('plan')}); "
+        "the plan auto measured here for that many rows ("
+        f"{'; '.join(f'{r}: {p}' for r, p in dec.get('plan', {}).items())}; a form "
+        "in PADS packed for that many rows); "
         "'matmuls only': the step's weight matmuls alone in that "
         "form, nothing between them, the ceiling of a step built "
         "on it.", ""]

@@ -52,7 +52,7 @@ def decoders(model, tok, max_new, drop_at=None, steps=6, feed=None, plan=((1, "w
         layers = decode.fuse(model)
         for make in (lambda c: hf_decoder(model, c, attn),
                      lambda c: decode.static_decoder(
-                         model, decode.prepared(layers, model.lm_head.weight, plan), c, attn,
+                         model, decode.prepared(layers, model.lm_head.weight, plan, 4), c, attn,
                          max_new)):
             cache, logits = prefill(model, ids, attn, torch.arange(len(ps)))
             step, drop = make(cache)
@@ -92,12 +92,14 @@ def test_each_matmul_form_is_f_linear(matmul, dtype):
         # a product before the residual add stays inside the tolerance on every CPU
         w, x = torch.randn(48, 40, dtype=dtype) / 40**0.5, torch.randn(rows, 40, dtype=dtype)
         bias, res = torch.randn(48, dtype=dtype), torch.randn(rows, 48, dtype=dtype)
-        ready = prep(w) if prep else w
-        for add, want in ((None, F.linear(x, w)), (bias, F.linear(x, w, bias)),
-                          (res, res + F.linear(x, w))):
-            got = mm(x, ready, add)
-            assert got.shape == want.shape and got.dtype == dtype
-            assert torch.allclose(got.float(), want.float(), atol=tol, rtol=tol), (rows, add)
+        # prepared for these rows, for more (padded) and for fewer (MKL's plain product)
+        for packed_for in (rows, rows + 5, max(1, rows // 2)):
+            ready = prep(w, packed_for) if prep else w
+            for add, want in ((None, F.linear(x, w)), (bias, F.linear(x, w, bias)),
+                              (res, res + F.linear(x, w))):
+                got = mm(x, ready, add)
+                assert got.shape == want.shape and got.dtype == dtype
+                assert torch.allclose(got.float(), want.float(), atol=tol, rtol=tol), (rows, add)
 
 
 def test_a_plan_of_several_forms_decodes_as_the_hf_forward(tok):
@@ -107,6 +109,44 @@ def test_a_plan_of_several_forms_decodes_as_the_hf_forward(tok):
     plan = [(1, forms[-1]), (3, forms[0])]
     hf, ours = decoders(make_model(tok).eval(), tok, max_new=8, drop_at=2, plan=plan)
     assert torch.allclose(hf.nan_to_num(), ours.nan_to_num(), atol=1e-5)
+
+
+@pytest.mark.parametrize("form", sorted(decode.PADS & set(decode.available("cpu"))))
+def test_a_form_packed_for_more_rows_decodes_as_the_hf_forward(tok, form):
+    """MKL's packing is for one row count, the largest of its part of the plan: 4 rows decode by it,
+    then 2 (rows leaving) padded to 4, with the HF forward's logits throughout."""
+    hf, ours = decoders(make_model(tok).eval(), tok, max_new=8, drop_at=2, plan=[(1, form)])
+    assert torch.allclose(hf.nan_to_num(), ours.nan_to_num(), atol=1e-5)
+
+
+def test_choose_gives_a_padding_form_the_stretch_where_it_saves_most(monkeypatch):
+    """From the timings: per part of the plan the fastest plain form; a form in PADS (one copy of
+    the weights, packed for its stretch's largest row count) takes the stretch of parts it saves
+    most on, counting each row count alike and its preparation once per horizon; none where it
+    saves nothing."""
+    def plan_from(table, horizon=64):
+        monkeypatch.setattr(decode, "timings", lambda layers, head, starts, ends, reps: table)
+        monkeypatch.setattr(decode, "_CHOSEN", {})
+        monkeypatch.setattr(decode, "PADS", {"pad"})
+        return decode.plan_text(decode.choose([(None, torch.zeros(4, 4))], torch.zeros(8, 4), 8,
+                                              horizon))
+    ms = 1e-3
+    # starts 1, 2, 3, 5 (parts 1, 2, 3-4, 5-8); "pad" is timed at their ends 1, 2, 4, 8
+    plain = {("a", 1): (20 * ms, 0), ("a", 2): (40 * ms, 0), ("a", 3): (40 * ms, 0),
+             ("a", 5): (45 * ms, 0), ("b", 1): (30 * ms, 0), ("b", 2): (30 * ms, 0),
+             ("b", 3): (50 * ms, 0), ("b", 5): (50 * ms, 0)}
+    pads = lambda t1, t2, t4, t8, prep=0: {("pad", 1): (t1 * ms, prep), ("pad", 2): (t2 * ms, prep),
+                                           ("pad", 4): (t4 * ms, prep), ("pad", 8): (t8 * ms, prep)}
+    assert plan_from(plain | pads(25, 35, 45, 50)) == "1:a,2:b,3:a"
+    # packed for 8 at 31 ms: 3-8 rows save 2 × 9 + 4 × 14 ms (3-4 alone packed for 4: 2 × 7); not
+    # 2 rows (b: 30 ms)
+    assert plan_from(plain | pads(25, 35, 33, 31)) == "1:a,2:b,3:pad"
+    assert plan_from(plain | pads(25, 35, 33, 25)) == "1:a,2:pad"
+    # rows 2-4 packed for 4 save most
+    assert plan_from(plain | pads(25, 35, 20, 44)) == "1:a,2:pad,5:a"
+    # prepared in 2 s once per 64 steps: 31 ms a step more, more than it saves
+    assert plan_from(plain | pads(25, 35, 33, 25, prep=2.0)) == "1:a,2:b,3:a"
+    assert plan_from(plain | pads(25, 35, 33, 25, prep=2.0), horizon=10**6) == "1:a,2:pad"
 
 
 def test_the_engine_measures_its_plan_once(tiny_model_dir, monkeypatch):
@@ -157,7 +197,7 @@ def test_a_layout_that_costs_more_than_it_saves_is_not_chosen(tiny_model_dir, mo
     that takes 10 ms a matrix to prepare loses at a horizon of 1 step."""
     from models import load_model
     model, t = load_model(tiny_model_dir)
-    slow = (lambda w: time.sleep(0.01) or w, decode.linear)
+    slow = (lambda w, rows: time.sleep(0.01) or w, decode.linear)
     monkeypatch.setattr(decode, "MATMULS", {**decode.MATMULS, "slow-layout": slow})
     monkeypatch.setattr(decode, "_CHOSEN", {})
     plan = decode.choose(decode.fuse(model, views=False), model.lm_head.weight.detach(), 16,
@@ -172,7 +212,7 @@ def test_a_form_this_cpu_cannot_prepare_in_the_dtype_is_left_out(tiny_model_dir,
     from models import load_model
     model, t = load_model(tiny_model_dir)
 
-    def fp32_only(w):
+    def fp32_only(w, rows):
         if w.dtype != torch.float32:
             raise RuntimeError("no bf16 path on this cpu")
         return w

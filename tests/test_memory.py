@@ -181,3 +181,18 @@ def test_kv_cache_term_is_the_bytes_decode_allocates(tiny_model_dir, monkeypatch
     # K [L, B, KVH, P + T, D]; V is its like
     (shape, kw), = [(s, k) for s, k in sizes if len(s) == 5]
     assert planned == [2 * math.prod(shape) * kw["dtype"].itemsize]
+
+
+def test_prepared_layouts_are_counted_per_copy(tiny_model_dir):
+    """A decode plan with oneDNN's layout holds one more copy of the rollout weights, MKL's packing
+    one per part of the plan that has it (decode.prepared); a plan of plain forms none."""
+    from transformers import AutoConfig
+    shape = memory.shape_of(AutoConfig.from_pretrained(tiny_model_dir))
+    copy = lambda plan: sum(v for (phase, what), v in memory.plan(
+        shape, train.parse_args(["--model", tiny_model_dir, "--device", "cpu", "--rollout-dtype",
+                                 "float32", "--decode-matmul", plan]), 1, 16, runtime=0).items()
+                            if "layout" in what or "packed" in what)
+    weights = 4 * shape["params"]
+    assert copy("1:linear,4:weight-first") == 0
+    assert copy("1:onednn,4:weight-first") == weights
+    assert copy("1:mkl,2:linear,5:mkl") == 2 * weights
