@@ -105,20 +105,24 @@ def onednn_pack(w, rows):
 
 
 def mkl(x, packed, add=None):
-    """x [B, in] @ wᵀ (+ add) by MKL's sgemm on weights packed for R ≥ B rows (mkl_pack): fewer
-    rows are padded with zeros to R. A decode step reads every weight whatever the rows, and at a
-    few fp32 rows the packed R-row product beats every form at B (bench: 8 rows 31 vs 43-51 ms
-    for the model's matmuls); MKL falls back to its plain product for more than R rows."""
-    p, w, R = packed
+    """x [B, in] @ wᵀ (+ add) by MKL's sgemm on weights packed for R rows (mkl_pack): fewer rows
+    are padded with zeros to R, more taken R at a time. A decode step reads every weight whatever
+    the rows, and at a few fp32 rows the packed R-row product beats every form at B (bench: 8 rows
+    31 vs 43-51 ms for the model's matmuls)."""
+    p, shape, R = packed
     B, bias = len(x), add if add is not None and add.dim() == 1 else None
-    y = torch.ops.mkl._mkl_linear(F.pad(x, (0, 0, 0, R - B)) if B < R else x, p, w, bias, R)[:B]
-    return y + add if bias is None and add is not None else y
+    if B > R:   # beyond the plan's rows (a plan ending in mkl packs for the engine's largest batch)
+        return torch.cat([mkl(x[i:i + R], packed, add if bias is not None or add is None else
+                              add[i:i + R]) for i in range(0, B, R)])
+    y = torch.ops.mkl._mkl_linear(F.pad(x, (0, 0, 0, R - B)) if B < R else x, p, shape, bias, R)
+    return y[:B] + add if bias is None and add is not None else y[:B]
 
 
 def mkl_pack(w, rows):
     """w [out, in] packed by MKL for products of exactly `rows` rows, fp32 only (a copy, as
-    oneDNN's; with w, which the product needs for other row counts)."""
-    return torch.ops.mkl._mkl_reorder_linear_weight(w, rows), w, rows
+    oneDNN's), with a stand-in of w's shape (MKL reads only its size at that many rows)."""
+    stand_in = torch.zeros((), dtype=w.dtype, device=w.device).expand(w.shape)
+    return torch.ops.mkl._mkl_reorder_linear_weight(w, rows), stand_in, rows
 
 
 # the forms of a decode step's weight matmul: name -> (how the weights are prepared for a number of
@@ -257,6 +261,8 @@ def choose(layers, head, max_rows, horizon=64, reps=2):
     for s, f in zip(starts, forms):
         if not plan or plan[-1][1] != f:
             plan.append((s, f))
+    if plan[-1][1] in PADS:   # packed for max_rows: more rows (an eval's batch) by a plain form
+        plan.append((max_rows + 1, plain[-1]))
     _CHOSEN[key] = plan
     return plan
 
