@@ -261,8 +261,9 @@ def choose(layers, head, max_rows, horizon=64, reps=2):
     for s, f in zip(starts, forms):
         if not plan or plan[-1][1] != f:
             plan.append((s, f))
-    if plan[-1][1] in PADS:   # packed for max_rows: more rows (an eval's batch) by a plain form
-        plan.append((max_rows + 1, plain[-1]))
+    if plan[-1][1] in PADS:   # packed for max_rows: more rows (an eval's) by one needing no copy
+        free = [m for m, r in t if r == starts[-1] and m not in PADS and MATMULS[m][0] is None]
+        plan.append((max_rows + 1, min(free, key=lambda m: t[m, starts[-1]][0])))
     _CHOSEN[key] = plan
     return plan
 

@@ -8,7 +8,6 @@ A plain `python train.py` is one process with no process group: every helper her
 the identity (or a plain save/load), so the single-process path reads the same code.
 """
 import copy
-import ctypes
 import math
 import os
 import sys
@@ -19,6 +18,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from data import row_prompt
+from heap import keep_freed_memory
 from models import chat_prompt_ids, collate, load_model, response_logps
 from rewards import make_scalar_reward
 from rollout import HFEngine, Sample, VLLMEngine
@@ -35,28 +35,6 @@ def setup_distributed(device):
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
-
-
-def keep_freed_memory():
-    """On a CPU, let glibc's malloc keep the memory torch frees, to hand it out again: by default it
-    maps every block over its adaptive threshold (32 MB at most) on its own and unmaps it at the
-    free, so the next tensor of that size page-faults in every 4 KiB page anew (a training step
-    frees and re-allocates tensors of 2-113 MB hundreds of times: SmolLM2's [49152, 576]
-    embedding gradient is zero-filled at ~0.5 GB/s that way). Here every block comes from the heap
-    and its free top is trimmed only past 2 GB: the fp32 policy pass ~20 % faster, the peak tens of
-    MB higher (experiments/bench/speed-cpu.md); numbers unchanged. Linux/glibc only. One process
-    only, and only where the user set no malloc variable: under torchrun a kept heap holds FSDP's
-    freed gather buffers too (README: MALLOC_MMAP_THRESHOLD_=65536)."""
-    if any(k.startswith("MALLOC_")
-           for k in os.environ) or "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    libc.mallopt(M_MMAP_MAX, 0)                    # no block mapped on its own
-    libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)   # bytes; mallopt takes a C int
 
 
 def mixed_precision(device, train_dtype):

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from transformers import TopPLogitsWarper
 
 from decode import fuse, matmul_plan, prepared, static_decoder
+from heap import mapped
 from models import CACHE, DEFAULT_MODEL, left_pad, prefill, resolve_dtype
 
 
@@ -150,8 +151,9 @@ class HFEngine:
         self.layers = fuse(self.model) if fast and not share else None
         # decode.py's matmul forms by row count, [(rows from, name)] (None: the HF forward)
         layers = self.layers or (fuse(self.model, views=False) if fast and share else None)
-        self.plan = matmul_plan(matmul, layers, self.model.lm_head.weight.detach(),
-                                min(rows or max_batch, max_batch), horizon) if layers else None
+        with mapped():   # its trial layouts as the generate calls' (their page faults timed too)
+            self.plan = matmul_plan(matmul, layers, self.model.lm_head.weight.detach(),
+                                    min(rows or max_batch, max_batch), horizon) if layers else None
         self.forms = None   # the plan's prepared weights, kept until the weights change
         # the copy's weight storages (the fused q|k|v and gate|up once), with their sizes: what sleep frees
         self.storages = {
@@ -214,8 +216,9 @@ class HFEngine:
         # policy's change every step)
         forms = self.forms
         if forms is None and self.plan:
-            forms = prepared(self.layers or fuse(self.model, views=False),
-                             self.model.lm_head.weight.detach(), self.plan, self.max_batch)
+            with mapped():   # returned whole when dropped (heap.py)
+                forms = prepared(self.layers or fuse(self.model, views=False),
+                                 self.model.lm_head.weight.detach(), self.plan, self.max_batch)
             self.forms = None if self.shared else forms
         for start in tqdm(range(0, len(flat), self.max_batch), desc=desc, disable=desc is None,
                           leave=False, dynamic_ncols=True):

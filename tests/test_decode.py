@@ -132,22 +132,23 @@ def test_choose_gives_a_padding_form_the_stretch_where_it_saves_most(monkeypatch
                                               horizon))
     ms = 1e-3
     # starts 1, 2, 3, 5 (parts 1, 2, 3-4, 5-8); "pad" is timed at their ends 1, 2, 4, 8
-    plain = {("a", 1): (20 * ms, 0), ("a", 2): (40 * ms, 0), ("a", 3): (40 * ms, 0),
-             ("a", 5): (45 * ms, 0), ("b", 1): (30 * ms, 0), ("b", 2): (30 * ms, 0),
-             ("b", 3): (50 * ms, 0), ("b", 5): (50 * ms, 0)}
+    plain = {(m, r): (t * ms, 0) for m, ts in (("linear", (20, 40, 40, 45)),
+                                               ("weight-first", (30, 30, 50, 50)))
+             for r, t in zip((1, 2, 3, 5), ts)}
     pads = lambda t1, t2, t4, t8, prep=0: {("pad", 1): (t1 * ms, prep), ("pad", 2): (t2 * ms, prep),
                                            ("pad", 4): (t4 * ms, prep), ("pad", 8): (t8 * ms, prep)}
-    assert plan_from(plain | pads(25, 35, 45, 50)) == "1:a,2:b,3:a"
+    assert plan_from(plain | pads(25, 35, 45, 50)) == "1:linear,2:weight-first,3:linear"
     # packed for 8 at 31 ms: 3-8 rows save 2 × 9 + 4 × 14 ms (3-4 alone packed for 4: 2 × 7); not
-    # 2 rows (b: 30 ms)
-    # (more rows than the plan's 8, an eval's batch, by the plain form of 5-8)
-    assert plan_from(plain | pads(25, 35, 33, 31)) == "1:a,2:b,3:pad,9:a"
-    assert plan_from(plain | pads(25, 35, 33, 25)) == "1:a,2:pad,9:a"
+    # 2 rows (weight-first: 30 ms)
+    # (more rows than the plan's 8, an eval's batch, by the fastest form of 5-8 that needs no copy)
+    assert plan_from(plain | pads(25, 35, 33, 31)) == "1:linear,2:weight-first,3:pad,9:linear"
+    assert plan_from(plain | pads(25, 35, 33, 25)) == "1:linear,2:pad,9:linear"
     # rows 2-4 packed for 4 save most
-    assert plan_from(plain | pads(25, 35, 20, 44)) == "1:a,2:pad,5:a"
+    assert plan_from(plain | pads(25, 35, 20, 44)) == "1:linear,2:pad,5:linear"
     # prepared in 2 s once per 64 steps: 31 ms a step more, more than it saves
-    assert plan_from(plain | pads(25, 35, 33, 25, prep=2.0)) == "1:a,2:b,3:a"
-    assert plan_from(plain | pads(25, 35, 33, 25, prep=2.0), horizon=10**6) == "1:a,2:pad,9:a"
+    assert plan_from(plain | pads(25, 35, 33, 25, prep=2.0)) == "1:linear,2:weight-first,3:linear"
+    assert plan_from(plain | pads(25, 35, 33, 25, prep=2.0),
+                     horizon=10**6) == "1:linear,2:pad,9:linear"
 
 
 def test_the_engine_measures_its_plan_once(tiny_model_dir, monkeypatch):

@@ -167,3 +167,36 @@ def test_cpu_runs_keep_freed_tensor_memory(tmp_path, mb):
     assert out.returncode == 0, out.stderr[-2000:]
     assert int(out.stdout.split()[0]) >= mb * 2**20, \
         "the user's MALLOC_MMAP_THRESHOLD_ was overridden"
+
+
+MAPPED_PROBE = FREED_PROBE.split("before = ")[0] + r"""
+from heap import mapped
+base = libc.mallinfo2().hblkhd       # bytes in blocks mmapped on their own
+with mapped():
+    x = torch.ones(3 * 2**20)        # 12 MB, made inside
+inside = libc.mallinfo2().hblkhd - base
+del x
+after_free = libc.mallinfo2().hblkhd - base
+y = torch.ones(3 * 2**20)            # made outside again
+print(inside, after_free, libc.mallinfo2().hblkhd - base)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_blocks_made_inside_mapped_go_back_whole(tmp_path):
+    """heap.mapped: where keep_freed_memory keeps every block in the heap, one made inside (MKL's
+    packed weights, which reserve more than they write) is mapped on its own and unmapped at its
+    free; outside, blocks come from the kept heap again."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(MAPPED_PROBE)
+    clean = {
+        k: v
+        for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    out = subprocess.run([sys.executable, str(probe), ROOT], capture_output=True, text=True,
+                         env=clean)
+    if "mallinfo2" in out.stderr:   # not glibc ≥ 2.33
+        pytest.skip("no mallinfo2 in this libc")
+    assert out.returncode == 0, out.stderr[-2000:]
+    inside, after_free, outside = map(int, out.stdout.split())
+    assert inside >= 12 * 2**20 and after_free < 2**20 and outside < 2**20, (inside, after_free,
+                                                                              outside)

@@ -1,0 +1,52 @@
+"""
+glibc's malloc on a CPU, set for a training loop: one process frees and allocates the same large
+tensors at every step, and a kept block is handed out again with its pages in place
+(keep_freed_memory); blocks that should not stay resident after their free go back whole
+(mapped). Linux/glibc only; elsewhere, or where the user set a malloc variable, nothing changes.
+"""
+import contextlib
+import ctypes
+import os
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
+KEPT = []   # the libc whose malloc keep_freed_memory set (empty: malloc as glibc's default)
+
+
+def keep_freed_memory():
+    """On a CPU, let glibc's malloc keep the memory torch frees, to hand it out again: by default it
+    maps every block over its adaptive threshold (32 MB at most) on its own and unmaps it at the
+    free, so the next tensor of that size page-faults in every 4 KiB page anew (a training step
+    frees and re-allocates tensors of 2-113 MB hundreds of times: SmolLM2's [49152, 576]
+    embedding gradient is zero-filled at ~0.5 GB/s that way). Here every block comes from the heap
+    and its free top is trimmed only past 2 GB: the fp32 policy pass ~20 % faster, the peak tens of
+    MB higher (experiments/bench/speed-cpu.md); numbers unchanged. Linux/glibc only. One process
+    only, and only where the user set no malloc variable: under torchrun a kept heap holds FSDP's
+    freed gather buffers too (README: MALLOC_MMAP_THRESHOLD_=65536)."""
+    if any(k.startswith("MALLOC_")
+           for k in os.environ) or "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(M_MMAP_MAX, 0)                    # no block mapped on its own
+    libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)   # bytes; mallopt takes a C int
+    KEPT[:] = [libc]
+
+
+@contextlib.contextmanager
+def mapped():
+    """Inside: every block of 1 MB or more mapped on its own, unmapped (its pages returned) at its
+    free, where keep_freed_memory keeps the rest. For copies made and dropped once a sync, larger
+    than what they hold: MKL's packing (decode.mkl_pack) reserves 2-5x the bytes it writes, and
+    from the kept heap those blocks' pages stayed resident after the free, ~0.4 GB over a DPO
+    step's peak (experiments/bench/speed-cpu.md); mapped, their first touch costs page faults."""
+    if not KEPT:
+        yield
+        return
+    KEPT[0].mallopt(M_MMAP_THRESHOLD, 2**20)
+    KEPT[0].mallopt(M_MMAP_MAX, 2**16)
+    try:
+        yield
+    finally:
+        KEPT[0].mallopt(M_MMAP_MAX, 0)
