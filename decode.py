@@ -6,8 +6,9 @@ Why by hand: a decode step of a few rows reads every weight once and does ~2 FLO
 row, so its ceiling is the memory bandwidth (bench.py --parts decode measures both). Three things
 bring it closer than Hugging Face's forward:
 - each weight matmul in the form that is fastest on this machine for that many rows: W @ xᵀ (the
-  activations as columns), x @ Wᵀ (F.linear) or oneDNN's linear on weights it has laid out for
-  itself. Which wins differs by CPU, dtype and rows (experiments/bench/speed-cpu.md), so the engine
+  activations as columns), x @ Wᵀ (F.linear), oneDNN's linear on weights it has laid out for
+  itself, or MKL's fp32 product on weights packed for one row count (fewer rows padded to it).
+  Which wins differs by CPU, dtype and rows (experiments/bench/speed-cpu.md), so the engine
   measures them once at start-up (choose) and keeps the plan for the run; every form equals
   F.linear to rounding (tests/test_decode.py), and a run resumed decodes by the plan it began with;
 - q|k|v and gate|up as one matrix each (HF's modules become views of them: no extra memory), and

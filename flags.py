@@ -243,9 +243,10 @@ def parse(argv, description):
         "lower it if rollouts run out of memory")
     p.add_argument(
         "--decode-matmul", default="auto", metavar="PLAN",
-        help="the HF engine's weight matmuls (decode.py): auto measures weight-first, linear and "
-        "onednn here at start-up and takes the fastest per row count (a resumed run keeps its "
-        "plan); or one of them, or a plan such as 1:onednn,16:weight-first")
+        help="the HF engine's weight matmuls (decode.py): auto measures weight-first, linear, "
+        "onednn and mkl (fp32, packed for the largest row count of its part) here at start-up and "
+        "takes the fastest per row count (a resumed run keeps its plan); or one of them, or a "
+        "plan such as 1:onednn,16:weight-first")
     p.add_argument(
         "--rollout-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
         help="rollout engine weights; auto: bfloat16 on CUDA "

@@ -212,13 +212,14 @@ class HFEngine:
         # a shared policy may be in train mode (dropout): sample in eval
         training = self.model.training
         self.model.eval()
-        # the plan's weights (oneDNN's layout is a copy: made again after each sync; a shared
+        # the plan's weights (oneDNN's and MKL's layouts are copies: made after each sync; a shared
         # policy's change every step)
         forms = self.forms
         if forms is None and self.plan:
-            with mapped():   # returned whole when dropped (heap.py)
-                forms = prepared(self.layers or fuse(self.model, views=False),
-                                 self.model.lm_head.weight.detach(), self.plan, self.max_batch)
+            layers = self.layers or fuse(self.model, views=False)   # the same sizes every call
+            with mapped():   # copies larger than what they hold: returned whole when dropped
+                forms = prepared(layers, self.model.lm_head.weight.detach(), self.plan,
+                                 self.max_batch)
             self.forms = None if self.shared else forms
         for start in tqdm(range(0, len(flat), self.max_batch), desc=desc, disable=desc is None,
                           leave=False, dynamic_ncols=True):

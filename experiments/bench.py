@@ -361,7 +361,7 @@ def decode(a, rows_list=(1, 8, 64), steps=48):
     paths = [("hf", {"fast": False})] + forms + [("decode.py auto", {})]
     for path, kw in paths:
         for rows in rows_list:   # an engine per batch: a plan, and MKL's packing, are per rows
-            engine = HFEngine(model, tok, max_batch=max(rows_list), rows=rows, dtype=dt, **kw)
+            engine = HFEngine(model, tok, max_batch=rows, dtype=dt, **kw)
             engine.stop_ids = {-1}   # no row stops: every step decodes all rows
             if path == "decode.py auto":
                 out.setdefault("plan", {})[rows] = dec.plan_text(engine.plan)
