@@ -682,8 +682,8 @@ def decode_md(a, dec):
         "included), with decode.py's step and with the HF forward; "
         "decode.py with each of its matmul forms pinned, and with "
         "the plan auto measured here for that many rows ("
-        f"{'; '.join(f'{r}: {p}' for r, p in dec.get('plan', {}).items())}; a form "
-        "in PADS packed for that many rows); "
+        f"{'; '.join(f'{r}: {p}' for r, p in dec.get('plan', {}).items())}; mkl packed "
+        "for the largest row count of its part, a pinned mkl for that many rows); "
         "'matmuls only': the step's weight matmuls alone in that "
         "form, nothing between them, the ceiling of a step built "
         "on it.", ""]
