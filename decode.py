@@ -111,12 +111,13 @@ def mkl(x, packed, add=None):
     the rows, and at a few fp32 rows the packed R-row product beats every form at B (bench: 8 rows
     31 vs 43-51 ms for the model's matmuls)."""
     p, shape, R = packed
-    B, bias = len(x), add if add is not None and add.dim() == 1 else None
+    B, residual = len(x), add is not None and add.dim() == 2
     if B > R:   # beyond the plan's rows (a plan ending in mkl packs for the engine's largest batch)
-        return torch.cat([mkl(x[i:i + R], packed, add if bias is not None or add is None else
-                              add[i:i + R]) for i in range(0, B, R)])
-    y = torch.ops.mkl._mkl_linear(F.pad(x, (0, 0, 0, R - B)) if B < R else x, p, shape, bias, R)
-    return y[:B] + add if bias is None and add is not None else y[:B]
+        return torch.cat([mkl(x[i:i + R], packed, add[i:i + R] if residual else add)
+                          for i in range(0, B, R)])
+    y = torch.ops.mkl._mkl_linear(F.pad(x, (0, 0, 0, R - B)) if B < R else x, p, shape,
+                                  None if residual else add, R)[:B]
+    return y + add if residual else y
 
 
 def mkl_pack(w, rows):
@@ -214,7 +215,7 @@ def timings(layers, head, starts, ends, reps=2):
     interleaved."""
     forms, out, ready = available(head.device, head.dtype), {}, {}
 
-    def prepare(m, rows):   # the second time: a sync's preparation reuses the last one's memory
+    def prepare(m, rows):   # timed the second time: the first in a process pays one-off costs
         for _ in range(2 if MATMULS[m][0] else 1):
             ready.pop(m, None)
             t = time.perf_counter()
