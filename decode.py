@@ -236,12 +236,12 @@ def timings(layers, head, starts, ends, reps=2):
 @torch.inference_mode()
 def choose(layers, head, max_rows, horizon=64, reps=2):
     """The plan for decoding up to max_rows rows at once, measured here on the model's weights
-    (timings): per part of
-    the plan (ROWS), the fastest form at its first row count, and the one stretch of parts where a
-    form in PADS, prepared for the stretch's largest count and padding fewer rows to it, saves
-    most (at most one more copy of the weights). A form that lays the weights out anew pays that
-    once per `horizon` decode steps (the engine prepares them again after each sync); each row
-    count counts alike. Measured once per process for a model shape, dtype, max_rows and horizon."""
+    (timings): per part of the plan (ROWS), the fastest form at its first row count, and the one
+    stretch of parts where a form in PADS, prepared for the stretch's largest count and padding
+    fewer rows to it, saves most (at most one more copy of the weights). A form that lays the
+    weights out anew pays that once per `horizon` decode steps (the engine prepares them again
+    after each sync); each row count counts alike. Measured once per process for a model shape,
+    dtype, max_rows and horizon."""
     key = (head.shape, head.dtype, head.device, len(layers), layers[0][1].shape, max_rows, horizon)
     if key in _CHOSEN:
         return _CHOSEN[key]

@@ -243,8 +243,9 @@ def build_models(a, s, ckpt, rows, rank, world, with_ref):
             load_ref(ckpt, synced)
         ref = from_rank0(synced, shape, a.device, a.train_dtype) if with_ref else None
         judge = from_rank0(seed, shape, a.device) if needs_chat and not a.reward_model else None
-        engine_model = from_rank0(seed if sampled == start else trained, shape, a.device, dtype=getattr(torch, a.rollout_dtype)) \
-            if a.engine != "vllm" else None
+        engine_model = from_rank0(
+            seed if sampled == start else trained, shape, a.device,
+            dtype=getattr(torch, a.rollout_dtype)) if a.engine != "vllm" else None
         del seed, trained, synced
     if ref is not None:
         ref.eval().requires_grad_(False)

@@ -220,8 +220,9 @@ def parse(argv, description):
         for dest, (default, text) in params.items():
             flag = "--" + dest.replace("_", "-")
             if flag not in p._option_string_actions:   # two losses may share one
-                kind = {"action": "store_true"} if isinstance(default, bool) else \
-                    {"type": number(type(default)) if type(default) in (int, float) else type(default)}
+                kind = {"action": "store_true"} if isinstance(default, bool) else {
+                    "type": number(type(default)) if type(default) in (int, float)
+                    else type(default)}
                 group.add_argument(flag, dest=dest, default=default, help=text, **kind)
     # Generation
     p.add_argument(

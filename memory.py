@@ -194,7 +194,8 @@ def for_run(config, a, world, prompt_tokens, runtime, s):
         shape = shape_of(config)
     # an architecture the plan does not understand: say so, never stop the run for it
     except Exception as e:
-        return f"memory plan: not available for {type(config).__name__} " f"({e.__class__.__name__}: {str(e)[:120]})"
+        return (f"memory plan: not available for {type(config).__name__} "
+                f"({e.__class__.__name__}: {str(e)[:120]})")
     return describe(plan(shape, a, world, prompt_tokens, gpu, None if cuda else runtime, s), shape,
                     world, a.device, gpu)
 

@@ -53,7 +53,8 @@ import torch
 
 # the reference's files
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from flags import HelpFormatter, NONNEGATIVE, POSITIVE, POSITIVE_INT, device_name, make_writable, model_name, names_from, number, out_dir
+from flags import (HelpFormatter, NONNEGATIVE, POSITIVE, POSITIVE_INT, device_name, make_writable,
+                   model_name, names_from, number, out_dir)
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository root
 
@@ -236,9 +237,10 @@ def generate(a, n, reps=2):
 
 
 def engine_cost(a, n, engine_kind, reps=2):
-    """One rollout engine ("hf-float32", "hf-bfloat16", "vllm-float32", "vllm-bfloat16"): start-up seconds, tokens/s on
-    batch_prompts x n sequences, seconds per weight sync, and how far its sampled log-probs are
-    from the fp32 trainer's (mean / max |log μ - log πθ| over the sampled tokens)."""
+    """One rollout engine ("hf-float32", "hf-bfloat16", "vllm-float32", "vllm-bfloat16"): start-up
+    seconds, tokens/s on batch_prompts x n sequences, seconds per weight sync, and how far its
+    sampled log-probs are from the fp32 trainer's (mean / max |log μ - log πθ| over the sampled
+    tokens)."""
     from data import row_prompt, split_task
     from models import chat_prompt_ids, load_model
     from rollout import HFEngine, VLLMEngine
@@ -379,11 +381,10 @@ def decode(a, rows_list=(1, 8, 64), steps=48):
             # the ceiling of any step made of this form's matmuls: the step's weight matmuls alone
             if engine.layers and path != "decode.py auto":
                 m, head = kw["matmul"], engine.model.lm_head.weight
+                plain = dec.matrices(engine.layers, head)
                 mats = dec.matrices(*dec.packed(engine.layers, head, m, rows))
-                xs = [torch.ones(rows, w.shape[1], device=a.device, dtype=dt)
-                      for w in dec.matrices(engine.layers, head)]
-                nbytes = sum(x.shape[1] * w.shape[0] for x, w in
-                             zip(xs, dec.matrices(engine.layers, head))) * dt.itemsize
+                xs = [torch.ones(rows, w.shape[1], device=a.device, dtype=dt) for w in plain]
+                nbytes = sum(w.numel() for w in plain) * dt.itemsize
                 step_s = 1 / calls_per_second(
                     lambda: [dec.MATMULS[m][1](x, w) for x, w in zip(xs, mats)], a.device, 0.5)
                 out["rows"][rows][f"{m}, matmuls only"] = fraction(nbytes, step_s)
@@ -530,10 +531,12 @@ def parse_args(argv=None):
 
 def machine(a):
     """The hardware line every table starts with."""
-    env = f"{a.device}, {torch.get_num_threads()} threads, rollouts " f"{a.rollout_dtype}, training {a.train_dtype}, torch {torch.__version__}"
+    env = (f"{a.device}, {torch.get_num_threads()} threads, rollouts {a.rollout_dtype}, "
+           f"training {a.train_dtype}, torch {torch.__version__}")
     if a.device == "cpu":
         import platform
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor()) \
+        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                    if line.startswith("model name")), platform.processor()) \
             if os.path.exists("/proc/cpuinfo") else platform.processor()
         return env + f", {os.cpu_count()} cores ({cpu}, {torch.backends.cpu.get_cpu_capability()})"
     return env + f", {torch.cuda.get_device_name()}"
