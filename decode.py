@@ -24,6 +24,10 @@ samples against it; `fuse` returns None for any other architecture, which HFEngi
 with the HF forward. Prefill (the prompt, many tokens at once, compute-bound) stays HF's.
 """
 import functools
+import hashlib
+import json
+import os
+import platform
 import time
 
 import torch
@@ -234,17 +238,61 @@ def timings(layers, head, starts, ends, reps=2):
 
 
 @torch.inference_mode()
-def choose(layers, head, max_rows, horizon=64, reps=2):
+def choose(layers, head, max_rows, horizon=64, reps=2, store=None):
     """The plan for decoding up to max_rows rows at once, measured here on the model's weights
     (timings): per part of the plan (ROWS), the fastest form at its first row count, and the one
     stretch of parts where a form in PADS, prepared for the stretch's largest count and padding
     fewer rows to it, saves most (at most one more copy of the weights). A form that lays the
     weights out anew pays that once per `horizon` decode steps (the engine prepares them again
     after each sync); each row count counts alike. Measured once per process for a model shape,
-    dtype, max_rows and horizon."""
+    dtype, max_rows and horizon, and with store (a JSON file) once per machine (stored)."""
     key = (head.shape, head.dtype, head.device, len(layers), layers[0][1].shape, max_rows, horizon)
-    if key in _CHOSEN:
-        return _CHOSEN[key]
+    if key not in _CHOSEN:
+        _CHOSEN[key] = stored(store, key, lambda: measure(layers, head, max_rows, horizon, reps))
+    return _CHOSEN[key]
+
+
+def stored(store, key, measure):
+    """measure()'s plan, kept in the JSON file `store` under this machine (the CPU, its threads,
+    torch, the instruction sets the environment allows it) and decode.py's own text: a later
+    process on this machine reads it instead of measuring again (and so decodes as this one did).
+    The file is written whole and renamed; one that cannot be read or written is measured past."""
+    with open(__file__, "rb") as f:
+        this = hashlib.sha1(repr((
+            cpu(), torch.get_num_threads(), torch.__version__, f.read(),
+            [os.environ.get(v) for v in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
+                                         "MKL_ENABLE_INSTRUCTIONS")], key)).encode()).hexdigest()
+    try:
+        with open(store) as f:
+            plans = json.load(f)
+    except (OSError, TypeError, ValueError):   # no store, none yet, or not JSON
+        plans = {}
+    if this in plans and all(m in MATMULS for _, m in plans[this]):
+        return [(int(rows), m) for rows, m in plans[this]]
+    plan = measure()
+    if store:
+        try:
+            os.makedirs(os.path.dirname(store) or ".", exist_ok=True)
+            with open(f"{store}.{os.getpid()}", "w") as f:
+                json.dump(plans | {this: plan}, f)
+            os.replace(f"{store}.{os.getpid()}", store)
+        except OSError:
+            pass
+    return plan
+
+
+def cpu():
+    """The CPU's name and instruction-set flags (Linux's /proc/cpuinfo; elsewhere platform's)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = f.read().splitlines()
+        return [next((l for l in lines if l.startswith(f)), "") for f in ("model name", "flags")]
+    except OSError:
+        return [platform.processor(), platform.machine()]
+
+
+def measure(layers, head, max_rows, horizon, reps):
+    """choose's plan, measured now."""
     starts = [r for r in ROWS if r <= max_rows] or [1]
     ends = tops([(r, None) for r in starts], max_rows)
     t = timings(layers, head, starts, ends, reps)
@@ -266,18 +314,18 @@ def choose(layers, head, max_rows, horizon=64, reps=2):
     if plan[-1][1] in PADS:   # packed for max_rows: more rows (an eval's) by one needing no copy
         free = [m for m, r in t if r == starts[-1] and m not in PADS and MATMULS[m][0] is None]
         plan.append((max_rows + 1, min(free, key=lambda m: t[m, starts[-1]][0])))
-    _CHOSEN[key] = plan
     return plan
 
 
-def matmul_plan(text, layers, head, max_rows, horizon=64):
-    """--decode-matmul resolved: auto measures on a CPU (choose) and keeps W @ xᵀ elsewhere (a GPU
-    runs vLLM for speed); anything else is parsed (parse_plan)."""
+def matmul_plan(text, layers, head, max_rows, horizon=64, store=None):
+    """--decode-matmul resolved: auto measures on a CPU (choose; store: where plans measured on
+    this machine are kept) and keeps W @ xᵀ elsewhere (a GPU runs vLLM for speed); anything else
+    is parsed (parse_plan)."""
     if text != "auto":
         return parse_plan(text, head.device, head.dtype)
     if head.device.type != "cpu":
         return [(1, "weight-first")]
-    return choose(layers, head, max_rows, horizon)
+    return choose(layers, head, max_rows, horizon, store=store)
 
 
 def rms_norm(x, norm):

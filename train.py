@@ -51,7 +51,7 @@ from losses import LOSSES, has_ratio, pairwise, uses_reference
 from memory import GB, for_run, peak_bytes, rss_bytes
 from models import chat_prompt_ids, collate, response_logps
 from rewards import score, stats as grading
-from rollout import sample_key
+from rollout import plans_file, sample_key
 
 
 def parse_args(argv=None):
@@ -278,8 +278,10 @@ def setup(a):
     if getattr(r.engine, "plan", None):   # what auto measured, saved with the checkpoints' args
         measured = a.decode_matmul == "auto"
         a.decode_matmul = plan_text(r.engine.plan)
-        r.say(f"decode matmuls (rows from:form; --decode-matmul): {a.decode_matmul}"
-              + (" (measured here)" if measured else ""))
+        kept = plans_file()
+        r.say(f"decode matmuls (rows from:form; --decode-matmul): {a.decode_matmul}" + (
+            f" (measured on this machine, kept in {kept}: delete it to measure again)" if kept
+            else " (measured here)") * measured)
     # memory.py: what this run should take per process; `peak_gb` in the log is what it took
     if r.master:
         longest = max(len(chat_prompt_ids(r.tok, row_prompt(row))) for row in r.train[:512])

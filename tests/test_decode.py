@@ -1,6 +1,7 @@
 """decode.py's hand-written decode step against the HF forward it replaces: the same logits, the
 same samples through the engine, finished rows leaving, syncs reaching the fused weights, and the
 HF forward kept for architectures the step does not cover."""
+import json
 import time
 
 import pytest
@@ -167,6 +168,31 @@ def test_the_engine_measures_its_plan_once(tiny_model_dir, monkeypatch):
     assert HFEngine(model, t, max_batch=16).plan == engine.plan and not calls
     assert HFEngine(model, t, matmul="1:linear,4:weight-first").plan == [(1, "linear"),
                                                                          (4, "weight-first")]
+
+
+def test_a_plan_is_measured_once_per_machine(tmp_path, monkeypatch):
+    """With a store, a plan measured here is read back by a later process (the same machine, shapes
+    and rows) instead of measured again; another machine's environment, row count or a file that
+    cannot be read or written is measured past, never an error."""
+    measured = []
+    monkeypatch.setattr(decode, "measure", lambda *args: measured.append(args[2]) or [
+        (1, "linear"), (4, "weight-first")])
+    store, weights = str(tmp_path / "plans.json"), ([(None, torch.zeros(4, 4))], torch.zeros(8, 4))
+
+    def plan(rows=8, store=store):
+        monkeypatch.setattr(decode, "_CHOSEN", {})   # a new process
+        return decode.choose(*weights, rows, store=store)
+    assert plan() == [(1, "linear"), (4, "weight-first")] and measured == [8]
+    assert plan() == [(1, "linear"), (4, "weight-first")] and measured == [8]   # read back
+    plan(16)
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")   # another kind of CPU, emulated
+    plan()
+    with open(store) as f:
+        assert measured == [8, 16, 8] and len(json.load(f)) == 3
+    with open(store, "w") as f:
+        f.write("{not json")
+    assert plan() == [(1, "linear"), (4, "weight-first")] and len(measured) == 4
+    assert plan(store=str(tmp_path / "plans.json" / "x")) and len(measured) == 5
 
 
 def test_prepared_weights_last_until_the_weights_change(tiny_model_dir):
