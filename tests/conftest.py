@@ -5,6 +5,7 @@ in-process train.py runs take their default device, CUDA; the multi-process test
 processes with gloo either way (ranks cannot share one GPU under NCCL)."""
 import json
 import os
+import shutil
 
 if os.environ.get("SEMIONLINE_TEST_DEVICE", "cpu") != "cuda":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""   # before torch looks for a GPU
@@ -50,10 +51,11 @@ def make_model(tok, seed=0):
 
 @pytest.fixture(scope="session", autouse=True)
 def model_cache(tmp_path_factory):
-    """The default model's de-quantized copy (models.write_cache) goes to a folder of this session,
-    not the user's cache."""
+    """The default model's de-quantized copy and the decode plans (models.cache_root) go to a
+    folder of this session, not the user's cache, removed at its end."""
     os.environ["SEMIONLINE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    return os.environ["SEMIONLINE_CACHE"]
+    yield os.environ["SEMIONLINE_CACHE"]
+    shutil.rmtree(os.environ.pop("SEMIONLINE_CACHE"), ignore_errors=True)   # 0.5 GB with the model
 
 
 @pytest.fixture(scope="session")

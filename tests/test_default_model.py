@@ -3,6 +3,7 @@ de-quantized copy in the cache (models.write_cache; the fast tests use the tiny 
 Run: pytest tests/test_default_model.py"""
 import importlib.util
 import os
+import shutil
 
 import pytest
 import torch
@@ -61,6 +62,7 @@ def test_the_cached_copy_is_the_gguf_model(tmp_path, monkeypatch):
         ids = chat_prompt_ids(gtok, text)
         assert chat_prompt_ids(tok, text) == ids
         assert tok.decode(ids) == gtok.decode(ids)
+    shutil.rmtree(tmp_path)   # 0.5 GB
 
 
 def test_cache_written_whole_and_once(tiny_model_dir, tmp_path, capsys):
