@@ -252,8 +252,8 @@ def choose(layers, head, max_rows, horizon=64, reps=2, store=None):
     return _CHOSEN[key]
 
 
-def stored(store, key, measure):
-    """measure()'s plan, kept in the JSON file `store` under this machine (the CPU, its threads,
+def stored(store, key, measure_now):
+    """measure_now()'s plan, kept in the JSON file `store` under this machine (the CPU, its threads,
     torch, the instruction sets the environment allows it) and decode.py's own text: a later
     process on this machine reads it instead of measuring again (and so decodes as this one did).
     The file is written whole and renamed; one that cannot be read or written is measured past."""
@@ -269,7 +269,7 @@ def stored(store, key, measure):
         plans = {}
     if this in plans and all(m in MATMULS for _, m in plans[this]):
         return [(int(rows), m) for rows, m in plans[this]]
-    plan = measure()
+    plan = measure_now()
     if store:
         try:
             os.makedirs(os.path.dirname(store) or ".", exist_ok=True)
