@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 
 def token_logps(logits, labels, temperature=1.0, chunk=None):
-    """log π_T(y_t | x, y_<t) for every position, π_T = softmax(z / T): [B, T, V], [B, T] -> [B, T] (fp32).
+    """log π_T(y_t | x, y_<t) for every position, π_T = softmax(z / T): [B, T, V], [B, T] ->
+    [B, T] (fp32).
 
     log π_T(y) = z_y / T - logsumexp(z / T). Computed `chunk` positions at a time (default ~32M
     logits, 128 MB in fp32), with its own backward ∂/∂z = (onehot(y) - π_T) / T recomputed chunk by

@@ -59,7 +59,8 @@ def grpo_advantages(rewards, eps=1e-4, scale_std=True):
 
 
 def kl_k3(logps, ref_logps):
-    """Per-token KL(πθ || πref) estimate k3 = exp(d) - d - 1, d = log πref - log πθ (Schulman 2020)."""
+    """Per-token KL(πθ || πref) estimate k3 = exp(d) - d - 1, d = log πref - log πθ (Schulman
+    2020)."""
     d = ref_logps - logps
     return torch.exp(d) - d - 1
 

@@ -145,7 +145,8 @@ SCALES = {"loss": "symlog", "k3_trained": "symlog", "grad_norm_pre_clip": "symlo
 def curve(recs, key):
     """(steps, values) of one logged metric; margin = chosen_reward - rejected_reward (preference
     losses)."""
-    get = (lambda r: r["chosen_reward"] - r["rejected_reward"] if r.get("chosen_reward") is not None else None) \
+    get = (lambda r: r["chosen_reward"] - r["rejected_reward"]
+           if r.get("chosen_reward") is not None else None) \
         if key == "margin" else (lambda r: r.get(key))
     pts = [(r["step"], v) for r in recs if (v := get(r)) is not None]
     return [p[0] for p in pts], [p[1] for p in pts]

@@ -132,8 +132,9 @@ class HFEngine:
         else from a private copy in `dtype` that only update_weights changes (own=True: `model` is
         already that copy). fast=False decodes with the HF forward even where decode.py could.
         matmul: decode.py's weight matmuls, a plan (--decode-matmul) or auto: measured on a CPU
-        (decode.choose, once per machine: plans_file), W @ xᵀ elsewhere; horizon: the decode steps the
-        engine expects between two syncs (what a form that lays out the weights anew is worth);
+        (decode.choose, once per machine: plans_file), W @ xᵀ elsewhere; horizon: the decode
+        steps the engine expects between two syncs (what a form that lays out the weights anew is
+        worth);
         rows: the most rows a sync's generate call decodes at once, where known (the plan is made
         for up to min(rows, max_batch))."""
         self.shared = share
@@ -151,7 +152,8 @@ class HFEngine:
         self.stop_ids = {
             tokenizer.eos_token_id
         } | set(extra if isinstance(extra, list) else [extra] if extra is not None else [])
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                       else tokenizer.eos_token_id)
         # Llama-family models decode by decode.py's step (the HF forward otherwise); a shared
         # policy's weights change every step, so its fused copy is made per generate call instead
         self.layers = fuse(self.model) if fast and not share else None
@@ -162,7 +164,8 @@ class HFEngine:
                                     min(rows or max_batch, max_batch), horizon,
                                     plans_file()) if layers else None
         self.forms = None   # the plan's prepared weights, kept until the weights change
-        # the copy's weight storages (the fused q|k|v and gate|up once), with their sizes: what sleep frees
+        # the copy's weight storages (the fused q|k|v and gate|up once), with their sizes: what
+        # sleep frees
         self.storages = {
             p.untyped_storage().data_ptr(): (p.untyped_storage(), p.untyped_storage().nbytes())
             for p in self.model.parameters()

@@ -563,8 +563,9 @@ def main(argv=None):
         ta = train.parse_args(passthrough + ["--out", os.path.join(a.out, "runs", "check")])
     except SystemExit as e:
         sys.exit(e.code)
-    a.batch_prompts_note = f"{ta.batch_prompts} prompts × {ta.n} responses a " f"step, lr {ta.lr:g}, temperature {ta.temperature:g}, " \
-                           f"{ta.max_new_tokens} new tokens at most, " f"{a.pool} training prompts per task"
+    a.batch_prompts_note = (f"{ta.batch_prompts} prompts × {ta.n} responses a step, lr {ta.lr:g}, "
+                            f"temperature {ta.temperature:g}, {ta.max_new_tokens} new tokens at "
+                            f"most, {a.pool} training prompts per task")
     make_writable(a.out, "--out")
     os.makedirs(os.path.join(a.out, "runs"), exist_ok=True)
     paths = write_data(a)
@@ -591,7 +592,8 @@ def main(argv=None):
     if not res:
         sys.exit(f"{a.out}: no finished runs yet")
     # the runs' code, so that --report-only writes the same report at any later commit
-    text = report(res, a, ", ".join(sorted({r["commit"] for runs in res.values() for r in runs.values()})))
+    commits = sorted({r["commit"] for runs in res.values() for r in runs.values()})
+    text = report(res, a, ", ".join(commits))
     if a.quick:
         text = text.replace("\n\n", "\n\n" + quick_finding(res), 1)   # after the title
     open(os.path.join(a.out, "results.md"), "w").write(text)

@@ -195,7 +195,8 @@ def pilot_report(res, a, commit):
             r["wall_s"] for n, runs in res.items() if n.endswith("_nocrn") == bool(suffix)
             for r in runs.values()]
         for d, suffix in DESIGNS}
-    cost = lambda w: f"{len(w)} runs × {statistics.median(w) / 60:.1f} " f"min = {len(w) * statistics.median(w) / 3600:.2f} h" if w else "none yet"
+    cost = lambda w: (f"{len(w)} runs × {statistics.median(w) / 60:.1f} min = "
+                      f"{len(w) * statistics.median(w) / 3600:.2f} h" if w else "none yet")
     L += [
         "", f"Cost on this machine, runs × the median wall time of "
         f"a run (a run resumed before its wall.json summed "

@@ -81,7 +81,8 @@ def mp_env(tmp_path, tiny_model_dir):
     runner script (a module's RUNNER: train.main behind its patches) is written to."""
     data = tmp_path / "mp-train.jsonl"
     write_sums(data, 16, 3)
-    return {"tmp": tmp_path, "model": tiny_model_dir, "data": str(data), "runner": str(tmp_path / "runner.py")}
+    return {"tmp": tmp_path, "model": tiny_model_dir, "data": str(data),
+            "runner": str(tmp_path / "runner.py")}
 
 
 def toy_score(rows, samples, chat_reward=None, length_penalty=0.0, cut="grade"):
