@@ -235,6 +235,33 @@ def plot_run(out):
     return plot_runs([out], os.path.join(out, "curves.png"))
 
 
+def open_outputs(a, master, resumed):
+    """(log.jsonl, samples.jsonl or None, the tracker or None) of a run in a.out, opened on rank 0
+    (None elsewhere): a resumed run appends to its files, a fresh run in an old directory starts
+    new ones."""
+    if not master:
+        return None, None, None
+    mode = "a" if resumed else "w"
+    return (open(os.path.join(a.out, "log.jsonl"), mode),
+            open(os.path.join(a.out, "samples.jsonl"), mode) if a.log_samples else None,
+            tracker(a.report_to, a.out, vars(a)))
+
+
+def write_step(outputs, rec, batch, units, a, step, sampled_at):
+    """A step's line in log.jsonl, what it trained on in samples.jsonl (samples_lines), its point
+    in the tracker; nothing off rank 0."""
+    log, samples, track = outputs
+    if log is None:
+        return
+    log.write(json.dumps(rec) + "\n")
+    log.flush()
+    if samples:
+        samples.writelines(samples_lines(batch, units, a, step, sampled_at))
+        samples.flush()
+    if track:
+        track[0](rec)
+
+
 def tracker(kind, out, config):
     """train.py --report-to: (log(record), close()) sending each step's numbers to an experiment
     tracker, or None for "none". The packages are optional and imported only when asked for; both

@@ -23,7 +23,6 @@ Resume a killed run:
 Several GPUs (or CPU processes), FSDP (the 8B recipe's flags and memory: README):
     torchrun --standalone --nproc_per_node 8 train.py --model meta-llama/Llama-3.1-8B-Instruct ...
 """
-import json
 import math
 import os
 import random
@@ -46,7 +45,7 @@ from decode import plan_text
 from dpo import entropy_regularizer, nll_loss, select_pair, token_entropy
 from eval import score_heldout
 from grpo import kl_k3
-from logs import plot_run, rollout_metrics, run_summary, samples_lines, tracker
+from logs import open_outputs, plot_run, rollout_metrics, run_summary, write_step
 from losses import LOSSES, has_ratio, pairwise, uses_reference
 from memory import GB, for_run, peak_bytes, rss_bytes
 from models import chat_prompt_ids, collate, response_logps
@@ -346,17 +345,31 @@ def sync_and_generate(r, a, spent):
     return gen_tok_s
 
 
+def score_now(r, a):
+    """Held-out scores of πθ as it is now (--eval-every): the engine takes πθ's weights and goes back
+    to sleep while πθ trains, as after a sync's rollouts (the next sync refreshes it anyway)."""
+    r.engine.update_weights(full_params(r.policy))
+    score_heldout(r.engine, r.tok, r.heldout[r.rank::r.world], r.chat_reward, a, f"step{r.step}")
+    r.engine.sleep()
+
+
+def checkpoint(r, a):
+    """πθ (HF format), the optimizer state, πref if synced, each rank's rollouts and RNG."""
+    rng = (torch.get_rng_state(),
+           torch.cuda.get_rng_state() if a.device.startswith("cuda") else None)
+    state = {"step": r.step, "ranks": (r.buffer, *rng), "last_sync": r.last_sync,
+             "stats": r.stats, "args": vars(a)}
+    save_checkpoint(a.out, r.step, r.policy, r.opt, r.shell, r.tok,
+                    r.ref if a.ref_sync_every else None, state, a.keep, a.keep_optimizer,
+                    r.master)
+
+
 def main(argv=None):
     a, t_start = parse_args(argv), time.time()
     r = setup(a)
     if not r.ckpt and r.heldout and not a.no_eval_before:
         score_heldout(r.engine, r.tok, r.heldout[r.rank::r.world], r.chat_reward, a, "before")
-    # a resumed run appends to its log; a fresh run in an old directory starts a new one
-    mode = "a" if r.ckpt else "w"
-    log, records = open(os.path.join(a.out, "log.jsonl"), mode) if r.master else None, []
-    samples = open(os.path.join(a.out, "samples.jsonl"), mode) if r.master and a.log_samples \
-        else None
-    track = tracker(a.report_to, a.out, vars(a)) if r.master else None
+    out, records = open_outputs(a, r.master, bool(r.ckpt)), []
     stop = []   # SIGTERM / Ctrl-C: finish the step, checkpoint, exit
     handlers = {
         sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
@@ -412,42 +425,23 @@ def main(argv=None):
         if ref_synced:
             rec["ref_synced"] = True
         records.append(rec)
-        if r.master:
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            if samples:
-                samples.writelines(samples_lines(batch, units, a, r.step, r.last_sync))
-                samples.flush()
-            if track:
-                track[0](rec)
+        write_step(out, rec, batch, units, a, r.step, r.last_sync)
         bar.set_postfix(reward=f"{rec['reward']:.3f}", len=f"{rec['length']:.0f}")
         bar.update(1)
         if a.eval_every and r.step % a.eval_every == 0 and r.step < a.steps and r.heldout:
-            # held-out on πθ now (the engine's weights are next read at the following sync, which
-            # refreshes them)
-            r.engine.update_weights(full_params(r.policy))
-            score_heldout(r.engine, r.tok, r.heldout[r.rank::r.world], r.chat_reward, a,
-                          f"step{r.step}")
-            r.engine.sleep()   # back to sleep while πθ trains, as after a sync's rollouts
+            score_now(r, a)
 
         # ---------------------------------------------------------------------
-        # Checkpoint: πθ (HF format), optimizer state, πref if synced, each rank's rollouts and RNG
+        # Checkpoint
         if (a.save_every and r.step % a.save_every == 0) or r.step == a.steps or counts["stop"]:
-            rng = (torch.get_rng_state(),
-                   torch.cuda.get_rng_state() if a.device.startswith("cuda") else None)
-            state = {
-                "step": r.step, "ranks": (r.buffer, *rng), "last_sync": r.last_sync,
-                "stats": r.stats, "args": vars(a)}
-            save_checkpoint(a.out, r.step, r.policy, r.opt, r.shell, r.tok,
-                            r.ref if a.ref_sync_every else None, state, a.keep, a.keep_optimizer,
-                            r.master)
+            checkpoint(r, a)
         if counts["stop"]:
             r.say(f"\nsignal received: checkpoint saved at step {r.step}; continue with --resume")
             break
     for sig, h in handlers.items():
         signal.signal(sig, h)
     bar.close()
-    return finish(r, a, records, track, bool(stop), t_start)
+    return finish(r, a, records, out[2], bool(stop), t_start)
 
 
 def finish(r, a, records, track, stopped, t_start):
