@@ -136,7 +136,17 @@ def model_name(text):
 def parse(argv, description):
     """train.py's parsed flags; errors name the flag (argparse exits with status 2)."""
     p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
-    # Model and data
+    model_and_data_flags(p)
+    semi_online_flags(p)
+    objective_flags(p)
+    generation_flags(p)
+    optimization_flags(p)
+    runtime_flags(p)
+    return checked(p, p.parse_args(argv))
+
+
+def model_and_data_flags(p):
+    """The model, the tasks and their data, rewards and the held-out set."""
     p.add_argument(
         "--model", default=DEFAULT_MODEL, type=model_name,
         help=f"HF hub id or local folder; {DEFAULT_MODEL}: "
@@ -181,7 +191,10 @@ def parse(argv, description):
         "stream in batch order, not common random numbers "
         "keyed by (seed, step, prompt, response, token) "
         "(s_curve.py --pilot measures what CRN buys)")
-    # Semi-online (§2.3)
+
+
+def semi_online_flags(p):
+    """s (§2.3) and πref's own sync."""
     p.add_argument(
         "--sync-every", default="4", type=sync_every,
         help="s: optimizer steps between rollout-weight syncs; "
@@ -190,7 +203,10 @@ def parse(argv, description):
         "--ref-sync-every", type=COUNT, default=0,
         help="copy the policy into the reference model every "
         "k optimizer steps (0: never); independent of s")
-    # Objective (§2, §4.2)
+
+
+def objective_flags(p):
+    """The objective (§2, §4.2) and each loss's own hyperparameters (LOSSES' params)."""
     p.add_argument("--loss", default="dpo", choices=list(LOSSES), help="objective")
     p.add_argument("--beta", type=POSITIVE, default=0.1, help="β of DPO / GroupDPO")
     p.add_argument("--alpha", type=NONNEGATIVE, default=1.0,
@@ -224,7 +240,10 @@ def parse(argv, description):
                     "type": number(type(default)) if type(default) in (int, float)
                     else type(default)}
                 group.add_argument(flag, dest=dest, default=default, help=text, **kind)
-    # Generation
+
+
+def generation_flags(p):
+    """Sampling and the rollout engine."""
     p.add_argument(
         "--n", "--group-size", dest="n", type=number(int, 2), default=8,
         help="responses sampled per prompt, >= 2 for a pair (under "
@@ -264,7 +283,10 @@ def parse(argv, description):
         "--vllm-memory", type=FRACTION, default=0.3,
         help="fraction of GPU memory vLLM may take (on CPU the "
         "KV cache is VLLM_CPU_KVCACHE_SPACE GiB, default 1)")
-    # Optimization
+
+
+def optimization_flags(p):
+    """Steps, batches, AdamW and what stops a run."""
     p.add_argument("--steps", type=POSITIVE_INT, default=24, help="optimizer steps")
     p.add_argument("--batch-prompts", type=POSITIVE_INT, default=4,
                    help="prompts per optimizer step")
@@ -284,7 +306,10 @@ def parse(argv, description):
         "--long-prompts", default="skip", choices=("skip", "truncate"),
         help="prompts that leave no room for --max-new-tokens in the "
         "model's context: skip (counted) or keep their tail")
-    # Runtime and logging
+
+
+def runtime_flags(p):
+    """Outputs, checkpoints, resuming, the seed and the device."""
     p.add_argument("--out", type=out_dir, default="runs/default",
                    help="run directory: log.jsonl and checkpoints")
     p.add_argument("--save-every", type=COUNT, default=0,
@@ -310,7 +335,6 @@ def parse(argv, description):
     p.add_argument("--device", type=device_name,
                    default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device: cpu, cuda or cuda:N")
-    return checked(p, p.parse_args(argv))
 
 
 def checked(p, a):
