@@ -34,7 +34,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from flags import POSITIVE_INT, HelpFormatter, make_writable, number, out_dir
 from logs import mean_se
-from reproduce import MARGIN, paired_scores, run_arm, summary, trend, verdict, write_data
+from reproduce import run_arm, write_data
+from reproduce_report import MARGIN, paired_scores, summary, trend, verdict
 
 METRICS = (("math", "final"), ("math", "second half"), ("math_sampled", "final"), ("math_sampled",
                                                                                    "second half"))

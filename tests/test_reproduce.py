@@ -8,6 +8,7 @@ import time
 import pytest
 
 import reproduce
+import reproduce_report
 
 pytestmark = pytest.mark.slow   # the whole suite only: -m "not slow" leaves it out
 
@@ -65,22 +66,22 @@ def fake_run(math, before=None, chat=None, chat_before=None):
 def test_paired_differences_and_verdicts():
     a = {0: fake_run([1, 1, 0, 1]), 1: fake_run([1, 0, 0, 1])}
     b = {0: fake_run([0, 1, 0, 0]), 1: fake_run([0, 0, 0, 1])}
-    d, se, how = reproduce.paired(a, b, "math")   # per seed: 0.5 and 0.25
+    d, se, how = reproduce_report.paired(a, b, "math")   # per seed: 0.5 and 0.25
     assert (d, how) == (pytest.approx(0.375), "2 seeds") and se == pytest.approx(0.125)
     # one seed: per-row differences 1, 0, 0, 1
-    d, se, how = reproduce.paired({0: a[0]}, {0: b[0]}, "math")
+    d, se, how = reproduce_report.paired({0: a[0]}, {0: b[0]}, "math")
     assert d == pytest.approx(0.5) and se == pytest.approx(0.2887,
                                                            abs=1e-4) and how == "seed 0, 4 rows"
-    assert reproduce.verdict(0.10, 0.02, ">") == "reproduced"
-    assert reproduce.verdict(-0.10, 0.02, ">") == "reversed"
-    assert reproduce.verdict(0.01, 0.01, "≈") == "equivalent"
-    assert reproduce.verdict(0.01, 0.03, "≈") == "inconclusive"
+    assert reproduce_report.verdict(0.10, 0.02, ">") == "reproduced"
+    assert reproduce_report.verdict(-0.10, 0.02, ">") == "reversed"
+    assert reproduce_report.verdict(0.01, 0.01, "≈") == "equivalent"
+    assert reproduce_report.verdict(0.01, 0.03, "≈") == "inconclusive"
     # beyond 2 SE: the paper's ≈ not seen
-    assert reproduce.verdict(-0.29, 0.11, "≈") == "different"
-    assert reproduce.verdict(0.05, 0.03, ">") == "inconclusive"
-    assert reproduce.verdict(0.01, 0.01, "≳") == "equivalent"
-    assert reproduce.verdict(0.10, 0.02, "≳") == "reproduced"
-    w = reproduce.chat_wins(fake_run([1], chat=[0.9, 0.2, 0.5], chat_before=[0.1, 0.4, 0.5]))
+    assert reproduce_report.verdict(-0.29, 0.11, "≈") == "different"
+    assert reproduce_report.verdict(0.05, 0.03, ">") == "inconclusive"
+    assert reproduce_report.verdict(0.01, 0.01, "≳") == "equivalent"
+    assert reproduce_report.verdict(0.10, 0.02, "≳") == "reproduced"
+    w = reproduce_report.chat_wins(fake_run([1], chat=[0.9, 0.2, 0.5], chat_before=[0.1, 0.4, 0.5]))
     assert list(w.values()) == [1.0, 0.0, 0.5]
 
 
@@ -142,11 +143,11 @@ def test_quick_says_whether_it_showed_online_over_offline(tmp_path, monkeypatch)
     assert passthrough[passthrough.index("--lr") + 1] == "1e-5"
     big = {s: fake_run([1, 1, 1, 0] if s else [1, 1, 1, 1]) for s in range(3)}
     small = {s: fake_run([0, 0, 1, 0]) for s in range(3)}
-    text = reproduce.quick_finding({"online_dpo": big, "offline": small})
+    text = reproduce_report.quick_finding({"online_dpo": big, "offline": small})
     assert text.count("**reproduced**") == 2 and "not" not in text
     # d per seed 0, +¼, −¼
     noisy = {0: fake_run([1, 0, 0, 0]), 1: fake_run([0, 0, 1, 1]), 2: fake_run([0, 0, 0, 0])}
-    text = reproduce.quick_finding({"online_dpo": noisy, "offline": small})
+    text = reproduce_report.quick_finding({"online_dpo": noisy, "offline": small})
     assert "**inconclusive**" in text and "does **not** show online ≫ offline" in text
 
 
