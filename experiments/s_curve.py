@@ -20,7 +20,8 @@ Design (README "The s-curve" states the verdict rules, fixed before the run):
   curve, which averages out a single endpoint's luck). Differences are paired per seed, then mean
   ± SE over seeds (one shared seed: over the per-problem differences).
 - Each run is one train.py process, resumable; finished runs are skipped on a rerun.
-Outputs in --out: s_curve.md (or pilot.md), fig_s_curve.png, fig_ref_sync.png, runs/.
+Outputs in --out: s_curve.md (or pilot.md), fig_s_curve.png, fig_ref_sync.png, fig_curves.png
+(or fig_pilot_curves.png), runs/.
 """
 import argparse
 import json
@@ -353,8 +354,8 @@ def paper_panel(ax):
 
 
 def curves(res, a):
-    """fig_curves.png: held-out accuracy against step per arm (mean ± SE over seeds; no CRN
-    dashed)."""
+    """fig_curves.png (the pilot's: fig_pilot_curves.png, beside the sweep's): held-out accuracy
+    against step per arm (mean ± SE over seeds; no CRN dashed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -377,11 +378,14 @@ def curves(res, a):
         ax.set_title("mean ± SE over seeds; dashed: no common random numbers", fontsize=9)
     axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
-    fig.savefig(os.path.join(a.out, "fig_curves.png"), dpi=110)
+    fig.savefig(os.path.join(a.out, "fig_pilot_curves.png" if a.pilot else "fig_curves.png"),
+                dpi=110)
     plt.close(fig)
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """(the sweep's flags, the train.py flags every run gets, the arms to run); train.py's are
+    checked here, before the first run's process."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", type=out_dir, default="experiments/s-curve",
                    help="where runs, tables and figures go")
@@ -446,6 +450,11 @@ def main(argv=None):
               f"problems, greedy and {a.eval_samples} samples "
               f"each, scored every {a.steps // a.points} steps.")
     a.epoch_s = math.ceil(a.pool / ta.batch_prompts)
+    return a, passthrough, table
+
+
+def main(argv=None):
+    a, passthrough, table = parse_args(argv)
     make_writable(a.out, "--out")
     os.makedirs(os.path.join(a.out, "runs"), exist_ok=True)
     # reproduce.write_data's math files (the chat ones unused)

@@ -40,6 +40,12 @@ def test_pilot_and_sweep_smoke(tiny_model_dir, tmp_path, capsys):
     assert "online ≫ offline" in text and "semi-online ≈ online" in text and "dpo_sepoch" in text
     for fig in ("fig_s_curve.png", "fig_ref_sync.png", "fig_curves.png"):
         assert os.path.getsize(out / fig) > 5000
+    # the pilot's report again: its curves beside the sweep's, not over them
+    sweep_curves = (out / "fig_curves.png").read_bytes()
+    s_curve.main(argv + ["--pilot", "--arms", "dpo_s1,dpo_sinf,dpo_s1_nocrn,dpo_sinf_nocrn",
+                         "--report-only"])
+    assert (out / "fig_curves.png").read_bytes() == sweep_curves
+    assert os.path.getsize(out / "fig_pilot_curves.png") > 5000
     assert not list((out / "runs").glob("*/ckpt-*"))
 
 
