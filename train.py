@@ -346,8 +346,8 @@ def sync_and_generate(r, a, spent):
 
 
 def score_now(r, a):
-    """Held-out scores of πθ as it is now (--eval-every): the engine takes πθ's weights and goes back
-    to sleep while πθ trains, as after a sync's rollouts (the next sync refreshes it anyway)."""
+    """Held-out scores of πθ as it is now (--eval-every): the engine takes πθ's weights and goes
+    back to sleep while πθ trains, as after a sync's rollouts (the next sync refreshes it anyway)."""
     r.engine.update_weights(full_params(r.policy))
     score_heldout(r.engine, r.tok, r.heldout[r.rank::r.world], r.chat_reward, a, f"step{r.step}")
     r.engine.sleep()

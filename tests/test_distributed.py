@@ -29,10 +29,12 @@ def build(*a, **k):
     models = orig_build(*a, **k)
     holder["policy"] = models[0]   # the (sharded) policy
     return models
-def fake_generate(self, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=8, greedy=False, keys=None):
+def fake_generate(self, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=8, greedy=False,
+                  keys=None):
     # every sync hands the engine the full weights: check against the (sharded) policy
     full = dict(train.full_params(holder["policy"]))
-    ok = all(torch.equal(p, full[k].to(p.dtype)) for k, p in self.model.named_parameters())  # bf16 rollouts: cast
+    # bf16 rollouts: cast
+    ok = all(torch.equal(p, full[k].to(p.dtype)) for k, p in self.model.named_parameters())
     with open(os.path.join(os.environ["SYNC_LOG"], f"rank{os.environ.get('RANK', '0')}"), "a") as f:
         f.write(f"{ok}\n")
     V, eos = self.model.config.vocab_size, self.tokenizer.eos_token_id
@@ -69,8 +71,8 @@ def launch(setup, name, procs, steps, loss="dpo", extra=()):
     env = dict(os.environ, SYNC_LOG=str(tmp / f"sync-{name}"), OMP_NUM_THREADS="1",
                CUDA_VISIBLE_DEVICES="", PYTHONPATH=ROOT)
     cmd = [sys.executable, runner, *argv] if procs == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", str(free_port()),
-         runner, *argv]
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
+         "--master_port", str(free_port()), runner, *argv]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     ckpt = out / open(out / "latest").read().strip()
@@ -124,7 +126,8 @@ from distributed import setup_distributed
 
 class Mallinfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+                 "fordblks", "keepcost")]
 
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = Mallinfo2

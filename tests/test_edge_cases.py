@@ -89,7 +89,8 @@ def rm_without_pad(tmp_path):
     conversation with the end-of-turn token (= eos), as Llama-3 RMs do."""
     tok = make_tokenizer()
     tok.pad_token = None
-    tok.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>{% endfor %}"
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                         "<|im_end|>{% endfor %}")
     torch.manual_seed(3)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

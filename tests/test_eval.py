@@ -179,7 +179,8 @@ def test_eval_on_two_processes_scores_as_one(tiny_model_dir, tmp_path):
     port = free_port()
     for procs, out in ((1, "one"), (2, "two")):
         cmd = [sys.executable, *argv, "--out", str(tmp_path / out)] if procs == 1 else \
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), *argv, "--out", str(tmp_path / out)]
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+             "--master_port", str(port), *argv, "--out", str(tmp_path / out)]
         p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     per = {
@@ -217,14 +218,16 @@ def test_four_runs_compare_at_a_glance(tmp_path, monkeypatch):
     runs = [str(tmp_path / n) for n in losses]
     logs.plot_runs(runs, str(tmp_path / "cmp.png"))
     fig = figs[0]
-    panel = lambda label: next(ax for ax in fig.axes if ax.get_ylabel().startswith(label))   # noqa: E731
+    panel = lambda label: next(  # noqa: E731
+        ax for ax in fig.axes if ax.get_ylabel().startswith(label))
     held = panel("held-out")
     xs = [x for c in held.containers for x in c.lines[0].get_xdata()]   # one errorbar per marker
     # 4 runs x before/after, each at its own place
     assert len(xs) == 8 and len({round(float(x), 3) for x in xs}) == 8
     assert all(ax.get_legend() is None for ax in fig.axes) and len(fig.legends) == 1
     # loss axis; margins of the three preference runs, none of grpo
-    assert panel("loss").get_yscale() == "symlog" and len(panel("implicit reward margin").lines) == 3
+    assert panel("loss").get_yscale() == "symlog"
+    assert len(panel("implicit reward margin").lines) == 3
     assert panel("rollout reward = accuracy")   # math only: one panel for both
     table = logs.heldout_table(runs)
     assert "| dpo-s1 | math | 0.333 ± 0.270 | 0.667 ± 0.270 | +0.333 ± 0.333 | 3 |" in table

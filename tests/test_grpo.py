@@ -47,7 +47,8 @@ def test_on_policy_gradient_is_reinforce_with_baseline():
     A = torch.tensor([0.5, -1.0, 2.0, -0.3])
     loss, _ = grpo_loss(logps, logps.detach(), None, A, mask)   # ratio == 1
     loss.backward()
-    # REINFORCE with baseline: -1/B Σ_i A_i/|y_i| Σ_t ∇ log π(y_i,t) -> d/d logp_it = -A_i / (B |y_i|)
+    # REINFORCE with baseline: -1/B Σ_i A_i/|y_i| Σ_t ∇ log π(y_i,t)
+    #   -> d/d logp_it = -A_i / (B |y_i|)
     expect = -A[:, None] * mask / mask.sum(-1, keepdim=True) / 4
     assert torch.allclose(logps.grad, expect, atol=1e-7)
 

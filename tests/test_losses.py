@@ -66,8 +66,8 @@ def check_micro_batch_invariance(model, data, tmp_path, loss):
     for key in ("loss", "grad_norm_pre_clip"):
         a, b = [r[key] for r in whole["records"]], [r[key] for r in split["records"]]
         assert None not in a and b == pytest.approx(a, rel=1e-4, abs=1e-6), \
-            f"{loss}: {key} {b} with --micro-groups 1 vs " f"{a} with 4: does the loss take its share " \
-            "(b['share'], or b['responses'] / b['tokens'])?"
+            f"{loss}: {key} {b} with --micro-groups 1 vs {a} with 4: does the loss take its " \
+            "share (b['share'], or b['responses'] / b['tokens'])?"
     # AdamW: float noise moves a weight by a fraction of lr
     for k, v in whole["policy"].state_dict().items():
         assert torch.allclose(v, split["policy"].state_dict()[k], atol=0.1 * LR), k
@@ -92,7 +92,8 @@ def check_units(model, data, tmp_path, monkeypatch, loss):
             for k, v in b.items()}
         shuffled["rewards"] = b["rewards"][:, perm]
         assert fn(shuffled, a)[0].item() == pytest.approx(fn(b, a)[0].item(), rel=1e-5, abs=1e-7), \
-            f"{loss}: the loss of a group depends on the order of " f"its responses: a pairwise loss declared as 'groups'?"
+            f"{loss}: the loss of a group depends on the order of its responses: a pairwise " \
+            "loss declared as 'groups'?"
     assert all(math.isfinite(r["grad_norm_pre_clip"]) for r in res["records"])
 
 
@@ -148,8 +149,9 @@ def check_direction(model_dir, loss):
         for p in model.parameters():
             p -= 1e-3 * p.grad
         after = margin()
-    assert after > before, f"{loss}: a gradient step lowered the " f"higher-reward responses' log-probability " \
-                           f"against the lower ones ({before:.6f} -> " f"{after:.6f}): is the loss's sign flipped?"
+    assert after > before, f"{loss}: a gradient step lowered the higher-reward responses' " \
+        f"log-probability against the lower ones ({before:.6f} -> {after:.6f}): is the loss's " \
+        "sign flipped?"
 
 
 @pytest.mark.parametrize("loss", list(train.LOSSES))
@@ -269,7 +271,8 @@ def test_dr_grpo_loss_scales_with_the_rewards_and_grpo_does_not():
 
 
 def test_simpo_is_dpo_free_of_the_reference_and_normalized_by_length():
-    """SimPO by hand: -log σ(β(lc/|yc| - lr/|yr|) - γ); twice the length at twice the log-prob: the same."""
+    """SimPO by hand: -log σ(β(lc/|yc| - lr/|yr|) - γ); twice the length at twice the log-prob:
+    the same."""
     pc, pr, n = torch.tensor([-4.0]), torch.tensor([-6.0]), torch.tensor([2.0])
     expect = -torch.nn.functional.logsigmoid(torch.tensor(2.0 * (-2 + 3) - 0.5))
     assert simpo_loss(pc, pr, n, n, 2.0, 0.5).item() == pytest.approx(expect.item())

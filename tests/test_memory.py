@@ -114,8 +114,10 @@ def test_activation_bytes_match_a_real_forward(mode):
     saved = {}
 
     def pack(t):
+        autocast_copy = (mode == "autocast" and t.dtype == torch.bfloat16
+                         and tuple(t.shape) in shapes)
         if t.dtype.is_floating_point and t.untyped_storage().data_ptr() not in weights \
-                and not (mode == "autocast" and t.dtype == torch.bfloat16 and tuple(t.shape) in shapes):
+                and not autocast_copy:
             saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
     B, T = 2, 48

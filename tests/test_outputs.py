@@ -42,8 +42,8 @@ def test_run_directory_explains_itself(tiny_model_dir, data_file, tmp_path, monk
 
 
 @pytest.mark.parametrize("loss", ["dpo", "grpo"])
-def test_samples_show_what_the_loss_trained_on(tiny_model_dir, data_file, tmp_path, monkeypatch, capsys,
-                                               loss):
+def test_samples_show_what_the_loss_trained_on(tiny_model_dir, data_file, tmp_path, monkeypatch,
+                                               capsys, loss):
     """samples.jsonl: --log-samples prompts a step, each response with its reward, length and cut,
     and its role in the pair (DPO) or its advantage (GRPO); `python logs.py RUN --samples STEP`."""
     monkeypatch.setattr(train, "score", toy_score)   # a group's shortest response scores 1: a pair
@@ -51,20 +51,24 @@ def test_samples_show_what_the_loss_trained_on(tiny_model_dir, data_file, tmp_pa
     tiny_run(tiny_model_dir, data_file, out, "--steps", "3", "--loss", loss, "--sync-every", "2",
              "--eval-problems", "0", "--batch-prompts", "4", "--log-samples", "2")
     entries = [json.loads(line) for line in open(out / "samples.jsonl")]
-    assert [(e["step"], e["sampled_at"]) for e in entries] == [(1, 0), (1, 0), (2, 0), (2, 0), (3, 2), (3, 2)]
+    assert [(e["step"], e["sampled_at"]) for e in entries] == [
+        (1, 0), (1, 0), (2, 0), (2, 0), (3, 2), (3, 2)]
     for e in entries:
         assert e["task"] == "math" and e["prompt"].startswith("What is") and e["answer"]
         xs = e["responses"]
         assert len(xs) == 2 and all({"text", "reward", "tokens", "cut"} <= set(x) for x in xs)
         best = max(xs, key=lambda x: x["reward"])
         if loss == "dpo":
-            assert sorted(x["role"] for x in xs) == ["chosen", "rejected"] and best["role"] == "chosen"
+            assert sorted(x["role"] for x in xs) == ["chosen", "rejected"]
+            assert best["role"] == "chosen"
         else:
-            assert sum(x["advantage"] for x in xs) == pytest.approx(0, abs=1e-3) and best["advantage"] > 0
+            assert sum(x["advantage"] for x in xs) == pytest.approx(0, abs=1e-3)
+            assert best["advantage"] > 0
     capsys.readouterr()
     logs.main([str(out), "--samples", "3"])
     text = capsys.readouterr().out
-    assert text.startswith("step 3, sampled at step 2 (staleness 0)") and text.count(" reward ") == 4
+    assert text.startswith("step 3, sampled at step 2 (staleness 0)")
+    assert text.count(" reward ") == 4
     assert ("chosen" in text) == (loss == "dpo")
 
 
@@ -73,8 +77,8 @@ def test_resumed_samples_are_not_written_twice(tiny_model_dir, data_file, tmp_pa
     after the checkpoint are written once, in log.jsonl and samples.jsonl alike."""
     monkeypatch.setattr(train, "score", toy_score)
     out = tmp_path / "run"
-    tiny_run(tiny_model_dir, data_file, out, "--steps", "3", "--save-every", "2", "--eval-problems", "0",
-             "--keep-optimizer", "all")
+    tiny_run(tiny_model_dir, data_file, out, "--steps", "3", "--save-every", "2", "--eval-problems",
+             "0", "--keep-optimizer", "all")
     (out / "latest").write_text("ckpt-000002")   # as if killed before step 3's checkpoint
     tiny_run(tiny_model_dir, data_file, out, "--steps", "4", "--resume", "--eval-problems", "0")
     steps = lambda f: [json.loads(line)["step"] for line in open(out / f)]   # noqa: E731
@@ -120,6 +124,7 @@ def test_help_shows_defaults_and_choices():
     env = dict(os.environ, COLUMNS="200")
     text = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--help"],
                           capture_output=True, text=True, env=env).stdout
-    assert "(default: 24)" in text and "{dpo,ipo,simpo,group_dpo,grpo,dr_grpo,combined}" in text and "{none,tensorboard,wandb}" in text
+    assert "(default: 24)" in text and "{none,tensorboard,wandb}" in text
+    assert "{dpo,ipo,simpo,group_dpo,grpo,dr_grpo,combined}" in text
     # the docstring's examples keep their lines
     assert "torchrun --standalone --nproc_per_node 8 train.py" in text

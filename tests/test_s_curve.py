@@ -26,7 +26,8 @@ def test_pilot_and_sweep_smoke(tiny_model_dir, tmp_path, capsys):
     assert sorted(pilot) == ["dpo_s1", "dpo_s1_nocrn", "dpo_sinf", "dpo_sinf_nocrn"] and all(
         list(r) == [0, 1] for r in pilot.values())
     text = open(out / "pilot.md").read()
-    assert "| dpo_s1 − dpo_sinf | math " "final | CRN | 2 seeds |" in text and "| no CRN | 2 seeds |" in text
+    assert "| dpo_s1 − dpo_sinf | math final | CRN | 2 seeds |" in text
+    assert "| no CRN | 2 seeds |" in text
     run = out / "runs" / "dpo_s1-seed0"
     assert (run / "heldout_step1.json").exists() and json.load(open(run / "wall.json"))["commit"]
     # the pilot's CRN runs are the sweep's: reused, not rerun
@@ -96,8 +97,8 @@ def test_trend_and_length_verdicts():
     assert "∞ lowest: no" in "\n".join(s_curve.shape_verdicts(res, a))
     lengths = lambda xs: {0: {**fake({0: [0], 8: [0]}), "records": [{"length": x} for x in xs]}}
     res.update(dpo_s1=lengths([20] * 8), dpo_s1_no_ref_sync=lengths([20, 20, 12, 10, 8, 6, 5, 4]))
-    assert "| length collapse without πref sync | 20.0 → " "4.5 (synced, same seeds: 20.0 → 20.0) | seen |" in "\n".join(
-        s_curve.shape_verdicts(res, a))
+    assert ("| length collapse without πref sync | 20.0 → 4.5 (synced, same seeds: 20.0 → 20.0) "
+            "| seen |") in "\n".join(s_curve.shape_verdicts(res, a))
     res["dpo_s1_no_ref_sync"] = lengths([20] * 8)
     assert "| not seen |" in "\n".join(s_curve.shape_verdicts(res, a))
 
@@ -114,7 +115,8 @@ def test_design_choice_picks_the_cheaper_design_for_the_equivalence_se():
                          for s in range(3)},
         "dpo_s4_nocrn": {0: one([0, 0]), 1: one([0, 0]), 2: one([1, 0])}}
     text = "\n".join(s_curve.design_choice(res, a, {"CRN": [600, 600], "no CRN": [300]}))
-    assert "| CRN | 1.8 points | 2 seeds | 2 | 1.0 |" in text and "| no CRN | 28.9 points | 3 seeds | 134 | 33.5 |" in text
+    assert "| CRN | 1.8 points | 2 seeds | 2 | 1.0 |" in text
+    assert "| no CRN | 28.9 points | 3 seeds | 134 | 33.5 |" in text
     assert "**Choice: CRN**" in text
     del res["dpo_s4_nocrn"]
     assert "No choice yet" in "\n".join(
@@ -136,7 +138,8 @@ def test_pilot_report_compares_the_noise_of_the_two_designs():
                          1: one([0, 0])}, "dpo_s4_nocrn": {0: one([0, 0]), 1: one([1, 1])}}
     text = s_curve.pilot_report(res, a, "abc")
     assert "| dpo_s4 − dpo_s1 | math final | CRN | 2 seeds | 25.0 | 35.4 | 25.0 |" in text
-    assert "over the 4 rows measured in both: median " "2.00 (range 2.00–2.00; CRN lower in 4)" in text and "4.0×" in text
+    assert "over the 4 rows measured in both: median 2.00 (range 2.00–2.00; CRN lower in 4)" in text
+    assert "4.0×" in text
 
 
 def test_lengths_are_seed_means_and_the_collapse_verdict_is_paired():
@@ -164,4 +167,5 @@ def test_lengths_are_seed_means_and_the_collapse_verdict_is_paired():
     # the mean of 20 and 2, not seed 0's 20
     assert "| dpo_s1 | 8 | 2 |" in table and "| 11.0 → 11.0 |" in table
     verdict = "\n".join(s_curve.shape_verdicts(res, a))
-    assert "| length collapse without πref sync | 40.0 → " "12.0 (synced, same seeds: 20.0 → 20.0) | seen |" in verdict
+    assert ("| length collapse without πref sync | 40.0 → 12.0 (synced, same seeds: 20.0 → 20.0) "
+            "| seen |") in verdict

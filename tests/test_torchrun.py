@@ -63,8 +63,8 @@ def launch(env, name, procs, *extra, toy="short", die_after=0, expect_rc=0, time
     run_env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=ROOT,
                    SEMIONLINE_ROOT=ROOT, TOY=toy, DIE_AFTER_CHECKPOINT=str(die_after))
     cmd = [sys.executable, env["runner"], *argv] if procs == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", str(free_port()),
-         env["runner"], *argv]
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
+         "--master_port", str(free_port()), env["runner"], *argv]
     p = subprocess.Popen(cmd, cwd=ROOT, env=run_env, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True,
                          start_new_session=True)   # a hang is killed with all its ranks
@@ -74,7 +74,8 @@ def launch(env, name, procs, *extra, toy="short", die_after=0, expect_rc=0, time
         os.killpg(p.pid, signal.SIGKILL)
         pytest.fail(f"{name}: no end after {timeout} s (ranks out "
                     f"of lockstep?)\n{p.communicate()[0][-4000:]}")
-    assert p.returncode != 0 if expect_rc is None else p.returncode == expect_rc, f"{name}: exit {p.returncode}\n{text[-4000:]}"
+    assert p.returncode != 0 if expect_rc is None else p.returncode == expect_rc, \
+        f"{name}: exit {p.returncode}\n{text[-4000:]}"
     log = out / "log.jsonl"
     return [json.loads(line) for line in open(log)] if log.exists() else [], text
 
@@ -135,7 +136,8 @@ def one_vs_two(env, arm, flags):
     two, _ = launch(env, f"{arm}-2", 2, *argv)
     assert [r["step"] for r in two] == [1, 2, 3, 4]
     samples = [json.loads(line) for line in open(env["tmp"] / f"{arm}-2" / "samples.jsonl")]
-    assert [e["step"] for e in samples] == [1, 1, 2, 2, 3, 3, 4, 4]   # rank 0's 2 prompts a step, once
+    # rank 0's 2 prompts a step, once
+    assert [e["step"] for e in samples] == [1, 1, 2, 2, 3, 3, 4, 4]
     for key in ("reward", "length", "entropy", "pairs_used", "groups_used", "skipped", "staleness"):
         assert_close([r.get(key) for r in two], [r.get(key) for r in one], key)
     # null where a step had nothing to train on, in both

@@ -309,7 +309,8 @@ def test_collate_rejects_mixed_units(tiny_model_dir):
 def test_all_tied_prompts_are_skipped_and_counted(tiny_model_dir, data_file, tmp_path, monkeypatch):
     monkeypatch.setattr(rewards, "math_reward", lambda text, answer: 1.0)
     # grade: a response cut at the cap scores 1 too (under "fail" it would score 0: no tie)
-    recs = run(tiny_model_dir, data_file, tmp_path, "--steps", "2", "--cut-responses", "grade")["records"]
+    recs = run(tiny_model_dir, data_file, tmp_path, "--steps", "2", "--cut-responses",
+               "grade")["records"]
     assert all(r["skipped"] == 2 and r["pairs_used"] == 0 and r["loss"] is None for r in recs)
 
 
@@ -509,7 +510,8 @@ def test_arms_with_equal_weights_sample_equal_rollouts(tiny_model_dir, data_file
                 name="s3b")["records"]
     # timing and the process's peak memory (it grows over the tests a process runs) aside
     measured = ("time", "step_s", "rollout_tok_s", "peak_gb")
-    strip = lambda recs: [{k: v for k, v in r.items() if k not in measured} for r in recs]   # noqa: E731
+    strip = lambda recs: [  # noqa: E731
+        {k: v for k, v in r.items() if k not in measured} for r in recs]
     assert strip(again) == strip(semi)
 
 
@@ -620,8 +622,8 @@ def test_curves_mark_the_syncs_where_they_were(tiny_model_dir, data_file, tmp_pa
     --ref-sync-every says."""
     import logs
     monkeypatch.setattr(train, "score", toy_score)
-    out = run(tiny_model_dir, data_file, tmp_path, "--sync-every", s, "--steps", "6", "--eval-problems",
-              "0", "--ref-sync-every", "2", "--loss", "dpo")
+    out = run(tiny_model_dir, data_file, tmp_path, "--sync-every", s, "--steps", "6",
+              "--eval-problems", "0", "--ref-sync-every", "2", "--loss", "dpo")
     assert logs.sync_steps(out["records"]) == syncs
     assert [r["step"] for r in out["records"] if r.get("ref_synced")] == [2, 4, 6]
 

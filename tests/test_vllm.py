@@ -195,7 +195,8 @@ def test_vllm_under_torchrun_runs_to_the_end_and_samples_as_one_process(model_di
             "float32", "--train-dtype", "float32", "--out",
             str(out)]
         cmd = [sys.executable, *argv] if procs == 1 else \
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), *argv]
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+             "--master_port", str(port), *argv]
         p = subprocess.run(cmd, cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1"),
                            capture_output=True, text=True, timeout=300)
         text = p.stdout + p.stderr
