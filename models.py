@@ -125,9 +125,9 @@ def default_source():
 def write_cache(model, tok, folder):
     """Save the de-quantized default model as a plain HF folder (fp32, ~0.5 GB) for later runs:
     written beside `folder` and renamed to it, so a reader (another rank) finds all of it or none;
-    where it cannot be written (read-only, disk full) the next run converts again. True when
-    written."""
-    if folder is None or os.path.isdir(folder):
+    under torchrun by each machine's local rank 0 only; where it cannot be written (read-only, disk
+    full) the next run converts again. True when written."""
+    if folder is None or os.path.isdir(folder) or os.environ.get("LOCAL_RANK", "0") != "0":
         return False
     tmp, failed = f"{folder}.{os.getpid()}.tmp", None
     try:

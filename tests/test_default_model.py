@@ -76,6 +76,17 @@ def test_cache_written_whole_and_once(tiny_model_dir, tmp_path, capsys):
     assert not models.write_cache(model, tok, folder)   # there already (another rank wrote it)
 
 
+def test_cache_written_by_one_process_a_machine(tiny_model_dir, tmp_path, monkeypatch):
+    """Under torchrun each machine's local rank 0 writes the copy; the others load the GGUF once
+    more and write nothing (not 0.5 GB each beside it)."""
+    model, tok = load_model(tiny_model_dir)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert not models.write_cache(model, tok, str(tmp_path / "copy"))
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert models.write_cache(model, tok, str(tmp_path / "copy"))
+
+
 def test_cache_that_cannot_be_written_is_only_skipped(tiny_model_dir, tmp_path, capsys):
     model, tok = load_model(tiny_model_dir)
     (tmp_path / "a-file").write_text("")
