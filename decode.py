@@ -27,11 +27,12 @@ import functools
 import hashlib
 import json
 import os
-import platform
 import time
 
 import torch
 import torch.nn.functional as F
+
+from models import cpu
 
 # RMSNorm, rotary q/k, GQA attention, SiLU-gated MLP; q/k/v biases allowed
 FAMILY = ("llama", "qwen2")
@@ -279,16 +280,6 @@ def stored(store, key, measure_now):
         except OSError:
             pass
     return plan
-
-
-def cpu():
-    """The CPU's name and instruction-set flags (Linux's /proc/cpuinfo; elsewhere platform's)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = f.read().splitlines()
-        return [next((l for l in lines if l.startswith(f)), "") for f in ("model name", "flags")]
-    except OSError:
-        return [platform.processor(), platform.machine()]
 
 
 def measure(layers, head, max_rows, horizon, reps):

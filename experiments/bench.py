@@ -176,11 +176,9 @@ def machine(a):
     env = (f"{a.device}, {torch.get_num_threads()} threads, rollouts {a.rollout_dtype}, "
            f"training {a.train_dtype}, torch {torch.__version__}")
     if a.device == "cpu":
-        import platform
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                    if line.startswith("model name")), platform.processor()) \
-            if os.path.exists("/proc/cpuinfo") else platform.processor()
-        return env + f", {os.cpu_count()} cores ({cpu}, {torch.backends.cpu.get_cpu_capability()})"
+        from models import cpu
+        return env + (f", {os.cpu_count()} cores ({cpu()[0]}, "
+                      f"{torch.backends.cpu.get_cpu_capability()})")
     return env + f", {torch.cuda.get_device_name()}"
 
 
