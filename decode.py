@@ -32,7 +32,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from models import cpu
+from host import cpu
 
 # RMSNorm, rotary q/k, GQA attention, SiLU-gated MLP; q/k/v biases allowed
 FAMILY = ("llama", "qwen2")
@@ -217,7 +217,7 @@ def timings(layers, head, starts, ends, reps=2):
     weights)}: each form at the first row count of each part of a plan (starts), a form in PADS at
     the last (ends), prepared for it. All the weights, as a step reads them (a part of them can sit
     in a large cache and time faster than the step would). Best of reps after a warm-up, forms
-    interleaved."""
+    interleaved. A form that fails to prepare or run here is dropped, with one line saying so."""
     forms, out, ready = available(head.device, head.dtype), {}, {}
 
     def prepare(m, rows):   # timed the second time: the first in a process pays one-off costs
@@ -226,14 +226,25 @@ def timings(layers, head, starts, ends, reps=2):
             t = time.perf_counter()
             ready[m] = matrices(*packed(layers, head, m, rows))
         return time.perf_counter() - t if MATMULS[m][0] else 0.0
-    prep = {m: prepare(m, None) for m in forms if m not in PADS}
+
+    def attempt(m, f, *args):   # f(*args), or None with m dropped where it fails
+        try:
+            return f(*args)
+        except (RuntimeError, AttributeError, NotImplementedError) as e:
+            print(f"decode: the {m!r} matmul fails on this machine "
+                  f"({e.__class__.__name__}: {str(e)[:100]}): dropped")
+            forms.remove(m)
+            ready.pop(m, None)
+    prep = {m: attempt(m, prepare, m, None) for m in list(forms) if m not in PADS}
     for rows in sorted(set(starts) | set(ends)):
         here = [m for m in forms if rows in (ends if m in PADS else starts)]
-        prep |= {m: prepare(m, rows) for m in here if m in PADS}   # a copy at a time
+        prep |= {m: attempt(m, prepare, m, rows) for m in here if m in PADS}   # a copy at a time
         xs = [torch.randn(rows, w.shape[1], dtype=head.dtype, device=head.device)
               for w in matrices(layers, head)]
-        rounds = [[seconds(MATMULS[m][1], ready[m], xs) for m in here]
-                  for _ in range(reps + 1)][1:]   # round 0 warms up
+        for m in [m for m in here if m in forms]:   # round 0 warms up, and tries each form
+            attempt(m, seconds, MATMULS[m][1], ready[m], xs)
+        here = [m for m in here if m in forms]
+        rounds = [[seconds(MATMULS[m][1], ready[m], xs) for m in here] for _ in range(reps)]
         out |= {(m, rows): (min(r[k] for r in rounds), prep[m]) for k, m in enumerate(here)}
     return out
 

@@ -37,6 +37,7 @@ from data import load_jsonl, row_prompt, split_task
 from distributed import gather, setup_distributed
 from flags import (FRACTION, NONNEGATIVE, POSITIVE_INT, HelpFormatter, device_name, existing_dir,
                    make_writable, model_name, names_from, out_dir)
+from host import console
 from logs import heldout_table, mean_se, plot_runs
 from models import DEFAULT_MODEL, chat_prompt_ids, load_model
 from rewards import make_scalar_reward, math_reward, score
@@ -304,6 +305,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    console()   # a console in any code page prints what follows
     a = parse_args(argv)
     if a.plot:   # logs.py: the runs' curves in one figure, their held-out numbers as a table
         print(heldout_table(a.plot))
@@ -356,7 +358,7 @@ def main(argv=None):
             return None
     table = render_table(results, benches)
     print(table)
-    open(os.path.join(a.out, "table.md"), "w").write(table)
+    open(os.path.join(a.out, "table.md"), "w", encoding="utf-8").write(table)
     return results
 
 

@@ -103,7 +103,11 @@ def make_writable(path, flag):
 
 
 def device_name(text):
-    """A torch device: cpu, cuda or cuda:N, the last two only where this torch sees a GPU."""
+    """A torch device: cpu, cuda or cuda:N, the last two only where this torch sees a GPU. Apple's
+    GPU (mps) is refused: nothing here was run on it."""
+    if text.split(":")[0] == "mps":
+        raise argparse.ArgumentTypeError(
+            f"{text}: Apple's GPU is not supported (never run here); on a Mac use --device cpu")
     if not (text == "cpu" or text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit())):
         raise argparse.ArgumentTypeError(f"{text}: must be cpu, cuda or cuda:N")
     if text != "cpu" and not torch.cuda.is_available():

@@ -12,6 +12,7 @@ import torch
 
 from distributed import all_sum
 from grpo import grpo_advantages
+from host import console
 from losses import pairwise
 
 
@@ -290,6 +291,7 @@ def tracker(kind, out, config):
 
 def main(argv=None):
     """python logs.py RUN --samples STEP: that step's prompts, responses, rewards and pairs."""
+    console()   # the responses' text, in any code page
     import argparse
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("run", help="a run directory (train.py --out)")

@@ -38,6 +38,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import flags
 from losses import pairwise, uses_reference
+from host import console, rss_bytes
 from models import DEFAULT_MODEL, default_source, resolve_dtype
 
 GB = 1e9
@@ -103,11 +104,14 @@ def plan(shape, a, world, prompt_tokens, gpu_bytes=None, runtime=None, s=None):
     bp = 2 if cuda and b == 2 else 4
     br = 2 if a.rollout_dtype == "bfloat16" else 4
     s = min(a.steps if s == "epoch" else s, a.steps)   # epoch: at most the run
+    # None: CUDA's context, or a CPU whose OS does not tell a process's memory (host.rss_bytes)
+    known = runtime is not None or cuda
+    runtime = runtime if runtime is not None else CUDA_CONTEXT if cuda else 0.4 * GB
     out = {("resident", "πθ (fp32, 1/W)"): 4 * P / world,
            ("resident", "its gradient (1/W)"): 4 * P / world,
            ("resident", "AdamW moments (1/W)"): 8 * P / world,
-           ("resident", "runtime"): runtime if runtime is not None else
-                                    (CUDA_CONTEXT if cuda else 0.4 * GB)}
+           ("resident", "runtime" if known else "runtime (not measured here: an estimate)"):
+               runtime}
     if uses_reference(a):
         out["resident", "πref (fp32, 1/W)"] = 4 * P / world
     if a.task != "math" and not a.reward_model:
@@ -197,25 +201,16 @@ def for_run(config, a, world, prompt_tokens, runtime, s):
                     world, a.device, gpu)
 
 
-def rss_bytes(field="VmRSS"):
-    """This process's resident memory (VmRSS) or its peak (VmHWM), from /proc (0 where there is
-    none)."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(l.split()[1]) * 1024 for l in f if l.startswith(field + ":"))
-    except (OSError, StopIteration):
-        return 0
-
-
 def peak_bytes(device):
     """The measured peak of this process: PyTorch's reserved CUDA memory (vLLM's pool excluded), or
-    the peak RSS on CPU."""
+    the peak RSS on CPU (None where the OS does not tell it: host.rss_bytes)."""
     if str(device).startswith("cuda"):
         return torch.cuda.max_memory_reserved()
-    return rss_bytes("VmHWM")
+    return rss_bytes(peak=True)
 
 
 def main(argv=None):
+    console()   # a console in any code page prints the plan (π, θ)
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nproc", type=int, default=1,

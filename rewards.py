@@ -8,7 +8,9 @@ spends hours inside one C-level integer power, where no signal handler ever runs
 Math-Verify's own SIGALRM timeouts cannot stop it). Grading therefore runs in a child process
 (`python rewards.py --grader`) with a hard wall-clock budget per response: one that runs out
 scores 0, is counted, and the child is killed and replaced by a warm spare (already started), so
-no response can stall a step and a timeout costs the limit, not a restart too.
+no response can stall a step and a timeout costs the limit, not a restart too. The budget is a
+wait on a queue that a thread fills from the child's output: the same on every OS (select() on a
+pipe is POSIX only).
 We never eval or sympify raw text ourselves; all parsing goes through Math-Verify.
 
 The non-verifiable task scores (prompt, response) with a reward model: any Hugging Face
@@ -20,8 +22,8 @@ import json
 import logging
 import math
 import os
+import queue
 import re
-import select
 import signal
 import subprocess
 import sys
@@ -104,15 +106,28 @@ def _grader_main():
 
 def _spawn_grader():
     """A grader process, started but not waited for: it imports Math-Verify (~1 s) in the
-    background."""
-    return subprocess.Popen([sys.executable, os.path.abspath(__file__), "--grader"], text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    background. Its output lines arrive in p.lines (a queue; "" when it ends)."""
+    p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--grader"], text=True,
+                         encoding="utf-8", stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8"))
+    p.lines = queue.Queue()
+    threading.Thread(target=_read_lines, args=(p.stdout, p.lines), daemon=True).start()
+    return p
+
+
+def _read_lines(stream, lines):
+    """Each line of stream into the queue, then "" (the end), however the process ended."""
+    try:
+        for line in stream:
+            lines.put(line)
+    except (OSError, ValueError):   # the pipe closed under us (the process was killed)
+        pass
+    lines.put("")
 
 
 def _ready(p):
     """Wait until grader `p` has imported Math-Verify; returns it."""
-    if p.stdout.readline().strip() != '"ready"':
+    if p.lines.get().strip() != '"ready"':
         raise RuntimeError(f"the Math-Verify grader process ({sys.executable} "
                            f"{__file__} --grader) failed to start")
     return p
@@ -135,15 +150,18 @@ def math_reward(response: str, answer: str, time_limit: float | None = None) -> 
         stats["graded"] += 1
         if _grader is None or _grader.poll() is not None:
             _grader = _next_grader()
-        _grader.stdin.write(json.dumps([response, answer]) + "\n")
-        _grader.stdin.flush()
-        if not select.select([_grader.stdout], [], [], time_limit or TIME_LIMIT_S)[0]:
+        try:
+            _grader.stdin.write(json.dumps([response, answer]) + "\n")
+            _grader.stdin.flush()
+            line = _grader.lines.get(timeout=time_limit or TIME_LIMIT_S)
+        except queue.Empty:
             _grader.kill()          # the only way out of a C-level computation
             _grader.wait()
             _grader = _next_grader()
             stats["timeouts"] += 1
             return 0.0
-        line = _grader.stdout.readline()
+        except OSError:   # the grader had died: its pipe is closed
+            line = ""
         out = json.loads(line) if line else "grader process died"
         if isinstance(out, float):
             return out

@@ -47,7 +47,8 @@ from eval import score_heldout
 from grpo import kl_k3
 from logs import open_outputs, plot_run, rollout_metrics, run_summary, write_step
 from losses import LOSSES, has_ratio, pairwise, uses_reference
-from memory import GB, for_run, peak_bytes, rss_bytes
+from host import console, rss_bytes, stop_signals
+from memory import GB, for_run, peak_bytes
 from models import chat_prompt_ids, collate, response_logps
 from rewards import score, stats as grading
 from rollout import plans_file, sample_key
@@ -347,7 +348,8 @@ def sync_and_generate(r, a, spent):
 
 def score_now(r, a):
     """Held-out scores of πθ as it is now (--eval-every): the engine takes πθ's weights and goes
-    back to sleep while πθ trains, as after a sync's rollouts (the next sync refreshes it anyway)."""
+    back to sleep while πθ trains, as after a sync's rollouts (the next sync refreshes it
+    anyway)."""
     r.engine.update_weights(full_params(r.policy))
     score_heldout(r.engine, r.tok, r.heldout[r.rank::r.world], r.chat_reward, a, f"step{r.step}")
     r.engine.sleep()
@@ -365,15 +367,15 @@ def checkpoint(r, a):
 
 
 def main(argv=None):
+    console()   # a console in any code page prints what follows (π, θ, β)
     a, t_start = parse_args(argv), time.time()
     r = setup(a)
     if not r.ckpt and r.heldout and not a.no_eval_before:
         score_heldout(r.engine, r.tok, r.heldout[r.rank::r.world], r.chat_reward, a, "before")
     out, records = open_outputs(a, r.master, bool(r.ckpt)), []
-    stop = []   # SIGTERM / Ctrl-C: finish the step, checkpoint, exit
-    handlers = {
-        sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
-        for sig in (signal.SIGTERM, signal.SIGINT)}
+    stop = []   # Ctrl-C, SIGTERM (not on Windows): finish the step, checkpoint, exit
+    handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
+                for sig in stop_signals()}
     bar = tqdm(total=a.steps, initial=r.step, desc="train", dynamic_ncols=True,
                disable=not r.master)
     while r.step < a.steps:
@@ -413,14 +415,16 @@ def main(argv=None):
         for k in ("chosen", "chosen_cut"):
             r.stats[k] = r.stats.get(k, 0) + int(counts[k])
         # the largest process's peak, as memory.py plans it
-        peak_gb = all_sum([peak_bytes(a.device) / GB], a.device, op="max")[0]
+        peak = peak_bytes(a.device)   # None where the OS does not tell it: -1 to the max
+        peak_gb = all_sum([-1.0 if peak is None else peak / GB], a.device, op="max")[0]
+        peak_gb = round(peak_gb, 3) if peak_gb >= 0 else None
         rec = {"step": r.step, **rollout_metrics(batch, r.tasks, a.device), **metrics,
                "pairs_used" if pairwise(a) else "groups_used": int(counts["units"]),
                "skipped": int(counts["skipped"]),
                "chosen_truncated":
                    counts["chosen_cut"] / counts["chosen"] if counts["chosen"] else None,
                "grad_norm_pre_clip": grad_norm, "staleness": staleness,
-               "rollout_tok_s": gen_tok_s and gen_tok_s * r.world, "peak_gb": round(peak_gb, 3),
+               "rollout_tok_s": gen_tok_s and gen_tok_s * r.world, "peak_gb": peak_gb,
                "step_s": time.time() - t0, "time": {k: round(v, 4) for k, v in spent.items()}}
         if ref_synced:
             rec["ref_synced"] = True

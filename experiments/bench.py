@@ -53,6 +53,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from flags import (HelpFormatter, NONNEGATIVE, POSITIVE, POSITIVE_INT, device_name, make_writable,
                    model_name, names_from, number, out_dir)
 
+from host import console
 from bench_parts import (decode, engine_cost, generate, logps_memory, ours, peak_memory_mb,
                          roofline, trl)
 from bench_report import render
@@ -242,6 +243,7 @@ def measure(a, passthrough, have_trl, say):
 
 
 def main(argv=None):
+    console()
     a = parse_args(argv)
     if a.worker:
         return worker(json.loads(a.worker), a)
@@ -263,7 +265,7 @@ def main(argv=None):
     say(f"bench: {a.model}, {a.max_new_tokens} new tokens, lr {a.lr}, {env}")
     m = measure(a, passthrough, have_trl, say)
     table = render(a, env, m)
-    open(os.path.join(a.out, "bench.md"), "w").write(table)
+    open(os.path.join(a.out, "bench.md"), "w", encoding="utf-8").write(table)
     json.dump(m["raw"], open(os.path.join(a.out, "bench.json"), "w"), indent=1)
     say("\n" + table)
     return m["steps"], m["s"], m["generate"]

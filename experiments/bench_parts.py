@@ -2,7 +2,6 @@
 is its own): our step and TRL's at equal work, rollout throughput and engines, the roofline, the
 decode step, the log-probs' memory. Each returns a dict bench.py prints as one JSON line."""
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -12,12 +11,16 @@ import torch
 
 # the reference's files
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from host import rss_bytes  # noqa: E402
 
 
 def peak_memory_mb(device):
+    """This process's peak: CUDA's allocated memory, or the peak RSS (None where the OS does not
+    tell it)."""
     if str(device).startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
+    peak = rss_bytes(peak=True)
+    return peak and peak / 2**20
 
 
 def ours(a, loss, n, sync, steps, prompts, every_pair=False):

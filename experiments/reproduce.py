@@ -41,6 +41,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from flags import COUNT, HelpFormatter, POSITIVE_INT, existing_file, make_writable, number, out_dir
 from data import arithmetic_problems, load_jsonl
+from host import console
 from reproduce_report import figures, quick_finding, report
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository root
@@ -270,6 +271,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    console()
     a, passthrough = parse_args(argv)
     make_writable(a.out, "--out")
     os.makedirs(os.path.join(a.out, "runs"), exist_ok=True)
@@ -301,7 +303,7 @@ def main(argv=None):
     text = report(res, a, ", ".join(commits))
     if a.quick:
         text = text.replace("\n\n", "\n\n" + quick_finding(res), 1)   # after the title
-    open(os.path.join(a.out, "results.md"), "w").write(text)
+    open(os.path.join(a.out, "results.md"), "w", encoding="utf-8").write(text)
     figures(res, a)
     print(text)
     return res

@@ -34,6 +34,7 @@ import time
 # the reference's files
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from flags import POSITIVE_INT, HelpFormatter, make_writable, number, out_dir
+from host import console
 from logs import mean_se
 from reproduce import run_arm, write_data
 from reproduce_report import MARGIN, paired_scores, summary, trend, verdict
@@ -454,6 +455,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    console()
     a, passthrough, table = parse_args(argv)
     make_writable(a.out, "--out")
     os.makedirs(os.path.join(a.out, "runs"), exist_ok=True)
@@ -478,7 +480,9 @@ def main(argv=None):
         sys.exit(f"{a.out}: no finished runs yet")
     commits = sorted({r.get("commit", "?") for runs in res.values() for r in runs.values()})
     text = (pilot_report if a.pilot else sweep_report)(res, a, ", ".join(commits))
-    open(os.path.join(a.out, "pilot.md" if a.pilot else "s_curve.md"), "w").write(text)
+    with open(os.path.join(a.out, "pilot.md" if a.pilot else "s_curve.md"), "w",
+              encoding="utf-8") as f:
+        f.write(text)
     curves(res, a)
     if not a.pilot:
         figures(res, a)

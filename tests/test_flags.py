@@ -82,6 +82,11 @@ def test_train_flags_refused(argv, flag, capsys):
     refused(train.parse_args, argv, flag, capsys)
 
 
+def test_apples_gpu_is_refused_naming_the_cpu(capsys):
+    """--device mps was never run here: refused, with what to use on a Mac."""
+    assert "--device cpu" in refused(train.parse_args, ["--device", "mps"], "--device", capsys)
+
+
 def test_train_out_is_a_file_and_a_model_folder_without_config(tmp_path, capsys):
     (tmp_path / "f").write_text("x")
     refused(train.parse_args, ["--out", str(tmp_path / "f")], "--out", capsys)

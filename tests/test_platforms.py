@@ -16,15 +16,17 @@ SWITCHES = ["no-proc", "no-libc", "select-sockets", "no-resource", "no-sigterm",
             "no-packed", "cp1252"]
 
 
-def simulate(switch, *argv, cwd=ROOT):
-    """argv (a script and its flags, or -m module ...) run under one switch; (exit code, output)."""
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+def simulate(switch, *argv, cache=None):
+    """argv (a script and its flags, or -m module ...) run under one switch; (exit code, output).
+    cache: the run's SEMIONLINE_CACHE (a fresh one: the decode plan measured under the switch)."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", **{"SEMIONLINE_CACHE": str(cache)} if cache
+               else {})
     if switch == "cp1252":   # a Windows console or pipe in the ANSI code page
         env["PYTHONIOENCODING"] = "cp1252"
         cmd = [sys.executable, *argv]
     else:
         cmd = [sys.executable, SIMULATE, switch, *argv]
-    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, timeout=600)
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, timeout=600)
     return p.returncode, (p.stdout + p.stderr).decode("utf-8", "replace")
 
 
@@ -33,7 +35,8 @@ def test_tiny_run_under_each_difference(switch, tiny_model_dir, data_file, tmp_p
     out = tmp_path / "run"
     rc, text = simulate(switch, "train.py", "--model", tiny_model_dir, "--train-data", data_file,
                         "--eval-problems", "2", "--batch-prompts", "2", "--n", "2",
-                        "--max-new-tokens", "8", "--steps", "2", "--out", str(out))
+                        "--max-new-tokens", "8", "--steps", "2", "--out", str(out),
+                        cache=tmp_path / "cache")
     assert rc == 0, text[-3000:]
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r["step"] for r in log] == [1, 2]

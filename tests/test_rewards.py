@@ -49,6 +49,7 @@ def test_adversarial_latex_scores_zero_in_bounded_time(evil, answer):
     assert math_reward("so \\boxed{42}", "42") == 1.0
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="stops the grader with SIGSTOP (POSIX)")
 def test_timeout_kills_the_grader_and_the_warm_spare_takes_over():
     math_reward("\\boxed{1}", "1")
     stuck, spare = rewards._grader, rewards._spare
