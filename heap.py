@@ -1,8 +1,10 @@
 """
-glibc's malloc on a CPU, set for a training loop: one process frees and allocates the same large
-tensors at every step, and a kept block is handed out again with its pages in place
-(keep_freed_memory); blocks that should not stay resident after their free go back whole
-(mapped). Linux/glibc only; elsewhere, or where the user set a malloc variable, nothing changes.
+The memory a CPU process keeps between steps. glibc's malloc, set for a training loop: one process
+frees and allocates the same large tensors at every step, and a kept block is handed out again
+with its pages in place (keep_freed_memory); blocks that should not stay resident after their free
+go back whole (mapped); free_bytes and release for measuring and returning what it keeps.
+Linux/glibc only; elsewhere, or where the user set a malloc variable, nothing changes. And
+oneDNN's cache of primitives, bounded on import (below).
 """
 import contextlib
 import ctypes
@@ -10,6 +12,12 @@ import os
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
 KEPT = []   # the libc whose malloc keep_freed_memory set (empty: malloc as glibc's default)
+
+# oneDNN (bf16 matmuls on a CPU, the decode's packed forms) keeps each primitive it builds, one per
+# matmul shape, and a training step's shapes follow its token count, new step after step: its
+# default cache of 1024 held a growing part of a long run's memory (experiments/memory-growth).
+# Read at oneDNN's first primitive, so set on import; a value of the user's is kept.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
 
 
 def keep_freed_memory():
@@ -50,3 +58,26 @@ def mapped():
         yield
     finally:
         KEPT[0].mallopt(M_MMAP_MAX, 0)
+
+
+def release():
+    """Return the free pages inside the kept heap to the OS (glibc's malloc_trim(0): from its middle
+    too, not only its top). Not called by a run: experiments/memory_growth.py measures where it
+    would help and what it costs (each page it returns is faulted in again at its next use)."""
+    if KEPT:
+        KEPT[0].malloc_trim(0)
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def free_bytes():
+    """Bytes glibc's malloc holds free in its main heap (mallinfo2's fordblks: resident where
+    touched and not released); None without keep_freed_memory's libc or glibc >= 2.33."""
+    if not KEPT or not hasattr(KEPT[0], "mallinfo2"):
+        return None
+    KEPT[0].mallinfo2.restype = _Mallinfo2
+    return KEPT[0].mallinfo2().fordblks

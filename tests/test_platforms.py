@@ -44,6 +44,10 @@ def test_tiny_run_under_each_difference(switch, tiny_model_dir, data_file, tmp_p
     assert all(r["peak_gb"] is None or r["peak_gb"] > 0 for r in log), log
     if switch != "no-resource":   # every simulated OS here still has one way to tell it
         assert all(r["peak_gb"] > 0 for r in log), log
+    # resident memory now: unknown without /proc (getrusage has only the peak); glibc's free
+    # bytes: unknown without its libc
+    assert all((r["rss_gb"] is None) == (switch == "no-proc") for r in log), log
+    assert all((r["heap_free_gb"] is None) == (switch == "no-libc") for r in log), log
     assert (out / "heldout_after.json").exists()
     if switch == "packed-fail":   # each form that failed to run: one line, and the run goes on
         assert "dropped" in text, text[-3000:]

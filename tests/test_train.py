@@ -19,6 +19,8 @@ from models import chat_prompt_ids, cpu_has_bf16, load_model
 from rollout import HFEngine
 
 pytestmark = pytest.mark.slow   # the whole suite only: -m "not slow" leaves it out
+# the log's fields that time or memory fill, not the run's numbers
+MEASURED = ("time", "step_s", "rollout_tok_s", "peak_gb", "rss_gb", "heap_free_gb")
 
 
 def run(tiny_model_dir, data_file, tmp_path, *extra, name="run"):
@@ -509,9 +511,8 @@ def test_arms_with_equal_weights_sample_equal_rollouts(tiny_model_dir, data_file
     again = run(tiny_model_dir, data_file, tmp_path, *common, "--sync-every", "3",
                 name="s3b")["records"]
     # timing and the process's peak memory (it grows over the tests a process runs) aside
-    measured = ("time", "step_s", "rollout_tok_s", "peak_gb")
     strip = lambda recs: [  # noqa: E731
-        {k: v for k, v in r.items() if k not in measured} for r in recs]
+        {k: v for k, v in r.items() if k not in MEASURED} for r in recs]
     assert strip(again) == strip(semi)
 
 
@@ -530,7 +531,7 @@ def test_eval_every_scores_mid_run_without_changing_the_run(tiny_model_dir, data
                 name="every")["records"]
     strip = lambda recs: [{
         k: v
-        for k, v in r.items() if k not in ("time", "step_s", "rollout_tok_s", "peak_gb")
+        for k, v in r.items() if k not in MEASURED
     } for r in recs]
     assert strip(every) == strip(plain)
     out = tmp_path / "every"
