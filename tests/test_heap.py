@@ -53,3 +53,18 @@ def test_the_users_primitive_cache_capacity_is_kept():
     run = lambda e: subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=e,   # noqa: E731
                                    capture_output=True, text=True).stdout.strip()
     assert run(env) == "64" and run(dict(env, ONEDNN_PRIMITIVE_CACHE_CAPACITY="8")) == "8"
+
+
+@pytest.mark.slow
+def test_memory_growth_study_runs_its_arms(tiny_model_dir, data_file, tmp_path):
+    """experiments/memory_growth.py on the tiny model: two arms, their logs equal but for memory
+    and time, the report and the figure written."""
+    import memory_growth
+    out = tmp_path / "study"
+    memory_growth.main(["--out", str(out), "--steps", "2", "--arms", "default,release",
+                        "--model", tiny_model_dir, "--train-data", data_file,
+                        "--batch-prompts", "2", "--n", "2", "--max-new-tokens", "8",
+                        "--rollout-dtype", "bfloat16"])
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "but for memory and time: True" in report and "| release |" in report
+    assert (out / "fig_memory.png").exists()
