@@ -13,6 +13,13 @@ import os
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
 KEPT = []   # the libc whose malloc keep_freed_memory set (empty: malloc as glibc's default)
 
+
+class _Mallinfo2(ctypes.Structure):   # glibc's mallinfo2(): what its malloc holds, in bytes
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
 # oneDNN (bf16 matmuls on a CPU, the decode's packed forms) keeps each primitive it builds, one per
 # matmul shape, and a training step's shapes follow its token count, new step after step: its
 # default cache of 1024 held a growing part of a long run's memory (experiments/memory-growth).
@@ -37,6 +44,8 @@ def keep_freed_memory():
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return
+    if hasattr(libc, "mallinfo2"):   # glibc >= 2.33: free_bytes
+        libc.mallinfo2.restype = _Mallinfo2
     libc.mallopt(M_MMAP_MAX, 0)                    # no block mapped on its own
     libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)   # bytes; mallopt takes a C int
     KEPT[:] = [libc]
@@ -68,16 +77,9 @@ def release():
         KEPT[0].malloc_trim(0)
 
 
-class _Mallinfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
-        "fordblks", "keepcost")]
-
-
 def free_bytes():
     """Bytes glibc's malloc holds free in its main heap (mallinfo2's fordblks: resident where
     touched and not released); None without keep_freed_memory's libc or glibc >= 2.33."""
     if not KEPT or not hasattr(KEPT[0], "mallinfo2"):
         return None
-    KEPT[0].mallinfo2.restype = _Mallinfo2
     return KEPT[0].mallinfo2().fordblks

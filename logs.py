@@ -12,8 +12,13 @@ import torch
 
 from distributed import all_sum
 from grpo import grpo_advantages
-from host import console
+from heap import free_bytes
+from host import console, rss_bytes
 from losses import pairwise
+from memory import GB, peak_bytes
+
+# the log's fields that time or memory fill, not the run's numbers (two equal runs differ there)
+MEASURED = ("time", "step_s", "rollout_tok_s", "peak_gb", "rss_gb", "heap_free_gb")
 
 
 def mean_se(scores):
@@ -23,6 +28,16 @@ def mean_se(scores):
     if n < 2:
         return m, 0.0
     return m, math.sqrt(sum((s - m) ** 2 for s in scores) / (n - 1) / n)
+
+
+def memory_metrics(device):
+    """The largest process's memory in GB: its peak so far (as memory.py plans it), its resident
+    memory now and glibc's free bytes in its heap (heap.py); None where the OS does not tell
+    (sent as -1 to the ranks' max)."""
+    mem = all_sum([-1.0 if x is None else x / GB for x in (
+        peak_bytes(device), rss_bytes(), free_bytes())], device, op="max")
+    return dict(zip(("peak_gb", "rss_gb", "heap_free_gb"),
+                    (round(x, 3) if x >= 0 else None for x in mem)))
 
 
 def rollout_metrics(batch, tasks, device):

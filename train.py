@@ -45,11 +45,11 @@ from decode import plan_text
 from dpo import entropy_regularizer, nll_loss, select_pair, token_entropy
 from eval import score_heldout
 from grpo import kl_k3
-from logs import open_outputs, plot_run, rollout_metrics, run_summary, write_step
+from logs import (memory_metrics, open_outputs, plot_run, rollout_metrics, run_summary,
+                  write_step)
 from losses import LOSSES, has_ratio, pairwise, uses_reference
-from heap import free_bytes
 from host import console, rss_bytes, stop_signals
-from memory import GB, for_run, peak_bytes
+from memory import for_run
 from models import chat_prompt_ids, collate, response_logps
 from rewards import score, stats as grading
 from rollout import plans_file, sample_key
@@ -415,19 +415,13 @@ def main(argv=None):
         counts = dict(zip(names, all_sum(sums, a.device)))
         for k in ("chosen", "chosen_cut"):
             r.stats[k] = r.stats.get(k, 0) + int(counts[k])
-        # the largest process's peak so far (as memory.py plans it), its resident memory now and
-        # its heap's free bytes (heap.py); -1 to the max where the OS does not tell: null in the log
-        mem = all_sum([-1.0 if x is None else x / GB for x in (
-            peak_bytes(a.device), rss_bytes(), free_bytes())], a.device, op="max")
-        peak_gb, rss_gb, heap_free_gb = (round(x, 3) if x >= 0 else None for x in mem)
         rec = {"step": r.step, **rollout_metrics(batch, r.tasks, a.device), **metrics,
                "pairs_used" if pairwise(a) else "groups_used": int(counts["units"]),
                "skipped": int(counts["skipped"]),
                "chosen_truncated":
                    counts["chosen_cut"] / counts["chosen"] if counts["chosen"] else None,
                "grad_norm_pre_clip": grad_norm, "staleness": staleness,
-               "rollout_tok_s": gen_tok_s and gen_tok_s * r.world, "peak_gb": peak_gb,
-               "rss_gb": rss_gb, "heap_free_gb": heap_free_gb,
+               "rollout_tok_s": gen_tok_s and gen_tok_s * r.world, **memory_metrics(a.device),
                "step_s": time.time() - t0, "time": {k: round(v, 4) for k, v in spent.items()}}
         if ref_synced:
             rec["ref_synced"] = True

@@ -31,6 +31,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from flags import POSITIVE_INT, HelpFormatter, make_writable, out_dir  # noqa: E402
 from host import console, cpu  # noqa: E402
+from logs import MEASURED  # noqa: E402
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository root
 # each arm: what its process runs before train.main (the arm's heap handling)
@@ -42,7 +43,6 @@ ARMS = {"before": "import os; os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'] = '1
         "release": RELEASE,
         "every-step": "import heap, train; step = train.optimizer_step; "
                       "train.optimizer_step = lambda *x: (step(*x), heap.release())[0]"}
-MEMORY = ("peak_gb", "rss_gb", "heap_free_gb", "step_s", "time", "rollout_tok_s")
 
 
 def run_arm(arm, a, passthrough):
@@ -87,7 +87,7 @@ def growth(records, s=4):
 def report(a, arms):
     """report.md and fig_memory.png from the finished arms."""
     runs = {arm: load(arm, a) for arm in arms}
-    strip = lambda rec: {k: v for k, v in rec.items() if k not in MEMORY}   # noqa: E731
+    strip = lambda rec: {k: v for k, v in rec.items() if k not in MEASURED}   # noqa: E731
     base = [strip(r) for r in runs[arms[0]][0]]
     lines = [f"# Memory over a {a.steps}-step default run", "",
              f"`python experiments/memory_growth.py --out {a.out} --steps {a.steps}`, on "

@@ -15,12 +15,11 @@ import rewards
 import train
 from data import step_rows
 from conftest import spy_generate, toy_score
+from logs import MEASURED
 from models import chat_prompt_ids, cpu_has_bf16, load_model
 from rollout import HFEngine
 
 pytestmark = pytest.mark.slow   # the whole suite only: -m "not slow" leaves it out
-# the log's fields that time or memory fill, not the run's numbers
-MEASURED = ("time", "step_s", "rollout_tok_s", "peak_gb", "rss_gb", "heap_free_gb")
 
 
 def run(tiny_model_dir, data_file, tmp_path, *extra, name="run"):
