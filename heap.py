@@ -12,6 +12,7 @@ import os
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
 KEPT = []   # the libc whose malloc keep_freed_memory set (empty: malloc as glibc's default)
+MAP_FROM = None   # bytes: blocks this large or larger mapped on their own (None: none)
 
 
 class _Mallinfo2(ctypes.Structure):   # glibc's mallinfo2(): what its malloc holds, in bytes
@@ -46,9 +47,18 @@ def keep_freed_memory():
         return
     if hasattr(libc, "mallinfo2"):   # glibc >= 2.33: free_bytes
         libc.mallinfo2.restype = _Mallinfo2
-    libc.mallopt(M_MMAP_MAX, 0)                    # no block mapped on its own
     libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)   # bytes; mallopt takes a C int
     KEPT[:] = [libc]
+    _map_largest()
+
+
+def _map_largest():
+    """No block mapped on its own, or (MAP_FROM) only those of MAP_FROM bytes or more."""
+    if MAP_FROM is None:
+        KEPT[0].mallopt(M_MMAP_MAX, 0)
+    else:
+        KEPT[0].mallopt(M_MMAP_THRESHOLD, MAP_FROM)
+        KEPT[0].mallopt(M_MMAP_MAX, 2**16)
 
 
 @contextlib.contextmanager
@@ -66,7 +76,7 @@ def mapped():
     try:
         yield
     finally:
-        KEPT[0].mallopt(M_MMAP_MAX, 0)
+        _map_largest()
 
 
 def release():

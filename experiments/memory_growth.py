@@ -15,6 +15,9 @@ Arms (the same code, a different handling of freed memory):
   default     train.py as it is: the cache bounded (heap.py), glibc's freed blocks kept resident
   release     and heap.release (malloc_trim) at each switch between rollouts and training
   every-step  and heap.release after every optimizer step too
+  map-32mb    blocks of 32 MB or more (glibc's largest mapping threshold) mapped on their own
+  map-4mb     blocks of 4 MB or more mapped on their own
+  trim-4.3gb  heap.release after an optimizer step that ends with over 4.3 GB resident
 Per step the log has peak_gb (the process's peak so far), rss_gb (resident at the step's end)
 and heap_free_gb (glibc's free bytes in its heap). A finished arm is kept: rerun the same command
 after a kill. Writes report.md and fig_memory.png in --out, the arms' logs in runs/.
@@ -42,7 +45,12 @@ ARMS = {"before": "import os; os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'] = '1
         "default": "",
         "release": RELEASE,
         "every-step": "import heap, train; step = train.optimizer_step; "
-                      "train.optimizer_step = lambda *x: (step(*x), heap.release())[0]"}
+                      "train.optimizer_step = lambda *x: (step(*x), heap.release())[0]",
+        "map-32mb": "import heap; heap.MAP_FROM = 32 << 20",
+        "map-4mb": "import heap; heap.MAP_FROM = 4 << 20",
+        "trim-4.3gb": "import heap, host, train; step = train.optimizer_step; "
+                      "train.optimizer_step = lambda *x: (step(*x), host.rss_bytes() > 4.3e9 "
+                      "and heap.release())[0]"}
 
 
 def run_arm(arm, a, passthrough):
