@@ -1,6 +1,7 @@
 """
 The decode step written out by hand for Llama-family models (Llama, Qwen2, SmolLM2): the next
-token's logits for B rows over a static KV cache, the loop HFEngine runs once per new token.
+token's logits for B rows over a static KV cache, the loop fast_engine.py's engine runs once per
+new token.
 
 Why by hand: a decode step of a few rows reads every weight once and does ~2 FLOPs per weight per
 row, so its ceiling is the memory bandwidth (bench.py --parts decode measures both). Three things
@@ -20,7 +21,7 @@ bring it closer than Hugging Face's forward:
   keys and values are rounded to the weights' dtype before they are stored, so only the attention
   sums are more precise than HF's. On a GPU both stay in the weights' dtype.
 The HF forward stays the definition: tests/test_decode.py checks these logits and the engine's
-samples against it; `fuse` returns None for any other architecture, which HFEngine then decodes
+samples against it; any other architecture (not `supported`) the engine decodes
 with the HF forward. Prefill (the prompt, many tokens at once, compute-bound) stays HF's.
 """
 import functools
@@ -38,24 +39,30 @@ from host import cpu
 FAMILY = ("llama", "qwen2")
 
 
+def supported(model):
+    """Whether decode_step computes this model's forward: of FAMILY, without a feature it does not
+    implement (sliding window, o/MLP biases, q/k norms, another activation)."""
+    c, inner = model.config, getattr(model, "model", None)
+    if (c.model_type not in FAMILY or getattr(c, "hidden_act", None) != "silu"
+            or getattr(c, "use_sliding_window", False) or inner is None
+            or not hasattr(inner, "rotary_emb")):
+        return False
+    return not any(
+        hasattr(l.self_attn, "q_norm") or any(
+            m.bias is not None
+            for m in (l.self_attn.o_proj, l.mlp.gate_proj, l.mlp.up_proj, l.mlp.down_proj))
+        for l in inner.layers)
+
+
 def fuse(model, views=True):
     """The weights one decode step reads, per layer: (input norm, W_qkv, b_qkv or None, W_o,
     post-attention norm, W_gate|up, W_down), with q|k|v and gate|up each one contiguous matrix.
     views=True makes the model's own q/k/v and gate/up weights views of them (no extra memory; a
     sync that copies into the parameters updates them); views=False copies, leaving the model as it
-    is (a policy that is training). None when the model is not of FAMILY or has a feature this step
-    does not implement (sliding window, o/MLP biases, q/k norms, another activation)."""
-    c, inner = model.config, getattr(model, "model", None)
-    if (c.model_type not in FAMILY or getattr(c, "hidden_act", None) != "silu"
-            or getattr(c, "use_sliding_window", False) or inner is None
-            or not hasattr(inner, "rotary_emb")):
+    is (a policy that is training). None when the model is not `supported`."""
+    if not supported(model):
         return None
-    if any(
-            hasattr(l.self_attn, "q_norm") or any(
-                m.bias is not None
-                for m in (l.self_attn.o_proj, l.mlp.gate_proj, l.mlp.up_proj, l.mlp.down_proj))
-            for l in inner.layers):
-        return None
+    inner = model.model
     out = []
     for layer in inner.layers:
         a, mlp = layer.self_attn, layer.mlp

@@ -15,70 +15,11 @@ models, tokenizers or distributed training: inputs are tensors, outputs are tens
 Deviation: `group_dpo_loss` also accepts real-valued rewards; then the pairs are every
 (i, j) with r_i > r_j, which is eq. 4 when rewards are 0/1 (correct/incorrect).
 
-Conventions: `logits[:, t]` predicts `labels[:, t]` (the caller shifts by one), `mask` is 1
-on response tokens and 0 on prompt and padding.
+Inputs: log πθ(y|x) and log πref(y|x) summed over a response's tokens, or per-token log-probs
+with `mask` 1 on response tokens and 0 on padding, as models.response_logps computes them.
 """
 import torch
 import torch.nn.functional as F
-
-
-def token_logps(logits, labels, temperature=1.0, chunk=None):
-    """log π_T(y_t | x, y_<t) for every position, π_T = softmax(z / T): [B, T, V], [B, T] ->
-    [B, T] (fp32).
-
-    log π_T(y) = z_y / T - logsumexp(z / T). Computed `chunk` positions at a time (default ~32M
-    logits, 128 MB in fp32), with its own backward ∂/∂z = (onehot(y) - π_T) / T recomputed chunk by
-    chunk from the logits: besides the logits themselves (in the model's dtype) it keeps one
-    logsumexp per position, never a full-vocabulary fp32 copy (with a 128k vocabulary, 16 responses
-    of 1024 tokens have 8 GB of fp32 logits).
-    """
-    shape, V = labels.shape, logits.shape[-1]
-    lp = _TokenLogps.apply(logits.reshape(-1, V), labels.reshape(-1), temperature, chunk or
-                           max(1, 2**25 // V))
-    return lp.view(shape)
-
-
-class _TokenLogps(torch.autograd.Function):
-    """token_logps' computation: forward and backward one chunk of positions at a time."""
-
-    @staticmethod
-    def forward(ctx, logits, labels, temperature, chunk):
-        out, lse = torch.empty(len(labels),
-                               device=logits.device), torch.empty(len(labels), device=logits.device)
-        for i in range(0, len(labels), chunk):
-            z = logits[i:i + chunk].float() / temperature
-            lse[i:i + chunk] = torch.logsumexp(z, -1)
-            out[i:i +
-                chunk] = z.gather(-1, labels[i:i + chunk, None]).squeeze(-1) - lse[i:i + chunk]
-        ctx.save_for_backward(logits, labels, lse)
-        ctx.temperature, ctx.chunk = temperature, chunk
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        logits, labels, lse = ctx.saved_tensors
-        out = torch.empty_like(logits)
-        for i in range(0, len(labels), ctx.chunk):
-            g = grad[i:i + ctx.chunk, None]
-            # -π_T · g
-            d = torch.exp(logits[i:i + ctx.chunk].float() / ctx.temperature -
-                          lse[i:i + ctx.chunk, None]) * -g
-            d.scatter_add_(-1, labels[i:i + ctx.chunk, None], g)
-            out[i:i + ctx.chunk] = d / ctx.temperature
-        return out, None, None, None
-
-
-def sequence_logps(logits, labels, mask):
-    """log π(y|x) = Σ_t log π(y_t | x, y_<t) over response tokens: -> [B]."""
-    return (token_logps(logits, labels) * mask).sum(-1)
-
-
-def _check(*tensors):
-    shapes = {tuple(t.shape) for t in tensors}
-    if len(shapes) != 1:
-        raise ValueError(f"log-prob tensors must have the same shape, got {sorted(shapes)}")
-    if tensors[0].numel() == 0:
-        raise ValueError("empty batch: no sequences to compute a loss on")
 
 
 def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta):
@@ -181,3 +122,12 @@ def select_pair(rewards, verifiable, rng):
         return rng.choice(good), rng.choice(bad)
     return max(range(len(rewards)), key=rewards.__getitem__), min(range(len(rewards)),
                                                                   key=rewards.__getitem__)
+
+
+def _check(*tensors):
+    """Every loss's inputs: log-prob tensors of one shape, not empty."""
+    shapes = {tuple(t.shape) for t in tensors}
+    if len(shapes) != 1:
+        raise ValueError(f"log-prob tensors must have the same shape, got {sorted(shapes)}")
+    if tensors[0].numel() == 0:
+        raise ValueError("empty batch: no sequences to compute a loss on")

@@ -37,11 +37,13 @@ from data import load_jsonl, row_prompt, split_task
 from distributed import gather, setup_distributed
 from flags import (FRACTION, NONNEGATIVE, POSITIVE_INT, HelpFormatter, device_name, existing_dir,
                    make_writable, model_name, names_from, out_dir)
+from heap import keep_freed_memory
 from host import console
 from logs import heldout_table, mean_se, plot_runs
 from models import DEFAULT_MODEL, chat_prompt_ids, load_model
 from rewards import make_scalar_reward, math_reward, score
-from rollout import HFEngine, Sample, pick_engine, sample_key
+from fast_engine import fast_engine
+from rollout import Sample, pick_engine, sample_key
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCHES = {
@@ -323,6 +325,8 @@ def main(argv=None):
             sys.exit(f"--bench {b}: {e}")
     # torchrun: each rank generates its share of the rows
     rank, world, a.device = setup_distributed(a.device)
+    if world == 1 and a.device == "cpu":   # freed tensors kept for reuse (heap.py), as train's
+        keep_freed_memory()
     results = {}
     for name in a.model:
         engine, tok = eval_engine(a, name, rank)
@@ -371,7 +375,7 @@ def eval_engine(a, name, rank):
         return VLLMEngine(name, memory=a.vllm_memory, seed=rank, device=a.device,
                           dtype=a.dtype), AutoTokenizer.from_pretrained(name)
     model, tok = load_model(name, a.device)
-    return HFEngine(model, tok, dtype=getattr(torch, a.dtype), own=True), tok
+    return fast_engine(model, tok, dtype=getattr(torch, a.dtype), own=True), tok
 
 
 def cache_tag(name):
@@ -393,7 +397,7 @@ def baseline_responses(a, bench, rows):
         return [r["reference_output"] for r in rows]
     model, tok = load_model(a.baseline_model)
     cache = os.path.join(a.out, f"baseline_{cache_tag(a.baseline_model)}.{bench}.generations.jsonl")
-    gens = generate_cached(HFEngine(model, tok), tok, rows, cache, 1, 0.0, a.max_new_tokens)
+    gens = generate_cached(fast_engine(model, tok), tok, rows, cache, 1, 0.0, a.max_new_tokens)
     return [gens[r["id"]][0]["text"] for r in rows]
 
 
@@ -413,7 +417,7 @@ def select(a):
     rewards_by, lengths_by = [], []
     for c in ckpts:
         model, tok = load_model(c)
-        gens = generate_cached(HFEngine(model, tok), tok, rows,
+        gens = generate_cached(fast_engine(model, tok), tok, rows,
                                os.path.join(a.out, f"select.{cache_tag(c)}.jsonl"), 1,
                                a.temperature, a.max_new_tokens)
         samples = [

@@ -13,7 +13,7 @@ import torch
 
 from decode import parse_plan
 from grpo import TOKEN_AVERAGES
-from losses import LOSSES, uses_reference
+from losses import LOSSES, kl_term, uses_reference
 from models import DEFAULT_MODEL, resolve_dtype
 from rollout import pick_engine
 
@@ -218,7 +218,8 @@ def objective_flags(p):
     p.add_argument("--clip-eps", type=number(float, 0, 1, lo_open=True, hi_open=True), default=0.2,
                    help="ε of GRPO's clipped ratio")
     p.add_argument("--kl-coef", type=NONNEGATIVE, default=0.0,
-                   help="GRPO: weight of the k3 KL to the reference")
+                   help="weight of the k3 KL to the reference, in the losses that have one: "
+                   + ", ".join(n for n in LOSSES if kl_term(n)))
     p.add_argument("--token-average", default="sequence", choices=TOKEN_AVERAGES,
                    help="GRPO token averaging")
     p.add_argument(
@@ -353,6 +354,9 @@ def checked(p, a):
     why = LOSSES[a.loss].get("check", lambda a: None)(a)
     if why:
         p.error(f"argument --loss: {a.loss}: {why}")
+    if a.kl_coef and not kl_term(a.loss):
+        p.error(f"argument --kl-coef: {a.kl_coef:g}: --loss {a.loss} has no KL term (losses with "
+                f"one: {', '.join(n for n in LOSSES if kl_term(n))})")
     if a.ref_sync_every and not uses_reference(a):
         p.error(f"argument --ref-sync-every: {a.ref_sync_every}: "
                 f"--loss {a.loss} has no reference model to sync" +

@@ -37,7 +37,7 @@ def keep_freed_memory():
     and its free top is trimmed only past 2 GB: the fp32 policy pass ~20 % faster, the peak tens of
     MB higher (experiments/bench/speed-cpu.md); numbers unchanged. Linux/glibc only. One process
     only, and only where the user set no malloc variable: under torchrun a kept heap holds FSDP's
-    freed gather buffers too (README: MALLOC_MMAP_THRESHOLD_=65536)."""
+    freed gather buffers too (experiments/memory-cpu.md: MALLOC_MMAP_THRESHOLD_=65536)."""
     if any(k.startswith("MALLOC_")
            for k in os.environ) or "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from distributed import all_sum
+from distributed import all_max, all_sum
 from grpo import grpo_advantages
 from heap import free_bytes
 from host import console, rss_bytes
@@ -34,8 +34,8 @@ def memory_metrics(device):
     """The largest process's memory in GB: its peak so far (as memory.py plans it), its resident
     memory now and glibc's free bytes in its heap (heap.py); None where the OS does not tell
     (sent as -1 to the ranks' max)."""
-    mem = all_sum([-1.0 if x is None else x / GB for x in (
-        peak_bytes(device), rss_bytes(), free_bytes())], device, op="max")
+    mem = all_max([-1.0 if x is None else x / GB for x in (
+        peak_bytes(device), rss_bytes(), free_bytes())], device)
     return dict(zip(("peak_gb", "rss_gb", "heap_free_gb"),
                     (round(x, 3) if x >= 0 else None for x in mem)))
 

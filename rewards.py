@@ -241,9 +241,7 @@ def llm_judge(model, tok, batch_size=8, max_response_tokens=384):
             input_ids=x,
             attention_mask=attn,
             position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
-        # the rating's position only: 22 % faster than the LM head on every position (16 chat rows,
-        # 2 cores)
-            logits_to_keep=1).logits[:, -1]
+            logits_to_keep=1).logits[:, -1]   # the rating's position only: the LM head once a row
         return judge_score(logits[:, digits]).tolist()
 
     return lambda prompts, responses: _batched(score, list(zip(prompts, responses)), batch_size)

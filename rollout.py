@@ -2,13 +2,14 @@
 Rollouts: a generation engine that owns its own, possibly stale, copy of the policy weights.
 
 The paper's knob s (§2.3) is the number of optimizer steps between syncs of this copy with
-the trained weights: `update_weights(policy.state_dict())` is the sync. Between syncs the
-engine keeps sampling from the old weights, so rollouts for the next s steps can be generated
-together in one call, which is what makes semi-online training cheaper than online.
+the trained weights: `update_weights(state)` is the sync (a state dict, or the trainer's
+full_params). Between syncs the engine keeps sampling from the old weights, so rollouts for the
+next s steps can be generated together in one call, which is what makes semi-online training
+cheaper than online.
 
-HFEngine decodes a Hugging Face model itself (KV cache, left padding, each distinct prompt
-prefilled once, finished sequences dropped from the batch) and works everywhere; Llama-family
-models take decode.py's hand-written step, any other the HF forward. It
+HFEngine decodes a Hugging Face model with its forward (KV cache, left padding, each distinct
+prompt prefilled once, finished sequences dropped from the batch) and works everywhere;
+fast_engine.py gives it a hand-written decode step, faster on a CPU, with the same tokens. It
 returns, for every sampled token, the log-prob under the engine's own weights (πθ_old for
 GRPO's importance ratio, exact even when the rollouts are stale) and the entropy of the
 next-token distribution (the paper's rollout entropy, Fig. 3), of π_T = softmax(logits / T),
@@ -32,9 +33,7 @@ import torch
 from tqdm import tqdm
 from transformers import TopPLogitsWarper
 
-from decode import fuse, matmul_plan, prepared, static_decoder
-from heap import mapped
-from models import CACHE, DEFAULT_MODEL, cache_root, left_pad, prefill, resolve_dtype
+from models import CACHE, DEFAULT_MODEL, left_pad, prefill, resolve_dtype
 
 
 @dataclass
@@ -116,27 +115,15 @@ def uniforms(key, j, length):
     return torch.rand(length, generator=g)
 
 
-def plans_file():
-    """Where decode plans measured on this machine are kept (decode.stored), or None."""
-    root = cache_root()
-    return os.path.join(root, "decode-plans.json") if root else None
-
-
 class HFEngine:
     """A KV-cache decode loop over a private copy of the weights (any Hugging Face causal LM). The
-    trainer lets it sleep (its weights freed) between a sync's rollouts and the next sync."""
+    trainer lets it sleep (its weights freed) between a sync's rollouts and the next sync.
+    fast_engine.py makes the same engine decode faster on a CPU (engine.fast: its decode step)."""
 
-    def __init__(self, model, tokenizer, max_batch=64, dtype=None, share=False, own=False,
-                 fast=True, matmul="auto", horizon=64, rows=None):
+    def __init__(self, model, tokenizer, max_batch=64, dtype=None, share=False, own=False):
         """share=True samples from `model` itself (online, s = 1: the weights are always current),
         else from a private copy in `dtype` that only update_weights changes (own=True: `model` is
-        already that copy). fast=False decodes with the HF forward even where decode.py could.
-        matmul: decode.py's weight matmuls, a plan (--decode-matmul) or auto: measured on a CPU
-        (decode.choose, once per machine: plans_file), W @ xᵀ elsewhere; horizon: the decode
-        steps the engine expects between two syncs (what a form that lays out the weights anew is
-        worth);
-        rows: the most rows a sync's generate call decodes at once, where known (the plan is made
-        for up to min(rows, max_batch))."""
+        already that copy)."""
         self.shared = share
         self.model = model if share else (model if own else copy.deepcopy(model)).to(
             dtype or model.dtype).eval().requires_grad_(False)
@@ -154,23 +141,8 @@ class HFEngine:
         } | set(extra if isinstance(extra, list) else [extra] if extra is not None else [])
         self.pad_id = (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                        else tokenizer.eos_token_id)
-        # Llama-family models decode by decode.py's step (the HF forward otherwise); a shared
-        # policy's weights change every step, so its fused copy is made per generate call instead
-        self.layers = fuse(self.model) if fast and not share else None
-        # decode.py's matmul forms by row count, [(rows from, name)] (None: the HF forward)
-        layers = self.layers or (fuse(self.model, views=False) if fast and share else None)
-        with mapped():   # its trial layouts as the generate calls' (their page faults timed too)
-            self.plan = matmul_plan(matmul, layers, self.model.lm_head.weight.detach(),
-                                    min(rows or max_batch, max_batch), horizon,
-                                    plans_file()) if layers else None
-        self.forms = None   # the plan's prepared weights, kept until the weights change
-        # the copy's weight storages (the fused q|k|v and gate|up once), with their sizes: what
-        # sleep frees
-        self.storages = {
-            p.untyped_storage().data_ptr(): (p.untyped_storage(), p.untyped_storage().nbytes())
-            for p in self.model.parameters()
-        } if not share else {}
-        self.asleep = False
+        self.fast = None   # a faster decode step (fast_engine.FastDecode), else HF's forward
+        self.asleep = []   # while asleep: the freed weight storages, with their sizes
 
     def close(self):
         """Nothing to release (VLLMEngine's shuts vLLM down)."""
@@ -180,22 +152,29 @@ class HFEngine:
         rollouts of a sync: the copy is not read again before the next update_weights overwrites all
         of it), as VLLMEngine sleeps; update_weights brings them back. A shared engine has none to
         free."""
-        for storage, _ in self.storages.values():
-            storage.resize_(0)
-        self.asleep, self.forms = bool(self.storages), None
+        if self.fast:
+            self.fast.stale()
+        if self.shared or self.asleep:
+            return
+        # each storage once (tied weights, or views of one fused matrix, share one)
+        storages = {p.untyped_storage().data_ptr(): p.untyped_storage()
+                    for p in self.model.parameters()}
+        self.asleep = [(st, st.nbytes()) for st in storages.values()]
+        for st, _ in self.asleep:
+            st.resize_(0)
 
     @torch.no_grad()
     def update_weights(self, state):
         """The sync of §2.3: copy the trained weights into the rollout model, in place. `state` is
         a state dict, or an iterable of (parameter name, full tensor) that may gather one
         parameter at a time from an FSDP-sharded policy (train.full_params)."""
-        self.forms = None   # prepared from the weights before this sync
+        if self.fast:
+            self.fast.stale()
         if self.shared:   # the engine's weights are the policy's
             return
-        if self.asleep:   # every parameter is written below
-            for storage, size in self.storages.values():
-                storage.resize_(size)
-            self.asleep = False
+        for st, size in self.asleep:   # every parameter is written below
+            st.resize_(size)
+        self.asleep = []
         if isinstance(state, dict):
             self.model.load_state_dict(state)
             return
@@ -222,15 +201,6 @@ class HFEngine:
         # a shared policy may be in train mode (dropout): sample in eval
         training = self.model.training
         self.model.eval()
-        # the plan's weights (oneDNN's and MKL's layouts are copies: made after each sync; a shared
-        # policy's change every step)
-        forms = self.forms
-        if forms is None and self.plan:
-            layers = self.layers or fuse(self.model, views=False)   # the same sizes every call
-            with mapped():   # copies larger than what they hold: returned whole when dropped
-                forms = prepared(layers, self.model.lm_head.weight.detach(), self.plan,
-                                 self.max_batch)
-            self.forms = None if self.shared else forms
         for start in tqdm(range(0, len(flat), self.max_batch), desc=desc, disable=desc is None,
                           leave=False, dynamic_ncols=True):
             chunk = flat[start:start + self.max_batch]
@@ -238,7 +208,7 @@ class HFEngine:
                 [uniforms(keys[i], j, max_new_tokens) for i, _, j in chunk])
             try:
                 batch = self._generate_batch([p for _, p, _ in chunk], temperature, top_p,
-                                             max_new_tokens, greedy, u, forms)
+                                             max_new_tokens, greedy, u)
             # CPU: "DefaultCPUAllocator: can't allocate memory"
             except (torch.OutOfMemoryError, RuntimeError) as e:
                 if not isinstance(e, torch.OutOfMemoryError) and "memory" not in str(e):
@@ -252,10 +222,9 @@ class HFEngine:
         self.model.train(training)
         return out
 
-    def _generate_batch(self, prompts, temperature, top_p, max_new_tokens, greedy, u=None,
-                        forms=None):
-        """One batch, decoded token by token with the KV cache (by decode.py's step when `forms`
-        holds its prepared weights, else the HF forward). Per step it samples from
+    def _generate_batch(self, prompts, temperature, top_p, max_new_tokens, greedy, u=None):
+        """One batch, decoded token by token with the KV cache (by the HF forward, or the engine's
+        faster step: fast_engine.py). Per step it samples from
         π_T = softmax(logits / T) (renormalized over the top-p nucleus when top_p < 1) and
         records the sampled token's log-prob under that distribution and the entropy of π_T. A
         sequence leaves the batch (and its rows leave the cache) as soon as it emits an end token,
@@ -269,11 +238,9 @@ class HFEngine:
         new = torch.tensor([i == 0 or prompts[i] != prompts[i - 1] for i in range(len(prompts))],
                            device=dev)
         cache, logits = prefill(self.model, ids[new], attn[new], owner=new.cumsum(0) - 1)
-        step, drop = (static_decoder(self.model, forms, cache, attn, max_new_tokens) if forms
+        step, drop = (self.fast.decoder(cache, attn, max_new_tokens) if self.fast
                       else hf_decoder(self.model, cache, attn))
-        # decode.py copied it into its static cache: free the prefill's (the HF decoder holds its
-        # own)
-        del cache
+        del cache   # the fast step copied it into its own: free the prefill's (HF's holds its own)
         T = 1.0 if greedy else temperature
         top = TopPLogitsWarper(top_p) if top_p < 1 and not greedy else None
         stop = torch.tensor(sorted(self.stop_ids), device=dev)
@@ -320,8 +287,8 @@ def _retie_lm_head(worker):
     """Tied input/output embeddings (SmolLM2, Llama-3.2, Qwen2.5-0.5B): vLLM's reload loads the
     embedding but puts the LM head's old state back (its loader skips `lm_head.*` for tied
     models), on CPU including a pre-packed copy of the old weight that the head multiplies
-    with. Without this the rollouts sample through the seed model's head: the sampler/trainer
-    gap measured 12.9 nats after one sync of a perturbed tiny model, 5e-7 with it."""
+    with. Without this the rollouts would sample through the seed model's head after every sync
+    (tests/test_vllm.py checks the sampler/trainer gap after a sync)."""
     model = worker.model_runner.get_model()
     if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "lm_head"):
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -7,10 +7,11 @@ with the trained weights. s=1 is online, s=inf offline (every response sampled f
 model), s=epoch is iterative DPO; at each sync the rollouts of the next s steps are generated
 together in one batch.
 
-main() reads as the paper's §2, after setup(): sync → generate the rollouts of the next s steps
-→ score → pairs (DPO) or groups (the rest) → loss → optimizer step → log (and checkpoint). The
-objectives are pure functions in dpo.py and grpo.py, picked from LOSSES below; flags.py holds the
-flags, distributed.py the plumbing (loading, FSDP2 sharding, gathers over ranks, checkpoints).
+main() reads as the paper's §2, after start.setup(): sync → generate the rollouts of the next s
+steps → score → pairs (DPO) or groups (the rest) → loss → optimizer step → log (and checkpoint).
+The objectives are pure functions in dpo.py and grpo.py, picked from losses.LOSSES; flags.py holds
+the flags, start.py builds the run, rollout.py samples, distributed.py holds the plumbing (FSDP2
+sharding, gathers over ranks), checkpoint.py the checkpoints.
 
 Run (CPU, default SmolLM2-135M-Instruct on built-in arithmetic, ~2.5 min on 2 cores with bf16):
     python train.py
@@ -24,12 +25,10 @@ Several GPUs (or CPU processes), FSDP (the 8B recipe's flags and memory: README)
     torchrun --standalone --nproc_per_node 8 train.py --model meta-llama/Llama-3.1-8B-Instruct ...
 """
 import math
-import os
 import random
 import signal
 import sys
 import time
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -37,22 +36,21 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import flags
-from checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, saved_args
-from data import epoch_steps, row_prompt, split_task, step_rows
-from distributed import (all_sum, build_models, copy_params, full_params, gather, merge_metrics,
-                         multiprocess, setup_distributed, spare_unit, stamp_old_logps)
-from decode import plan_text
+from checkpoint import save_checkpoint
+from data import row_prompt, step_rows
+from distributed import (all_max, all_sum, copy_params, full_params, gather, merge_metrics, multiprocess,
+                         spare_unit)
 from dpo import entropy_regularizer, nll_loss, select_pair, token_entropy
 from eval import score_heldout
 from grpo import kl_k3
 from logs import (memory_metrics, open_outputs, plot_run, rollout_metrics, run_summary,
                   write_step)
-from losses import LOSSES, has_ratio, pairwise, uses_reference
-from host import console, rss_bytes, stop_signals
-from memory import for_run
+from losses import LOSSES, has_ratio, kl_term, pairwise
+from host import console, stop_signals
 from models import chat_prompt_ids, collate, response_logps
 from rewards import score, stats as grading
-from rollout import plans_file, sample_key
+from rollout import sample_key
+from start import setup
 
 
 def parse_args(argv=None):
@@ -70,20 +68,20 @@ def rollouts(engine, plan, first, a, offline, chat_reward, spent):
     keyed by (seed, k, row), so arms (and any number of ranks) with equal weights sample the same.
     Offline (s = ∞): each distinct prompt is answered once, by the seed model, at the step it first
     appears, and reused on every pass over the data (the paper's offline DPO: one fixed set)."""
-    todo, seen = [(k, r, ids) for k, p in enumerate(plan, first) for r, ids in p], set()
+    todo, seen = [(k, row, ids) for k, p in enumerate(plan, first) for row, ids in p], set()
     if offline:
-        todo = [(k, r, ids) for k, r, ids in todo if not (r["id"] in seen or seen.add(r["id"]))]
+        todo = [(k, row, ids) for k, row, ids in todo if not (row["id"] in seen or seen.add(row["id"]))]
     tick = time.time()
     groups = engine.generate(
         [ids for _, _, ids in todo], a.n, a.temperature, a.top_p, a.max_new_tokens,
-        keys=None if a.no_crn else [sample_key(a.seed, k, r["id"]) for k, r, _ in todo])
+        keys=None if a.no_crn else [sample_key(a.seed, k, row["id"]) for k, row, _ in todo])
     tick = clock(spent, "generate", tick)
     # math: 1/0 by Math-Verify; chat: the reward model (or the judge)
-    score([r for _, r, _ in todo for _ in range(a.n)], [x for g in groups for x in g], chat_reward,
+    score([row for _, row, _ in todo for _ in range(a.n)], [x for g in groups for x in g], chat_reward,
           a.length_penalty, a.cut_responses)
     clock(spent, "score", tick)
-    made, it = {r["id"]: g for (_, r, _), g in zip(todo, groups)}, iter(groups)
-    return [[(r, made[r["id"]] if offline else next(it)) for r, _ in p] for p in plan], \
+    made, it = {row["id"]: g for (_, row, _), g in zip(todo, groups)}, iter(groups)
+    return [[(row, made[row["id"]] if offline else next(it)) for row, _ in p] for p in plan], \
         sum(len(x.completion_ids) for g in groups for x in g)
 
 
@@ -95,25 +93,24 @@ def pairs_or_groups(batch, a, pair_key, stats):
     KL term gives it a gradient. Returns (units, responses, tokens): the counts over the scored
     responses are GRPO's denominators."""
     units, n_resp, n_tok = [], 0, 0
-    for r, g in batch:
+    for row, g in batch:
         # the same pair on any number of ranks
-        rng = random.Random(f"{a.seed}-pairs-{pair_key}-{r['id']}")
+        rng = random.Random(f"{a.seed}-pairs-{pair_key}-{row['id']}")
         rw = [x.reward for x in g]
         if not all(map(math.isfinite, rw)):   # a reward model returned NaN/inf: skip, counted
             stats["bad_rewards"] += 1
             continue
         n_resp, n_tok = n_resp + len(g), n_tok + sum(len(x.completion_ids) for x in g)
         if pairwise(a):
-            pair = select_pair(rw, verifiable=r["task"] == "math", rng=rng)
+            pair = select_pair(rw, verifiable=row["task"] == "math", rng=rng)
             if pair:
                 units.append([g[pair[0]], g[pair[1]]])
-        elif max(rw) > min(rw) or (has_ratio(a) and a.kl_coef):
+        elif max(rw) > min(rw) or (kl_term(a.loss) and a.kl_coef):   # the KL has a gradient
             units.append(g)
     return units, n_resp, n_tok
 
 
-def loss_and_backward(units, n_resp, n_tok, batch, a, policy, ref, staleness, tis, world, tok,
-                      spent):
+def loss_and_backward(units, n_resp, n_tok, batch, a, policy, ref, staleness, world, tok, spent):
     """The step's loss and its gradient, over micro-batches of whole units. Each micro-batch's loss
     is its part of the step's (shares over all ranks' units; FSDP averages gradients over ranks,
     hence the factor `world`), so the gradient is the step's whatever the micro-batching. Every
@@ -121,7 +118,7 @@ def loss_and_backward(units, n_resp, n_tok, batch, a, policy, ref, staleness, ti
     runs a zero-weight pass. Returns (the step's metrics over all ranks, units over all ranks)."""
     prefers = [max(x.reward for x in u) > min(x.reward for x in u) for u in units]
     policy.train()
-    n_micro = all_sum([math.ceil(len(units) / a.micro_groups)], a.device, op="max")[0]
+    n_micro = all_max([math.ceil(len(units) / a.micro_groups)], a.device)[0]
     total_units, total_pref, total_resp, total_tok = all_sum(
         [len(units), sum(prefers), n_resp, n_tok], a.device)
     parts = []   # per micro-batch {metric: (value, weight)}
@@ -143,7 +140,7 @@ def loss_and_backward(units, n_resp, n_tok, batch, a, policy, ref, staleness, ti
         b["share"] = sum(prefers[i * a.micro_groups:(i + 1) * a.micro_groups]) / max(1, total_pref)
         b["responses"], b["tokens"] = total_resp, total_tok   # the step's, over all ranks
         tokens = b["mask"].sum().item()
-        b["old"], b["is_w"], m = old_policy(b, staleness, tis, a)
+        b["old"], b["is_w"], m = old_policy(b, staleness, a)
         loss, extra = LOSSES[a.loss]["fn"](b, a)
         loss = loss + regularizers(b, logits, a, len(mb) / total_units)
         (loss * world).backward()
@@ -165,15 +162,26 @@ def loss_and_backward(units, n_resp, n_tok, batch, a, policy, ref, staleness, ti
         [p for ps in gather(parts) for p in ps]), total_units
 
 
-def old_policy(b, staleness, tis, a):
-    """πθ_old in GRPO's ratio πθ/πθ_old and the truncated IS weight: the semi-online choice (§2.3).
-    Nothing stale (the step right after a sync): πθ_old = sg[πθ], so the ratio is exactly 1. Stale:
-    b["old_trainer"], which is the trainer's own πθ_old where the sync stamped it (main's `stamp`:
-    the sampler μ's log-probs are not the trainer's, under TIS (bf16 or vLLM sampling) or of a top-p
-    nucleus) and μ's own elsewhere (an fp32 HF engine: the trainer's to float rounding). With TIS
-    each token is weighted by w = min(πθ_old/μ, C).
-    Returns (πθ_old, w or None, {the sampler/trainer gap on equal weights, where measurable})."""
-    sampler, on, gap = b["old"], b["mask"].bool(), {}
+# -----------------------------------------------------------------------------
+# πθ_old: the policy that sampled, and what GRPO's ratio divides by (§2.3)
+
+def old_policy(b, staleness, a):
+    """πθ_old in GRPO's ratio πθ/πθ_old, and the truncated importance weight: the one place the
+    loop decides them. Each sampled token has three log-probs:
+    - log μ (b["mu"]): the sampler's, recorded while the engine sampled (rollout.Sample.logps).
+      The engine holds the weights of the last sync, πθ_old's, but may compute them otherwise
+      than the trainer: in bf16 (--rollout-dtype), in vLLM's kernels, renormalized to a top-p
+      nucleus.
+    - log πθ_old: the trainer's own πθ as it was at the last sync. The step right after a sync
+      (staleness 0) has it for free, sg[πθ]: the ratio is exactly 1. A later step of the same
+      window (s > 1) needs it kept: where μ is not the trainer's (needs_stamp) the sync stamps it
+      on every response (stamp_old_logps: b["old_stamped"]); elsewhere (an fp32 HF engine,
+      the trainer's to float rounding) log μ stands in.
+    - w = min(πθ_old/μ, C), C = --tis-cap (truncated importance sampling; default 2 where the
+      sampler is bf16 or vLLM, else 0: off): each token's loss weighted by it, for the
+      sampler/trainer gap.
+    Returns (log πθ_old, w or None, {the sampler/trainer gap on equal weights, where measurable})."""
+    sampler, on, gap = b["mu"], b["mask"].bool(), {}
     if staleness == 0:
         old = b["pi"].detach()
         d = (sampler - old).abs()[on]   # the same weights, other numerics
@@ -181,8 +189,32 @@ def old_policy(b, staleness, tis, a):
             "mismatch_mean": (d.mean().item(), on.sum().item()), "mismatch_max": (d.max().item(), 1)
         }
     else:
-        old = b["old_trainer"]
+        old = b["old_stamped"]
+    tis = has_ratio(a) and a.tis_cap > 0
     return old, (old - sampler).exp().clamp(max=a.tis_cap) * b["mask"] if tis else None, gap
+
+
+def needs_stamp(a):
+    """Whether a sync keeps the trainer's log πθ_old on its rollouts for the window's later steps
+    (old_policy): a ratio loss whose sampler is not the trainer (TIS on, or a top-p nucleus)."""
+    return has_ratio(a) and (a.tis_cap > 0 or a.top_p < 1)
+
+
+@torch.no_grad()
+def stamp_old_logps(model, groups, temperature, chunk, device, tok):
+    """At a sync πθ is πθ_old: store the trainer's own log πθ_old(y_t | x, y_<t) in each response
+    of `groups` (Sample.old_logps; old_policy says why), for the steps that train on these rollouts once πθ has moved.
+    Every rank runs the same number of forwards (FSDP). In eval mode: with gradient checkpointing
+    on, a model in train mode turns its KV cache off, which the shared-prompt pass needs."""
+    n = int(all_max([math.ceil(len(groups) / chunk)], device)[0])
+    training = model.training
+    model.eval()
+    for i in range(n):
+        part = groups[i * chunk:(i + 1) * chunk]
+        lp = response_logps(model, collate(part or spare_unit([], tok), device), temperature)
+        for x, row in zip([x for g in part for x in g], lp):
+            x.old_logps = row[:len(x.completion_ids)].tolist()
+    model.train(training)
 
 
 def regularizers(b, logits, a, unit_share):
@@ -239,78 +271,6 @@ def clock(spent, what, since):
     return now
 
 
-def setup(a):
-    """Everything before the loop: the process group, the data (training prompts and a disjoint
-    held-out set of the same task), the models (πθ, πref, the rollout engine with its stale πθ_old),
-    AdamW, and a resumed run's state. Returns the run: a namespace the loop reads and updates."""
-    runtime = rss_bytes()   # the process before any model: the memory plan's runtime on CPU
-    rank, world, a.device = setup_distributed(a.device)
-    r = SimpleNamespace(rank=rank, world=world, master=rank == 0, say=print if rank == 0 else
-                        (lambda *args, **kw: None))
-    if a.batch_prompts % world:
-        sys.exit(f"--batch-prompts {a.batch_prompts} must be a "
-                 f"multiple of the number of processes ({world})")
-    random.seed(a.seed)
-    # held-out sampling; training rollouts draw keyed numbers (rollouts)
-    torch.manual_seed(a.seed + rank)
-    flags.make_writable(a.out, "--out")   # before any model loads
-    try:
-        r.train, r.heldout = split_task(a.task, a.train_data, a.difficulty, a.eval_problems, a.seed,
-                                        eval_data=a.eval_data)
-    except (OSError, ValueError) as e:
-        sys.exit(str(e))
-    if not r.train:
-        sys.exit(f"--train-data {a.train_data}: every row went "
-                 f"to the held-out set; lower --eval-problems")
-    if a.batch_prompts > len(r.train):
-        sys.exit(f"--batch-prompts {a.batch_prompts}: more "
-                 f"than the {len(r.train)} training prompts")
-    r.tasks = sorted({row["task"] for row in r.train})
-    r.s = epoch_steps(r.train, a.batch_prompts) if a.sync_every == "epoch" else a.sync_every
-    r.ckpt = latest_checkpoint(a.out) if a.resume else None
-    if r.ckpt and not os.path.isdir(os.path.join(r.ckpt, "optimizer")):
-        sys.exit(f"--resume: {r.ckpt} holds weights only (--keep-optimizer "
-                 f"none); start from it with --init-from {r.ckpt}")
-    if r.ckpt and a.decode_matmul == "auto":   # a resumed run decodes as it did (its rounding)
-        a.decode_matmul = saved_args(r.ckpt).get("decode_matmul", "auto")
-    r.policy, r.ref, r.tok, r.chat_reward, r.engine = build_models(a, r.s, r.ckpt,
-                                                                   r.train + r.heldout, rank, world,
-                                                                   uses_reference(a))
-    if getattr(r.engine, "plan", None):   # what auto measured, saved with the checkpoints' args
-        measured = a.decode_matmul == "auto"
-        a.decode_matmul = plan_text(r.engine.plan)
-        kept = plans_file()
-        r.say(f"decode matmuls (rows from:form; --decode-matmul): {a.decode_matmul}" + (
-            f" (measured on this machine, kept in {kept}: delete it to measure again)" if kept
-            else " (measured here)") * measured)
-    # memory.py: what this run should take per process; `peak_gb` in the log is what it took
-    if r.master:
-        longest = max(len(chat_prompt_ids(r.tok, row_prompt(row))) for row in r.train[:512])
-        print(for_run(r.policy.config, a, world, longest, runtime, r.s))
-    # an empty model of πθ's class and config, to write checkpoints through
-    with torch.device("meta"):
-        r.shell = type(r.policy)(r.policy.config)
-    r.tis = has_ratio(a) and a.tis_cap > 0
-    # the sampler's log-probs are not the trainer's πθ_old
-    r.stamp = has_ratio(a) and (r.tis or a.top_p < 1)
-    # one kernel: 6x faster on CPU
-    r.opt = torch.optim.AdamW(r.policy.parameters(), lr=a.lr, weight_decay=a.weight_decay,
-                              fused=True)
-    r.step, r.buffer, r.last_sync, r.stats = 0, [], 0, {
-        "nan_skips": 0, "bad_in_a_row": 0, "long_prompts": 0, "bad_rewards": 0}
-    if r.ckpt:
-        my_rows = lambda k: [
-            row["id"] for row in step_rows(r.train, k, a.batch_prompts, a.seed)[rank::world]]
-        r.step, r.last_sync, r.stats, r.buffer = load_checkpoint(r.ckpt, r.policy, r.opt, world,
-                                                                 rank,
-                                                                 os.path.join(a.out, "log.jsonl"),
-                                                                 a.seed, my_rows)
-        r.say(f"resumed from {r.ckpt} at step {r.step}")
-    elif a.resume:
-        r.say(f"--resume: no checkpoint in {a.out}, starting fresh")
-    return r
-
-
 def prompt_ids(row, r, a):
     """x as token ids; None when it leaves no room for a response in the context (--long-prompts
     skip)."""
@@ -339,7 +299,7 @@ def sync_and_generate(r, a, spent):
     # its weights are next read after a sync or evaluation's update_weights refills them
     r.engine.sleep()
     gen_tok_s, tick = generated / spent["generate"], time.time()
-    if r.stamp and len(r.buffer) > 1:
+    if needs_stamp(a) and len(r.buffer) > 1:
         with autocast(a):
             stamp_old_logps(r.policy, [g for p in r.buffer[1:] for _, g in p], a.temperature,
                             a.micro_groups, a.device, r.tok)
@@ -396,7 +356,7 @@ def main(argv=None):
         # ---------------------------------------------------------------------
         # Loss → gradient → optimizer step
         metrics, total_units = loss_and_backward(units, n_resp, n_tok, batch, a, r.policy, r.ref,
-                                                 staleness, r.tis, r.world, r.tok, spent)
+                                                 staleness, r.world, r.tok, spent)
         tick = time.time()
         grad_norm = optimizer_step(r.policy, r.opt, a, metrics["loss"], total_units, r.stats, r.say,
                                    r.step)

@@ -155,9 +155,9 @@ def generate(a, n, reps=2):
     from transformers import set_seed
     from data import row_prompt, split_task
     from models import chat_prompt_ids, left_pad, load_model
-    from rollout import HFEngine
+    from fast_engine import fast_engine
     model, tok = load_model(a.model, a.device)
-    engine = HFEngine(model, tok, max_batch=8 * a.batch_prompts * n)
+    engine = fast_engine(model, tok, max_batch=8 * a.batch_prompts * n)
     rows = split_task("math", None, 1, 0, 0)[0]
     prompts = [chat_prompt_ids(tok, row_prompt(r)) for r in rows[:8 * a.batch_prompts]]
     flat = sorted(p for p in prompts[:a.batch_prompts] for _ in range(n))
@@ -198,7 +198,8 @@ def engine_cost(a, n, engine_kind, reps=2):
     tokens)."""
     from data import row_prompt, split_task
     from models import chat_prompt_ids, load_model
-    from rollout import HFEngine, VLLMEngine
+    from fast_engine import fast_engine
+    from rollout import VLLMEngine
     from models import collate, response_logps
     model, tok = load_model(a.model, a.device)
     rows = split_task("math", None, 1, 0, 0)[0]
@@ -214,7 +215,8 @@ def engine_cost(a, n, engine_kind, reps=2):
     if kind == "vllm":
         engine = VLLMEngine(path, seed=0, device=a.device, dtype=dtype)
     else:
-        engine = HFEngine(model, tok, max_batch=a.batch_prompts * n, dtype=getattr(torch, dtype))
+        engine = fast_engine(model, tok, max_batch=a.batch_prompts * n,
+                             dtype=getattr(torch, dtype))
     startup = time.time() - t
     if path != a.model:   # vLLM holds the weights now; the 0.5 GB folder is not needed
         shutil.rmtree(path, ignore_errors=True)
@@ -230,7 +232,7 @@ def engine_cost(a, n, engine_kind, reps=2):
     sync_s = time.time() - t
     b = collate(groups, a.device)
     with torch.no_grad():
-        gap = (response_logps(model, b, a.temperature) - b["old"]).abs()[b["mask"].bool()]
+        gap = (response_logps(model, b, a.temperature) - b["mu"]).abs()[b["mask"].bool()]
     return {
         "engine": engine_kind, "startup_s": startup, "tok_s": tok_s, "sync_s": sync_s,
         "tokens_per_batch": tokens / reps, "mismatch_mean": gap.mean().item(),
@@ -290,8 +292,8 @@ def read_bandwidth(device, dtype, seconds=0.5):
 
 
 def decode(a, rows_list=(1, 8, 64), steps=48):
-    """The decode step of our engine against the bandwidth roofline: the HF forward (HFEngine
-    fast=False), decode.py's step with each matmul form pinned, and with the plan auto measures
+    """The decode step of our engine against the bandwidth roofline: the HF forward (the plain
+    HFEngine), decode.py's step (fast_engine) with each matmul form pinned, and with the plan
     here; same weights, prompt and draws. Per batch size: the seconds of one step (all rows decode
     `steps` tokens, no row stops: (time of `steps` tokens − time of 1) / (steps − 1), so the
     prefill cancels) and the bytes it must read (every weight once, plus the KV cache at the mean
@@ -301,6 +303,7 @@ def decode(a, rows_list=(1, 8, 64), steps=48):
     from data import row_prompt, split_task
     from memory import kv_width
     from models import chat_prompt_ids, load_model
+    from fast_engine import fast_engine
     from rollout import HFEngine
     model, tok = load_model(a.model, a.device)
     dt = getattr(torch, a.rollout_dtype)
@@ -315,13 +318,15 @@ def decode(a, rows_list=(1, 8, 64), steps=48):
         "step_s": step_s, "bytes_mb": nbytes / 1e6, "gbs": nbytes / step_s / 1e9,
         "fraction": nbytes / step_s / 1e9 / out["bandwidth_gbs"]}
     forms = [(f"decode.py {m}", {"matmul": m}) for m in dec.available(a.device, dt)]
-    paths = [("hf", {"fast": False})] + forms + [("decode.py auto", {})]
+    paths = [("hf", {})] + forms + [("decode.py auto", {})]
     for path, kw in paths:
         for rows in rows_list:   # an engine per batch: a plan, and MKL's packing, are per rows
-            engine = HFEngine(model, tok, max_batch=rows, dtype=dt, **kw)
+            engine = (HFEngine if path == "hf" else fast_engine)(model, tok, max_batch=rows,
+                                                                 dtype=dt, **kw)
+            fast = engine.fast
             engine.stop_ids = {-1}   # no row stops: every step decodes all rows
             if path == "decode.py auto":
-                out.setdefault("plan", {})[rows] = dec.plan_text(engine.plan)
+                out.setdefault("plan", {})[rows] = dec.plan_text(fast.plan)
             timed = {}
             for n_tok in (1, steps, 1, steps):   # twice each; the second of each kept (warm)
                 t = time.time()
@@ -329,15 +334,15 @@ def decode(a, rows_list=(1, 8, 64), steps=48):
                                 keys=[0])
                 timed[n_tok] = time.time() - t
             # decode.py's cache is fp32 on a CPU
-            kv_item = 4 if engine.layers and a.device == "cpu" else dt.itemsize
+            kv_item = 4 if fast and a.device == "cpu" else dt.itemsize
             nbytes = weights + rows * (len(prompt) + steps / 2) * kv * kv_item
             step_s = (timed[steps] - timed[1]) / (steps - 1)
             out["rows"].setdefault(rows, {})[path] = fraction(nbytes, step_s)
             # the ceiling of any step made of this form's matmuls: the step's weight matmuls alone
-            if engine.layers and path != "decode.py auto":
+            if fast and path != "decode.py auto":
                 m, head = kw["matmul"], engine.model.lm_head.weight
-                plain = dec.matrices(engine.layers, head)
-                mats = dec.matrices(*dec.packed(engine.layers, head, m, rows))
+                plain = dec.matrices(fast.layers, head)
+                mats = dec.matrices(*dec.packed(fast.layers, head, m, rows))
                 xs = [torch.ones(rows, w.shape[1], device=a.device, dtype=dt) for w in plain]
                 nbytes = sum(w.numel() for w in plain) * dt.itemsize
                 step_s = 1 / calls_per_second(

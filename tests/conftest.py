@@ -15,7 +15,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-import distributed
+import start
 from rollout import HFEngine, free_port  # noqa: F401  (free_port: the tests' rendezvous port)
 
 CHATML = (
@@ -150,7 +150,7 @@ def write_sums(path, n, plus):
 def spy_generate(monkeypatch, holder):
     """Record, at each generate call, whether the engine's weights equal the policy's (the first
     model load_model built), and keep the last call's weights in holder["sampled_with"]."""
-    calls, orig_gen, orig_load = [], HFEngine.generate, distributed.load_model
+    calls, orig_gen, orig_load = [], HFEngine.generate, start.load_model
 
     def load(*a, **k):
         m, t = orig_load(*a, **k)
@@ -163,6 +163,6 @@ def spy_generate(monkeypatch, holder):
         holder["sampled_with"] = {k: v.clone() for k, v in self.model.state_dict().items()}
         calls.append(all(torch.equal(v, p[k]) for k, v in holder["sampled_with"].items()))
         return orig_gen(self, *a, **k)
-    monkeypatch.setattr(distributed, "load_model", load)
+    monkeypatch.setattr(start, "load_model", load)
     monkeypatch.setattr(HFEngine, "generate", gen)
     return calls

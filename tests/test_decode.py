@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 import decode
 from conftest import make_model, make_tokenizer
 from models import chat_prompt_ids, left_pad, prefill
+from fast_engine import fast_engine
 from rollout import HFEngine, hf_decoder
 
 pytestmark = pytest.mark.slow   # the whole suite only: -m "not slow" leaves it out
@@ -160,15 +161,15 @@ def test_the_engine_measures_its_plan_once(tiny_model_dir, monkeypatch):
     from models import load_model
     model, t = load_model(tiny_model_dir)
     monkeypatch.setattr(decode, "_CHOSEN", {})
-    engine = HFEngine(model, t, max_batch=16)
-    assert engine.plan[0][0] == 1 and all(m in decode.available("cpu") for _, m in engine.plan)
-    assert [r for r, _ in engine.plan] == sorted({r for r, _ in engine.plan})
-    assert all(r <= 16 for r, _ in engine.plan) and len(decode._CHOSEN) == 1
+    plan = fast_engine(model, t, max_batch=16).fast.plan
+    assert plan[0][0] == 1 and all(m in decode.available("cpu") for _, m in plan)
+    assert [r for r, _ in plan] == sorted({r for r, _ in plan})
+    assert all(r <= 16 for r, _ in plan) and len(decode._CHOSEN) == 1
     calls = []
     monkeypatch.setattr(decode.time, "perf_counter", lambda: calls.append(1) or 0.0)
-    assert HFEngine(model, t, max_batch=16).plan == engine.plan and not calls
-    assert HFEngine(model, t, matmul="1:linear,4:weight-first").plan == [(1, "linear"),
-                                                                         (4, "weight-first")]
+    assert fast_engine(model, t, max_batch=16).fast.plan == plan and not calls
+    assert fast_engine(model, t, matmul="1:linear,4:weight-first").fast.plan == [
+        (1, "linear"), (4, "weight-first")]
 
 
 def test_a_plan_is_measured_once_per_machine(tmp_path, monkeypatch):
@@ -205,22 +206,22 @@ def test_prepared_weights_last_until_the_weights_change(tiny_model_dir):
     from models import load_model
     model, t = load_model(tiny_model_dir)
     form = decode.available("cpu")[-1]
-    engine = HFEngine(model, t, matmul=form)
+    engine = fast_engine(model, t, matmul=form)
     greedy = lambda e: [[x.completion_ids for x in g]
                         for g in e.generate(prompts(t), n=1, max_new_tokens=6, greedy=True)]
     greedy(engine)
-    kept = engine.forms
+    kept = engine.fast.forms
     greedy(engine)
-    assert kept is not None and engine.forms is kept
+    assert kept is not None and engine.fast.forms is kept
     moved = load_model(tiny_model_dir)[0]
     with torch.no_grad():
         for p in moved.parameters():
             p.mul_(1.5)
     engine.update_weights(moved.state_dict())
-    assert engine.forms is None
-    assert greedy(engine) == greedy(HFEngine(moved, t, matmul=form))
+    assert engine.fast.forms is None
+    assert greedy(engine) == greedy(fast_engine(moved, t, matmul=form))
     engine.sleep()
-    assert engine.forms is None
+    assert engine.fast.forms is None
 
 
 def test_a_layout_that_costs_more_than_it_saves_is_not_chosen(tiny_model_dir, monkeypatch):
@@ -254,8 +255,8 @@ def test_a_form_this_cpu_cannot_prepare_in_the_dtype_is_left_out(tiny_model_dir,
     assert "fp32-only" not in decode.available("cpu", torch.bfloat16)
     with pytest.raises(ValueError, match="not a matmul"):
         decode.parse_plan("fp32-only", "cpu", torch.bfloat16)
-    engine = HFEngine(model, t, dtype=torch.bfloat16)
-    assert "fp32-only" not in {m for _, m in engine.plan}
+    engine = fast_engine(model, t, dtype=torch.bfloat16)
+    assert "fp32-only" not in {m for _, m in engine.fast.plan}
     assert len(engine.generate(prompts(t), n=2, max_new_tokens=3, keys=[1, 2, 3])[0]) == 2
 
 
@@ -294,15 +295,16 @@ def test_rows_leave_the_static_cache(tok):
 
 @pytest.mark.parametrize("greedy", [False, True])
 def test_engine_samples_what_the_hf_forward_samples(tiny_model_dir, greedy):
-    """Same weights and draws (common random numbers), fp32: the two paths give the same responses,
-    log-probs and entropies, with rows stopping whenever they emit an end token."""
+    """The fast engine's agreement with the plain one: same weights and draws (common random
+    numbers), fp32, the two decode steps give the same responses, log-probs and entropies (to
+    1e-4), with rows stopping whenever they emit an end token."""
     from models import load_model
     model, t = load_model(tiny_model_dir)
     ps = prompts(t)
     got = {}
     for fast in (False, True):
-        engine = HFEngine(model, t, fast=fast)
-        assert (engine.layers is not None) == fast
+        engine = (fast_engine if fast else HFEngine)(model, t)
+        assert (engine.fast is not None) == fast
         # more end tokens: rows stop at different steps
         engine.stop_ids |= {int(i) for i in torch.arange(40, 60)}
         got[fast] = [
@@ -319,8 +321,8 @@ def test_sync_reaches_the_fused_weights(tiny_model_dir):
     update_weights, by state dict or parameter by parameter, changes what decode.py reads."""
     from models import load_model
     model, t = load_model(tiny_model_dir)
-    engine = HFEngine(model, t)
-    layer, (_, qkv, _, _, _, gate_up, _) = engine.model.model.layers[0], engine.layers[0]
+    engine = fast_engine(model, t)
+    layer, (_, qkv, _, _, _, gate_up, _) = engine.model.model.layers[0], engine.fast.layers[0]
     assert layer.self_attn.k_proj.weight.data_ptr() == qkv[layer.self_attn.q_proj.weight.
                                                            shape[0]:].data_ptr()
     moved = load_model(tiny_model_dir)[0]
@@ -345,7 +347,8 @@ def test_sleep_frees_the_copy_and_the_sync_brings_it_back(tiny_model_dir, fast):
     error."""
     from models import load_model
     model, t = load_model(tiny_model_dir)
-    awake, slept = HFEngine(model, t, fast=fast), HFEngine(model, t, fast=fast)
+    make = fast_engine if fast else HFEngine
+    awake, slept = make(model, t), make(model, t)
     weights = lambda e: sum(p.untyped_storage().nbytes() for p in
                             {p.untyped_storage().data_ptr(): p
                              for p in e.model.parameters()}.values())
@@ -370,8 +373,8 @@ def test_a_shared_policy_is_left_as_it_is(tiny_model_dir):
     from models import load_model
     model, t = load_model(tiny_model_dir)
     before = [p for p in model.parameters()]
-    engine = HFEngine(model, t, share=True)
-    assert engine.layers is None
+    engine = fast_engine(model, t, share=True)
+    assert engine.fast.layers is None
     engine.generate(prompts(t), n=2, max_new_tokens=4, keys=[1, 2, 3])
     engine.sleep()   # the policy's weights are not the engine's to free
     assert all(a is b for a, b in zip(before, model.parameters())) and not engine.asleep
@@ -386,6 +389,6 @@ def test_other_architectures_keep_the_hf_forward(tok):
         LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                     num_attention_heads=4, num_key_value_heads=2, mlp_bias=True,
                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
-    engine = HFEngine(model, tok, own=True)
-    assert engine.layers is None
+    engine = fast_engine(model, tok, own=True)
+    assert engine.fast is None
     assert len(engine.generate(prompts(tok), n=2, max_new_tokens=3, keys=[1, 2, 3])[0]) == 2

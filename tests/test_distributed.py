@@ -24,7 +24,8 @@ import json, os, sys, torch
 import rewards, train
 from rollout import HFEngine, Sample
 rewards.math_reward = lambda text, answer: float(len(text) % 2 == 0)
-holder, orig_build = {}, train.build_models
+import start
+holder, orig_build = {}, start.build_models
 def build(*a, **k):
     models = orig_build(*a, **k)
     holder["policy"] = models[0]   # the (sharded) policy
@@ -47,7 +48,7 @@ def fake_generate(self, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens
             g.append(Sample(p, ids, [-1.0] * len(ids), [0.5] * len(ids), "x" * (L + j), "stop"))
         out.append(g)
     return out
-train.build_models, HFEngine.generate = build, fake_generate
+start.build_models, HFEngine.generate = build, fake_generate
 train.main(sys.argv[1:])
 '''
 
@@ -122,7 +123,7 @@ def test_checkpoint_moves_between_world_sizes(setup):
 FREED_PROBE = r"""
 import ctypes, sys, torch
 sys.path.insert(0, sys.argv[1])
-from distributed import setup_distributed
+from heap import keep_freed_memory
 
 class Mallinfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
@@ -131,7 +132,7 @@ class Mallinfo2(ctypes.Structure):
 
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = Mallinfo2
-setup_distributed("cpu")
+keep_freed_memory()   # as start.setup on a one-process CPU run
 before = libc.mallinfo2().hblkhd     # bytes in blocks mmapped on their own
 x = torch.ones(int(sys.argv[2]))     # fp32
 mapped = libc.mallinfo2().hblkhd - before
@@ -144,8 +145,8 @@ print(mapped, held)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 @pytest.mark.parametrize("mb", [12, 113])
 def test_cpu_runs_keep_freed_tensor_memory(tmp_path, mb):
-    """On a CPU, setup_distributed has malloc serve a tensor from its heap and keep it after the
-    free (distributed.keep_freed_memory): glibc's default maps a block over 128 KB on its own (over
+    """On a CPU, heap.keep_freed_memory (start.setup, one process) has malloc serve a tensor from
+    its heap and keep it after the free: glibc's default maps a block over 128 KB on its own (over
     32 MB whatever its threshold) and unmaps it at the free, so the next step's tensor of that size
     page-faults in anew. 12 MB: a layer's activations; 113 MB: SmolLM2's embedding gradient
     (experiments/bench/speed-cpu.md measures what they cost a training step)."""

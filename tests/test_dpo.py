@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from dpo import (dpo_loss, entropy_regularizer, group_dpo_loss, implicit_reward, ipo_loss, nll_loss,
-                 select_pair, sequence_logps, token_entropy, token_logps)
+                 select_pair, token_entropy)
+from models import sequence_logps, token_logps
 
 
 @pytest.mark.parametrize("T,chunk,dtype", [(1.0, 4, torch.float32), (0.7, 3, torch.float32),

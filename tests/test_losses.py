@@ -118,14 +118,29 @@ def check_logged_loss_is_the_objective(model, data, tmp_path, monkeypatch, loss)
         returned, rel=1e-6, abs=1e-7)
 
 
+def direction_flags(loss):
+    """The flag sets check_direction tries: the defaults; each hyperparameter the loss declares
+    (its params) at 10x its default, where a term with a flipped sign that a larger term hid at
+    the default shows; --kl-coef 0.1 where the loss has a KL term (0 is the default)."""
+    params = train.LOSSES[loss].get("params", {})
+    return [[]] + [[f"--{k.replace('_', '-')}", str(10 * d)] for k, (d, _) in params.items()] + (
+        [["--kl-coef", "0.1"]] if losses.kl_term(loss) else [])
+
+
 def check_direction(model_dir, loss):
     """Where πθ = πref = πθ_old, one small gradient step on the loss raises the mean log-probability
     of the higher-reward responses of a unit relative to the lower-reward ones (responses of equal
-    length, so that no loss's length normalization decides the sign)."""
+    length, so that no loss's length normalization decides the sign), with each of
+    direction_flags."""
+    for flags in direction_flags(loss):
+        check_direction_with(model_dir, loss, flags)
+
+
+def check_direction_with(model_dir, loss, flags):
     model, tok = load_model(model_dir)
     a = train.parse_args([
         "--model", model_dir, "--loss", loss, "--rollout-dtype", "float32", "--train-dtype",
-        "float32"])
+        "float32", *flags])
     pairs = train.LOSSES[loss]["takes"] == "pairs"
     rewards = [1.0, 0.0] if pairs else [1.0, 0.0, 0.0, 1.0]
     prompt = chat_prompt_ids(tok, "What is 2 + 3?")
@@ -150,8 +165,8 @@ def check_direction(model_dir, loss):
             p -= 1e-3 * p.grad
         after = margin()
     assert after > before, f"{loss}: a gradient step lowered the higher-reward responses' " \
-        f"log-probability against the lower ones ({before:.6f} -> {after:.6f}): is the loss's " \
-        "sign flipped?"
+        f"log-probability against the lower ones ({before:.6f} -> {after:.6f}) with flags " \
+        f"{flags or 'at their defaults'}: is the sign of the loss, or of one of its terms, flipped?"
 
 
 @pytest.mark.parametrize("loss", list(train.LOSSES))
@@ -199,6 +214,59 @@ def test_conformance_fails_for_a_flipped_sign(tiny_model_dir, monkeypatch):
                                                             fn=flipped_simpo))
     with pytest.raises(AssertionError, match="simpo_flipped: a gradient step lowered"):
         check_direction(tiny_model_dir, "simpo_flipped")
+
+
+def orpo_objective(b, a, sign=1.0):
+    """ORPO (Hong et al. 2024; not in the paper), as a student would add it: the chosen response's
+    mean-token NLL + λ · -log σ(log odds(yc) - log odds(yr)), odds(y) = p/(1 - p), p the mean-token
+    probability. sign=-1: the odds-ratio term's sign flipped, the mistake the NLL hides at λ = 0.1."""
+    n = b["mask"].sum(-1).view(b["rewards"].shape)
+    avg = losses.seq(b, "pi") / n
+    log_odds = avg - torch.log1p(-avg.exp())
+    odds_term = -torch.nn.functional.logsigmoid(sign * (log_odds[:, 0] - log_odds[:, 1]))
+    return (-avg[:, 0] + a.orpo_lambda * odds_term).mean() * b["share"], {}
+
+
+ORPO = {"fn": orpo_objective, "takes": "pairs", "reference": "never",
+        "params": {"orpo_lambda": (0.1, "ORPO's λ")}}
+
+
+def test_conformance_finds_a_flipped_term_that_a_larger_one_hides(tiny_model_dir, monkeypatch):
+    """ORPO with its odds-ratio term's sign flipped passes the direction check at λ = 0.1 (its NLL
+    term still points the step the right way) and fails it at 10x λ, naming the flag."""
+    monkeypatch.setitem(train.LOSSES, "orpo", ORPO)
+    monkeypatch.setitem(train.LOSSES, "orpo_flipped",
+                        dict(ORPO, fn=lambda b, a: orpo_objective(b, a, sign=-1.0)))
+    check_direction(tiny_model_dir, "orpo")
+    check_direction_with(tiny_model_dir, "orpo_flipped", [])
+    with pytest.raises(AssertionError, match="--orpo-lambda"):
+        check_direction(tiny_model_dir, "orpo_flipped")
+
+
+def test_a_kl_weight_the_loss_cannot_use_is_refused(capsys):
+    """--kl-coef > 0 for a loss without a KL term (reference "never", or DPO's) stops before
+    anything loads, naming the flag and the losses that have one; 0 is taken."""
+    for loss in ("simpo", "dpo"):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--loss", loss, "--kl-coef", "0.1"])
+        err = capsys.readouterr().err
+        assert "argument --kl-coef: 0.1: --loss " + loss + " has no KL term" in err and "grpo" in err
+        assert train.parse_args(["--loss", loss, "--kl-coef", "0"]).kl_coef == 0
+    assert train.parse_args(["--loss", "combined", "--kl-coef", "0.1"]).kl_coef == 0.1
+
+
+def test_tied_groups_train_while_a_kl_term_is_on(monkeypatch):
+    """A group whose rewards all tie has no advantage but a KL gradient: a loss with a KL term
+    (declared, with or without GRPO's ratio) keeps it while --kl-coef > 0, not at 0."""
+    from argparse import Namespace
+    monkeypatch.setitem(train.LOSSES, "kl_no_ratio", {"fn": losses.grpo_objective,
+                                                      "takes": "groups", "reference": "kl"})
+    tied = [({"id": 0, "task": "math"}, [Sample([1], [2], [0.0], [0.0], "", "stop", 1.0)] * 2)]
+    for loss in ("grpo", "kl_no_ratio"):
+        for kl, kept in ((0.0, 0), (0.1, 1)):
+            units, _, _ = train.pairs_or_groups(tied, Namespace(seed=0, loss=loss, kl_coef=kl), 0,
+                                                {"bad_rewards": 0})
+            assert len(units) == kept, (loss, kl)
 
 
 def test_conformance_fails_for_a_loss_that_misdeclares_its_reference(tiny_model_dir, data, tmp_path,

@@ -167,7 +167,7 @@ def test_kv_cache_term_is_the_bytes_decode_allocates(tiny_model_dir, monkeypatch
     """The plan's KV cache for one sync's rows equals what decode.py's static cache holds (on a CPU
     its keys and values are fp32 whatever the rollout dtype)."""
     from models import load_model
-    from rollout import HFEngine
+    from fast_engine import fast_engine
     model, tok = load_model(tiny_model_dir)
     a = train.parse_args([
         "--model", tiny_model_dir, "--device", "cpu", "--rollout-dtype", dtype, "--n", "2",
@@ -178,7 +178,7 @@ def test_kv_cache_term_is_the_bytes_decode_allocates(tiny_model_dir, monkeypatch
     sizes = []
     monkeypatch.setattr(torch.Tensor, "new_empty", lambda t, *s, **k: sizes.append(
         (s, k)) or torch.empty(*s, **k))
-    engine = HFEngine(model, tok, dtype=getattr(torch, dtype))
+    engine = fast_engine(model, tok, dtype=getattr(torch, dtype))
     engine.generate([prompt, prompt], n=2, max_new_tokens=5)
     # K [L, B, KVH, P + T, D]; V is its like
     (shape, kw), = [(s, k) for s, k in sizes if len(s) == 5]

@@ -202,7 +202,7 @@ def test_grad_checkpointing_stamps_old_logps_with_the_kv_cache(tiny_model_dir, t
     Transformers turns the KV cache off; the stamp must still be the policy's log-probs."""
     import train
     from conftest import toy_score
-    from distributed import stamp_old_logps
+    from train import stamp_old_logps
     from models import collate, response_logps
     monkeypatch.setattr(train, "score", toy_score)
     stamped = []

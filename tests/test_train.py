@@ -17,6 +17,7 @@ from data import step_rows
 from conftest import spy_generate, toy_score
 from logs import MEASURED
 from models import chat_prompt_ids, cpu_has_bf16, load_model
+from fast_engine import fast_engine
 from rollout import HFEngine
 
 pytestmark = pytest.mark.slow   # the whole suite only: -m "not slow" leaves it out
@@ -36,8 +37,9 @@ def run(tiny_model_dir, data_file, tmp_path, *extra, name="run"):
 def test_each_loss_and_regime_trains(tiny_model_dir, data_file, tmp_path, monkeypatch, loss, s):
     monkeypatch.setattr(train, "score", toy_score)
     before = {k: v.clone() for k, v in load_model(tiny_model_dir)[0].state_dict().items()}
+    kl = ["--kl-coef", "0.1"] if train.kl_term(loss) else []
     out = run(tiny_model_dir, data_file, tmp_path, "--loss", loss, "--sync-every", s, "--steps",
-              "3", "--kl-coef", "0.1", "--nll-coef", "0.1", "--entropy-coef", "0.01")
+              "3", *kl, "--nll-coef", "0.1", "--entropy-coef", "0.01")
     recs = out["records"]
     assert [r["step"] for r in recs] == [1, 2, 3]
     assert all(r["loss"] is None or torch.isfinite(torch.tensor(r["loss"])) for r in recs)
@@ -138,8 +140,8 @@ def test_sampling_logps_match_policy_forward(tiny_model_dir, T):
     with torch.no_grad():
         lp = train.response_logps(model, b, T)
         raw = train.response_logps(model, b)
-    assert torch.allclose(lp, b["old"], atol=1e-5)
-    assert (T == 1.0) == torch.allclose(raw, b["old"], atol=1e-3)
+    assert torch.allclose(lp, b["mu"], atol=1e-5)
+    assert (T == 1.0) == torch.allclose(raw, b["mu"], atol=1e-3)
 
 
 def test_stale_ratio_is_new_over_old_of_the_sampling_distribution(tiny_model_dir):
@@ -154,7 +156,7 @@ def test_stale_ratio_is_new_over_old_of_the_sampling_distribution(tiny_model_dir
         for p in moved.parameters():
             p.add_(0.05 * torch.randn_like(p))
         ratio = (train.response_logps(moved, train.collate(groups, "cpu"), T) -
-                 train.collate(groups, "cpu")["old"]).exp()
+                 train.collate(groups, "cpu")["mu"]).exp()
 
         def logp_T(m, x):
             ids = torch.tensor([prompt + x.completion_ids])
@@ -252,7 +254,7 @@ def test_shared_prompt_forward_equals_one_row_per_response(tiny_model_dir, k):
         (lp.sum() + logits[b["mask"].bool()].logsumexp(-1).sum()).backward()
         out[share] = lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
     assert torch.allclose(out[True][0], out[False][0], atol=1e-5)
-    assert torch.allclose(out[True][0], b["old"], atol=1e-4)
+    assert torch.allclose(out[True][0], b["mu"], atol=1e-4)
     for n, g in out[True][1].items():
         assert torch.allclose(g, out[False][1][n], atol=1e-5, rtol=1e-4), n
 
@@ -340,11 +342,11 @@ def test_a_resumed_run_decodes_by_its_saved_plan(tiny_model_dir, data_file, tmp_
     assert f"decode matmuls (rows from:form; --decode-matmul): {plan}\n" in capsys.readouterr().out
     assert train.saved_args(str(tmp_path / "run" / "ckpt-000002"))["decode_matmul"] == plan
     resumed = run(tiny_model_dir, data_file, tmp_path, *common, "--steps", "4", "--resume")
-    assert train.plan_text(resumed["engine"].plan) == plan
+    assert train.plan_text(resumed["engine"].fast.plan) == plan
     fresh = run(tiny_model_dir, data_file, tmp_path, *common, "--steps", "2", name="auto")
     assert "(measured on this machine, kept in " in capsys.readouterr().out
     assert train.saved_args(str(tmp_path / "auto" / "ckpt-000002"))["decode_matmul"] == \
-        train.plan_text(fresh["engine"].plan)
+        train.plan_text(fresh["engine"].fast.plan)
 
 
 def test_bad_flags_exit_with_message(tiny_model_dir, data_file, tmp_path, capsys):
@@ -402,7 +404,7 @@ def test_engine_prefills_once_drops_finished_rows_and_matches_plain_generate(
     import decode
     from models import left_pad
     model, tok = load_model(tiny_model_dir)
-    engine = HFEngine(model, tok, fast=fast)
+    engine = (fast_engine if fast else HFEngine)(model, tok)
     torch.manual_seed(0)
     # larger random weights: greedy outputs vary (the tiny model's repeat one token)
     with torch.no_grad():

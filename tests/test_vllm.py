@@ -119,7 +119,7 @@ def test_vllm_after_a_sync_samples_from_the_new_weights(engine, model_dir):
     engine.update_weights(model.named_parameters())
     b = collate(engine.generate([prompt], n=4, temperature=0.7, max_new_tokens=6), DEVICE)
     with torch.no_grad():
-        gap = (response_logps(model, b, 0.7) - b["old"]).abs()[b["mask"].bool()].max().item()
+        gap = (response_logps(model, b, 0.7) - b["mu"]).abs()[b["mask"].bool()].max().item()
     # back to the fixture's weights
     engine.update_weights(load_model(model_dir, DEVICE)[0].named_parameters())
     assert gap < 1e-3, gap
