@@ -260,6 +260,10 @@ def parse_args(argv=None):
                    help="HF sequence-classification RM for "
                    "win rates (default: LLM judge)")
     p.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="let --reward-model run the Python code its repository ships (e.g. the paper's "
+        "Athene-RM-8B): that code runs with your rights; off by default")
+    p.add_argument(
         "--baseline-model", default=None, type=model_name,
         help="Arena-Hard / AlpacaEval baseline: a model to generate "
         "from (default: AlpacaEval's GPT-4 Turbo outputs; "
@@ -403,12 +407,15 @@ def baseline_responses(a, bench, rows):
 
 def chat_scorer(a):
     """prompts, responses -> rewards, from rewards.py: a real RM if given, else the LLM judge."""
-    return make_scalar_reward(a.reward_model)
+    return make_scalar_reward(a.reward_model, trust_remote_code=a.trust_remote_code)
 
 
 def select(a):
-    """Score every checkpoint of a run on validation problems of its task; pick by length-normalized
-    reward."""
+    """Score every checkpoint of a run on validation problems of its task, pick by length-normalized
+    reward on half of them (every other row) and report the pick's reward on the other half, which
+    did not choose it (a score on the rows that chose it is biased up: the best of k noisy
+    estimates). The validation rows are the run's held-out set, which train.py scored on all its
+    rows: that after-score of a picked checkpoint shares the bias."""
     ckpts = sorted(glob.glob(os.path.join(a.select, "ckpt-??????")))
     if not ckpts:
         sys.exit(f"--select {a.select}: no ckpt-NNNNNN folders")
@@ -426,14 +433,17 @@ def select(a):
         score(rows, samples, chat_reward)
         rewards_by.append([x.reward for x in samples])
         lengths_by.append([len(x.completion_ids) for x in samples])
-    norm = length_normalized(rewards_by, lengths_by)
-    print("| checkpoint | reward | mean length | length-normalized reward |\n|---|---|---|---|")
+    norm = length_normalized([rs[0::2] for rs in rewards_by], [ls[0::2] for ls in lengths_by])
+    mean = lambda xs: sum(xs) / max(1, len(xs))   # noqa: E731
+    print("| checkpoint | reward (picking half) | mean length | length-normalized reward | "
+          "reward (other half) |\n|---|---|---|---|---|")
     for c, rs, ls, n in zip(ckpts, rewards_by, lengths_by, norm):
-        print(f"| {os.path.basename(c)} | {sum(rs) / len(rs):.3f} "
-              f"| {sum(ls) / len(ls):.1f} | {n:.3f} |")
-    best = ckpts[max(range(len(ckpts)), key=norm.__getitem__)]
-    print(f"selected: {best}")
-    return best
+        print(f"| {os.path.basename(c)} | {mean(rs[0::2]):.3f} | {mean(ls[0::2]):.1f} | {n:.3f} | "
+              f"{mean(rs[1::2]):.3f} |")
+    k = max(range(len(ckpts)), key=norm.__getitem__)
+    print(f"selected: {ckpts[k]} (picked on {len(rows[0::2])} validation rows; its reward on the "
+          f"other {len(rows[1::2])}, which did not pick it: {mean(rewards_by[k][1::2]):.3f})")
+    return ckpts[k]
 
 
 def validation_rows(a):

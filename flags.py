@@ -168,6 +168,10 @@ def model_and_data_flags(p):
         "--reward-model", default=None, type=model_name,
         help="HF sequence-classification RM for chat "
         "rows (default: the local LLM judge)")
+    p.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="let --reward-model run the Python code its repository ships (e.g. the paper's "
+        "Athene-RM-8B): that code runs with your rights; off by default")
     p.add_argument("--length-penalty", type=NONNEGATIVE, default=0.0,
                    help="chat reward minus this times "
                    "the response length in tokens")

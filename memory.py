@@ -39,7 +39,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import flags
 from losses import pairwise, uses_reference
 from host import console, rss_bytes
-from models import DEFAULT_MODEL, default_source, resolve_dtype
+from models import CHUNK_LOGITS, DEFAULT_MODEL, default_source, resolve_dtype
 
 GB = 1e9
 CUDA_CONTEXT = 2 ** 30   # the CUDA context and NCCL's buffers: outside PyTorch's allocator
@@ -127,7 +127,7 @@ def plan(shape, a, world, prompt_tokens, gpu_bytes=None, runtime=None, s=None):
         out["training", f"layer inputs ({tokens} tokens) + 1 layer"] = tokens * (L * h * bp + act)
     else:
         out["training", f"activations ({tokens} tokens x {L} layers)"] = tokens * L * act
-    out["training", "logits + gradient + fp32 chunk"] = 2 * responses * V * b + 2 * 2 ** 25 * 4
+    out["training", "logits + gradient + fp32 chunk"] = 2 * responses * V * b + 2 * CHUNK_LOGITS * 4
     if world > 1:
         out["training",
             "FSDP gathers (root + 2 layers)"] = (shape["root"] + 2 * shape["layer"]) * (bp + 4)

@@ -167,6 +167,9 @@ def prefill(model, ids, attn, owner):
     return cache, out.logits[owner, -1]
 
 
+CHUNK_LOGITS = 2**25   # token_logps' fp32 working set: logits per chunk of positions
+
+
 def token_logps(logits, labels, temperature=1.0, chunk=None):
     """log π_T(y_t | x, y_<t) for every position, π_T = softmax(z / T): [B, T, V], [B, T] ->
     [B, T] (fp32).
@@ -179,7 +182,7 @@ def token_logps(logits, labels, temperature=1.0, chunk=None):
     """
     shape, V = labels.shape, logits.shape[-1]
     lp = _TokenLogps.apply(logits.reshape(-1, V), labels.reshape(-1), temperature, chunk or
-                           max(1, 2**25 // V))
+                           max(1, CHUNK_LOGITS // V))
     return lp.view(shape)
 
 

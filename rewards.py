@@ -247,16 +247,19 @@ def llm_judge(model, tok, batch_size=8, max_response_tokens=384):
     return lambda prompts, responses: _batched(score, list(zip(prompts, responses)), batch_size)
 
 
-def reward_model(name, device=None, batch_size=8, max_length=4096):
-    """Any Hugging Face sequence-classification reward model (e.g. Skywork-Reward-Llama-3.1-8B):
+def reward_model(name, device=None, batch_size=8, max_length=4096, trust_remote_code=False):
+    """A Hugging Face sequence-classification reward model (e.g. Skywork-Reward-Llama-3.1-8B):
     the conversation [user: prompt, assistant: response] through its chat template, logit 0 as
-    the reward. bf16 on GPU. (Athene-RM-8B, the paper's RM, ships custom modeling code: load it
-    with trust_remote_code and check its card for the score token it reads.)"""
+    the reward. bf16 on GPU. One that ships its own modeling code (Athene-RM-8B, the paper's RM)
+    loads only with trust_remote_code (--trust-remote-code: that code runs here); whether its
+    logit 0 is its score is for its card to say (never run here)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    tok = AutoTokenizer.from_pretrained(name)
-    model = AutoModelForSequenceClassification.from_pretrained(name, dtype=dtype).to(device).eval()
+    kw = {"trust_remote_code": True} if trust_remote_code else {}
+    tok = AutoTokenizer.from_pretrained(name, **kw)
+    model = AutoModelForSequenceClassification.from_pretrained(name, dtype=dtype, **kw).to(
+        device).eval()
 
     @torch.inference_mode()
     def score(pairs):
@@ -282,11 +285,11 @@ def reward_model(name, device=None, batch_size=8, max_length=4096):
     return lambda prompts, responses: _batched(score, list(zip(prompts, responses)), batch_size)
 
 
-def make_scalar_reward(name=None, judge=None, device=None):
-    """prompts, responses -> list of float rewards: `name` an RM id/path, else an LLM judge
-    (`judge` = (model, tokenizer), by default the seed model SmolLM2-135M-Instruct)."""
+def make_scalar_reward(name=None, judge=None, device=None, trust_remote_code=False):
+    """prompts, responses -> list of float rewards: `name` an RM id/path (reward_model), else an
+    LLM judge (`judge` = (model, tokenizer), by default the seed model SmolLM2-135M-Instruct)."""
     if name:
-        return reward_model(name, device)
+        return reward_model(name, device, trust_remote_code=trust_remote_code)
     if judge is None:
         from models import DEFAULT_MODEL, load_model
         judge = load_model(DEFAULT_MODEL, device or "cpu")

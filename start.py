@@ -136,7 +136,8 @@ def build_models(a, s, ckpt, rows, rank, world, with_ref):
     if ref is not None:
         ref.eval().requires_grad_(False)
     chat_reward = make_scalar_reward(
-        a.reward_model, judge=(judge, tok) if judge is not None else None) if needs_chat else None
+        a.reward_model, judge=(judge, tok) if judge is not None else None,
+        trust_remote_code=a.trust_remote_code) if needs_chat else None
     return policy, ref, tok, chat_reward, engine_model
 
 

@@ -20,6 +20,8 @@ Arms (the same code, a different handling of freed memory):
   trim-4.3gb  heap.release after an optimizer step that ends with over 4.3 GB resident
   thp         torch's blocks of 2 MB or more in transparent huge pages (THP_MEM_ALLOC_ENABLE=1)
   map-32mb-thp  map-32mb and thp
+  chunk4m     token_logps' fp32 chunk of 2**22 logits (16 MB) instead of 2**25 (128 MB)
+  map-32mb-chunk4m  map-32mb and chunk4m
 Per step the log has peak_gb (the process's peak so far), rss_gb (resident at the step's end)
 and heap_free_gb (glibc's free bytes in its heap). A finished arm is kept: rerun the same command
 after a kill. Writes report.md and fig_memory.png in --out, the arms' logs in runs/.
@@ -53,6 +55,9 @@ ARMS = {"before": "import os; os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'] = '1
         "thp": "import os; os.environ['THP_MEM_ALLOC_ENABLE'] = '1'",
         "map-32mb-thp": "import os, heap; os.environ['THP_MEM_ALLOC_ENABLE'] = '1'; "
                         "heap.MAP_FROM = 32 << 20",
+        "chunk4m": "import models; models.CHUNK_LOGITS = 2**22",
+        "map-32mb-chunk4m": "import heap, models; models.CHUNK_LOGITS = 2**22; "
+                            "heap.MAP_FROM = 32 << 20",
         "trim-4.3gb": "import heap, host, train; step = train.optimizer_step; "
                       "train.optimizer_step = lambda *x: (step(*x), host.rss_bytes() > 4.3e9 "
                       "and heap.release())[0]"}

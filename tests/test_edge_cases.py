@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForSequenceClas
 import eval as ev
 import logs
 import rewards
-import distributed
+import start
 import train
 from conftest import make_tokenizer, toy_score, write_sums
 
@@ -35,10 +35,10 @@ def test_judge_is_the_seed_model_after_a_resume(tiny_model_dir, tmp_path, monkey
     """The LLM judge is the seed model for the whole run: after --resume of a run that syncs πref it
     was built from the *synced* reference, so the reward function changed at the resume."""
     judges = []
-    real = distributed.make_scalar_reward
+    real = start.make_scalar_reward
     monkeypatch.setattr(
-        distributed, "make_scalar_reward", lambda name=None, judge=None, device=None:
-        (judges.append(judge), real(name, judge, device))[1])
+        start, "make_scalar_reward", lambda name=None, judge=None, device=None, **kw:
+        (judges.append(judge), real(name, judge, device, **kw))[1])
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(
         json.dumps({"prompt": f"Say something about {i}."}) + "\n" for i in range(8)))

@@ -134,6 +134,7 @@ def test_select_picks_a_checkpoint(tiny_model_dir, tmp_path, monkeypatch, capsys
     best = ev.main(["--select", str(run), "--max-new-tokens", "6", "--out", str(tmp_path / "sel")])
     out = capsys.readouterr().out
     assert best.endswith(("ckpt-000001", "ckpt-000002")) and "length-normalized reward" in out
+    assert "picked on 1 validation rows; its reward on the other 1, which did not pick it" in out
 
 
 def test_cache_tag_changes_when_checkpoint_is_rewritten(tmp_path):

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-import distributed
+import start as run_start
 import rewards
 import train
 from models import load_model
@@ -140,14 +140,14 @@ def test_failing_or_nan_reward_model_is_counted_not_fatal(tiny_model_dir, tmp_pa
     data.write_text("".join(json.dumps({"prompt": f"say {i}"}) + "\n" for i in range(6)))
     calls = []
 
-    def flaky(name=None, judge=None, device=None):
+    def flaky(name=None, judge=None, device=None, **kw):
         def rm(prompts, responses):
             calls.append(len(prompts))
             if len(calls) == 1:
                 raise RuntimeError("RM server down")
             return [float("nan")] * len(prompts)
         return rm
-    monkeypatch.setattr(distributed, "make_scalar_reward", flaky)
+    monkeypatch.setattr(run_start, "make_scalar_reward", flaky)
     out = train.main([
         "--model", tiny_model_dir, "--train-data",
         str(data), "--eval-problems", "0", "--batch-prompts", "2", "--n", "2", "--max-new-tokens",
