@@ -25,8 +25,8 @@ def arithmetic_problems(num, difficulty=2, seed=0):
 
     difficulty d: operands go up to 10·d; d >= 5 also mixes in a third, subtracted term; d >= 20
     makes a third of the problems products a × b (a two-digit, b up to d / 2): a harder task, where
-    a 135M model's arithmetic limits it (experiments/s-curve/probes.md). Problems are a pure function of
-    (num, difficulty, seed), so splits are reproducible.
+    a 135M model's arithmetic limits it (experiments/s-curve/probes.md). Problems are a pure
+    function of (num, difficulty, seed), so splits are reproducible.
     """
     rng = random.Random(f"arith-{difficulty}-{seed}")
     hi = 10 * difficulty

@@ -12,7 +12,7 @@ import os
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
 KEPT = []   # the libc whose malloc keep_freed_memory set (empty: malloc as glibc's default)
-MAP_FROM = None   # bytes: blocks this large or larger mapped on their own (None: none)
+MAP_FROM = 32 << 20   # bytes: blocks this large or larger mapped on their own (None: none)
 
 
 class _Mallinfo2(ctypes.Structure):   # glibc's mallinfo2(): what its malloc holds, in bytes
@@ -30,14 +30,17 @@ os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
 
 def keep_freed_memory():
     """On a CPU, let glibc's malloc keep the memory torch frees, to hand it out again: by default it
-    maps every block over its adaptive threshold (32 MB at most) on its own and unmaps it at the
-    free, so the next tensor of that size page-faults in every 4 KiB page anew (a training step
-    frees and re-allocates tensors of 2-113 MB hundreds of times: SmolLM2's [49152, 576]
-    embedding gradient is zero-filled at ~0.5 GB/s that way). Here every block comes from the heap
-    and its free top is trimmed only past 2 GB: the fp32 policy pass ~20 % faster, the peak tens of
-    MB higher (experiments/bench/speed-cpu.md); numbers unchanged. Linux/glibc only. One process
-    only, and only where the user set no malloc variable: under torchrun a kept heap holds FSDP's
-    freed gather buffers too (experiments/memory-cpu.md: MALLOC_MMAP_THRESHOLD_=65536)."""
+    maps every block over its adaptive threshold (up to 32 MB) on its own and unmaps it at the free,
+    so the next tensor of that size page-faults in every 4 KiB page anew (a training step frees and
+    re-allocates blocks of 1-30 MB hundreds of times). Here blocks under MAP_FROM come from the heap
+    and stay there (its free top is trimmed only past 2 GB): the fp32 policy pass ~20 % faster
+    (experiments/bench/speed-cpu.md). Blocks of MAP_FROM or more (32 MB, glibc's largest threshold:
+    the embedding's gradient and autocast copy, the logits) are still mapped on their own: a few
+    a step, and kept in a heap whose other blocks change size with every step's token count they
+    left it fragmented, the peak growing over a long run (experiments/memory-growth). Numbers
+    unchanged. Linux/glibc only. One process only, and only where the user set no malloc variable:
+    under torchrun a kept heap holds FSDP's freed gather buffers too (experiments/memory-cpu.md:
+    MALLOC_MMAP_THRESHOLD_=65536)."""
     if any(k.startswith("MALLOC_")
            for k in os.environ) or "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return

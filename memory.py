@@ -19,10 +19,9 @@ What a process holds (P parameters, W processes; per process):
              gathered root (embeddings, head) and two decoder layers, with their unreduced fp32
              gradients; on a CPU with bf16 autocast, autocast's bf16 copy of every weight.
   rollout    the HF engine's whole copy of the weights in the rollout dtype (freed while πθ trains:
-             rollout.HFEngine.sleep) and its KV cache for --gen-batch rows of prompt + --max-new-tokens; or
-             vLLM's
-             --vllm-memory share of the GPU (weights, KV cache), asleep (on the host) while πθ
-               trains.
+             rollout.HFEngine.sleep) and its KV cache for --gen-batch rows of prompt +
+             --max-new-tokens; or vLLM's --vllm-memory share of the GPU (weights, KV cache), asleep
+             (on the host) while πθ trains.
 The plan's peak is resident + max(training, rollout): the two phases do not overlap in time.
 It is a planning figure (an upper bound where a pair-less prompt leaves a micro-batch short),
 checked against the measured per-process peak on CPU (experiments/memory-cpu.md); train.py prints it
@@ -127,7 +126,8 @@ def plan(shape, a, world, prompt_tokens, gpu_bytes=None, runtime=None, s=None):
         out["training", f"layer inputs ({tokens} tokens) + 1 layer"] = tokens * (L * h * bp + act)
     else:
         out["training", f"activations ({tokens} tokens x {L} layers)"] = tokens * L * act
-    out["training", "logits + gradient + fp32 chunk"] = 2 * responses * V * b + 2 * CHUNK_LOGITS * 4
+    chunk = CHUNK_LOGITS["cuda" if cuda else "cpu"] * 4   # models.token_logps' fp32 working set
+    out["training", "logits + gradient + fp32 chunk"] = 2 * responses * V * b + 2 * chunk
     if world > 1:
         out["training",
             "FSDP gathers (root + 2 layers)"] = (shape["root"] + 2 * shape["layer"]) * (bp + 4)

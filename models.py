@@ -167,22 +167,24 @@ def prefill(model, ids, attn, owner):
     return cache, out.logits[owner, -1]
 
 
-CHUNK_LOGITS = 2**25   # token_logps' fp32 working set: logits per chunk of positions
+# token_logps' fp32 working set, logits per chunk of positions, by device type: 128 MB on a GPU;
+# 16 MB on a CPU, under heap.MAP_FROM, so that the chunks of every step reuse one kept heap block
+CHUNK_LOGITS = {"cuda": 2**25, "cpu": 2**22}
 
 
 def token_logps(logits, labels, temperature=1.0, chunk=None):
     """log π_T(y_t | x, y_<t) for every position, π_T = softmax(z / T): [B, T, V], [B, T] ->
     [B, T] (fp32).
 
-    log π_T(y) = z_y / T - logsumexp(z / T). Computed `chunk` positions at a time (default ~32M
-    logits, 128 MB in fp32), with its own backward ∂/∂z = (onehot(y) - π_T) / T recomputed chunk by
-    chunk from the logits: besides the logits themselves (in the model's dtype) it keeps one
+    log π_T(y) = z_y / T - logsumexp(z / T). Computed `chunk` positions at a time (default:
+    CHUNK_LOGITS in fp32), with its own backward ∂/∂z = (onehot(y) - π_T) / T recomputed chunk
+    by chunk from the logits: besides the logits themselves (in the model's dtype) it keeps one
     logsumexp per position, never a full-vocabulary fp32 copy (with a 128k vocabulary, 16 responses
     of 1024 tokens have 8 GB of fp32 logits).
     """
     shape, V = labels.shape, logits.shape[-1]
     lp = _TokenLogps.apply(logits.reshape(-1, V), labels.reshape(-1), temperature, chunk or
-                           max(1, CHUNK_LOGITS // V))
+                           max(1, CHUNK_LOGITS.get(logits.device.type, 2**25) // V))
     return lp.view(shape)
 
 

@@ -352,7 +352,7 @@ class VLLMEngine:
                      f"({e.__class__.__name__}: {str(e)[:400]}). "
                      f"Not enough memory for the KV cache: raise {where}; "
                      f"a model vLLM does not support: --engine hf")
-        # not a torchrun process after all: later code (train.setup_distributed) must not think so
+        # not a torchrun process after all: distributed.setup_distributed must not think so
         finally:
             for k in launcher:
                 os.environ.pop(k, None)

@@ -96,13 +96,14 @@ def setup(a):
 
 
 def build_models(a, s, ckpt, rows, rank, world, with_ref):
-    """(πθ, πref, tokenizer, chat reward, the rollout engine's model). πθ comes from the checkpoint when
-    resuming, πref and the LLM judge from the seed model (πref then takes a synced copy the
-    checkpoint saved). with_ref False (GRPO without its KL term never looks at πref, as TRL at β =
-    0): none. The engine's model is its own copy (at s = 1 on one process the HF engine samples from
-    πθ itself; vLLM loads its own: None); offline, of the seed model. One process loads each model. Under torchrun rank 0 reads
-    the weights and every rank receives them by broadcast, πθ and πref straight into FSDP shards (no
-    rank holds either whole), the engine's and the judge's copies whole (distributed.from_rank0)."""
+    """(πθ, πref, tokenizer, chat reward, the rollout engine's model). πθ comes from the checkpoint
+    when resuming, πref and the LLM judge from the seed model (πref then takes a synced copy the
+    checkpoint saved). with_ref False (GRPO without its KL term never looks at πref, as TRL at
+    β = 0): none. The engine's model is its own copy (at s = 1 on one process the HF engine samples
+    from πθ itself; vLLM loads its own: None); offline, of the seed model. One process loads each
+    model. Under torchrun rank 0 reads the weights and every rank receives them by broadcast, πθ
+    and πref straight into FSDP shards (no rank holds either whole), the engine's and the judge's
+    copies whole (distributed.from_rank0)."""
     start, needs_chat = a.init_from or a.model, any(r["task"] == "chat" for r in rows)
     sampled = sampled_model(a, s, ckpt)
     if not multiprocess():

@@ -38,8 +38,8 @@ from tqdm import tqdm
 import flags
 from checkpoint import save_checkpoint
 from data import row_prompt, step_rows
-from distributed import (all_max, all_sum, copy_params, full_params, gather, merge_metrics, multiprocess,
-                         spare_unit)
+from distributed import (all_max, all_sum, copy_params, full_params, gather, merge_metrics,
+                         multiprocess, spare_unit)
 from dpo import entropy_regularizer, nll_loss, select_pair, token_entropy
 from eval import score_heldout
 from grpo import kl_k3
@@ -61,27 +61,29 @@ def parse_args(argv=None):
 
 # -----------------------------------------------------------------------------
 # The loop's parts: rollouts → units → loss and gradient → update; then setup() and main()
-def rollouts(engine, plan, first, a, offline, chat_reward, spent):
-    """Generate → score, for every step of the window at once: `plan` has one list of (row, prompt
-    ids) per step, from step `first` on. Returns one list of (row, responses) per step, and the
-    tokens generated. Common random numbers: a prompt's responses at step k are drawn with uniforms
-    keyed by (seed, k, row), so arms (and any number of ranks) with equal weights sample the same.
+def rollouts(engine, window, first, a, offline, chat_reward, spent):
+    """Generate → score, for every step of the window at once: `window` has one list of (row,
+    prompt ids) per step, from step `first` on. Returns one list of (row, responses) per step, and
+    the tokens generated. Common random numbers: a prompt's responses at step k are drawn with
+    uniforms keyed by (seed, k, row), so arms (and any number of ranks) with equal weights sample
+    the same.
     Offline (s = ∞): each distinct prompt is answered once, by the seed model, at the step it first
     appears, and reused on every pass over the data (the paper's offline DPO: one fixed set)."""
-    todo, seen = [(k, row, ids) for k, p in enumerate(plan, first) for row, ids in p], set()
+    todo, seen = [(k, row, ids) for k, p in enumerate(window, first) for row, ids in p], set()
     if offline:
-        todo = [(k, row, ids) for k, row, ids in todo if not (row["id"] in seen or seen.add(row["id"]))]
+        todo = [(k, row, ids) for k, row, ids in todo
+                if not (row["id"] in seen or seen.add(row["id"]))]
     tick = time.time()
     groups = engine.generate(
         [ids for _, _, ids in todo], a.n, a.temperature, a.top_p, a.max_new_tokens,
         keys=None if a.no_crn else [sample_key(a.seed, k, row["id"]) for k, row, _ in todo])
     tick = clock(spent, "generate", tick)
     # math: 1/0 by Math-Verify; chat: the reward model (or the judge)
-    score([row for _, row, _ in todo for _ in range(a.n)], [x for g in groups for x in g], chat_reward,
-          a.length_penalty, a.cut_responses)
+    score([row for _, row, _ in todo for _ in range(a.n)], [x for g in groups for x in g],
+          chat_reward, a.length_penalty, a.cut_responses)
     clock(spent, "score", tick)
     made, it = {row["id"]: g for (_, row, _), g in zip(todo, groups)}, iter(groups)
-    return [[(row, made[row["id"]] if offline else next(it)) for row, _ in p] for p in plan], \
+    return [[(row, made[row["id"]] if offline else next(it)) for row, _ in p] for p in window], \
         sum(len(x.completion_ids) for g in groups for x in g)
 
 
@@ -180,7 +182,7 @@ def old_policy(b, staleness, a):
     - w = min(πθ_old/μ, C), C = --tis-cap (truncated importance sampling; default 2 where the
       sampler is bf16 or vLLM, else 0: off): each token's loss weighted by it, for the
       sampler/trainer gap.
-    Returns (log πθ_old, w or None, {the sampler/trainer gap on equal weights, where measurable})."""
+    Returns (log πθ_old, w or None, {the sampler/trainer gap on equal weights where measurable})."""
     sampler, on, gap = b["mu"], b["mask"].bool(), {}
     if staleness == 0:
         old = b["pi"].detach()
@@ -203,7 +205,8 @@ def needs_stamp(a):
 @torch.no_grad()
 def stamp_old_logps(model, groups, temperature, chunk, device, tok):
     """At a sync πθ is πθ_old: store the trainer's own log πθ_old(y_t | x, y_<t) in each response
-    of `groups` (Sample.old_logps; old_policy says why), for the steps that train on these rollouts once πθ has moved.
+    of `groups` (Sample.old_logps; old_policy says why), for the steps that train on these rollouts
+    once πθ has moved.
     Every rank runs the same number of forwards (FSDP). In eval mode: with gradient checkpointing
     on, a model in train mode turns its KV cache off, which the shared-prompt pass needs."""
     n = int(all_max([math.ceil(len(groups) / chunk)], device)[0])
@@ -292,10 +295,11 @@ def sync_and_generate(r, a, spent):
         r.engine.update_weights(full_params(r.policy))
     r.last_sync = r.step
     upto = min(a.steps, r.step + r.s) if r.s != math.inf else a.steps
-    plan = [[(row, ids) for row in step_rows(r.train, k, a.batch_prompts, a.seed)[r.rank::r.world]
+    window = [[(row, ids) for row in step_rows(r.train, k, a.batch_prompts, a.seed)[r.rank::r.world]
              if (ids := prompt_ids(row, r, a)) is not None] for k in range(r.step, upto)]
     tick = clock(spent, "sync", tick)
-    r.buffer, generated = rollouts(r.engine, plan, r.step, a, r.s == math.inf, r.chat_reward, spent)
+    r.buffer, generated = rollouts(r.engine, window, r.step, a, r.s == math.inf, r.chat_reward,
+                                   spent)
     # its weights are next read after a sync or evaluation's update_weights refills them
     r.engine.sleep()
     gen_tok_s, tick = generated / spent["generate"], time.time()

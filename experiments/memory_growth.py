@@ -6,22 +6,24 @@ memory a process keeps between steps, so their logs are equal record for record 
 time: the report checks it).
 
     python experiments/memory_growth.py --out experiments/memory-growth --steps 300 \
-        --arms before,default
+        --arms before,kept,default
     python experiments/memory_growth.py --out experiments/memory-growth --report-only
     (any other flag goes to train.py)
 
 Arms (the same code, a different handling of freed memory):
-  before      oneDNN's primitive cache at its own default, 1024 (the code before heap bounded it)
-  default     train.py as it is: the cache bounded (heap.py), glibc's freed blocks kept resident
-  release     and heap.release (malloc_trim) at each switch between rollouts and training
-  every-step  and heap.release after every optimizer step too
-  map-32mb    blocks of 32 MB or more (glibc's largest mapping threshold) mapped on their own
-  map-4mb     blocks of 4 MB or more mapped on their own
-  trim-4.3gb  heap.release after an optimizer step that ends with over 4.3 GB resident
-  thp         torch's blocks of 2 MB or more in transparent huge pages (THP_MEM_ALLOC_ENABLE=1)
+  before      as kept, and oneDNN's primitive cache at its own default, 1024 (the code before #53)
+  kept        every freed block kept in glibc's heap (heap.MAP_FROM None), token_logps' fp32 chunk
+              of 2**25 logits (128 MB): the code before heap mapped the largest blocks
+  default     train.py as it is: blocks of 32 MB or more mapped on their own (heap.MAP_FROM), the
+              fp32 chunk 2**22 logits (16 MB, models.CHUNK_LOGITS), oneDNN's cache at 64
+  release     kept, and heap.release (malloc_trim) at each switch between rollouts and training
+  every-step  kept, and heap.release after every optimizer step
+  map-32mb    kept, but blocks of 32 MB or more (glibc's largest threshold) mapped on their own
+  map-4mb     kept, but blocks of 4 MB or more mapped on their own
+  thp         kept, torch's blocks of 2 MB or more in transparent huge pages (THP_MEM_ALLOC_ENABLE)
   map-32mb-thp  map-32mb and thp
-  chunk4m     token_logps' fp32 chunk of 2**22 logits (16 MB) instead of 2**25 (128 MB)
-  map-32mb-chunk4m  map-32mb and chunk4m
+  chunk16mb   kept, with the fp32 chunk of 2**22 logits
+  trim-4.3gb  kept, and heap.release after an optimizer step that ends with over 4.3 GB resident
 Per step the log has peak_gb (the process's peak so far), rss_gb (resident at the step's end)
 and heap_free_gb (glibc's free bytes in its heap). A finished arm is kept: rerun the same command
 after a kill. Writes report.md and fig_memory.png in --out, the arms' logs in runs/.
@@ -42,25 +44,26 @@ from logs import MEASURED  # noqa: E402
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository root
 # each arm: what its process runs before train.main (the arm's heap handling)
+KEPT = "import heap, models; heap.MAP_FROM = None; models.CHUNK_LOGITS['cpu'] = 2**25; "
 RELEASE = ("import heap, rollout; E = rollout.HFEngine; sleep, wake = E.sleep, E.update_weights; "
            "E.sleep = lambda self: (sleep(self), heap.release())[0]; "
            "E.update_weights = lambda self, s: (heap.release(), wake(self, s))[1]")
-ARMS = {"before": "import os; os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'] = '1024'",
+EVERY_STEP = ("import heap, train; step = train.optimizer_step; "
+              "train.optimizer_step = lambda *x: (step(*x), heap.release())[0]")
+ARMS = {"before": KEPT + "import os; os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'] = '1024'",
+        "kept": KEPT,
         "default": "",
-        "release": RELEASE,
-        "every-step": "import heap, train; step = train.optimizer_step; "
-                      "train.optimizer_step = lambda *x: (step(*x), heap.release())[0]",
-        "map-32mb": "import heap; heap.MAP_FROM = 32 << 20",
-        "map-4mb": "import heap; heap.MAP_FROM = 4 << 20",
-        "thp": "import os; os.environ['THP_MEM_ALLOC_ENABLE'] = '1'",
-        "map-32mb-thp": "import os, heap; os.environ['THP_MEM_ALLOC_ENABLE'] = '1'; "
-                        "heap.MAP_FROM = 32 << 20",
-        "chunk4m": "import models; models.CHUNK_LOGITS = 2**22",
-        "map-32mb-chunk4m": "import heap, models; models.CHUNK_LOGITS = 2**22; "
-                            "heap.MAP_FROM = 32 << 20",
-        "trim-4.3gb": "import heap, host, train; step = train.optimizer_step; "
-                      "train.optimizer_step = lambda *x: (step(*x), host.rss_bytes() > 4.3e9 "
-                      "and heap.release())[0]"}
+        "release": KEPT + RELEASE,
+        "every-step": KEPT + EVERY_STEP,
+        "map-32mb": KEPT + "heap.MAP_FROM = 32 << 20",
+        "map-4mb": KEPT + "heap.MAP_FROM = 4 << 20",
+        "thp": KEPT + "import os; os.environ['THP_MEM_ALLOC_ENABLE'] = '1'",
+        "map-32mb-thp": KEPT + "import os; os.environ['THP_MEM_ALLOC_ENABLE'] = '1'; "
+                               "heap.MAP_FROM = 32 << 20",
+        "chunk16mb": KEPT + "models.CHUNK_LOGITS['cpu'] = 2**22",
+        "trim-4.3gb": KEPT + "import host, train; step = train.optimizer_step; "
+                             "train.optimizer_step = lambda *x: (step(*x), host.rss_bytes() > 4.3e9 "
+                             "and heap.release())[0]"}
 
 
 def run_arm(arm, a, passthrough):
@@ -153,7 +156,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", type=out_dir, default="experiments/memory-growth")
     p.add_argument("--steps", type=POSITIVE_INT, default=300)
-    p.add_argument("--arms", default="before,default", help=f"of {', '.join(ARMS)}")
+    p.add_argument("--arms", default="before,kept,default", help=f"of {', '.join(ARMS)}")
     p.add_argument("--report-only", action="store_true")
     a, passthrough = p.parse_known_args(argv)   # the rest: train.py's flags
     arms = a.arms.split(",")

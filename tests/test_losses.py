@@ -219,7 +219,7 @@ def test_conformance_fails_for_a_flipped_sign(tiny_model_dir, monkeypatch):
 def orpo_objective(b, a, sign=1.0):
     """ORPO (Hong et al. 2024; not in the paper), as a student would add it: the chosen response's
     mean-token NLL + λ · -log σ(log odds(yc) - log odds(yr)), odds(y) = p/(1 - p), p the mean-token
-    probability. sign=-1: the odds-ratio term's sign flipped, the mistake the NLL hides at λ = 0.1."""
+    probability. sign=-1: the odds-ratio term's sign flipped, a mistake the NLL hides at λ = 0.1."""
     n = b["mask"].sum(-1).view(b["rewards"].shape)
     avg = losses.seq(b, "pi") / n
     log_odds = avg - torch.log1p(-avg.exp())
@@ -250,7 +250,8 @@ def test_a_kl_weight_the_loss_cannot_use_is_refused(capsys):
         with pytest.raises(SystemExit):
             train.parse_args(["--loss", loss, "--kl-coef", "0.1"])
         err = capsys.readouterr().err
-        assert "argument --kl-coef: 0.1: --loss " + loss + " has no KL term" in err and "grpo" in err
+        assert f"argument --kl-coef: 0.1: --loss {loss} has no KL term" in err
+        assert "grpo" in err
         assert train.parse_args(["--loss", loss, "--kl-coef", "0"]).kl_coef == 0
     assert train.parse_args(["--loss", "combined", "--kl-coef", "0.1"]).kl_coef == 0.1
 
