@@ -36,7 +36,7 @@ from tqdm import tqdm
 from data import load_jsonl, row_prompt, split_task
 from distributed import gather, setup_distributed
 from flags import (FRACTION, NONNEGATIVE, POSITIVE_INT, HelpFormatter, device_name, existing_dir,
-                   make_writable, model_name, names_from, out_dir)
+                   make_writable, model_name, names_from, out_dir, trust_remote_code_flag)
 from heap import keep_freed_memory
 from host import console
 from logs import heldout_table, mean_se, plot_runs
@@ -259,10 +259,7 @@ def parse_args(argv=None):
     p.add_argument("--reward-model", default=None, type=model_name,
                    help="HF sequence-classification RM for "
                    "win rates (default: LLM judge)")
-    p.add_argument(
-        "--trust-remote-code", action="store_true",
-        help="let --reward-model run the Python code its repository ships (e.g. the paper's "
-        "Athene-RM-8B): that code runs with your rights; off by default")
+    trust_remote_code_flag(p)
     p.add_argument(
         "--baseline-model", default=None, type=model_name,
         help="Arena-Hard / AlpacaEval baseline: a model to generate "
@@ -411,11 +408,9 @@ def chat_scorer(a):
 
 
 def select(a):
-    """Score every checkpoint of a run on validation problems of its task, pick by length-normalized
-    reward on half of them (every other row) and report the pick's reward on the other half, which
-    did not choose it (a score on the rows that chose it is biased up: the best of k noisy
-    estimates). The validation rows are the run's held-out set, which train.py scored on all its
-    rows: that after-score of a picked checkpoint shares the bias."""
+    """Score every checkpoint of a run on its held-out rows, pick by length-normalized reward on
+    every other row and report the pick on the rest (on the rows that picked it, a score is the best
+    of k noisy ones: biased up; so is train.py's after-score, on all of them)."""
     ckpts = sorted(glob.glob(os.path.join(a.select, "ckpt-??????")))
     if not ckpts:
         sys.exit(f"--select {a.select}: no ckpt-NNNNNN folders")

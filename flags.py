@@ -168,10 +168,7 @@ def model_and_data_flags(p):
         "--reward-model", default=None, type=model_name,
         help="HF sequence-classification RM for chat "
         "rows (default: the local LLM judge)")
-    p.add_argument(
-        "--trust-remote-code", action="store_true",
-        help="let --reward-model run the Python code its repository ships (e.g. the paper's "
-        "Athene-RM-8B): that code runs with your rights; off by default")
+    trust_remote_code_flag(p)
     p.add_argument("--length-penalty", type=NONNEGATIVE, default=0.0,
                    help="chat reward minus this times "
                    "the response length in tokens")
@@ -211,6 +208,14 @@ def semi_online_flags(p):
         "--ref-sync-every", type=COUNT, default=0,
         help="copy the policy into the reference model every "
         "k optimizer steps (0: never); independent of s")
+
+
+def trust_remote_code_flag(p):
+    """--trust-remote-code (train.py and eval.py): off unless asked, naming its risk."""
+    p.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="let --reward-model run the Python code its repository ships (e.g. the paper's "
+        "Athene-RM-8B): that code runs with your rights; off by default")
 
 
 def objective_flags(p):

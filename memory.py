@@ -197,8 +197,12 @@ def for_run(config, a, world, prompt_tokens, runtime, s):
     except Exception as e:
         return (f"memory plan: not available for {type(config).__name__} "
                 f"({e.__class__.__name__}: {str(e)[:120]})")
-    return describe(plan(shape, a, world, prompt_tokens, gpu, None if cuda else runtime, s), shape,
+    text = describe(plan(shape, a, world, prompt_tokens, gpu, None if cuda else runtime, s), shape,
                     world, a.device, gpu)
+    if not cuda:   # a term the config cannot size: named, and measured where it was
+        text += ("\n  not planned: the freed blocks the C allocator keeps for reuse (heap.py), "
+                 "fragments\n  between blocks of other sizes; measured in experiments/memory-growth")
+    return text
 
 
 def peak_bytes(device):
