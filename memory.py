@@ -201,7 +201,8 @@ def for_run(config, a, world, prompt_tokens, runtime, s):
                     world, a.device, gpu)
     if not cuda:   # a term the config cannot size: named, and measured where it was
         text += ("\n  not planned: the freed blocks the C allocator keeps for reuse (heap.py), "
-                 "fragments\n  between blocks of other sizes; measured in experiments/memory-growth")
+                 "fragments\n  between blocks of other sizes; measured in "
+                 "experiments/memory-growth")
     return text
 
 

@@ -63,8 +63,8 @@ ARMS = {"before": KEPT + "import os; os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY
                                "heap.MAP_FROM = 32 << 20",
         "chunk16mb": KEPT + "models.CHUNK_LOGITS['cpu'] = 2**22",
         "trim-4.3gb": KEPT + "import host, train; step = train.optimizer_step; "
-                             "train.optimizer_step = lambda *x: (step(*x), host.rss_bytes() > 4.3e9 "
-                             "and heap.release())[0]",
+                             "train.optimizer_step = lambda *x: (step(*x), "
+                             "host.rss_bytes() > 4.3e9 and heap.release())[0]",
         "arena1": "import ctypes; ctypes.CDLL('libc.so.6').mallopt(-8, 1)"}
 
 

@@ -17,6 +17,8 @@ from data import step_rows
 from conftest import spy_generate, toy_score
 from logs import MEASURED
 from models import chat_prompt_ids, cpu_has_bf16, load_model
+from checkpoint import saved_args
+from decode import plan_text
 from fast_engine import fast_engine
 from rollout import HFEngine
 
@@ -340,13 +342,13 @@ def test_a_resumed_run_decodes_by_its_saved_plan(tiny_model_dir, data_file, tmp_
     plan = "1:linear,4:weight-first"
     run(tiny_model_dir, data_file, tmp_path, *common, "--steps", "2", "--decode-matmul", plan)
     assert f"decode matmuls (rows from:form; --decode-matmul): {plan}\n" in capsys.readouterr().out
-    assert train.saved_args(str(tmp_path / "run" / "ckpt-000002"))["decode_matmul"] == plan
+    assert saved_args(str(tmp_path / "run" / "ckpt-000002"))["decode_matmul"] == plan
     resumed = run(tiny_model_dir, data_file, tmp_path, *common, "--steps", "4", "--resume")
-    assert train.plan_text(resumed["engine"].fast.plan) == plan
+    assert plan_text(resumed["engine"].fast.plan) == plan
     fresh = run(tiny_model_dir, data_file, tmp_path, *common, "--steps", "2", name="auto")
     assert "(measured on this machine, kept in " in capsys.readouterr().out
-    assert train.saved_args(str(tmp_path / "auto" / "ckpt-000002"))["decode_matmul"] == \
-        train.plan_text(fresh["engine"].fast.plan)
+    assert saved_args(str(tmp_path / "auto" / "ckpt-000002"))["decode_matmul"] == \
+        plan_text(fresh["engine"].fast.plan)
 
 
 def test_bad_flags_exit_with_message(tiny_model_dir, data_file, tmp_path, capsys):
@@ -608,8 +610,8 @@ def test_engine_sleeps_through_training_after_a_mid_run_evaluation(tiny_model_di
     monkeypatch.setattr(train, "score", toy_score)
     holder, asleep, orig_setup, orig_step = {}, [], train.setup, train.optimizer_step
     monkeypatch.setattr(train, "setup", lambda a: holder.setdefault("r", orig_setup(a)))
-    monkeypatch.setattr(train, "optimizer_step",
-                        lambda *args: asleep.append(holder["r"].engine.asleep) or orig_step(*args))
+    monkeypatch.setattr(train, "optimizer_step", lambda *args: asleep.append(
+        bool(holder["r"].engine.asleep)) or orig_step(*args))
     run(tiny_model_dir, data_file, tmp_path, "--steps", "4", "--sync-every", "4", "--eval-every",
         "1")
     assert asleep == [True] * 4
