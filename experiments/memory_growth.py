@@ -24,7 +24,6 @@ Arms (the same code, a different handling of freed memory):
   map-32mb-thp  map-32mb and thp
   chunk16mb   kept, with the fp32 chunk of 2**22 logits
   trim-4.3gb  kept, and heap.release after an optimizer step that ends with over 4.3 GB resident
-  arena1      default, and one malloc arena for every thread (glibc's M_ARENA_MAX = 1)
 Per step the log has peak_gb (the process's peak so far), rss_gb (resident at the step's end)
 and heap_free_gb (glibc's free bytes in its heap). A finished arm is kept: rerun the same command
 after a kill. Writes report.md and fig_memory.png in --out, the arms' logs in runs/.
@@ -64,8 +63,7 @@ ARMS = {"before": KEPT + "import os; os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY
         "chunk16mb": KEPT + "models.CHUNK_LOGITS['cpu'] = 2**22",
         "trim-4.3gb": KEPT + "import host, train; step = train.optimizer_step; "
                              "train.optimizer_step = lambda *x: (step(*x), "
-                             "host.rss_bytes() > 4.3e9 and heap.release())[0]",
-        "arena1": "import ctypes; ctypes.CDLL('libc.so.6').mallopt(-8, 1)"}
+                             "host.rss_bytes() > 4.3e9 and heap.release())[0]"}
 
 
 def run_arm(arm, a, passthrough):
