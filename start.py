@@ -164,12 +164,12 @@ def build_engine(a, s, ckpt, policy, model, tok, rows, rank, world, say):
                           max_model_len=min(longest, context))
     dtype = getattr(torch, a.rollout_dtype)
     # decode steps between two syncs: batches of --gen-batch rows, each up to --max-new-tokens
-    rows = a.batch_prompts // world * a.n * (a.steps if s == math.inf else s)
+    sequences = a.batch_prompts // world * a.n * (a.steps if s == math.inf else s)
     engine = fast_engine(
         model, tok, max_batch=a.gen_batch, dtype=dtype, own=model is not policy,
         share=s == 1 and world == 1 and dtype == policy.dtype and model is policy,
-        matmul=a.decode_matmul, horizon=a.max_new_tokens * math.ceil(rows / a.gen_batch),
-        rows=rows)
+        matmul=a.decode_matmul, horizon=a.max_new_tokens * math.ceil(sequences / a.gen_batch),
+        rows=sequences)
     if engine.fast:
         if world > 1:   # every rank decodes by rank 0's plan: one run, one rounding
             engine.fast.plan = from0(engine.fast.plan)
