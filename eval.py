@@ -326,8 +326,7 @@ def main(argv=None):
             sys.exit(f"--bench {b}: {e}")
     # torchrun: each rank generates its share of the rows
     rank, world, a.device = setup_distributed(a.device)
-    if world == 1 and a.device == "cpu":   # freed tensors kept for reuse (heap.py), as train's
-        keep_freed_memory()
+    keep_freed_memory(a.device, world)   # on a CPU, freed tensors kept for reuse, as train's
     results = {}
     for name in a.model:
         engine, tok = eval_engine(a, name, rank)

@@ -28,10 +28,11 @@ class _Mallinfo2(ctypes.Structure):   # glibc's mallinfo2(): what its malloc hol
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
 
 
-def keep_freed_memory():
-    """On a CPU, let glibc's malloc keep the memory torch frees, to hand it out again: by default it
-    maps every block over its adaptive threshold (up to 32 MB) on its own and unmaps it at the free,
-    so the next tensor of that size page-faults in every 4 KiB page anew (a training step frees and
+def keep_freed_memory(device, world):
+    """On a one-process CPU run (`device`, `world` processes; anything else is left as it is), let
+    glibc's malloc keep the memory torch frees, to hand it out again: by default it maps every
+    block over its adaptive threshold (up to 32 MB) on its own and unmaps it at the free, so the
+    next tensor of that size page-faults in every 4 KiB page anew (a training step frees and
     re-allocates blocks of 1-30 MB hundreds of times). Here blocks under MAP_FROM come from the heap
     and stay there (its free top is trimmed only past 2 GB): the fp32 policy pass ~20 % faster
     (experiments/bench/speed-cpu.md). Blocks of MAP_FROM or more (32 MB, glibc's largest threshold:
@@ -41,8 +42,8 @@ def keep_freed_memory():
     unchanged. Linux/glibc only. One process only, and only where the user set no malloc variable:
     under torchrun a kept heap holds FSDP's freed gather buffers too (experiments/memory-cpu.md:
     MALLOC_MMAP_THRESHOLD_=65536)."""
-    if any(k.startswith("MALLOC_")
-           for k in os.environ) or "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+    if device != "cpu" or world > 1 or any(k.startswith("MALLOC_") for k in os.environ) or \
+            "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -184,7 +184,7 @@ def token_logps(logits, labels, temperature=1.0, chunk=None):
     """
     shape, V = labels.shape, logits.shape[-1]
     lp = _TokenLogps.apply(logits.reshape(-1, V), labels.reshape(-1), temperature, chunk or
-                           max(1, CHUNK_LOGITS.get(logits.device.type, 2**25) // V))
+                           max(1, CHUNK_LOGITS.get(logits.device.type, CHUNK_LOGITS["cuda"]) // V))
     return lp.view(shape)
 
 

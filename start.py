@@ -36,8 +36,7 @@ def setup(a):
     AdamW, and a resumed run's state. Returns the run: a namespace the loop reads and updates."""
     runtime = rss_bytes()   # the process before any model: the memory plan's runtime on CPU
     rank, world, a.device = setup_distributed(a.device)
-    if world == 1 and a.device == "cpu":   # freed tensors kept for the next step's (heap.py)
-        keep_freed_memory()
+    keep_freed_memory(a.device, world)   # on a CPU, freed tensors kept for the next step's
     r = SimpleNamespace(rank=rank, world=world, master=rank == 0, say=print if rank == 0 else
                         (lambda *args, **kw: None))
     if a.batch_prompts % world:
@@ -66,10 +65,11 @@ def setup(a):
                  f"none); start from it with --init-from {r.ckpt}")
     if r.ckpt and a.decode_matmul == "auto":   # a resumed run decodes as it did (its rounding)
         a.decode_matmul = saved_args(r.ckpt).get("decode_matmul", "auto")
+    rows = r.train + r.heldout   # what the run's models will see: chat rows need a judge
     r.policy, r.ref, r.tok, r.chat_reward, engine_model = build_models(
-        a, r.s, r.ckpt, r.train + r.heldout, rank, world, uses_reference(a))
-    r.engine = build_engine(a, r.s, r.ckpt, r.policy, engine_model, r.tok, r.train + r.heldout,
-                            rank, world, r.say)
+        a, r.s, r.ckpt, rows, rank, world, uses_reference(a))
+    r.engine = build_engine(a, r.s, r.ckpt, r.policy, engine_model, r.tok, rows, rank, world,
+                            r.say)
     # memory.py: what this run should take per process; `peak_gb` in the log is what it took
     if r.master:
         longest = max(len(chat_prompt_ids(r.tok, row_prompt(row))) for row in r.train[:512])

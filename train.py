@@ -60,7 +60,7 @@ def parse_args(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# The loop's parts: rollouts → units → loss and gradient → update; then setup() and main()
+# The loop's parts: rollouts → units → loss and gradient → update; then main() (setup: start.py)
 def rollouts(engine, window, first, a, offline, chat_reward, spent):
     """Generate → score, for every step of the window at once: `window` has one list of (row,
     prompt ids) per step, from step `first` on. Returns one list of (row, responses) per step, and

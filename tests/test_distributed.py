@@ -133,7 +133,7 @@ class Mallinfo2(ctypes.Structure):
 
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = Mallinfo2
-keep_freed_memory()   # as start.setup on a one-process CPU run
+keep_freed_memory("cpu", 1)   # as start.setup on a one-process CPU run
 before = libc.mallinfo2().hblkhd     # bytes in blocks mmapped on their own
 x = torch.ones(int(sys.argv[2]))     # fp32
 mapped = libc.mallinfo2().hblkhd - before
