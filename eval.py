@@ -37,7 +37,7 @@ from data import load_jsonl, row_prompt, split_task
 from distributed import gather, setup_distributed
 from flags import (FRACTION, NONNEGATIVE, POSITIVE_INT, HelpFormatter, device_name, existing_dir,
                    make_writable, model_name, names_from, out_dir, trust_remote_code_flag)
-from heap import keep_freed_memory
+from heap import set_malloc
 from host import console
 from logs import heldout_table, mean_se, plot_runs
 from models import DEFAULT_MODEL, chat_prompt_ids, load_model
@@ -326,7 +326,7 @@ def main(argv=None):
             sys.exit(f"--bench {b}: {e}")
     # torchrun: each rank generates its share of the rows
     rank, world, a.device = setup_distributed(a.device)
-    keep_freed_memory(a.device, world)   # on a CPU, freed tensors kept for reuse, as train's
+    set_malloc(a.device, world)   # on a CPU: malloc set as train's
     results = {}
     for name in a.model:
         engine, tok = eval_engine(a, name, rank)

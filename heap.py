@@ -1,18 +1,20 @@
 """
-The memory a CPU process keeps between steps. glibc's malloc, set for a training loop: one process
-frees and allocates the same large tensors at every step, and a kept block is handed out again
-with its pages in place (keep_freed_memory); blocks that should not stay resident after their free
-go back whole (mapped); free_bytes and release for measuring and returning what it keeps.
+The memory a CPU process keeps between steps. glibc's malloc, set for a training loop (set_malloc):
+one process frees and allocates the same large tensors at every step, and a kept block is handed
+out again with its pages in place; under torchrun FSDP's buffers are returned at their free.
+Blocks that should not stay resident after their free go back whole (mapped); free_bytes and
+release for measuring and returning what it keeps.
 Linux/glibc only; elsewhere, or where the user set a malloc variable, nothing changes. And
-oneDNN's cache of primitives, bounded on import (below).
+oneDNN's caches of primitives, bounded on import (below).
 """
 import contextlib
 import ctypes
 import os
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
-KEPT = []   # the libc whose malloc keep_freed_memory set (empty: malloc as glibc's default)
-MAP_FROM = 32 << 20   # bytes: blocks this large or larger mapped on their own (None: none)
+KEPT = []   # [the libc whose malloc set_malloc set, its mapping size] (empty: glibc's default)
+MAP_FROM = 32 << 20   # bytes, one process: blocks this large or larger mapped (None: none)
+MAP_FROM_TORCHRUN = 64 << 10   # bytes, under torchrun: blocks this large or larger mapped
 
 
 class _Mallinfo2(ctypes.Structure):   # glibc's mallinfo2(): what its malloc holds, in bytes
@@ -22,15 +24,21 @@ class _Mallinfo2(ctypes.Structure):   # glibc's mallinfo2(): what its malloc hol
 
 
 # oneDNN (bf16 matmuls on a CPU, the decode's packed forms) keeps each primitive it builds, one per
-# matmul shape, and a training step's shapes follow its token count, new step after step: its
-# default cache of 1024 held a growing part of a long run's memory (experiments/memory-growth).
-# Read at oneDNN's first primitive, so set on import; a value of the user's is kept.
+# matmul shape, and a training step's shapes follow its token count, new step after step: two
+# caches of 1024 by default, oneDNN's own and that of PyTorch's bridge to it (ideep,
+# LRU_CACHE_CAPACITY), grew a long run's memory for its first ~100 steps (0.3 GB at 135M,
+# experiments/memory-growth). 64 holds every shape of a step. Read at the first bf16 matmul, so
+# set on import; a value of the user's is kept.
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
+os.environ.setdefault("LRU_CACHE_CAPACITY", "64")
 
 
-def keep_freed_memory(device, world):
-    """On a one-process CPU run (`device`, `world` processes; anything else is left as it is), let
-    glibc's malloc keep the memory torch frees, to hand it out again: by default it maps every
+def set_malloc(device, world):
+    """glibc's malloc set for a CPU training loop of `world` processes (`device` "cpu"; anything
+    else is left as it is, as is a malloc variable of the user's). Linux/glibc only; numbers
+    unchanged either way.
+
+    One process: keep the memory torch frees, to hand it out again. By default glibc maps every
     block over its adaptive threshold (up to 32 MB) on its own and unmaps it at the free, so the
     next tensor of that size page-faults in every 4 KiB page anew (a training step frees and
     re-allocates blocks of 1-30 MB hundreds of times). Here blocks under MAP_FROM come from the heap
@@ -38,11 +46,13 @@ def keep_freed_memory(device, world):
     (experiments/bench/speed-cpu.md). Blocks of MAP_FROM or more (32 MB, glibc's largest threshold:
     the embedding's gradient and autocast copy, the logits) are still mapped on their own: a few
     a step, and kept in a heap whose other blocks change size with every step's token count they
-    left it fragmented, the peak growing over a long run (experiments/memory-growth). Numbers
-    unchanged. Linux/glibc only. One process only, and only where the user set no malloc variable:
-    under torchrun a kept heap holds FSDP's freed gather buffers too (experiments/memory-cpu.md:
-    MALLOC_MMAP_THRESHOLD_=65536)."""
-    if device != "cpu" or world > 1 or any(k.startswith("MALLOC_") for k in os.environ) or \
+    left it fragmented, the peak growing over a long run (experiments/memory-growth).
+
+    Under torchrun: every block of MAP_FROM_TORCHRUN or more mapped on its own and returned at its
+    free. FSDP gathers and reduces each layer through buffers of its own, and glibc's default heap
+    kept the freed ones in fragments: twice the plan per process, climbing every step; mapped, the
+    plan's peak and the steps no slower (experiments/memory-growth)."""
+    if device != "cpu" or any(k.startswith("MALLOC_") for k in os.environ) or \
             "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return
     try:
@@ -51,28 +61,30 @@ def keep_freed_memory(device, world):
         return
     if hasattr(libc, "mallinfo2"):   # glibc >= 2.33: free_bytes
         libc.mallinfo2.restype = _Mallinfo2
-    libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)   # bytes; mallopt takes a C int
-    KEPT[:] = [libc]
+    if world == 1:
+        libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)   # bytes; mallopt takes a C int
+    KEPT[:] = [libc, MAP_FROM if world == 1 else MAP_FROM_TORCHRUN]
     _map_largest()
 
 
 def _map_largest():
-    """No block mapped on its own, or (MAP_FROM) only those of MAP_FROM bytes or more."""
-    if MAP_FROM is None:
-        KEPT[0].mallopt(M_MMAP_MAX, 0)
+    """No block mapped on its own, or only those of KEPT[1] bytes or more."""
+    libc, limit = KEPT
+    if limit is None:
+        libc.mallopt(M_MMAP_MAX, 0)
     else:
-        KEPT[0].mallopt(M_MMAP_THRESHOLD, MAP_FROM)
-        KEPT[0].mallopt(M_MMAP_MAX, 2**16)
+        libc.mallopt(M_MMAP_THRESHOLD, limit)
+        libc.mallopt(M_MMAP_MAX, 2**16)
 
 
 @contextlib.contextmanager
 def mapped():
     """Inside: every block of 1 MB or more mapped on its own, unmapped (its pages returned) at its
-    free, where keep_freed_memory keeps the rest. For copies made and dropped once a sync, larger
+    free, where set_malloc keeps the rest (one process; under torchrun they are mapped anyway). For copies made and dropped once a sync, larger
     than what they hold: MKL's packing (decode.mkl_pack) reserves 2-5x the bytes it writes, and
     from the kept heap those blocks' pages stayed resident after the free, ~0.4 GB over a DPO
     step's peak (experiments/bench/speed-cpu.md); mapped, their first touch costs page faults."""
-    if not KEPT:
+    if not KEPT or KEPT[1] is not None and KEPT[1] <= 2**20:
         yield
         return
     KEPT[0].mallopt(M_MMAP_THRESHOLD, 2**20)
@@ -93,7 +105,7 @@ def release():
 
 def free_bytes():
     """Bytes glibc's malloc holds free in its main heap (mallinfo2's fordblks: resident where
-    touched and not released); None without keep_freed_memory's libc or glibc >= 2.33."""
+    touched and not released); None without set_malloc's libc or glibc >= 2.33."""
     if not KEPT or not hasattr(KEPT[0], "mallinfo2"):
         return None
     return KEPT[0].mallinfo2().fordblks

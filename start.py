@@ -21,7 +21,7 @@ from decode import plan_text
 from distributed import (blueprint_of, checkpoint_activations, from0, from_rank0, multiprocess,
                          setup_distributed)
 from fast_engine import fast_engine, plans_file
-from heap import keep_freed_memory
+from heap import set_malloc
 from host import rss_bytes
 from losses import uses_reference
 from memory import for_run
@@ -36,7 +36,7 @@ def setup(a):
     AdamW, and a resumed run's state. Returns the run: a namespace the loop reads and updates."""
     runtime = rss_bytes()   # the process before any model: the memory plan's runtime on CPU
     rank, world, a.device = setup_distributed(a.device)
-    keep_freed_memory(a.device, world)   # on a CPU, freed tensors kept for the next step's
+    set_malloc(a.device, world)   # on a CPU: malloc set for the loop (one process or torchrun)
     r = SimpleNamespace(rank=rank, world=world, master=rank == 0, say=print if rank == 0 else
                         (lambda *args, **kw: None))
     if a.batch_prompts % world:

@@ -124,7 +124,7 @@ def test_checkpoint_moves_between_world_sizes(setup):
 FREED_PROBE = r"""
 import ctypes, sys, torch
 sys.path.insert(0, sys.argv[1])
-from heap import keep_freed_memory
+from heap import set_malloc
 
 class Mallinfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
@@ -133,7 +133,7 @@ class Mallinfo2(ctypes.Structure):
 
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = Mallinfo2
-keep_freed_memory("cpu", 1)   # as start.setup on a one-process CPU run
+set_malloc("cpu", int(sys.argv[3]))   # as start.setup on a CPU run of that many processes
 before = libc.mallinfo2().hblkhd     # bytes in blocks mmapped on their own
 x = torch.ones(int(sys.argv[2]))     # fp32
 mapped = libc.mallinfo2().hblkhd - before
@@ -146,7 +146,7 @@ print(mapped, held)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 @pytest.mark.parametrize("mb", [12, 31, 113])
 def test_cpu_runs_keep_freed_tensor_memory(tmp_path, mb):
-    """On a CPU, heap.keep_freed_memory (start.setup, one process) has malloc serve a tensor under
+    """On a CPU, heap.set_malloc (start.setup, one process) has malloc serve a tensor under
     heap.MAP_FROM (32 MB) from its heap and keep it after the free: glibc's default maps a block
     over 128 KB on its own and unmaps it at the free, so the next step's tensor of that size
     page-faults in anew. 12 MB: a layer's activations (experiments/bench/speed-cpu.md measures
@@ -158,7 +158,7 @@ def test_cpu_runs_keep_freed_tensor_memory(tmp_path, mb):
         k: v
         for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
     n = str(mb * 2**20 // 4)
-    out = subprocess.run([sys.executable, str(probe), ROOT, n], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, str(probe), ROOT, n, "1"], capture_output=True, text=True,
                          env=clean)
     if "mallinfo2" in out.stderr:   # not glibc ≥ 2.33
         pytest.skip("no mallinfo2 in this libc")
@@ -169,13 +169,44 @@ def test_cpu_runs_keep_freed_tensor_memory(tmp_path, mb):
     else:
         assert mapped < 2 ** 20, f"a {mb} MB tensor was mmapped on its own ({mapped} bytes)"
         assert held >= mb * 2 ** 20, f"the heap gave the freed {mb} MB back ({held} bytes kept)"
-    # a malloc setting of the user's own (README: MALLOC_MMAP_THRESHOLD_=65536 under torchrun) is
-    # left as it is
-    out = subprocess.run([sys.executable, str(probe), ROOT, n], capture_output=True, text=True,
+    # a malloc setting of the user's own is left as it is
+    out = subprocess.run([sys.executable, str(probe), ROOT, n, "1"], capture_output=True, text=True,
                          env={**clean, "MALLOC_MMAP_THRESHOLD_": "65536"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert int(out.stdout.split()[0]) >= mb * 2**20, \
         "the user's MALLOC_MMAP_THRESHOLD_ was overridden"
+
+
+GATHER_PROBE = FREED_PROBE.split("set_malloc(")[0] + r"""
+set_malloc(sys.argv[2], 2)           # as start.setup under torchrun on that device
+y = torch.ones(2**20)                # 4 MB, freed: glibc's own threshold rises past it
+del y
+before = libc.mallinfo2().hblkhd
+x = torch.ones(2**18)                # 1 MB: a layer's gathered weights are 1-14 MB
+print(libc.mallinfo2().hblkhd - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_torchrun_processes_return_freed_blocks(tmp_path):
+    """Under torchrun heap.set_malloc maps every block of MAP_FROM_TORCHRUN (64 KB) or more on its
+    own, returned at its free; glibc's own threshold rises to the largest block freed, and the
+    heap kept FSDP's freed buffers in fragments (experiments/memory-growth). Left as it is on
+    another device."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(GATHER_PROBE)
+    clean = {
+        k: v
+        for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    mapped = {}
+    for device in ("cpu", "cuda"):
+        out = subprocess.run([sys.executable, str(probe), ROOT, device], capture_output=True,
+                             text=True, env=clean)
+        if "mallinfo2" in out.stderr:   # not glibc ≥ 2.33
+            pytest.skip("no mallinfo2 in this libc")
+        assert out.returncode == 0, out.stderr[-2000:]
+        mapped[device] = int(out.stdout.split()[-1])
+    assert mapped["cpu"] >= 2**20 and mapped["cuda"] < 2**20, mapped
 
 
 MAPPED_PROBE = FREED_PROBE.split("before = ")[0] + r"""
@@ -193,7 +224,7 @@ print(inside, after_free, libc.mallinfo2().hblkhd - base)
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_blocks_made_inside_mapped_go_back_whole(tmp_path):
-    """heap.mapped: where keep_freed_memory keeps every block in the heap, one made inside (MKL's
+    """heap.mapped: where set_malloc keeps every block in the heap, one made inside (MKL's
     packed weights, which reserve more than they write) is mapped on its own and unmapped at its
     free; outside, blocks come from the kept heap again."""
     probe = tmp_path / "probe.py"
@@ -201,7 +232,8 @@ def test_blocks_made_inside_mapped_go_back_whole(tmp_path):
     clean = {
         k: v
         for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
-    out = subprocess.run([sys.executable, str(probe), ROOT], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, str(probe), ROOT, "0", "1"], capture_output=True,
+                         text=True,
                          env=clean)
     if "mallinfo2" in out.stderr:   # not glibc ≥ 2.33
         pytest.skip("no mallinfo2 in this libc")
