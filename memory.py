@@ -199,7 +199,7 @@ def for_run(config, a, world, prompt_tokens, runtime, s):
                 f"({e.__class__.__name__}: {str(e)[:120]})")
     text = describe(plan(shape, a, world, prompt_tokens, gpu, None if cuda else runtime, s), shape,
                     world, a.device, gpu)
-    if not cuda:   # a term the config cannot size: named, and measured where it was
+    if not cuda and world == 1:   # a term the config cannot size: named, measured where it was
         text += ("\n  not planned: the freed blocks the C allocator keeps for reuse (heap.py), "
                  "fragments\n  between blocks of other sizes; measured in "
                  "experiments/memory-growth")
