@@ -110,6 +110,11 @@ def growth(records, s=4):
     return (records[-1]["peak_gb"] - at) / at
 
 
+def held(rec):
+    """What a process holds at a step's end besides glibc's free bytes: resident − heap free."""
+    return "-" if rec["heap_free_gb"] is None else f"{rec['rss_gb'] - rec['heap_free_gb']:.2f}"
+
+
 def report(a, arms):
     """report.md and fig_memory.png from the finished arms."""
     runs = {arm: load(arm, a) for arm in arms}
@@ -121,8 +126,9 @@ def report(a, arms):
              "--eval-problems 0`; the logs of all arms are equal record for record but for memory "
              f"and time: {all([strip(r) for r in runs[x][0]] == base for x in arms)}.", "",
              "| arm | plan (GB) | peak at step 1 | step 8 | step 32 | end | growth after 2 syncs "
-             "| end ÷ plan | rss at the end | heap free at the end | mean step (s) | wall |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| end ÷ plan | rss at the end | heap free at the end | held at step 8 → end "
+             "| mean step (s) | wall |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm, (rec, plan, wall) in runs.items():
         peak = lambda step: rec[min(step, len(rec)) - 1]["peak_gb"]   # noqa: E731
         free = rec[-1]["heap_free_gb"]
@@ -130,7 +136,10 @@ def report(a, arms):
             f"| {arm} | {plan:.2f} | {peak(1):.2f} | {peak(8):.2f} | {peak(32):.2f} | "
             f"{peak(len(rec)):.2f} | {100 * growth(rec):+.1f} % | {peak(len(rec)) / plan:.2f} | "
             f"{rec[-1]['rss_gb']:.2f} | {'-' if free is None else f'{free:.2f}'} | "
+            f"{held(rec[min(8, len(rec)) - 1])} → {held(rec[-1])} | "
             f"{statistics.mean(r['step_s'] for r in rec):.2f} | {wall / 60:.1f} min |")
+    lines += ["", "held: resident minus glibc's free bytes at a step's end (rss_gb − "
+              "heap_free_gb): tensors, the libraries' caches, code."]
     with open(os.path.join(a.out, "report.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     figure(runs, os.path.join(a.out, "fig_memory.png"))
