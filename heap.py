@@ -86,7 +86,8 @@ def mapped():
     free, where set_malloc keeps the rest (one process; under torchrun they are mapped anyway).
     For copies made and dropped once a sync, larger than what they hold: MKL's packing
     (decode.mkl_pack) reserves 2-5x the bytes it writes, and from the kept heap those blocks' pages
-    stayed resident after the free, ~0.4 GB over a DPO step's peak (experiments/bench/speed-cpu.md); mapped, their first touch costs page faults."""
+    stayed resident after the free, ~0.4 GB over a DPO step's peak
+    (experiments/bench/speed-cpu.md); mapped, their first touch costs page faults."""
     if not KEPT or KEPT[1] is not None and KEPT[1] <= 2**20:
         yield
         return
