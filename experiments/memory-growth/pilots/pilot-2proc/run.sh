@@ -1,3 +1,5 @@
+# The two-process pilot as it ran (at commit 5ea1b32, in a worktree /work/wt; the script as
+# /work/run2p.py): 12 steps per arm, ideep's cache at 64 in all
 cd /work/wt
 for v in "base:X=1" "keep:KEEP_ALL=1" "mmap4m:MALLOC_MMAP_THRESHOLD_=4194304" "mmap64k:MALLOC_MMAP_THRESHOLD_=65536"; do
   name=${v%%:*}; envv=${v#*:}
