@@ -143,6 +143,22 @@ print(mapped, held)
 """
 
 
+def malloc_probe(tmp_path, source, *argv, **env):
+    """The integers a probe `source` prints, run in a process of its own (ROOT, then `argv`) with
+    glibc's malloc as a user who set nothing, plus `env`; skipped where glibc has no mallinfo2."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(source)
+    clean = {
+        k: v
+        for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    out = subprocess.run([sys.executable, str(probe), ROOT, *argv], capture_output=True,
+                         text=True, env=clean | env)
+    if "mallinfo2" in out.stderr:   # not glibc ≥ 2.33
+        pytest.skip("no mallinfo2 in this libc")
+    assert out.returncode == 0, out.stderr[-2000:]
+    return [int(x) for x in out.stdout.split()]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 @pytest.mark.parametrize("mb", [12, 31, 113])
 def test_cpu_runs_keep_freed_tensor_memory(tmp_path, mb):
@@ -152,29 +168,16 @@ def test_cpu_runs_keep_freed_tensor_memory(tmp_path, mb):
     page-faults in anew. 12 MB: a layer's activations (experiments/bench/speed-cpu.md measures
     what they cost a training step). 113 MB, SmolLM2's embedding gradient, is mapped on its own
     and returned at its free (kept, such blocks fragmented the heap: experiments/memory-growth)."""
-    probe = tmp_path / "probe.py"
-    probe.write_text(FREED_PROBE)
-    clean = {
-        k: v
-        for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
     n = str(mb * 2**20 // 4)
-    out = subprocess.run([sys.executable, str(probe), ROOT, n, "1"], capture_output=True, text=True,
-                         env=clean)
-    if "mallinfo2" in out.stderr:   # not glibc ≥ 2.33
-        pytest.skip("no mallinfo2 in this libc")
-    assert out.returncode == 0, out.stderr[-2000:]
-    mapped, held = map(int, out.stdout.split())
+    mapped, held = malloc_probe(tmp_path, FREED_PROBE, n, "1")
     if mb * 2**20 >= MAP_FROM:
         assert mapped >= mb * 2**20 and held < mb * 2**20, (mapped, held)
     else:
         assert mapped < 2 ** 20, f"a {mb} MB tensor was mmapped on its own ({mapped} bytes)"
         assert held >= mb * 2 ** 20, f"the heap gave the freed {mb} MB back ({held} bytes kept)"
     # a malloc setting of the user's own is left as it is
-    out = subprocess.run([sys.executable, str(probe), ROOT, n, "1"], capture_output=True, text=True,
-                         env={**clean, "MALLOC_MMAP_THRESHOLD_": "65536"})
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert int(out.stdout.split()[0]) >= mb * 2**20, \
-        "the user's MALLOC_MMAP_THRESHOLD_ was overridden"
+    assert malloc_probe(tmp_path, FREED_PROBE, n, "1", MALLOC_MMAP_THRESHOLD_="65536")[0] >= \
+        mb * 2**20, "the user's MALLOC_MMAP_THRESHOLD_ was overridden"
 
 
 GATHER_PROBE = FREED_PROBE.split("set_malloc(")[0] + r"""
@@ -193,19 +196,8 @@ def test_torchrun_processes_return_freed_blocks(tmp_path):
     own, returned at its free; glibc's own threshold rises to the largest block freed, and the
     heap kept FSDP's freed buffers in fragments (experiments/memory-growth). Left as it is on
     another device."""
-    probe = tmp_path / "probe.py"
-    probe.write_text(GATHER_PROBE)
-    clean = {
-        k: v
-        for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
-    mapped = {}
-    for device in ("cpu", "cuda"):
-        out = subprocess.run([sys.executable, str(probe), ROOT, device], capture_output=True,
-                             text=True, env=clean)
-        if "mallinfo2" in out.stderr:   # not glibc ≥ 2.33
-            pytest.skip("no mallinfo2 in this libc")
-        assert out.returncode == 0, out.stderr[-2000:]
-        mapped[device] = int(out.stdout.split()[-1])
+    mapped = {device: malloc_probe(tmp_path, GATHER_PROBE, device)[-1]
+              for device in ("cpu", "cuda")}
     assert mapped["cpu"] >= 2**20 and mapped["cuda"] < 2**20, mapped
 
 
@@ -227,17 +219,6 @@ def test_blocks_made_inside_mapped_go_back_whole(tmp_path):
     """heap.mapped: where set_malloc keeps every block in the heap, one made inside (MKL's
     packed weights, which reserve more than they write) is mapped on its own and unmapped at its
     free; outside, blocks come from the kept heap again."""
-    probe = tmp_path / "probe.py"
-    probe.write_text(MAPPED_PROBE)
-    clean = {
-        k: v
-        for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
-    out = subprocess.run([sys.executable, str(probe), ROOT, "0", "1"], capture_output=True,
-                         text=True,
-                         env=clean)
-    if "mallinfo2" in out.stderr:   # not glibc ≥ 2.33
-        pytest.skip("no mallinfo2 in this libc")
-    assert out.returncode == 0, out.stderr[-2000:]
-    inside, after_free, outside = map(int, out.stdout.split())
+    inside, after_free, outside = malloc_probe(tmp_path, MAPPED_PROBE, "0", "1")
     assert inside >= 12 * 2**20 and after_free < 2**20 and outside < 2**20, (inside, after_free,
                                                                               outside)
