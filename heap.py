@@ -10,6 +10,7 @@ oneDNN's caches of primitives, bounded on import (below).
 import contextlib
 import ctypes
 import os
+import sys
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
 KEPT = []   # [the libc whose malloc set_malloc set, its mapping size] (empty: glibc's default)
@@ -31,6 +32,9 @@ class _Mallinfo2(ctypes.Structure):   # glibc's mallinfo2(): what its malloc hol
 # set on import; a value of the user's is kept.
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
 os.environ.setdefault("LRU_CACHE_CAPACITY", "64")
+if os.environ["LRU_CACHE_CAPACITY"].strip() == "0":   # ideep's cache cannot be turned off
+    sys.exit("LRU_CACHE_CAPACITY=0: PyTorch's CPU bf16 matmuls crash with ideep's cache of "
+             "primitives at 0 (a segfault, torch 2.13); unset it or give 1 or more")
 
 
 def set_malloc(device, world):

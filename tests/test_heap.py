@@ -72,6 +72,15 @@ def test_the_users_primitive_cache_capacity_is_kept():
     assert run(env | {CACHES[0]: "8", CACHES[1]: "16"}) == ["8", "16"]
 
 
+def test_ideeps_cache_at_zero_is_refused_by_name():
+    """LRU_CACHE_CAPACITY=0 (a user turning ideep's cache off) kills torch 2.13 at its first CPU
+    bf16 matmul with a segfault: heap, imported before any model, refuses it and says why."""
+    env = {k: v for k, v in os.environ.items() if k not in CACHES} | {"LRU_CACHE_CAPACITY": "0"}
+    out = subprocess.run([sys.executable, "-c", "import heap"], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and "LRU_CACHE_CAPACITY=0" in out.stderr, out.stderr[-500:]
+
+
 def test_every_memory_growth_arm_is_python():
     """Each arm's code, as memory_growth.run_arm joins it before train.main, compiles."""
     import memory_growth
