@@ -27,11 +27,13 @@ class _Mallinfo2(ctypes.Structure):   # glibc's mallinfo2(): what its malloc hol
 # oneDNN (bf16 matmuls on a CPU, the decode's packed forms) keeps each primitive it builds, one per
 # matmul shape, and a training step's shapes follow its token count, new step after step: two
 # caches of 1024 by default, oneDNN's own and that of PyTorch's bridge to it (ideep,
-# LRU_CACHE_CAPACITY), grew a long run's memory for its first ~100 steps (0.3 GB at 135M,
-# experiments/memory-growth). 64 holds every shape of a step. Read at the first bf16 matmul, so
-# set on import; a value of the user's is kept.
-os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
-os.environ.setdefault("LRU_CACHE_CAPACITY", "64")
+# LRU_CACHE_CAPACITY), grew a long run's memory for its first ~100 steps (0.3 GB at 135M). Smaller,
+# they also hold fewer of the small blocks that, made mid-step and kept across steps, split the
+# kept heap's free memory into pieces (experiments/memory-growth). 32 holds a pass's shapes (every
+# layer has the same ones); at 1, every matmul builds its primitive anew (3x slower). Read at the
+# first bf16 matmul, so set on import; a value of the user's is kept.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "32")
+os.environ.setdefault("LRU_CACHE_CAPACITY", "32")
 if os.environ["LRU_CACHE_CAPACITY"].strip() == "0":   # ideep's cache cannot be turned off
     sys.exit("LRU_CACHE_CAPACITY=0: PyTorch's CPU bf16 matmuls crash with ideep's cache of "
              "primitives at 0 (a segfault, torch 2.13); unset it or give 1 or more")
