@@ -6,19 +6,20 @@ memory a process keeps between steps, so their logs are equal record for record 
 time: the report checks it).
 
     python experiments/memory_growth.py --out experiments/memory-growth --steps 300 \
-        --arms before,kept,ideep-1024,default
+        --arms before,kept,ideep-1024,caches-64,default
     python experiments/memory_growth.py --out experiments/memory-growth --report-only
     (any other flag goes to train.py)
 
 Arms (the same code, a different handling of freed memory):
   before      as kept, and oneDNN's primitive cache at its own default, 1024 (the code before #53)
   kept        every freed block kept in glibc's heap (heap.MAP_FROM None), token_logps' fp32 chunk
-              of 2**25 logits (128 MB), ideep's cache of primitives at 1024: the code before heap
-              mapped the largest blocks
-  ideep-1024  default, but ideep's cache of primitives (LRU_CACHE_CAPACITY) at its own default,
+              of 2**25 logits (128 MB), ideep's cache of primitives at 1024 (oneDNN's at 64): the
+              code before heap mapped the largest blocks
+  ideep-1024  caches-64, but ideep's cache of primitives (LRU_CACHE_CAPACITY) at its own default,
               1024: the code before heap bounded it
+  caches-64   default, but both caches of primitives at 64: the code before they were 32
   default     train.py as it is: blocks of 32 MB or more mapped on their own (heap.MAP_FROM), the
-              fp32 chunk 2**22 logits (16 MB, models.CHUNK_LOGITS), both caches of primitives at 64
+              fp32 chunk 2**22 logits (16 MB, models.CHUNK_LOGITS), both caches of primitives at 32
   release     kept, and heap.release (malloc_trim) at each switch between rollouts and training
   every-step  kept, and heap.release after every optimizer step
   map-32mb    kept, but blocks of 32 MB or more (glibc's largest threshold) mapped on their own
@@ -47,7 +48,9 @@ from logs import MEASURED  # noqa: E402
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository root
 # each arm: what its process runs before train.main (the arm's heap handling)
-IDEEP = "import os; os.environ['LRU_CACHE_CAPACITY'] = '1024'"
+CACHES = ("import os; os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'] = '{}'; "
+          "os.environ['LRU_CACHE_CAPACITY'] = '{}'")   # oneDNN's, ideep's
+IDEEP = CACHES.format(64, 1024)
 KEPT = IDEEP + "; import heap, models; heap.MAP_FROM = None; models.CHUNK_LOGITS['cpu'] = 2**25"
 RELEASE = ("import heap, rollout; E = rollout.HFEngine; sleep, wake = E.sleep, E.update_weights; "
            "E.sleep = lambda self: (sleep(self), heap.release())[0]; "
@@ -57,6 +60,7 @@ EVERY_STEP = ("import heap, train; step = train.optimizer_step; "
 ARMS = {"before": KEPT + "; import os; os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'] = '1024'",
         "kept": KEPT,
         "ideep-1024": IDEEP,
+        "caches-64": CACHES.format(64, 64),
         "default": "",
         "release": KEPT + "; " + RELEASE,
         "every-step": KEPT + "; " + EVERY_STEP,
@@ -150,8 +154,8 @@ def figure(runs, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    for (arm, (rec, plan, _)), color in zip(runs.items(), ("C3", "C0", "C1", "C2", "C4")):
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    for (arm, (rec, plan, _)), color in zip(runs.items(), ("C3", "C0", "C1", "C4", "C2")):
         steps = [r["step"] for r in rec]
         ax.plot(steps, [r["peak_gb"] for r in rec], color=color, label=f"{arm}: peak")
         ax.plot(steps, [r["rss_gb"] for r in rec], color=color, alpha=0.4, lw=0.8,
@@ -160,7 +164,7 @@ def figure(runs, path):
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("GB")
     ax.set_title("memory of the default run (dotted: the printed plan)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -170,7 +174,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", type=out_dir, default="experiments/memory-growth")
     p.add_argument("--steps", type=POSITIVE_INT, default=300)
-    p.add_argument("--arms", default="before,kept,ideep-1024,default",
+    p.add_argument("--arms", default="before,kept,ideep-1024,caches-64,default",
                    help=f"of {', '.join(ARMS)}")
     p.add_argument("--report-only", action="store_true")
     a, passthrough = p.parse_known_args(argv)   # the rest: train.py's flags

@@ -21,4 +21,5 @@ one r3-fp32-64 $FP32 $AT64 /usr/bin/time -v $PY train.py --decode-matmul $PLAN32
 one r3-bf16-now-2 /usr/bin/time -v $PY train.py --decode-matmul $PLAN
 one r3-bf16-64-2 $AT64 /usr/bin/time -v $PY train.py --decode-matmul $PLAN
 one r3-bf16-2proc-now /usr/bin/time -v /work/venv/bin/torchrun --standalone --nproc_per_node 2 train.py --decode-matmul $PLAN
+one r3-bf16-2proc-64 $AT64 /usr/bin/time -v /work/venv/bin/torchrun --standalone --nproc_per_node 2 train.py --decode-matmul $PLAN
 echo ALL DONE
