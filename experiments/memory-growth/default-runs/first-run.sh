@@ -30,3 +30,5 @@ one r3-cached-pinned /tmp/fh-dq-new --decode-matmul $PLAN         # its copy kep
 one r3-first-pinned-child-1 /tmp/fh-r3-first-pinned-child-1 --decode-matmul $PLAN
 one r3-first-pinned-child-2 /tmp/fh-r3-first-pinned-child-2 --decode-matmul $PLAN
 one r3-first-home-child /tmp/fh-r3-first-home-child
+# r3-first-venv-child: README's first command again, in r3-first-venv's venv at that commit,
+# HOME empty
