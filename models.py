@@ -124,8 +124,8 @@ def convert_in_child():
     """The default GGUF de-quantized and its copy written (load_model, write_cache) by a child
     process, where a run finds no copy: the run then loads the copy, as every later run. Converted
     in the run itself, the conversion's imports and small blocks stayed in the heap training reuses
-    (the first run's peak +0.04-0.05 GB: experiments/memory-growth). Where the child cannot write
-    it, the run converts as before; under torchrun only each machine's local rank 0 starts one."""
+    and raised the first run's peak (experiments/memory-growth). Where the child cannot write it,
+    the run converts as before; under torchrun only each machine's local rank 0 starts one."""
     folder = cache_folder()
     if (folder is None or os.path.isdir(folder) or os.environ.get("LOCAL_RANK", "0") != "0"
             or os.environ.get("SEMIONLINE_CONVERTING")):   # the child itself
