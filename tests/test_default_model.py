@@ -119,7 +119,6 @@ def test_cache_that_cannot_be_written_is_only_skipped(tiny_model_dir, tmp_path, 
 
 
 @needs_gguf
-@needs_gguf
 def test_a_child_converts_only_where_no_copy_is(tmp_path, monkeypatch):
     """One child a machine, and none inside the child: not where the copy is, not on a local rank
     other than 0 (that rank converts itself, as before), not in the converting child."""
@@ -141,6 +140,7 @@ def test_a_child_converts_only_where_no_copy_is(tmp_path, monkeypatch):
     assert len(calls) == 1
 
 
+@needs_gguf
 def test_cache_folder_follows_the_environment_and_the_converter(tmp_path, monkeypatch):
     monkeypatch.setenv("SEMIONLINE_CACHE", "off")
     assert models.cache_folder() is None
