@@ -51,13 +51,14 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repos
 CACHES = ("import os; os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'] = '{}'; "
           "os.environ['LRU_CACHE_CAPACITY'] = '{}'")   # oneDNN's, ideep's
 IDEEP = CACHES.format(64, 1024)
-KEPT = IDEEP + "; import heap, models; heap.MAP_FROM = None; models.CHUNK_LOGITS['cpu'] = 2**25"
+KEEP = "; import heap, models; heap.MAP_FROM = None; models.CHUNK_LOGITS['cpu'] = 2**25"
+KEPT = IDEEP + KEEP
 RELEASE = ("import heap, rollout; E = rollout.HFEngine; sleep, wake = E.sleep, E.update_weights; "
            "E.sleep = lambda self: (sleep(self), heap.release())[0]; "
            "E.update_weights = lambda self, s: (heap.release(), wake(self, s))[1]")
 EVERY_STEP = ("import heap, train; step = train.optimizer_step; "
               "train.optimizer_step = lambda *x: (step(*x), heap.release())[0]")
-ARMS = {"before": KEPT + "; import os; os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'] = '1024'",
+ARMS = {"before": CACHES.format(1024, 1024) + KEEP,
         "kept": KEPT,
         "ideep-1024": IDEEP,
         "caches-64": CACHES.format(64, 64),
